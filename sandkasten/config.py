@@ -1,0 +1,345 @@
+"""Configuration: `sandkasten.yaml` plus `SANDKASTEN_*` environment overrides.
+
+Unknown keys and bad values stop the start with a message that names the key
+(DESIGN.md §6). The result is a tree of frozen dataclasses; nothing here does I/O
+except `load`, which reads one file and the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from sandkasten.errors import ConfigError
+
+NETWORK_MODES = ("none", "bridge")
+SECCOMP_PROFILES = ("off", "mvp", "strict")
+DURABILITIES = ("normal", "full")
+LOST_SANDBOX_POLICIES = ("recreate", "fail")
+
+
+@dataclass(frozen=True)
+class Defaults:
+    cpu_limit: float = 1.0
+    mem_limit_mb: int = 512
+    pids_limit: int = 256
+    max_exec_timeout_ms: int = 600_000
+    exec_timeout_ms: int = 120_000
+    network_mode: str = "none"
+    readonly_rootfs: bool = False
+    max_output_bytes: int = 1_048_576
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds a client may ask for per session."""
+
+    max_cpu_limit: float = 4.0
+    max_mem_limit_mb: int = 8192
+    max_pids_limit: int = 4096
+    max_ttl_seconds: int = 86_400
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_file_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Workspace:
+    enabled: bool = True
+    persist_by_default: bool = False
+
+
+@dataclass(frozen=True)
+class Pool:
+    enabled: bool = False
+    images: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Security:
+    seccomp: str = "mvp"
+    userns: bool = False
+    run_as_uid: int = 65534
+    run_as_gid: int = 65534
+
+
+@dataclass(frozen=True)
+class Journal:
+    durability: str = "normal"
+
+
+@dataclass(frozen=True)
+class Reconcile:
+    lost_sandbox_policy: str = "fail"
+    resync_seconds: float = 15.0
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: str = "127.0.0.1:8080"
+    api_key: str = ""
+    data_dir: Path = Path("/var/lib/sandkasten")
+    db_path: Path | None = None
+    default_image: str = "base"
+    allowed_images: tuple[str, ...] = ()
+    session_ttl_seconds: int = 1800
+    idle_timeout_seconds: int = 0
+    defaults: Defaults = field(default_factory=Defaults)
+    limits: Limits = field(default_factory=Limits)
+    workspace: Workspace = field(default_factory=Workspace)
+    pool: Pool = field(default_factory=Pool)
+    security: Security = field(default_factory=Security)
+    journal: Journal = field(default_factory=Journal)
+    reconcile: Reconcile = field(default_factory=Reconcile)
+    cgroup_parent: str = "sandkasten"
+
+    # -- derived paths (one place names every directory under data_dir) --
+    @property
+    def database_path(self) -> Path:
+        return self.db_path or self.data_dir / "sandkasten.db"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def sessions_dir(self) -> Path:
+        return self.data_dir / "sessions"
+
+    @property
+    def workspaces_dir(self) -> Path:
+        return self.data_dir / "workspaces"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.data_dir / "run"
+
+    @property
+    def host(self) -> str:
+        return self.listen.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+    def image_allowed(self, name: str) -> bool:
+        return not self.allowed_images or name in self.allowed_images
+
+
+# ---------------------------------------------------------------- loading
+
+_SECTIONS = {
+    "defaults": Defaults,
+    "limits": Limits,
+    "workspace": Workspace,
+    "pool": Pool,
+    "security": Security,
+    "journal": Journal,
+    "reconcile": Reconcile,
+}
+
+
+def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read the YAML file (if any), apply `SANDKASTEN_*` overrides, validate."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"unable to read config {p}: file not found") from None
+        except OSError as e:
+            raise ConfigError(f"unable to read config {p}: {e.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"unable to parse config {p}: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"unable to parse config {p}: top level must be a mapping")
+        raw = loaded
+    raw = _apply_env(raw, env)
+    return from_mapping(raw)
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """`SANDKASTEN_DATA_DIR=/x` sets `data_dir`; `SANDKASTEN_DEFAULTS__MEM_LIMIT_MB=256`
+    (double underscore) or `SANDKASTEN_DEFAULTS_MEM_LIMIT_MB` sets a nested key."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    top = {f.name for f in dataclasses.fields(Config)}
+    skip = {"SANDKASTEN_URL", "SANDKASTEN_API_KEY_FILE", "SANDKASTEN_CONFIG"}
+    for name, value in env.items():
+        if not name.startswith("SANDKASTEN_") or name in skip:
+            continue
+        key = name[len("SANDKASTEN_"):].lower()
+        if "__" in key:
+            section, sub = key.split("__", 1)
+        else:
+            section, sub = _split_nested(key)
+        parsed = yaml.safe_load(value) if value != "" else ""
+        if section is None:
+            if key not in top:
+                raise ConfigError(f"unknown config key from environment {name}")
+            out[key] = parsed if key not in ("api_key", "listen") else value
+        else:
+            if section not in _SECTIONS:
+                raise ConfigError(f"unknown config key from environment {name}")
+            sect = out.setdefault(section, {})
+            if not isinstance(sect, dict):
+                raise ConfigError(f"invalid config key {section}: must be a mapping")
+            sect[sub] = parsed
+    return out
+
+
+def _split_nested(key: str) -> tuple[str | None, str]:
+    for section in _SECTIONS:
+        if key.startswith(section + "_"):
+            return section, key[len(section) + 1:]
+    return None, key
+
+
+def from_mapping(raw: Mapping[str, Any]) -> Config:
+    values: dict[str, Any] = {}
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"unknown config key {key!r}")
+        if key in _SECTIONS:
+            values[key] = _section(key, _SECTIONS[key], value)
+        else:
+            values[key] = _coerce(key, fields[key].type, value)
+    cfg = Config(**values)
+    _validate(cfg)
+    return cfg
+
+
+def _section(name: str, cls: type, value: Any) -> Any:
+    if value is None:
+        return cls()
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"invalid config key {name}: must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in value.items():
+        if k not in fields:
+            raise ConfigError(f"unknown config key '{name}.{k}'")
+        kwargs[k] = _coerce(f"{name}.{k}", fields[k].type, v)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, typ: Any, value: Any) -> Any:
+    t = str(typ)
+    try:
+        if t == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            raise ValueError("expected true or false")
+        if t == "int":
+            if isinstance(value, bool) or not isinstance(value, (int, str)):
+                raise ValueError("expected an integer")
+            return int(value)
+        if t == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise ValueError("expected a number")
+            return float(value)
+        if t == "str":
+            if value is None:
+                return ""
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError("expected a string")
+            return str(value)
+        if t in ("Path", "Path | None"):
+            if value is None and "None" in t:
+                return None
+            if not isinstance(value, str) or not value:
+                raise ValueError("expected a path")
+            return Path(value).expanduser().absolute()
+        if t.startswith("tuple"):
+            if value is None:
+                return ()
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise ValueError("expected a list of strings")
+            return tuple(value)
+        if t.startswith("Mapping"):
+            if value is None:
+                return {}
+            if not isinstance(value, Mapping):
+                raise ValueError("expected a mapping of image name to count")
+            out = {}
+            for k, v in value.items():
+                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                    raise ValueError(f"count for {k!r} must be a non-negative integer")
+                out[str(k)] = v
+            return out
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid config key {key}: {e} (got {value!r})") from None
+    raise ConfigError(f"invalid config key {key}: unsupported type {t}")
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"invalid config key {key}: must be greater than zero (got {value})")
+
+
+def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"invalid config key {key}: must be one of {', '.join(choices)} (got {value!r})")
+
+
+def _validate(cfg: Config) -> None:
+    try:
+        host, port = cfg.host, cfg.port
+        if not host or not 0 < port < 65536:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise ConfigError(f"invalid config key listen: expected HOST:PORT (got {cfg.listen!r})") from None
+    d = cfg.defaults
+    for key in ("cpu_limit", "mem_limit_mb", "pids_limit", "max_exec_timeout_ms", "exec_timeout_ms",
+                "max_output_bytes"):
+        _positive(f"defaults.{key}", getattr(d, key))
+    for f in dataclasses.fields(Limits):
+        _positive(f"limits.{f.name}", getattr(cfg.limits, f.name))
+    _positive("session_ttl_seconds", cfg.session_ttl_seconds)
+    if cfg.idle_timeout_seconds < 0:
+        raise ConfigError("invalid config key idle_timeout_seconds: must be zero (off) or positive")
+    _one_of("defaults.network_mode", d.network_mode, NETWORK_MODES)
+    _one_of("security.seccomp", cfg.security.seccomp, SECCOMP_PROFILES)
+    _one_of("journal.durability", cfg.journal.durability, DURABILITIES)
+    _one_of("reconcile.lost_sandbox_policy", cfg.reconcile.lost_sandbox_policy, LOST_SANDBOX_POLICIES)
+    _positive("reconcile.resync_seconds", cfg.reconcile.resync_seconds)
+    if d.cpu_limit > cfg.limits.max_cpu_limit:
+        raise ConfigError("invalid config key defaults.cpu_limit: above limits.max_cpu_limit")
+    if d.mem_limit_mb > cfg.limits.max_mem_limit_mb:
+        raise ConfigError("invalid config key defaults.mem_limit_mb: above limits.max_mem_limit_mb")
+    if d.pids_limit > cfg.limits.max_pids_limit:
+        raise ConfigError("invalid config key defaults.pids_limit: above limits.max_pids_limit")
+    if d.exec_timeout_ms > d.max_exec_timeout_ms:
+        raise ConfigError("invalid config key defaults.exec_timeout_ms: above defaults.max_exec_timeout_ms")
+    if not cfg.cgroup_parent or "/" in cfg.cgroup_parent.strip("/") and ".." in cfg.cgroup_parent:
+        raise ConfigError(f"invalid config key cgroup_parent: {cfg.cgroup_parent!r}")
+    if cfg.allowed_images and cfg.default_image not in cfg.allowed_images:
+        raise ConfigError(
+            f"invalid config key default_image: {cfg.default_image!r} is not in allowed_images")
+    if not cfg.api_key and not _is_loopback(cfg.host):
+        raise ConfigError(
+            f"invalid config key api_key: an empty api_key is refused on the non-loopback address {cfg.host}")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
