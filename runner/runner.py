@@ -1,0 +1,415 @@
+"""The runner: PID 1 inside a sandbox.
+
+Who runs this: a process forked from the spawner (zygote) after the sandbox was set up
+and pivot_root'ed. It is single-threaded, uses only the stdlib and imports nothing at run
+time (the image may have no Python). It
+
+- reaps every zombie (PID 1 duty) and restarts the shell if it dies;
+- serves a unix socket (bound on the host side before pivot_root) speaking `protocol`;
+- writes each exec's output to a framed log file as it arrives, through a directory fd
+  opened before pivot_root — never to a pipe the daemon owns, so a dead daemon cannot
+  block or kill the workload;
+- keeps each exec's result in `<id>.json` next to its log, so a restarted daemon (or a
+  second client) can read it; an exec id is run at most once, ever.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import select
+import signal
+import socket
+import time
+from typing import Callable
+
+from runner import protocol
+from runner.shell import Shell
+
+INTERRUPT_GRACE = 1.0     # SIGINT → SIGKILL of the command's new processes
+KILL_GRACE = 1.0          # → kill and restart the whole shell
+MAX_LOG_BYTES = 256 * 1024 * 1024
+KEEP_RESULTS = 512
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class Exec:
+    __slots__ = ("id", "started", "deadline", "stage", "log_fd", "log_bytes", "out", "err",
+                 "sha", "truncated", "start_ticks", "waiters")
+
+    def __init__(self, exec_id: str, log_fd: int, timeout_s: float):
+        self.id = exec_id
+        self.started = time.time()
+        self.deadline = time.monotonic() + timeout_s
+        self.stage = 0            # 0 running, 1 interrupted, 2 killed
+        self.log_fd = log_fd
+        self.log_bytes = self.out = self.err = 0
+        self.sha = hashlib.sha256()
+        self.truncated = False
+        self.start_ticks = int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLK_TCK)
+        self.waiters: list[socket.socket] = []
+
+
+class Runner:
+    def __init__(self, listener: socket.socket, logs_fd: int, env: dict[str, str],
+                 before_exec: Callable[[], None]):
+        self.listener = listener
+        self.logs_fd = logs_fd
+        self.shell = Shell(env, before_exec)
+        self.current: Exec | None = None
+        self.results: dict[str, dict] = {}
+        self.clients: dict[int, tuple[socket.socket, bytearray]] = {}
+        self.cwd = "/workspace"
+        self.shell_restarts = 0
+        self.poll = select.poll()
+
+    # ------------------------------------------------------------------ main loop
+    def serve(self) -> None:
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        self.listener.setblocking(False)
+        self.poll.register(self.listener, select.POLLIN)
+        self.poll.register(wake_r, select.POLLIN)
+        self._start_shell()
+        self.terminating = False
+        while not self.terminating:
+            self._register_shell_stdin()
+            try:
+                events = self.poll.poll(self._poll_timeout())
+            except InterruptedError:
+                events = []
+            for fd, mask in events:
+                if fd == wake_r:
+                    self._on_signals(wake_r)
+                elif fd == self.listener.fileno():
+                    self._accept()
+                elif fd == self.shell.stdin:
+                    self.shell.write_pending()
+                elif fd in (self.shell.stdout, self.shell.stderr):
+                    self._drain(fd)
+                elif fd == self.shell.status:
+                    self._on_status(mask)
+                elif fd in self.clients:
+                    self._on_client(fd, mask)
+            self._check_deadline()
+        self.shell.kill()
+
+    def _poll_timeout(self) -> int:
+        cur = self.current
+        if cur is None:
+            return -1
+        return max(0, int((cur.deadline - time.monotonic()) * 1000) + 1)
+
+    def _register_shell_stdin(self) -> None:
+        if self.shell.pending and self.shell.stdin >= 0:
+            self.poll.register(self.shell.stdin, select.POLLOUT)
+        elif self.shell.stdin >= 0:
+            try:
+                self.poll.unregister(self.shell.stdin)
+            except KeyError:
+                pass
+
+    # ------------------------------------------------------------------ the shell
+    def _start_shell(self) -> None:
+        self.shell.start()
+        for fd in (self.shell.stdout, self.shell.stderr, self.shell.status):
+            self.poll.register(fd, select.POLLIN)
+        self.cwd = "/workspace"
+
+    def _on_signals(self, wake_r: int) -> None:
+        try:
+            sigs = os.read(wake_r, 512)
+        except BlockingIOError:
+            sigs = b""
+        if signal.SIGTERM in sigs:
+            self.terminating = True
+        self._reap()
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.shell.pid:
+                self._on_shell_death(os.waitstatus_to_exitcode(status))
+
+    def _on_shell_death(self, code: int) -> None:
+        """The shell exited (`exit 3` in a command, a crash, or our own kill): finish the
+        current exec with what we know and start a fresh shell."""
+        for fd in (self.shell.stdout, self.shell.stderr):
+            self._drain(fd)
+        for fd in (self.shell.stdout, self.shell.stderr, self.shell.status, self.shell.stdin):
+            try:
+                self.poll.unregister(fd)
+            except KeyError:
+                pass
+        self.shell.close()
+        self.shell_restarts += 1
+        if self.current is not None:
+            exit_code = code if code >= 0 else 128 - code
+            self._finish(exit_code, self.cwd, shell_restarted=True)
+        self._start_shell()
+
+    def _on_status(self, mask: int) -> None:
+        try:
+            data = os.read(self.shell.status, 65536)
+        except BlockingIOError:
+            return
+        if not data:  # the shell closed fd 9: it is exiting; SIGCHLD follows
+            try:
+                self.poll.unregister(self.shell.status)
+            except KeyError:
+                pass
+            return
+        for line in data.decode("utf-8", "surrogateescape").splitlines():
+            parts = line.split(" ", 2)
+            if len(parts) != 3 or self.current is None or parts[0] != self.current.id:
+                continue
+            self.cwd = parts[2]
+            for fd in (self.shell.stdout, self.shell.stderr):
+                self._drain(fd)
+            self._finish(int(parts[1]), parts[2], shell_restarted=False)
+
+    def _drain(self, fd: int) -> None:
+        stream = protocol.STDOUT if fd == self.shell.stdout else protocol.STDERR
+        for _ in range(64):
+            try:
+                data = os.read(fd, 65536)
+            except (BlockingIOError, OSError):
+                return
+            if not data:
+                return
+            self._record(stream, data)
+            if len(data) < 65536:
+                return
+
+    def _record(self, stream: int, data: bytes) -> None:
+        cur = self.current
+        if cur is None:  # a background job wrote while no exec is running: nobody asked for it
+            return
+        if stream == protocol.STDOUT:
+            cur.out += len(data)
+        else:
+            cur.err += len(data)
+        cur.sha.update(data)
+        if cur.truncated or cur.log_bytes + len(data) > MAX_LOG_BYTES:
+            cur.truncated = True
+            return
+        try:
+            os.write(cur.log_fd, protocol.frame(stream, data, time.time()))
+            cur.log_bytes += protocol.FRAME.size + len(data)
+        except OSError:  # disk full: keep draining so the workload never blocks
+            cur.truncated = True
+
+    # ------------------------------------------------------------------ execs
+    def _begin(self, exec_id: str, cmd: str, timeout_ms: int) -> dict:
+        known = self._lookup(exec_id)
+        if known is not None:
+            return known
+        if self.current is not None:
+            return {"ok": False, "error": "busy", "message": f"exec {self.current.id} is running"}
+        try:
+            log_fd = os.open(exec_id + ".log", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
+                             | os.O_CLOEXEC, 0o600, dir_fd=self.logs_fd)
+        except FileExistsError:  # started before, by a runner that no longer exists
+            return {"ok": True, "id": exec_id, "state": "lost",
+                    "reason": "started by an earlier runner that died"}
+        except OSError as e:
+            return {"ok": False, "error": "io", "message": f"unable to create log for exec {exec_id}: {e.strerror}"}
+        self.current = Exec(exec_id, log_fd, max(timeout_ms, 1) / 1000)
+        self.shell.send(exec_id, cmd)
+        return {"ok": True, "id": exec_id, "state": "running"}
+
+    def _finish(self, exit_code: int, cwd: str, shell_restarted: bool) -> None:
+        cur = self.current
+        assert cur is not None
+        self.current = None
+        os.close(cur.log_fd)
+        now = time.time()
+        result = {
+            "ok": True, "id": cur.id, "state": "finished", "exit_code": exit_code, "cwd": cwd,
+            "started_at": cur.started, "finished_at": now,
+            "duration_ms": round((now - cur.started) * 1000, 3),
+            "stdout_bytes": cur.out, "stderr_bytes": cur.err,
+            "output_sha256": cur.sha.hexdigest(), "timed_out": cur.stage > 0,
+            "truncated": cur.truncated, "shell_restarted": shell_restarted,
+        }
+        self._store(result)
+        for client in cur.waiters:
+            self._reply(client, result)
+
+    def _store(self, result: dict) -> None:
+        tmp = result["id"] + ".json.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=self.logs_fd)
+            try:
+                os.write(fd, json.dumps(result).encode())
+            finally:
+                os.close(fd)
+            os.rename(tmp, result["id"] + ".json", src_dir_fd=self.logs_fd, dst_dir_fd=self.logs_fd)
+        except OSError:
+            pass  # disk full: the result still lives in memory below
+        self.results[result["id"]] = result
+        if len(self.results) > KEEP_RESULTS:
+            self.results.pop(next(iter(self.results)))
+
+    def _lookup(self, exec_id: str) -> dict | None:
+        if self.current is not None and self.current.id == exec_id:
+            return {"ok": True, "id": exec_id, "state": "running"}
+        if exec_id in self.results:
+            return self.results[exec_id]
+        try:
+            fd = os.open(exec_id + ".json", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.logs_fd)
+        except OSError:
+            return None
+        try:
+            return json.loads(os.read(fd, 1 << 20))
+        except ValueError:
+            return None
+        finally:
+            os.close(fd)
+
+    def _check_deadline(self) -> None:
+        """Timeout: SIGINT the shell's process group (the shell traps it; background jobs
+        ignore it), then SIGKILL processes the command started, then restart the shell."""
+        cur = self.current
+        if cur is None or time.monotonic() < cur.deadline:
+            return
+        if cur.stage == 0:
+            cur.stage = 1
+            self.shell.interrupt()
+            cur.deadline = time.monotonic() + INTERRUPT_GRACE
+        elif cur.stage == 1:
+            cur.stage = 2
+            self._kill_started_since(cur.start_ticks)
+            cur.deadline = time.monotonic() + KILL_GRACE
+        else:
+            cur.deadline = time.monotonic() + KILL_GRACE
+            self.shell.kill()
+
+    def _kill_started_since(self, ticks: int) -> None:
+        pgid = self.shell.pid
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) in (1, pgid):
+                continue
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and int(fields[19]) >= ticks - 1:
+                try:
+                    os.kill(int(name), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    # ------------------------------------------------------------------ clients
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            conn.setblocking(False)
+            self.clients[conn.fileno()] = (conn, bytearray())
+            self.poll.register(conn, select.POLLIN)
+
+    def _on_client(self, fd: int, mask: int) -> None:
+        conn, buf = self.clients[fd]
+        try:
+            data = conn.recv(1 << 20)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(fd)
+            return
+        buf += data
+        if len(buf) > protocol.MAX_LINE:
+            self._drop(fd)
+            return
+        while b"\n" in buf:
+            line, _, rest = bytes(buf).partition(b"\n")
+            buf[:] = rest
+            self._handle(conn, line)
+
+    def _drop(self, fd: int) -> None:
+        conn, _ = self.clients.pop(fd)
+        try:
+            self.poll.unregister(fd)
+        except KeyError:
+            pass
+        if self.current is not None and conn in self.current.waiters:
+            self.current.waiters.remove(conn)
+        conn.close()
+
+    def _reply(self, conn: socket.socket, msg: dict) -> None:
+        try:
+            conn.setblocking(True)
+            conn.settimeout(5)
+            conn.sendall(protocol.encode(msg))
+            conn.setblocking(False)
+        except OSError:
+            if conn.fileno() in self.clients:
+                self._drop(conn.fileno())
+
+    def _handle(self, conn: socket.socket, line: bytes) -> None:
+        try:
+            msg = protocol.decode(line)
+            op = msg.get("op")
+            if op == "ping":
+                reply = {"ok": True, "shell_pid": self.shell.pid, "shell": self.shell.path,
+                         "busy": self.current.id if self.current else None,
+                         "shell_restarts": self.shell_restarts, "cwd": self.cwd}
+            elif op == "exec":
+                exec_id = msg["id"]
+                if not _valid_id(exec_id) or not isinstance(msg.get("cmd"), str):
+                    raise ValueError("exec needs a valid id and a string cmd")
+                reply = self._begin(exec_id, msg["cmd"], int(msg.get("timeout_ms", 120_000)))
+                if msg.get("wait") and reply.get("state") == "running":
+                    self.current.waiters.append(conn)
+                    return
+            elif op in ("status", "wait"):
+                exec_id = msg["id"]
+                reply = (self._lookup(exec_id) if _valid_id(exec_id) else None) \
+                    or {"ok": True, "id": exec_id, "state": "unknown"}
+                if op == "wait" and reply["state"] == "running":
+                    self.current.waiters.append(conn)
+                    return
+            elif op == "interrupt":
+                if self.current is not None:
+                    self.current.deadline = time.monotonic()
+                reply = {"ok": True}
+            else:
+                reply = {"ok": False, "error": "bad_request", "message": f"unknown op {op!r}"}
+        except (ValueError, KeyError, TypeError) as e:
+            reply = {"ok": False, "error": "bad_request", "message": str(e)}
+        self._reply(conn, reply)
+
+
+def _valid_id(exec_id) -> bool:
+    return (isinstance(exec_id, str) and 0 < len(exec_id) <= 64 and exec_id[0].isalnum()
+            and all(c.isalnum() or c in "-_" for c in exec_id) and exec_id.isascii())
+
+
+def run(listener: socket.socket, logs_fd: int, env: dict[str, str],
+        before_exec: Callable[[], None]) -> None:
+    """Entry point, called in the sandbox's PID 1 after setup. Never returns normally."""
+    Runner(listener, logs_fd, env, before_exec).serve()
+
+
+__all__ = ["run", "Runner", "errno"]

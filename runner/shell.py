@@ -1,0 +1,124 @@
+"""The persistent shell a runner owns.
+
+Runs inside the sandbox, in the runner (PID 1). The shell is bash if the image has it,
+else `sh`. It reads commands from a pipe the runner writes; each command is
+`__sk_exec ID 'quoted command'`, which evals the command in the shell itself (so `cd`,
+variables, functions and background jobs persist) and then reports `ID EXIT_CODE CWD`
+on fd 9, a pipe only the runner reads. The command runs with stdin from /dev/null and
+fd 9 closed, so it can neither eat later commands nor forge a status line.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Callable
+
+STATUS_FD = 9
+
+# `trap 'return 130' INT`: a SIGINT (timeout) makes the innermost function return, so the
+# interrupted command does not resume its loop; the runner escalates if it still does.
+PRELUDE = b"""\
+__sk_run() { eval "$1" </dev/null 9>&-; }
+__sk_exec() { __sk_run "$2"; __sk_rc=$?; printf '%s %s %s\\n' "$1" "$__sk_rc" "$PWD" >&9; }
+trap 'return 130' INT
+cd /workspace 2>/dev/null || cd /
+"""
+
+
+def quote(cmd: str) -> bytes:
+    return b"'" + cmd.encode("utf-8", "surrogateescape").replace(b"'", b"'\\''") + b"'"
+
+
+def command_line(exec_id: str, cmd: str) -> bytes:
+    return b"__sk_exec " + exec_id.encode() + b" " + quote(cmd) + b"\n"
+
+
+def pick_shell() -> str:
+    for path in ("/bin/bash", "/usr/bin/bash", "/bin/sh", "/usr/bin/sh"):
+        if os.access(path, os.X_OK):
+            return path
+    raise FileNotFoundError("no /bin/bash or /bin/sh in the image")
+
+
+class Shell:
+    """One shell process and the pipes to it. Start it, write to it, know when it died."""
+
+    def __init__(self, env: dict[str, str], before_exec: Callable[[], None]):
+        self.env = env
+        self.before_exec = before_exec
+        self.pid = 0
+        self.stdin = self.stdout = self.stderr = self.status = -1
+        self.path = ""
+
+    def start(self) -> None:
+        self.path = pick_shell()
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        st_r, st_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the shell child: its own session, privileges dropped right before exec
+            try:
+                os.setsid()
+                for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
+                    signal.signal(sig, signal.SIG_DFL)
+                signal.set_wakeup_fd(-1)
+                os.dup2(in_r, 0)
+                os.dup2(out_w, 1)
+                os.dup2(err_w, 2)
+                os.dup2(st_w, STATUS_FD)
+                os.closerange(3, STATUS_FD)
+                os.closerange(STATUS_FD + 1, 65536)
+                os.chdir("/workspace" if os.path.isdir("/workspace") else "/")
+                self.before_exec()
+                os.execve(self.path, [self.path], self.env)
+            except BaseException as e:  # noqa: BLE001 - report and die, never return into the runner
+                os.write(2, f"runner: unable to start shell {self.path}: {e}\n".encode())
+            finally:
+                os._exit(127)
+        for fd in (in_r, out_w, err_w, st_w):
+            os.close(fd)
+        for fd in (in_w, out_r, err_r, st_r):
+            os.set_blocking(fd, False)
+            os.set_inheritable(fd, False)
+        self.pid, self.stdin, self.stdout, self.stderr, self.status = pid, in_w, out_r, err_r, st_r
+        self.pending = bytearray(PRELUDE)
+
+    def write_pending(self) -> None:
+        """Push queued command bytes into the shell's stdin without ever blocking."""
+        while self.pending:
+            try:
+                n = os.write(self.stdin, self.pending)
+            except BlockingIOError:
+                return
+            except BrokenPipeError:
+                self.pending.clear()
+                return
+            del self.pending[:n]
+
+    def send(self, exec_id: str, cmd: str) -> None:
+        self.pending += command_line(exec_id, cmd)
+        self.write_pending()
+
+    def interrupt(self) -> None:
+        try:
+            os.killpg(self.pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def close(self) -> None:
+        for fd in (self.stdin, self.stdout, self.stderr, self.status):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.stdin = self.stdout = self.stderr = self.status = -1
+        self.pid = 0

@@ -1,0 +1,54 @@
+"""Clients for a runner's unix socket (protocol in `runner.protocol`): a blocking one for
+the CLI, tools and tests, an asyncio one for the daemon. Both speak one request per
+connection — a connect costs microseconds and a dead daemon leaves nothing half-read."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+from runner import protocol
+from sandkasten.errors import SandboxGone
+
+CONNECT_TIMEOUT = 2.0
+
+
+def call(sock_path: Path, msg: dict, timeout: float | None = 10.0) -> dict:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(CONNECT_TIMEOUT)
+        try:
+            s.connect(str(sock_path))
+        except (FileNotFoundError, ConnectionRefusedError, socket.timeout) as e:
+            raise SandboxGone(f"unable to reach runner at {sock_path}: {e}") from None
+        s.settimeout(timeout)
+        s.sendall(protocol.encode(msg))
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                raise SandboxGone(f"runner at {sock_path} closed the connection (sandbox died?)")
+            buf += chunk
+        return protocol.decode(buf)
+    finally:
+        s.close()
+
+
+async def acall(sock_path: Path, msg: dict, timeout: float | None = 10.0) -> dict:
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(str(sock_path), limit=protocol.MAX_LINE), CONNECT_TIMEOUT)
+    except (FileNotFoundError, ConnectionRefusedError, asyncio.TimeoutError, OSError) as e:
+        raise SandboxGone(f"unable to reach runner at {sock_path}: {e}") from None
+    try:
+        writer.write(protocol.encode(msg))
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), timeout)
+        if not line:
+            raise SandboxGone(f"runner at {sock_path} closed the connection (sandbox died?)")
+        return protocol.decode(line)
+    except (ConnectionResetError, BrokenPipeError) as e:
+        raise SandboxGone(f"runner at {sock_path} went away: {e}") from None
+    finally:
+        writer.close()

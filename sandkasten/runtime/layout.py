@@ -1,0 +1,69 @@
+"""Deterministic names: everything a sandbox owns on the host is found from its session id
+alone, so a restarted daemon (or `sandkasten doctor`) can find it again."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sandkasten.runtime.spec import check_session_id
+
+
+@dataclass(frozen=True)
+class Layout:
+    data_dir: Path
+
+    @property
+    def sessions(self) -> Path:
+        return self.data_dir / "sessions"
+
+    @property
+    def run(self) -> Path:
+        return self.data_dir / "run"
+
+    @property
+    def logs(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def workspaces(self) -> Path:
+        return self.data_dir / "workspaces"
+
+    def of(self, sid: str) -> "SessionPaths":
+        check_session_id(sid)
+        return SessionPaths(
+            root=self.sessions / sid,
+            run=self.run / sid,
+            logs=self.logs / sid,
+        )
+
+
+@dataclass(frozen=True)
+class SessionPaths:
+    root: Path      # sessions/<sid>: overlay upper, work, mount point, per-session workspace
+    run: Path       # run/<sid>: runner socket and pid file (ephemeral)
+    logs: Path      # logs/<sid>: one framed output log + one meta file per exec (kept after teardown)
+
+    @property
+    def upper(self) -> Path:
+        return self.root / "upper"
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+    @property
+    def rootfs(self) -> Path:
+        return self.root / "rootfs"
+
+    @property
+    def workspace(self) -> Path:
+        return self.root / "workspace"
+
+    @property
+    def socket(self) -> Path:
+        return self.run / "runner.sock"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.run / "runner.pid"

@@ -1,0 +1,227 @@
+"""The runtime's front: create, observe, exec in and tear down sandboxes by session id.
+
+Who calls this: the daemon (executor, reconciler), the CLI's `doctor`, tools and tests.
+Everything about a sandbox is found again from its session id alone (`layout`), so any
+process — not only the one that created a sandbox — can use it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from runner import protocol
+from sandkasten.errors import (CommandTimeout, InvalidRequest, SandboxError, SandboxGone,
+                               SessionBusy)
+from sandkasten.images.store import ImageStore
+from sandkasten.runtime import cgroups as cgroups_mod
+from sandkasten.runtime import client
+from sandkasten.runtime.layout import Layout, SessionPaths
+from sandkasten.runtime.spawner import Spawner
+from sandkasten.runtime.spec import (ExecRequest, ExecResult, Observed, SandboxSpec,
+                                     check_exec_id, check_session_id)
+
+EXEC_GRACE_S = 10.0   # beyond the command's own timeout: SIGINT/SIGKILL escalation + slack
+
+
+class Runtime:
+    def __init__(self, data_dir: Path, images: ImageStore, cgroups: cgroups_mod.Cgroups,
+                 cgroup_root: Path = Path("/sys/fs/cgroup")):
+        self.layout = Layout(Path(data_dir).absolute())
+        self.images = images
+        self.cgroups = cgroups
+        self.spawner = Spawner(cgroup_root, cgroups.parent)
+
+    @classmethod
+    def detect(cls, data_dir: Path, cgroup_parent: str = "sandkasten",
+               cgroup_root: Path = Path("/sys/fs/cgroup")) -> "Runtime":
+        data_dir = Path(data_dir).absolute()
+        return cls(data_dir, ImageStore(data_dir / "images"),
+                   cgroups_mod.detect(root=cgroup_root, parent=cgroup_parent), cgroup_root)
+
+    def close(self) -> None:
+        self.spawner.close()
+
+    def paths(self, sid: str) -> SessionPaths:
+        return self.layout.of(sid)
+
+    # ------------------------------------------------------------------ create
+    def spec(self, sid: str, image: str, workspace_dir: Path | None = None, **options) -> SandboxSpec:
+        """A validated spec; the image must exist and be usable (has /bin/sh)."""
+        check_session_id(sid)
+        self.images.ensure_valid(image)
+        lower = self.images.path(image)
+        ws = Path(workspace_dir) if workspace_dir else self.paths(sid).workspace
+        return SandboxSpec(session_id=sid, image=image, lower_dir=str(lower), workspace_dir=str(ws),
+                           **options).validate()
+
+    def create(self, spec: SandboxSpec) -> Observed:
+        """Create the sandbox and return once its runner answers. On failure nothing is
+        left behind (cgroup, dirs) and SandboxError says which step failed."""
+        spec.validate()
+        p = self.paths(spec.session_id)
+        if p.root.exists() or p.run.exists():
+            raise SandboxError(f"unable to create sandbox {spec.session_id}: it already exists")
+        try:
+            for d in (p.upper, p.work, p.rootfs):
+                d.mkdir(parents=True, exist_ok=False)
+            p.run.mkdir(parents=True, mode=0o700)
+            p.logs.mkdir(parents=True, mode=0o700, exist_ok=True)
+            ws = Path(spec.workspace_dir)
+            if not ws.exists():
+                ws.mkdir(parents=True, mode=0o755)
+                os.chown(ws, spec.uid, spec.gid)
+            reply = self.spawner.request({"op": "spawn", "spec": spec.to_json(), "paths": {
+                "rootfs": str(p.rootfs), "upper": str(p.upper), "work": str(p.work),
+                "run": str(p.run), "logs": str(p.logs), "pidfile": str(p.pidfile)}})
+        except OSError as e:
+            self.destroy(spec.session_id)
+            raise SandboxError(f"unable to prepare directories for sandbox {spec.session_id}: {e}") from None
+        except BaseException:
+            self.destroy(spec.session_id)
+            raise
+        if not reply.get("ok"):
+            self.destroy(spec.session_id)
+            msg = reply.get("error", "unknown error")
+            if reply.get("code") == InvalidRequest.code:
+                raise InvalidRequest(msg)
+            raise SandboxError(msg if msg.startswith("unable") else f"unable to create sandbox: {msg}")
+        return self.observe(spec.session_id, ping=False)
+
+    # ------------------------------------------------------------------ observe
+    def observe(self, sid: str, ping: bool = True) -> Observed:
+        p = self.paths(sid)
+        pid, st = read_pidfile(p.pidfile)
+        alive = pid is not None and proc_start_time(pid) == st
+        answering = False
+        if alive and ping:
+            try:
+                answering = bool(client.call(p.socket, {"op": "ping"}, timeout=2).get("ok"))
+            except (SandboxGone, OSError, ValueError):
+                answering = False
+        exists = self.cgroups.exists(sid)
+        return Observed(session_id=sid, pid=pid, start_time=st, alive=alive, answering=answering or
+                        (alive and not ping), cgroup=exists,
+                        populated=exists and self.cgroups.populated(sid), session_dir=p.root.exists())
+
+    def host_sessions(self) -> set[str]:
+        """Every session id that has any trace on the host: dirs, sockets, cgroups."""
+        found: set[str] = set(self.cgroups.names())
+        for base in (self.layout.sessions, self.layout.run):
+            if base.is_dir():
+                found.update(e.name for e in base.iterdir())
+        return found
+
+    # ------------------------------------------------------------------ exec
+    def _exec_msg(self, req: ExecRequest) -> dict:
+        check_exec_id(req.exec_id)
+        if "\0" in req.cmd:
+            raise InvalidRequest("invalid cmd: contains a NUL byte")
+        return {"op": "exec", "id": req.exec_id, "cmd": req.cmd, "timeout_ms": req.timeout_ms, "wait": True}
+
+    def exec(self, sid: str, req: ExecRequest) -> ExecResult:
+        reply = client.call(self.paths(sid).socket, self._exec_msg(req),
+                            timeout=req.timeout_ms / 1000 + EXEC_GRACE_S)
+        return _result(sid, req.exec_id, reply)
+
+    async def aexec(self, sid: str, req: ExecRequest) -> ExecResult:
+        reply = await client.acall(self.paths(sid).socket, self._exec_msg(req),
+                                   timeout=req.timeout_ms / 1000 + EXEC_GRACE_S)
+        return _result(sid, req.exec_id, reply)
+
+    async def astatus(self, sid: str, exec_id: str, wait: bool = False, timeout: float = 10.0) -> dict:
+        """The runner's record of an exec: state unknown | running | finished | lost."""
+        check_exec_id(exec_id)
+        return await client.acall(self.paths(sid).socket, {"op": "wait" if wait else "status", "id": exec_id},
+                                  timeout=timeout)
+
+    def read_result(self, sid: str, exec_id: str) -> ExecResult | None:
+        """A finished exec's result from disk (works after the sandbox is gone)."""
+        import json
+        check_exec_id(exec_id)
+        try:
+            meta = json.loads((self.paths(sid).logs / f"{exec_id}.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return ExecResult.from_meta(meta)
+
+    def read_output(self, sid: str, exec_id: str) -> tuple[bytes, bytes, bytes]:
+        """stdout, stderr and both interleaved, from the exec's log on disk."""
+        check_exec_id(exec_id)
+        try:
+            raw = (self.paths(sid).logs / f"{exec_id}.log").read_bytes()
+        except FileNotFoundError:
+            return b"", b"", b""
+        out, err, both, _ = protocol.split_output(raw)
+        return out, err, both
+
+    # ------------------------------------------------------------------ teardown
+    def destroy(self, sid: str) -> None:
+        """cgroup kill → wait empty → unmount leftovers → rmdir cgroups → remove dirs.
+        Safe to repeat after a crash at any line. Keeps the exec logs."""
+        p = self.paths(sid)
+        if self.cgroups.exists(sid):
+            self.cgroups.kill(sid)
+        pid, st = read_pidfile(p.pidfile)
+        if pid is not None and proc_start_time(pid) == st:  # outside its cgroup?! kill by pid
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        for mnt in mounts_under(p.root):
+            from sandkasten.runtime import syscalls
+            syscalls.umount(mnt, syscalls.MNT_DETACH)
+        if self.cgroups.exists(sid):
+            self.cgroups.remove(sid)
+        for d in (p.root, p.run):
+            self._remove_tree(d)
+
+    def _remove_tree(self, d: Path) -> None:
+        base = self.layout.data_dir.resolve()
+        real = d.resolve()
+        if base not in real.parents or real == base:
+            raise SandboxError(f"refusing to remove {d}: outside data_dir {base}")
+        if mounts_under(real):
+            raise SandboxError(f"refusing to remove {d}: something is still mounted below it")
+        shutil.rmtree(real, ignore_errors=not real.exists())
+
+
+def _result(sid: str, exec_id: str, reply: dict) -> ExecResult:
+    if not reply.get("ok"):
+        if reply.get("error") == "busy":
+            raise SessionBusy(f"unable to exec in session {sid}: {reply.get('message')}")
+        raise SandboxError(f"unable to exec {exec_id} in session {sid}: {reply.get('message')}")
+    if reply.get("state") == "finished":
+        return ExecResult.from_meta(reply)
+    if reply.get("state") == "lost":
+        raise SandboxGone(f"exec {exec_id} in session {sid} is lost: {reply.get('reason')}")
+    raise CommandTimeout(f"exec {exec_id} in session {sid} did not finish in time (state {reply.get('state')})")
+
+
+def read_pidfile(path: Path) -> tuple[int | None, int | None]:
+    try:
+        pid, st = path.read_text().split()
+        return int(pid), int(st)
+    except (OSError, ValueError):
+        return None, None
+
+
+def proc_start_time(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def mounts_under(root: Path) -> list[str]:
+    """Mount points at or below `root` in *our* mount namespace, deepest first."""
+    prefix = str(root).rstrip("/")
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split()[4].replace("\\040", " ")
+            if mp == prefix or mp.startswith(prefix + "/"):
+                found.append(mp)
+    return sorted(found, key=len, reverse=True)

@@ -1,0 +1,174 @@
+"""Sandbox setup as an ordered list of named steps (data first, then executed).
+
+Who runs this: the sandbox's future PID 1, a process forked from the single-threaded
+spawner, right after `unshare` gave it new mount/uts/ipc/net/pid/cgroup namespaces. It is
+still host root with every capability and still sees the host filesystem; each step
+narrows that. After `pivot_root` nothing on the host is reachable except the two fds
+opened before it (the runner socket and the exec-log directory).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import stat
+import struct
+from dataclasses import dataclass
+from typing import Callable
+
+from sandkasten.runtime import syscalls as sc
+from sandkasten.runtime.spec import SandboxSpec
+
+DEVICES = {  # name: (major, minor) — the minimal /dev every program expects
+    "null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0),
+}
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+
+
+@dataclass
+class Context:
+    spec: SandboxSpec
+    rootfs: str          # mount point (host path) of the overlay, becomes /
+    upper: str
+    work: str
+    run_dir: str         # host dir for the runner socket
+    logs_dir: str        # host dir for exec logs
+    listener: socket.socket | None = None
+    logs_fd: int = -1
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    run: Callable[[Context], None]
+
+
+def make_mounts_private(ctx: Context) -> None:
+    # Nothing we mount may propagate back to the host's mount namespace.
+    sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+
+
+def mount_overlay(ctx: Context) -> None:
+    opts = f"lowerdir={ctx.spec.lower_dir},upperdir={ctx.upper},workdir={ctx.work}"
+    sc.mount("overlay", ctx.rootfs, "overlay", sc.MS_NODEV, opts)
+
+
+def bind_workspace(ctx: Context) -> None:
+    target = os.path.join(ctx.rootfs, "workspace")
+    _ensure_dir(target, 0o755)
+    sc.mount(ctx.spec.workspace_dir, target, None, sc.MS_BIND)
+    sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_NOSUID | sc.MS_NODEV)
+
+
+def mount_proc(ctx: Context) -> None:
+    # We are PID 1 of the new pid namespace, so this proc shows only the sandbox.
+    target = os.path.join(ctx.rootfs, "proc")
+    _ensure_dir(target, 0o555)
+    sc.mount("proc", target, "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+
+
+def mount_dev(ctx: Context) -> None:
+    dev = os.path.join(ctx.rootfs, "dev")
+    _ensure_dir(dev, 0o755)
+    sc.mount("tmpfs", dev, "tmpfs", sc.MS_NOSUID | sc.MS_NOEXEC, "mode=755,size=64k")
+    for name, (major, minor) in DEVICES.items():
+        path = os.path.join(dev, name)
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+        os.chmod(path, 0o666)
+    pts = os.path.join(dev, "pts")
+    os.mkdir(pts, 0o755)
+    sc.mount("devpts", pts, "devpts", sc.MS_NOSUID | sc.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620")
+    shm = os.path.join(dev, "shm")
+    os.mkdir(shm, 0o1777)
+    sc.mount("tmpfs", shm, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=1777,size=64m")
+    for name, target in (("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, os.path.join(dev, name))
+
+
+def mount_tmp(ctx: Context) -> None:
+    target = os.path.join(ctx.rootfs, "tmp")
+    _ensure_dir(target, 0o1777)
+    sc.mount("tmpfs", target, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=1777,size=256m")
+
+
+def open_host_endpoints(ctx: Context) -> None:
+    # The only two ways out of the sandbox, both held by the runner alone (close-on-exec,
+    # never passed to the shell): the listening socket and the exec-log directory.
+    ctx.logs_fd = os.open(ctx.logs_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    here = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
+    try:  # bind by a relative name: AF_UNIX paths are limited to 108 bytes
+        os.chdir(ctx.run_dir)
+        path = "runner.sock"
+        if os.path.lexists(path):
+            os.unlink(path)
+        sock.bind(path)
+        os.chmod(path, 0o600)
+    finally:
+        os.fchdir(here)
+        os.close(here)
+    sock.listen(64)
+    ctx.listener = sock
+
+
+def set_hostname(ctx: Context) -> None:
+    sc.sethostname(ctx.spec.hostname)
+
+
+def bring_up_loopback(ctx: Context) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16sh14x", b"lo", 0)
+        flags = struct.unpack("16sh14x", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, req))[1]
+        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sh14x", b"lo", flags | IFF_UP))
+
+
+def pivot_into_rootfs(ctx: Context) -> None:
+    # pivot_root(".", ".") stacks the old root under the new one; detaching it leaves
+    # no path back to the host filesystem and no `.oldroot` dir in the upper layer.
+    os.chdir(ctx.rootfs)
+    sc.pivot_root(".", ".")
+    sc.umount(".", sc.MNT_DETACH)
+    os.chdir("/")
+
+
+def remount_root_readonly(ctx: Context) -> None:
+    if ctx.spec.readonly_rootfs:
+        sc.mount(None, "/", None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NODEV)
+
+
+STEPS: tuple[Step, ...] = (
+    Step("make mounts private", make_mounts_private),
+    Step("mount overlay", mount_overlay),
+    Step("bind workspace", bind_workspace),
+    Step("mount proc", mount_proc),
+    Step("mount dev", mount_dev),
+    Step("mount tmp", mount_tmp),
+    Step("open host endpoints", open_host_endpoints),
+    Step("set hostname", set_hostname),
+    Step("bring up loopback", bring_up_loopback),
+    Step("pivot root", pivot_into_rootfs),
+    Step("remount root read-only", remount_root_readonly),
+)
+
+
+def run_steps(ctx: Context) -> None:
+    for step in STEPS:
+        try:
+            step.run(ctx)
+        except OSError as e:
+            raise SetupFailed(f"unable to {step.name} for sandbox {ctx.spec.session_id}: "
+                              f"{e.strerror or e}") from None
+
+
+class SetupFailed(Exception):
+    pass
+
+
+def _ensure_dir(path: str, mode: int) -> None:
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        if not os.path.isdir(path) or os.path.islink(path):
+            raise OSError(20, f"{path} exists and is not a directory") from None

@@ -1,0 +1,125 @@
+"""The three separate things (as in runc's libcontainer): *the box* (`SandboxSpec`),
+*what to run* (`ExecRequest`, `ExecResult`) and *what exists* (`Observed`).
+Plain frozen dataclasses; no I/O."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+from sandkasten.errors import InvalidRequest
+
+SESSION_ID = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}$")
+EXEC_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+def check_session_id(sid: str) -> str:
+    if not isinstance(sid, str) or not SESSION_ID.match(sid):
+        raise InvalidRequest(f"invalid session id {sid!r}: expected 3-63 of [a-z0-9-]")
+    return sid
+
+
+def check_exec_id(eid: str) -> str:
+    if not isinstance(eid, str) or not EXEC_ID.match(eid):
+        raise InvalidRequest(f"invalid exec id {eid!r}")
+    return eid
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """Everything needed to create one sandbox. Paths are host paths."""
+
+    session_id: str
+    image: str
+    lower_dir: str            # image rootfs (overlay lower layer)
+    workspace_dir: str        # bound at /workspace
+    hostname: str = "sandbox"
+    cpu_limit: float = 1.0
+    mem_limit_mb: int = 512
+    pids_limit: int = 256
+    network_mode: str = "none"
+    readonly_rootfs: bool = False
+    seccomp: str = "mvp"
+    uid: int = 65534
+    gid: int = 65534
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["env"] = dict(self.env)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "SandboxSpec":
+        return cls(**d)
+
+    def validate(self) -> "SandboxSpec":
+        check_session_id(self.session_id)
+        for name in ("cpu_limit", "mem_limit_mb", "pids_limit"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise InvalidRequest(f"invalid {name} {value!r}: must be greater than zero")
+        if self.mem_limit_mb < 8:
+            raise InvalidRequest(f"invalid mem_limit_mb {self.mem_limit_mb}: at least 8 MB are needed")
+        if self.pids_limit < 4:
+            raise InvalidRequest(f"invalid pids_limit {self.pids_limit}: at least 4 are needed")
+        if self.network_mode not in ("none", "bridge"):
+            raise InvalidRequest(f"invalid network_mode {self.network_mode!r}: expected none or bridge")
+        for k, v in self.env.items():
+            if not isinstance(k, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k) \
+                    or not isinstance(v, str) or "\0" in v:
+                raise InvalidRequest(f"invalid env entry {k!r}: names are [A-Za-z_][A-Za-z0-9_]*, values strings")
+        for p in (self.lower_dir, self.workspace_dir):
+            if any(c in p for c in ",:\n\0"):
+                raise InvalidRequest(f"invalid path {p!r}: overlayfs refuses ',' and ':' in paths")
+        return self
+
+
+@dataclass(frozen=True)
+class ExecRequest:
+    exec_id: str
+    cmd: str
+    timeout_ms: int = 120_000
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exec_id: str
+    exit_code: int
+    cwd: str
+    duration_ms: float
+    stdout_bytes: int
+    stderr_bytes: int
+    output_sha256: str
+    timed_out: bool
+    truncated: bool
+    shell_restarted: bool
+    started_at: float
+    finished_at: float
+
+    @classmethod
+    def from_meta(cls, m: Mapping[str, Any]) -> "ExecResult":
+        return cls(**{k: m["id" if k == "exec_id" else k] for k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What exists for one session, read from the kernel — never from storage."""
+
+    session_id: str
+    pid: int | None            # host pid of the runner (PID 1 inside)
+    start_time: int | None     # field 22 of /proc/<pid>/stat, defeats pid reuse
+    alive: bool                # pid exists with the recorded start time
+    answering: bool            # the runner's socket answered a ping
+    cgroup: bool               # the session's cgroup exists
+    populated: bool            # ... and has processes
+    session_dir: bool          # overlay upper/work dirs exist
+
+    @property
+    def healthy(self) -> bool:
+        return self.alive and self.answering
+
+    @property
+    def leftovers(self) -> bool:
+        return not self.alive and (self.cgroup or self.session_dir)

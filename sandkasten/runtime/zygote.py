@@ -1,0 +1,224 @@
+"""The spawner ("zygote"): a small single-threaded process that creates sandboxes.
+
+Who runs this: `python -m sandkasten.runtime.zygote`, started by the daemon (or a test, or
+a tool) through `sandkasten.runtime.spawner.Spawner`, talking JSON lines on stdin/stdout.
+Why a separate process: fork and unshare are unsafe in the multi-threaded daemon. Why a
+zygote: everything the runner needs is imported once here, so each sandbox is a plain
+fork (about a millisecond, pages shared with its siblings) and the image needs no Python.
+
+Per sandbox (all as host root):
+  zygote ── fork ──> A: setsid, join the session cgroup, unshare namespaces
+                        └─ fork ──> B: PID 1 of the new pid namespace: setup steps,
+                                       pivot_root, then the runner (never returns)
+                     A exits at once, so B belongs to nobody who can die with it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import select
+import signal
+import sys
+import time
+
+from runner import runner as runner_main
+from sandkasten.runtime import cgroups as cgroups_mod
+from sandkasten.runtime import privileges
+from sandkasten.runtime.setup import Context, SetupFailed, run_steps
+from sandkasten.runtime.spec import SandboxSpec
+
+NAMESPACES = (os.CLONE_NEWNS | os.CLONE_NEWUTS | os.CLONE_NEWIPC | os.CLONE_NEWNET
+              | os.CLONE_NEWPID | os.CLONE_NEWCGROUP)
+READY_TIMEOUT = 20.0
+PR_SET_CHILD_SUBREAPER, PR_SET_DUMPABLE, PR_SET_PDEATHSIG = 36, 4, 1
+_libc = ctypes.CDLL(None, use_errno=True)
+BASE_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/workspace", "LANG": "C.UTF-8", "TERM": "xterm", "SHELL": "/bin/sh",
+}
+
+
+def start_time(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[19])
+
+
+class Zygote:
+    def __init__(self, cgroups: cgroups_mod.Cgroups):
+        self.cgroups = cgroups
+        self.prepared: dict[tuple, object] = {}
+
+    def spawn(self, req: dict) -> dict:
+        spec = SandboxSpec.from_json(req["spec"]).validate()
+        paths = req["paths"]
+        key = (spec.seccomp, spec.uid, spec.gid)
+        if key not in self.prepared:
+            self.prepared[key] = privileges.prepare(*key)
+        prepared = self.prepared[key]
+        self.cgroups.create(spec.session_id, cgroups_mod.Limits(
+            mem_bytes=spec.mem_limit_mb * 1024 * 1024, pids=spec.pids_limit, cpu=spec.cpu_limit))
+        procs = [str(p) for p in self.cgroups.procs_paths(spec.session_id)]
+        ctx = Context(spec=spec, rootfs=paths["rootfs"], upper=paths["upper"], work=paths["work"],
+                      run_dir=paths["run"], logs_dir=paths["logs"])
+        env = {**BASE_ENV, "USER": "root" if spec.uid == 0 else "sandbox", **spec.env}
+        ready_r, ready_w = os.pipe()
+        pid_a = os.fork()
+        if pid_a == 0:
+            os.close(ready_r)
+            _child_a(ctx, procs, ready_w, env, lambda: privileges.apply(prepared))
+        os.close(ready_w)
+        os.waitpid(pid_a, 0)
+        report = _read_report(ready_r, READY_TIMEOUT)
+        os.close(ready_r)
+        pid = report.get("pid")
+        if not report.get("ok"):
+            if pid:
+                self.cgroups.kill(spec.session_id)
+            raise SetupFailed(report.get("error") or "sandbox did not report ready")
+        st = start_time(pid)
+        tmp = paths["pidfile"] + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{pid} {st}\n")
+        os.rename(tmp, paths["pidfile"])
+        return {"ok": True, "pid": pid, "start_time": st}
+
+    def reap(self) -> None:
+        # We are a child subreaper: runners whose parent A exited are ours to reap.
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+
+
+def _child_a(ctx: Context, procs: list[str], ready_w: int, env: dict, before_exec) -> None:
+    """Intermediate child: never returns."""
+    try:
+        os.setsid()
+        pid = str(os.getpid()).encode()
+        for path in procs:  # join the cgroup before unsharing it: it becomes the sandbox's root
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, pid)
+            finally:
+                os.close(fd)
+        os.unshare(NAMESPACES)
+        pid_b = os.fork()
+        if pid_b == 0:
+            _child_b(ctx, ready_w, env, before_exec)
+        os.write(ready_w, f"pid {pid_b}\n".encode())
+        os._exit(0)
+    except BaseException as e:  # noqa: BLE001 - report to the zygote, then die
+        _write(ready_w, {"ok": False, "error": f"unable to create namespaces: {e}"})
+        os._exit(1)
+
+
+def _child_b(ctx: Context, ready_w: int, env: dict, before_exec) -> None:
+    """PID 1 of the sandbox: set it up, report, become the runner."""
+    try:
+        _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+        devnull = os.open("/dev/null", os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        run_steps(ctx)
+        keep = {ready_w, ctx.logs_fd, ctx.listener.fileno()}
+        for fd in _open_fds():
+            if fd > 2 and fd not in keep:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        _write(ready_w, {"ok": True})
+        os.close(ready_w)
+        gc.enable()
+        runner_main.run(ctx.listener, ctx.logs_fd, env, before_exec)
+        os._exit(0)
+    except BaseException as e:  # noqa: BLE001
+        _write(ready_w, {"ok": False, "error": str(e) if isinstance(e, SetupFailed)
+                         else f"unable to set up sandbox {ctx.spec.session_id}: {e}"})
+        os._exit(1)
+
+
+def _open_fds() -> list[int]:
+    try:
+        return [int(n) for n in os.listdir("/proc/self/fd")]
+    except OSError:
+        return list(range(3, 1024))
+
+
+def _write(fd: int, msg: dict) -> None:
+    try:
+        os.write(fd, (json.dumps(msg) + "\n").encode())
+    except OSError:
+        pass
+
+
+def _read_report(fd: int, timeout: float) -> dict:
+    """Lines from A (`pid N`) and B (`{"ok": ...}`); done when B reported or all closed."""
+    deadline = time.monotonic() + timeout
+    buf, report = b"", {}
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            report.setdefault("error", "timed out waiting for the sandbox to report ready")
+            return report
+        r, _, _ = select.select([fd], [], [], left)
+        if not r:
+            continue
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            report.setdefault("error", "sandbox exited before reporting ready")
+            return report
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            if line.startswith(b"pid "):
+                report["pid"] = int(line[4:])
+            else:
+                msg = json.loads(line)
+                report.update(msg)
+                if "pid" in report:
+                    return report
+
+
+def main() -> None:
+    """Serve spawn requests on stdin/stdout until stdin closes (the daemon died or left)."""
+    cgroup_root, parent = sys.argv[1], sys.argv[2]
+    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    zygote = Zygote(cgroups_mod.detect(root=__import__("pathlib").Path(cgroup_root), parent=parent))
+    zygote.cgroups.ensure_parent()
+    gc.collect()
+    gc.freeze()  # keep the imported heap shared with every forked runner
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    out = sys.stdout.buffer
+    out.write(b'{"ok": true, "ready": true}\n')
+    out.flush()
+    for line in sys.stdin.buffer:
+        zygote.reap()
+        try:
+            req = json.loads(line)
+            if req.get("op") == "spawn":
+                reply = zygote.spawn(req)
+            elif req.get("op") == "ping":
+                reply = {"ok": True}
+            else:
+                reply = {"ok": False, "error": f"unknown op {req.get('op')!r}"}
+        except SetupFailed as e:
+            reply = {"ok": False, "error": str(e)}
+        except Exception as e:  # noqa: BLE001 - one failed sandbox never takes the spawner down
+            reply = {"ok": False, "error": f"{type(e).__name__}: {e}",
+                     "code": getattr(e, "code", None)}
+        out.write((json.dumps(reply) + "\n").encode())
+        out.flush()
+    zygote.reap()
+
+
+if __name__ == "__main__":
+    main()
