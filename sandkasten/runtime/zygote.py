@@ -70,7 +70,10 @@ class Zygote:
             os.close(ready_r)
             _child_a(ctx, procs, ready_w, env, lambda: privileges.apply(prepared))
         os.close(ready_w)
-        os.waitpid(pid_a, 0)
+        try:
+            os.waitpid(pid_a, 0)
+        except ChildProcessError:  # already reaped by the SIGCHLD handler
+            pass
         report = _read_report(ready_r, READY_TIMEOUT)
         os.close(ready_r)
         pid = report.get("pid")
@@ -196,7 +199,7 @@ def main() -> None:
     zygote.cgroups.ensure_parent()
     gc.collect()
     gc.freeze()  # keep the imported heap shared with every forked runner
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGCHLD, lambda *_: zygote.reap())
     out = sys.stdout.buffer
     out.write(b'{"ok": true, "ready": true}\n')
     out.flush()

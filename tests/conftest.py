@@ -1,0 +1,55 @@
+"""Shared fixtures: one cgroup parent per test run (removed at the end, also on failure),
+stock images built once into a cache, and a fresh data dir per test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from sandkasten.images.build import build
+from sandkasten.images.store import ImageStore
+from sandkasten.runtime import cgroups as cgroups_mod
+from sandkasten.runtime.sandboxes import Runtime
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGE_CACHE = Path(os.environ.get("SANDKASTEN_TEST_IMAGES", REPO / ".cache" / "images"))
+CGROUP_PARENT = f"sandkasten-test-{os.getpid()}"
+
+
+@pytest.fixture(scope="session")
+def cgroup_parent():
+    yield CGROUP_PARENT
+    cgroups_mod.detect(parent=CGROUP_PARENT).destroy_parent()
+
+
+@pytest.fixture(scope="session")
+def image_store() -> ImageStore:
+    IMAGE_CACHE.mkdir(parents=True, exist_ok=True)
+    store = ImageStore(IMAGE_CACHE)
+    build(store, "base")
+    return store
+
+
+@pytest.fixture(scope="session")
+def python_image(image_store) -> str:
+    build(image_store, "python", progress=lambda msg: print(msg, flush=True))
+    return "python"
+
+
+@pytest.fixture
+def data_dir(tmp_path, image_store) -> Path:
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "images").symlink_to(IMAGE_CACHE)
+    return d
+
+
+@pytest.fixture
+def runtime(data_dir, cgroup_parent):
+    rt = Runtime.detect(data_dir, cgroup_parent=cgroup_parent)
+    yield rt
+    for sid in rt.host_sessions():
+        rt.destroy(sid)
+    rt.close()
