@@ -1,0 +1,237 @@
+"""`imgbuilder`: import, list, validate, delete and build sandbox images.
+
+Who runs this: an operator on the daemon's host. import/build/delete write under
+`data_dir/images` and keep uids, setuid bits and device-free trees as root made them, so they
+need root; list and validate only read. Errors are one line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json as jsonlib
+import os
+import sys
+import time
+from pathlib import Path
+
+import fire
+
+from sandkasten import config as config_mod
+from sandkasten.errors import SandkastenError
+from sandkasten.images.build import build as build_image
+from sandkasten.images.store import ImageInfo, ImageStore, check_name
+from sandkasten.images.tarimport import import_tar
+
+USAGE = """\
+imgbuilder: manage Sandkasten images (root filesystems under DATA_DIR/images)
+
+usage:
+  imgbuilder import --name NAME --tar FILE [--force]   import a tar or tar.gz (e.g. docker export; - for stdin)
+  imgbuilder build base|python [--force]              build a stock image from Debian packages
+  imgbuilder list [--json]                            list images: name, size, created, source
+  imgbuilder validate NAME                            check that a sandbox can start on NAME
+  imgbuilder delete NAME                              remove an image
+
+every command takes --config PATH (default: ./sandkasten.yaml if present, else
+$SANDKASTEN_CONFIG, else built-in defaults; SANDKASTEN_DATA_DIR overrides data_dir).
+import, build and delete need root.
+"""
+
+
+class Failed(Exception):
+    """A one-line error for the user (exit 1)."""
+
+
+def _store(config: str) -> ImageStore:
+    path = config or os.environ.get("SANDKASTEN_CONFIG")
+    if path is None and Path("sandkasten.yaml").is_file():
+        path = "sandkasten.yaml"
+    cfg = config_mod.load(str(path) if path is not None else None)
+    return ImageStore(cfg.images_dir)
+
+
+def _need_root(verb: str) -> None:
+    if os.geteuid() != 0:
+        raise Failed(f"unable to {verb}: needs root (running as uid {os.geteuid()}); try sudo")
+
+
+def _progress(msg: str) -> None:
+    print(f"imgbuilder: {msg}", file=sys.stderr, flush=True)
+
+
+def _name(value: object) -> str:
+    # Fire turns `--name 123` into an int; names are strings
+    return check_name(value if isinstance(value, str) else str(value))
+
+
+# ---------------------------------------------------------------- commands
+
+def import_(name: str = "", tar: str = "", force: bool = False, config: str = "") -> None:
+    """Import a root filesystem from a tar archive (.tar, .tar.gz, .tar.xz; '-' reads stdin).
+
+    Args:
+      name: image name (a-z 0-9 . _ -, at most 64 characters)
+      tar: path of the archive, e.g. from `docker export CONTAINER > x.tar`
+      force: replace an existing image of that name
+      config: path of sandkasten.yaml
+    """
+    if not name or not tar or isinstance(tar, bool) or isinstance(name, bool):
+        raise Failed("unable to import: give --name NAME and --tar FILE")
+    name = _name(name)
+    _need_root("import an image")
+    store = _store(config)
+    started = time.monotonic()
+    info = import_tar(store, name, str(tar), progress=_progress, replace=bool(force))
+    problems = store.validate(name)
+    for p in problems:
+        _progress(f"warning: {p}")
+    print(f"imported image {info.name} ({_size(info.size_bytes)}, shell {info.shell}) "
+          f"in {time.monotonic() - started:.1f}s")
+
+
+def list_(json: bool = False, config: str = "") -> None:
+    """List images: name, size, created, source.
+
+    Args:
+      json: print a JSON array instead of a table
+      config: path of sandkasten.yaml
+    """
+    images = _store(config).list()
+    if json:
+        print(jsonlib.dumps([i.to_json() for i in images], indent=2))
+        return
+    _table(images)
+
+
+def validate(name: str, config: str = "") -> None:
+    """Check that a sandbox can start on image NAME; exit 1 and list the problems if not.
+
+    Args:
+      name: image name
+      config: path of sandkasten.yaml
+    """
+    name = _name(name)
+    problems = _store(config).validate(name)
+    if problems:
+        for p in problems:
+            print(f"imgbuilder: {name}: {p}", file=sys.stderr)
+        raise Failed(f"image {name} is not valid ({len(problems)} problem{'s' * (len(problems) > 1)})")
+    print(f"image {name} is valid")
+
+
+def delete(name: str, config: str = "") -> None:
+    """Delete image NAME (refused while a sandbox has it mounted).
+
+    Args:
+      name: image name
+      config: path of sandkasten.yaml
+    """
+    name = _name(name)
+    _need_root("delete an image")
+    _store(config).delete(name)
+    print(f"deleted image {name}")
+
+
+def build(which: str, force: bool = False, config: str = "") -> None:
+    """Build a stock image: base (busybox, seconds) or python (Debian + python3, about a minute).
+
+    Args:
+      which: base or python
+      force: rebuild even if the image exists
+      config: path of sandkasten.yaml
+    """
+    which = str(which)
+    if which not in ("base", "python"):
+        raise Failed(f"unable to build {which!r}: choose base or python")
+    _need_root(f"build image {which}")
+    store = _store(config)
+    if store.exists(which) and not force:
+        info = store.get(which)
+        print(f"image {which} exists (created {info.created_at}); use --force to rebuild")
+        return
+    started = time.monotonic()
+    info = build_image(store, which, progress=_progress, force=bool(force))
+    assert info is not None
+    print(f"built image {info.name} ({_size(info.size_bytes)}) in {time.monotonic() - started:.0f}s")
+
+
+COMMANDS = {"import": import_, "list": list_, "validate": validate, "delete": delete, "build": build}
+
+
+# ---------------------------------------------------------------- output
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _created(iso: str) -> str:
+    try:
+        return dt.datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return iso
+
+
+def _table(images: list[ImageInfo]) -> None:
+    rows = [(i.name, _size(i.size_bytes), _created(i.created_at), i.source) for i in images]
+    header = ("NAME", "SIZE", "CREATED", "SOURCE")
+    if not rows:
+        print("no images; import one with `imgbuilder import` or build one with `imgbuilder build base`")
+        return
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+        table = Table(*header, box=None, header_style="bold")
+        for r in rows:
+            table.add_row(*r)
+        Console().print(table)
+        return
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+    for r in [header] + rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+# ---------------------------------------------------------------- entry point
+
+def _stdin_tar(args: list[str]) -> list[str]:
+    """Fire reads a lone "-" after a flag as "flag given" (True); `--tar -` means stdin."""
+    out: list[str] = []
+    for a in args:
+        if a == "-" and out and out[-1] == "--tar":
+            out[-1] = "--tar=-"
+        else:
+            out.append(a)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0
+    if args[0] not in COMMANDS:
+        print(f"imgbuilder: error: unknown command {args[0]!r}\n\n{USAGE}", end="", file=sys.stderr)
+        return 2
+    args = _stdin_tar(args)
+    os.environ["PAGER"] = "cat"  # Fire pages its help through less on a tty
+    try:
+        fire.Fire(COMMANDS, command=args, name="imgbuilder")
+    except (Failed, SandkastenError) as e:
+        print(f"imgbuilder: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"imgbuilder: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("imgbuilder: interrupted", file=sys.stderr)
+        return 130
+    except fire.core.FireExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Import a root filesystem from a tar archive (plain, gzip, bzip2 or xz; e.g. `docker export`).
+
+Who runs this: `imgbuilder import`, as root, on archives of unknown origin. Every member is
+created by hand through directory file descriptors opened with O_NOFOLLOW, never with
+`tarfile.extractall`, so that:
+
+- `..` components are refused and absolute names are taken relative to the root;
+- a member whose path passes through a symlink (one written earlier in the same archive) is
+  refused: `etc -> /etc` followed by `etc/passwd` would otherwise write to the host;
+- hardlinks must name a member already inside the root, reached without symlinks;
+- an existing symlink at a member's own name is replaced, never written through;
+- symlink *targets* are kept as they are (absolute ones resolve inside the sandbox);
+- uid/gid are kept numerically, modes are kept with setuid/setgid/sticky bits (chmod after
+  chown, because chown clears setuid); device nodes are skipped (the runtime bind-mounts
+  the few /dev nodes a sandbox gets).
+
+A refused member raises ImageInvalid naming it; the store's staging dir is then removed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import sys
+import tarfile
+import time
+import zlib
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+from sandkasten.errors import ImageInvalid, InvalidRequest, SandkastenError
+from sandkasten.images.store import ImageInfo, ImageStore, check_name
+
+Progress = Callable[[str], None]
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_PROGRESS_EVERY_S = 2.0
+
+
+def import_tar(store: ImageStore, name: str, tar_path: str | os.PathLike,
+               progress: Progress | None = None, replace: bool = False) -> ImageInfo:
+    """Extract TAR_PATH (or "-" for stdin) into a new image NAME and return its info."""
+    check_name(name)
+    if str(tar_path) == "-":
+        source, fileobj = "tar:-", sys.stdin.buffer
+    else:
+        path = Path(tar_path).absolute()
+        if not path.is_file():
+            raise InvalidRequest(f"unable to import image {name!r} from {path}: no such file", image=name)
+        source, fileobj = f"tar:{path}", None
+    with store.staging(name, source, replace=replace) as rootfs:
+        try:
+            with (open(path, "rb") if fileobj is None else nullcontext(fileobj)) as f, \
+                    tarfile.open(fileobj=f, mode="r|*") as tf:
+                _Extractor(rootfs, name, progress).run(tf)
+        except tarfile.TarError as e:
+            raise ImageInvalid(f"unable to import image {name!r} from {source[4:]}: "
+                               f"not a readable tar archive ({e})", image=name) from None
+        except (EOFError, zlib.error) as e:
+            raise ImageInvalid(f"unable to import image {name!r} from {source[4:]}: "
+                               f"archive is truncated or corrupt ({e})", image=name) from None
+    return store.get(name)
+
+
+class _Extractor:
+    """Creates one member at a time below ROOTFS; directory metadata is applied at the end
+    (a 0555 dir must still take its children, and adding children changes its mtime)."""
+
+    def __init__(self, rootfs: Path, image: str, progress: Progress | None) -> None:
+        self.rootfs = rootfs
+        self.image = image
+        self.progress = progress
+        self.dirs: dict[tuple[str, ...], tarfile.TarInfo] = {}
+        self.count = 0
+        self.bytes = 0
+        self.skipped: dict[str, int] = {}
+        self.last_report = time.monotonic()
+
+    def run(self, tf: tarfile.TarFile) -> None:
+        self.root_fd = os.open(self.rootfs, _DIR_FLAGS)
+        try:
+            for member in tf:
+                try:
+                    self.extract(tf, member)
+                except OSError as e:  # disk full, an uid the filesystem refuses, ...
+                    raise SandkastenError(f"unable to import image {self.image!r}: member {member.name!r}: "
+                                          f"{e.strerror or e}", image=self.image, member=member.name) from None
+                self.count += 1
+                self.report()
+            self.finish_dirs()
+        finally:
+            os.close(self.root_fd)
+        if self.progress:
+            skipped = "".join(f", skipped {n} {kind}" for kind, n in sorted(self.skipped.items()))
+            self.progress(f"extracted {self.count} entries ({self.bytes / 1e6:.1f} MB){skipped}")
+
+    def report(self) -> None:
+        now = time.monotonic()
+        if self.progress and now - self.last_report >= _PROGRESS_EVERY_S:
+            self.last_report = now
+            self.progress(f"extracting: {self.count} entries, {self.bytes / 1e6:.1f} MB")
+
+    def refuse(self, member: tarfile.TarInfo, why: str) -> ImageInvalid:
+        return ImageInvalid(f"unable to import image {self.image!r}: refused member {member.name!r}: {why}",
+                            image=self.image, member=member.name)
+
+    # ------------------------------------------------------------ one member
+
+    def extract(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        parts = self.split(m, m.name, "its name")
+        if m.ischr() or m.isblk():
+            self.skipped["device nodes"] = self.skipped.get("device nodes", 0) + 1
+            return
+        if not (m.isdir() or m.isreg() or m.issym() or m.islnk() or m.isfifo()):
+            self.skipped["unknown entries"] = self.skipped.get("unknown entries", 0) + 1
+            return
+        if not parts:  # "./": the root itself stays root-owned 0755 whatever the archive says
+            if m.isdir():
+                return
+            raise self.refuse(m, "replaces the root directory with a non-directory")
+        parent = self.open_dir(m, parts[:-1], create=True)
+        leaf = parts[-1]
+        try:
+            existing = _lstat(leaf, parent)
+            if m.isdir():
+                if existing is not None and not stat.S_ISDIR(existing.st_mode):
+                    os.unlink(leaf, dir_fd=parent)
+                    existing = None
+                if existing is None:
+                    os.mkdir(leaf, 0o700, dir_fd=parent)
+                self.dirs[tuple(parts)] = m
+                return
+            if existing is not None:
+                if stat.S_ISDIR(existing.st_mode):
+                    raise self.refuse(m, "would replace a directory with a non-directory")
+                os.unlink(leaf, dir_fd=parent)
+            if m.isreg():
+                self.write_file(tf, m, leaf, parent)
+            elif m.issym():
+                os.symlink(m.linkname, leaf, dir_fd=parent)
+                os.chown(leaf, m.uid, m.gid, dir_fd=parent, follow_symlinks=False)
+                os.utime(leaf, (m.mtime, m.mtime), dir_fd=parent, follow_symlinks=False)
+            elif m.islnk():
+                self.link(m, leaf, parent)
+            elif m.isfifo():
+                os.mkfifo(leaf, 0o600, dir_fd=parent)
+                os.chown(leaf, m.uid, m.gid, dir_fd=parent, follow_symlinks=False)
+                os.chmod(leaf, m.mode & 0o7777, dir_fd=parent)
+                os.utime(leaf, (m.mtime, m.mtime), dir_fd=parent, follow_symlinks=False)
+        finally:
+            os.close(parent)
+
+    def write_file(self, tf: tarfile.TarFile, m: tarfile.TarInfo, leaf: str, parent: int) -> None:
+        fd = os.open(leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=parent)
+        with os.fdopen(fd, "wb") as out:
+            src = tf.extractfile(m)
+            if src is not None:
+                shutil.copyfileobj(src, out, 1 << 20)
+            out.flush()
+            os.fchown(fd, m.uid, m.gid)
+            os.fchmod(fd, m.mode & 0o7777)  # after chown: chown clears setuid/setgid
+            os.utime(fd, (m.mtime, m.mtime))
+        self.bytes += m.size
+
+    def link(self, m: tarfile.TarInfo, leaf: str, parent: int) -> None:
+        target = self.split(m, m.linkname, "its hardlink target")
+        if not target:
+            raise self.refuse(m, "hardlink to the root directory")
+        try:
+            tdir = self.open_dir(m, target[:-1], create=False)
+        except FileNotFoundError:
+            raise self.refuse(m, f"hardlink target {m.linkname!r} does not exist in the archive") from None
+        try:
+            st = _lstat(target[-1], tdir)
+            if st is None:
+                raise self.refuse(m, f"hardlink target {m.linkname!r} does not exist in the archive")
+            if stat.S_ISDIR(st.st_mode):
+                raise self.refuse(m, f"hardlink target {m.linkname!r} is a directory")
+            # follow_symlinks=False: a link to a symlink links the symlink itself.
+            os.link(target[-1], leaf, src_dir_fd=tdir, dst_dir_fd=parent, follow_symlinks=False)
+        finally:
+            os.close(tdir)
+
+    # ------------------------------------------------------------ paths
+
+    def split(self, m: tarfile.TarInfo, name: str, what: str) -> list[str]:
+        """Member name -> path components below the root; leading `/` and `.` dropped."""
+        if "\0" in name:
+            raise self.refuse(m, f"{what} contains a NUL byte")
+        parts = [p for p in name.split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise self.refuse(m, f"{what} {name!r} contains '..' and could escape the root")
+        return parts
+
+    def open_dir(self, m: tarfile.TarInfo, parts: list[str], create: bool) -> int:
+        """An fd for ROOT/parts, each step a real directory (O_NOFOLLOW): never a symlink."""
+        fd = os.dup(self.root_fd)
+        try:
+            for i, part in enumerate(parts):
+                try:
+                    nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                    nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except OSError as e:
+                    if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    where = "/".join(parts[:i + 1])
+                    st = _lstat(part, fd)
+                    if st is not None and stat.S_ISLNK(st.st_mode):
+                        raise self.refuse(m, f"passes through the symlink {where!r} "
+                                             f"(-> {os.readlink(part, dir_fd=fd)!r})") from None
+                    raise self.refuse(m, f"passes through {where!r}, which is not a directory") from None
+                os.close(fd)
+                fd = nxt
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def finish_dirs(self) -> None:
+        for parts, m in sorted(self.dirs.items(), key=lambda kv: len(kv[0]), reverse=True):
+            try:
+                fd = self.open_dir(m, list(parts), create=False)
+            except (FileNotFoundError, ImageInvalid):
+                continue  # replaced by a later member
+            try:
+                os.fchown(fd, m.uid, m.gid)
+                os.fchmod(fd, m.mode & 0o7777)
+                os.utime(fd, (m.mtime, m.mtime))
+            finally:
+                os.close(fd)
+
+
+def _lstat(name: str, dir_fd: int) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None

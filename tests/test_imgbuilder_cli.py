@@ -1,0 +1,191 @@
+"""`imgbuilder` as a user runs it: the installed console script, a real config file, real
+archives; errors are one line on stderr with exit code 1, never a traceback."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from sandkasten.images.build import find_busybox
+
+REPO = Path(__file__).resolve().parents[1]
+IMGBUILDER = REPO / ".venv" / "bin" / "imgbuilder"
+if not IMGBUILDER.exists():  # another venv layout: the script next to this interpreter
+    IMGBUILDER = Path(sys.executable).parent / "imgbuilder"
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="imgbuilder import/build need root")
+
+
+@pytest.fixture
+def cfg(tmp_path) -> Path:
+    path = tmp_path / "sandkasten.yaml"
+    path.write_text(f"data_dir: {tmp_path / 'data'}\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def shell_tar(tmp_path_factory) -> Path:
+    """A minimal importable rootfs: a static busybox as /bin/sh."""
+    d = tmp_path_factory.mktemp("tar")
+    busybox = find_busybox(d, lambda _m: None).read_bytes()
+    path = d / "root.tar.gz"
+    with tarfile.open(path, "w:gz") as tf:
+        for name, kind, data, mode, link in (("bin", tarfile.DIRTYPE, b"", 0o755, ""),
+                                             ("bin/busybox", tarfile.REGTYPE, busybox, 0o755, ""),
+                                             ("bin/sh", tarfile.SYMTYPE, b"", 0o777, "busybox")):
+            ti = tarfile.TarInfo(name)
+            ti.type, ti.mode, ti.linkname, ti.size = kind, mode, link, len(data)
+            tf.addfile(ti, io.BytesIO(data) if data else None)
+    return path
+
+
+def run(*args: str, cwd: Path | None = None, env: dict | None = None, unprivileged: bool = False):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SANDKASTEN_")}
+    # In a fresh user namespace without a uid map we are uid 65534 with no capabilities, yet
+    # can still read the interpreter (which may live under root's 0700 home).
+    prefix = ["unshare", "--user"] if unprivileged else []
+    r = subprocess.run([*prefix, str(IMGBUILDER), *args], capture_output=True, text=True, cwd=cwd or "/",
+                       env={**clean, **(env or {})}, stdin=subprocess.DEVNULL)
+    assert "Traceback" not in r.stderr, r.stderr
+    return r
+
+
+def one_error_line(r) -> str:
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert lines and lines[-1].startswith("imgbuilder: error: "), r.stderr
+    return lines[-1]
+
+
+def test_import_list_validate_delete(cfg, shell_tar):
+    r = run("import", "--name", "mini", "--tar", str(shell_tar), "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert "imported image mini" in r.stdout
+
+    r = run("list", "--config", str(cfg))
+    assert r.returncode == 0
+    header, row = r.stdout.splitlines()
+    assert header.split() == ["NAME", "SIZE", "CREATED", "SOURCE"]
+    assert row.split()[0] == "mini" and row.endswith(f"tar:{shell_tar}")
+
+    r = run("list", "--json", "--config", str(cfg))
+    [image] = json.loads(r.stdout)
+    assert image["name"] == "mini" and image["shell"] == "/bin/sh" and image["has_bash"] is False
+
+    r = run("validate", "mini", "--config", str(cfg))
+    assert (r.returncode, r.stdout) == (0, "image mini is valid\n")
+
+    r = run("delete", "mini", "--config", str(cfg))
+    assert (r.returncode, r.stdout) == (0, "deleted image mini\n")
+    assert json.loads(run("list", "--json", "--config", str(cfg)).stdout) == []
+    assert "no images" in run("list", "--config", str(cfg)).stdout
+
+
+def test_validate_lists_problems_and_exits_1(cfg, tmp_path):
+    tar = tmp_path / "nosh.tar"
+    with tarfile.open(tar, "w") as tf:
+        ti = tarfile.TarInfo("etc/hostname")
+        ti.size = 3
+        tf.addfile(ti, io.BytesIO(b"box"))
+    r = run("import", "--name", "nosh", "--tar", str(tar), "--config", str(cfg))
+    assert r.returncode == 0 and "warning: /bin/sh is missing" in r.stderr
+    r = run("validate", "nosh", "--config", str(cfg))
+    assert "imgbuilder: nosh: /bin/sh is missing or a broken symlink" in r.stderr
+    assert one_error_line(r) == "imgbuilder: error: image nosh is not valid (1 problem)"
+
+
+def test_import_from_stdin(cfg, shell_tar):
+    with open(shell_tar, "rb") as f:
+        r = subprocess.run([str(IMGBUILDER), "import", "--name", "piped", "--tar", "-", "--config", str(cfg)],
+                           stdin=f, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    [image] = json.loads(run("list", "--json", "--config", str(cfg)).stdout)
+    assert (image["name"], image["source"]) == ("piped", "tar:-")
+    line = one_error_line(run("import", "--name", "x", "--tar", "--config", str(cfg)))
+    assert "give --name NAME and --tar FILE" in line
+
+
+def test_unknown_image(cfg):
+    line = one_error_line(run("validate", "ghost", "--config", str(cfg)))
+    assert "image 'ghost' not found" in line
+    assert "not found" in one_error_line(run("delete", "ghost", "--config", str(cfg)))
+
+
+def test_bad_tar(cfg, tmp_path):
+    bad = tmp_path / "bad.tar"
+    bad.write_text("no tar here\n" * 100)
+    line = one_error_line(run("import", "--name", "bad", "--tar", str(bad), "--config", str(cfg)))
+    assert "not a readable tar archive" in line
+    assert os.listdir(tmp_path / "data" / "images") == []
+    line = one_error_line(run("import", "--name", "bad", "--tar", str(tmp_path / "nope"), "--config", str(cfg)))
+    assert "no such file" in line
+
+
+def test_escaping_tar_names_the_member(cfg, tmp_path):
+    evil = tmp_path / "evil.tar"
+    with tarfile.open(evil, "w") as tf:
+        ti = tarfile.TarInfo("../../etc/evil")
+        tf.addfile(ti, io.BytesIO(b""))
+    line = one_error_line(run("import", "--name", "evil", "--tar", str(evil), "--config", str(cfg)))
+    assert "refused member '../../etc/evil'" in line
+
+
+@pytest.mark.parametrize("name", ["../x", "UPPER", "a/b", ".hidden"])
+def test_bad_name(cfg, shell_tar, name):
+    line = one_error_line(run("import", "--name", name, "--tar", str(shell_tar), "--config", str(cfg)))
+    assert "invalid image name" in line
+    assert "invalid image name" in one_error_line(run("validate", name, "--config", str(cfg)))
+
+
+def test_not_root(cfg, shell_tar):
+    for args in (["import", "--name", "x", "--tar", str(shell_tar)], ["build", "base"], ["delete", "x"]):
+        line = one_error_line(run(*args, "--config", str(cfg), unprivileged=True))
+        assert "needs root (running as uid 65534)" in line
+
+
+def test_missing_config_file(tmp_path):
+    line = one_error_line(run("list", "--config", str(tmp_path / "missing.yaml")))
+    assert "unable to read config" in line
+
+
+def test_data_dir_from_environment(tmp_path, shell_tar):
+    env = {"SANDKASTEN_DATA_DIR": str(tmp_path / "envdata")}
+    assert run("import", "--name", "fromenv", "--tar", str(shell_tar), cwd=tmp_path, env=env).returncode == 0
+    assert (tmp_path / "envdata" / "images" / "fromenv" / "rootfs" / "bin" / "busybox").exists()
+    assert [i["name"] for i in json.loads(run("list", "--json", cwd=tmp_path, env=env).stdout)] == ["fromenv"]
+
+
+def test_config_in_cwd_is_the_default(cfg, shell_tar):
+    assert run("import", "--name", "cwd", "--tar", str(shell_tar), cwd=cfg.parent).returncode == 0
+    assert (cfg.parent / "data" / "images" / "cwd").is_dir()
+
+
+def test_build_base_then_cached(cfg):
+    r = run("build", "base", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("built image base")
+    assert "imgbuilder: built image base" in r.stderr  # progress goes to stderr
+    r = run("build", "base", "--config", str(cfg))
+    assert r.returncode == 0 and "exists" in r.stdout and "--force" in r.stdout
+    assert run("build", "base", "--force", "--config", str(cfg)).stdout.startswith("built image base")
+    out = subprocess.run(["chroot", str(cfg.parent / "data/images/base/rootfs"), "/bin/sh", "-c", "echo hi"],
+                         capture_output=True, text=True)
+    assert out.stdout == "hi\n"
+    assert "choose base or python" in one_error_line(run("build", "ruby", "--config", str(cfg)))
+
+
+def test_help_is_readable():
+    r = run("--help")
+    assert r.returncode == 0 and "imgbuilder import --name NAME --tar FILE" in r.stdout
+    assert run().stdout == r.stdout
+    r = run("import", "--help")
+    assert r.returncode == 0 and "--name" in r.stderr + r.stdout
+    r = run("frobnicate")
+    assert r.returncode == 2 and "unknown command 'frobnicate'" in r.stderr
