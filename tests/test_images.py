@@ -328,9 +328,13 @@ def test_failed_staging_unmounts_and_removes(store):
     assert_nothing_left(store)
 
 
-def test_delete_refuses_an_image_under_a_mounted_overlay(store, busybox, tmp_path):
+@pytest.mark.parametrize("via_symlink", [False, True])
+def test_delete_refuses_an_image_under_a_mounted_overlay(store, busybox, tmp_path, via_symlink):
     import_tar(store, "busy", write_tar(tmp_path / "a.tar", shell_entries(busybox)))
     rootfs = store.path("busy")
+    if via_symlink:  # the runtime may see images_dir through a symlink, as the test conftest does
+        (tmp_path / "images-link").symlink_to(store.images_dir)
+        rootfs = tmp_path / "images-link" / "busy" / "rootfs"
     work = tmp_path / "ovl"
     for d in ("upper", "work", "merged"):
         (work / d).mkdir(parents=True)

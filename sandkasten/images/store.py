@@ -300,7 +300,7 @@ def overlay_users(rootfs: Path) -> list[int]:
     Sandboxes mount their overlay inside their own mount namespace, so every namespace is
     looked at. Detached (idmapped) lower layers do not show their path and are not found.
     """
-    needle = str(rootfs)
+    needle = os.path.realpath(rootfs)  # data_dir/images may be a symlink (tests share a cache)
     seen_ns: set[str] = set()
     pids: list[int] = []
     for entry in os.listdir("/proc"):
@@ -326,7 +326,7 @@ def _lowerdirs_contain(mountinfo_line: str, rootfs: str) -> bool:
     for opt in super_opts.split(","):
         if opt.startswith("lowerdir="):
             dirs = opt[len("lowerdir="):].split(":")
-            return any(_unescape(d).rstrip("/") == rootfs for d in dirs)
+            return any(os.path.realpath(_unescape(d)) == rootfs for d in dirs)
     return False
 
 
