@@ -1,0 +1,39 @@
+"""Pure domain logic: commands, events, `decide` and `evolve`. Imports nothing with I/O."""
+
+from sandkasten.domain.commands import (
+    Command,
+    CreateWorkspace,
+    DeleteWorkspace,
+    ExpireSession,
+    RecordExecFinished,
+    RecordExecLost,
+    RecordExecStarted,
+    RecordSandboxAdopted,
+    RecordSandboxFailed,
+    RecordSandboxLost,
+    RecordSandboxStarted,
+    RecordSandboxStopped,
+    RecordSessionDestroyed,
+    RequestDestroy,
+    RequestExec,
+    RequestSession,
+)
+from sandkasten.domain.events import NewEvent, RecordedEvent, workspace_stream
+from sandkasten.domain.session import (
+    DuplicateIdempotencyKey,
+    ExecState,
+    PriorExecs,
+    SessionState,
+    State,
+    decide,
+    evolve,
+)
+from sandkasten.domain.workspace import WorkspaceState
+
+__all__ = [
+    "Command", "CreateWorkspace", "DeleteWorkspace", "ExpireSession", "RecordExecFinished", "RecordExecLost",
+    "RecordExecStarted", "RecordSandboxAdopted", "RecordSandboxFailed", "RecordSandboxLost",
+    "RecordSandboxStarted", "RecordSandboxStopped", "RecordSessionDestroyed", "RequestDestroy", "RequestExec",
+    "RequestSession", "NewEvent", "RecordedEvent", "workspace_stream", "DuplicateIdempotencyKey", "ExecState",
+    "PriorExecs", "SessionState", "State", "decide", "evolve", "WorkspaceState",
+]

@@ -1,0 +1,122 @@
+"""Commands: what a caller (HTTP handler, CLI, executor, reconciler) wants recorded.
+
+Field names follow the event payloads they become. Timestamps come in the command
+(`expires_at`, `at`); `decide` never reads a clock. Pure: no I/O here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Mapping
+
+
+@dataclass(frozen=True)
+class RequestSession:
+    image: str
+    cpu_limit: float = 1.0
+    mem_limit_mb: int = 512
+    pids_limit: int = 256
+    network_mode: str = "none"
+    env: Mapping[str, str] = field(default_factory=dict)
+    ttl_seconds: int = 3600
+    workspace_id: str | None = None
+    readonly_rootfs: bool = False
+    expires_at: datetime | str | None = None  # required; aware datetime or ISO UTC string
+    session_id: str | None = None  # filled in by the journal from the stream id
+
+
+@dataclass(frozen=True)
+class RecordSandboxStarted:
+    pid: int
+    start_time: int  # /proc/<pid>/stat field 22, defeats pid reuse
+    cgroup: str = ""
+    pooled: bool = False
+
+
+@dataclass(frozen=True)
+class RecordSandboxFailed:
+    reason: str
+
+
+@dataclass(frozen=True)
+class RecordSandboxAdopted:
+    pid: int
+    start_time: int
+
+
+@dataclass(frozen=True)
+class RecordSandboxLost:
+    reason: str
+
+
+@dataclass(frozen=True)
+class RequestDestroy:
+    reason: str = "api"
+
+
+@dataclass(frozen=True)
+class ExpireSession:
+    reason: str = "ttl"  # "ttl" | "idle"
+    at: datetime | None = None  # when given with reason "ttl", must not be before expires_at
+
+
+@dataclass(frozen=True)
+class RecordSandboxStopped:
+    pass
+
+
+@dataclass(frozen=True)
+class RecordSessionDestroyed:
+    pass
+
+
+@dataclass(frozen=True)
+class RequestExec:
+    exec_id: str
+    cmd: str
+    timeout_ms: int
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class RecordExecStarted:
+    exec_id: str
+
+
+@dataclass(frozen=True)
+class RecordExecFinished:
+    exec_id: str
+    exit_code: int
+    cwd: str | None = None
+    duration_ms: int = 0
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    output_sha256: str = ""
+    truncated: bool = False
+    timed_out: bool = False
+
+
+@dataclass(frozen=True)
+class RecordExecLost:
+    exec_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class CreateWorkspace:
+    workspace_id: str
+
+
+@dataclass(frozen=True)
+class DeleteWorkspace:
+    workspace_id: str
+
+
+SessionCommand = (
+    RequestSession | RecordSandboxStarted | RecordSandboxFailed | RecordSandboxAdopted
+    | RecordSandboxLost | RequestDestroy | ExpireSession | RecordSandboxStopped
+    | RecordSessionDestroyed | RequestExec | RecordExecStarted | RecordExecFinished | RecordExecLost
+)
+WorkspaceCommand = CreateWorkspace | DeleteWorkspace
+Command = SessionCommand | WorkspaceCommand

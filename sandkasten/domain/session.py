@@ -1,0 +1,352 @@
+"""A session's life as pure functions: `decide(state, command) -> events`, `evolve(state, event)`.
+
+Statuses: requested -> running (sandbox.started) -> destroying -> destroyed;
+running -> lost (sandbox.lost) -> running again (sandbox.started/adopted) or destroying;
+requested|lost -> failed (sandbox.failed). Every non-destroyed, non-destroying session can
+be destroyed (session.destroy_requested) or expired (session.expired); both move it to
+"destroying", and `end_reason` says why ("api", "cli", "ttl", "idle", …).
+Exec statuses: requested -> running -> finished | lost (requested -> finished/lost too).
+
+The state keeps only the non-terminal execs (evolve stays O(1) per event). Facts about
+earlier execs that `decide` needs (is this exec id taken? which exec used this
+idempotency key?) are looked up by the store before deciding and passed in as `PriorExecs`.
+No I/O and no clock reads here: timestamps come in the commands.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from sandkasten.domain import commands as c
+from sandkasten.domain import events as ev
+from sandkasten.domain.workspace import WorkspaceState, decide_workspace, evolve_workspace
+from sandkasten.errors import IllegalTransition, InvalidRequest, SessionNotFound
+
+try:  # the lead may move this error into sandkasten.errors; use theirs when it exists
+    from sandkasten.errors import DuplicateIdempotencyKey  # type: ignore[attr-defined]
+except ImportError:
+
+    class DuplicateIdempotencyKey(IllegalTransition):  # type: ignore[no-redef]
+        """An exec with this idempotency key was already requested in the session."""
+
+        code = "DUPLICATE_IDEMPOTENCY_KEY"
+
+        def __init__(self, message: str, exec_id: str, **details: Any) -> None:
+            super().__init__(message, exec_id=exec_id, **details)
+            self.exec_id = exec_id
+
+
+REQUESTED = "requested"
+RUNNING = "running"
+LOST = "lost"
+FAILED = "failed"
+DESTROYING = "destroying"
+DESTROYED = "destroyed"
+ENDED_STATUSES = frozenset({FAILED, DESTROYED})  # sessions() hides these unless asked
+
+EXEC_REQUESTED = "requested"
+EXEC_RUNNING = "running"
+EXEC_FINISHED = "finished"
+EXEC_LOST = "lost"
+
+INITIAL_CWD = "/workspace"
+
+
+@dataclass(frozen=True)
+class ExecState:
+    status: str  # "requested" | "running" (terminal execs leave the state)
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class SessionState:
+    session_id: str
+    version: int
+    status: str
+    image: str
+    cpu_limit: float
+    mem_limit_mb: int
+    pids_limit: int
+    network_mode: str
+    env: Mapping[str, str]
+    ttl_seconds: int
+    workspace_id: str | None
+    readonly_rootfs: bool
+    expires_at: str
+    runner_pid: int | None = None
+    runner_start_time: int | None = None
+    cgroup: str | None = None
+    pooled: bool = False
+    sandbox_stopped: bool = False
+    cwd: str = INITIAL_CWD
+    lost_reason: str | None = None
+    end_reason: str | None = None
+    execs: Mapping[str, ExecState] = field(default_factory=lambda: MappingProxyType({}))
+    exec_count: int = 0
+    finished_count: int = 0
+    lost_count: int = 0
+
+    @property
+    def pending_exec_ids(self) -> list[str]:
+        return list(self.execs)
+
+
+@dataclass(frozen=True)
+class PriorExecs:
+    """Facts about earlier execs, loaded by the store before a RequestExec is decided."""
+
+    exec_id_taken: bool = False
+    key_exec_id: str | None = None  # the exec that already used the command's idempotency key
+
+
+State = SessionState | WorkspaceState
+
+# what each command tries to do, for messages: "unable to <verb> s-ab12: session is destroyed"
+_VERBS: dict[type, str] = {
+    c.RequestSession: "request session",
+    c.RecordSandboxStarted: "record sandbox start for session",
+    c.RecordSandboxFailed: "record sandbox failure for session",
+    c.RecordSandboxAdopted: "adopt sandbox of session",
+    c.RecordSandboxLost: "record sandbox loss for session",
+    c.RequestDestroy: "destroy session",
+    c.ExpireSession: "expire session",
+    c.RecordSandboxStopped: "record sandbox stop for session",
+    c.RecordSessionDestroyed: "record destruction of session",
+    c.RequestExec: "request exec on session",
+    c.RecordExecStarted: "start exec on session",
+    c.RecordExecFinished: "finish exec on session",
+    c.RecordExecLost: "record lost exec on session",
+}
+
+# command -> statuses in which it is legal
+_ALLOWED: dict[type, frozenset[str]] = {
+    c.RecordSandboxStarted: frozenset({REQUESTED, LOST}),
+    c.RecordSandboxFailed: frozenset({REQUESTED, LOST}),
+    c.RecordSandboxAdopted: frozenset({RUNNING, LOST}),
+    c.RecordSandboxLost: frozenset({RUNNING}),
+    c.RequestDestroy: frozenset({REQUESTED, RUNNING, LOST, FAILED}),
+    c.ExpireSession: frozenset({REQUESTED, RUNNING, LOST, FAILED}),
+    c.RecordSandboxStopped: frozenset({DESTROYING}),
+    c.RecordSessionDestroyed: frozenset({DESTROYING}),
+    c.RequestExec: frozenset({RUNNING}),
+}
+
+
+def decide(
+    state: State | None,
+    command: c.Command,
+    *,
+    prior: PriorExecs | None = None,
+    stream_id: str | None = None,
+) -> list[ev.NewEvent]:
+    """The events `command` produces in `state`, or IllegalTransition (and friends)."""
+    if isinstance(command, (c.CreateWorkspace, c.DeleteWorkspace)):
+        if state is not None and not isinstance(state, WorkspaceState):
+            raise InvalidRequest(f"unable to apply {type(command).__name__} to session stream")
+        return decide_workspace(state, command)
+    verb = _VERBS.get(type(command))
+    if verb is None:
+        raise TypeError(f"unknown command {type(command).__name__}")
+    if isinstance(command, c.RequestSession):
+        if state is not None:
+            raise IllegalTransition(f"unable to {verb} {_sid(state, stream_id)}: session already exists")
+        return [ev.NewEvent(ev.SESSION_REQUESTED, _requested_payload(command))]
+    if state is None:
+        sid = stream_id or "?"
+        raise SessionNotFound(f"unable to {verb} {sid}: no such session", session_id=sid)
+    if not isinstance(state, SessionState):
+        raise InvalidRequest(f"unable to {verb} {state.workspace_id}: stream is a workspace")
+    sid = state.session_id
+    allowed = _ALLOWED.get(type(command))
+    if allowed is not None and state.status not in allowed:
+        raise IllegalTransition(f"unable to {verb} {sid}: session is {state.status}", session_id=sid, status=state.status)
+    return _DECIDERS[type(command)](state, command, prior or PriorExecs(), verb)
+
+
+def _sid(state: Any, stream_id: str | None) -> str:
+    return getattr(state, "session_id", None) or stream_id or "?"
+
+
+def _requested_payload(cmd: c.RequestSession) -> dict[str, Any]:
+    if cmd.expires_at is None:
+        raise InvalidRequest("unable to request session: expires_at is required")
+    return {
+        "session_id": cmd.session_id,
+        "image": cmd.image,
+        "cpu_limit": cmd.cpu_limit,
+        "mem_limit_mb": cmd.mem_limit_mb,
+        "pids_limit": cmd.pids_limit,
+        "network_mode": cmd.network_mode,
+        "env": dict(cmd.env),
+        "ttl_seconds": cmd.ttl_seconds,
+        "workspace_id": cmd.workspace_id,
+        "readonly_rootfs": cmd.readonly_rootfs,
+        "expires_at": iso_utc(cmd.expires_at),
+    }
+
+
+def iso_utc(value: datetime | str) -> str:
+    """An aware datetime (or ISO string) as ISO 8601 UTC with microseconds."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError as exc:
+            raise InvalidRequest(f"unable to parse timestamp {value!r}: {exc}") from None
+    if value.tzinfo is None:
+        raise InvalidRequest(f"unable to use timestamp {value.isoformat()}: no timezone")
+    return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _started(state: SessionState, cmd: c.RecordSandboxStarted, prior: PriorExecs, verb: str) -> list[ev.NewEvent]:
+    return [ev.NewEvent(ev.SANDBOX_STARTED, {"pid": cmd.pid, "start_time": cmd.start_time, "cgroup": cmd.cgroup, "pooled": cmd.pooled})]
+
+
+def _failed(state: SessionState, cmd: c.RecordSandboxFailed, prior: PriorExecs, verb: str) -> list[ev.NewEvent]:
+    # failed is terminal: nothing can report on execs still pending, so they are lost
+    return [*_lose_pending(state, "sandbox failed"), ev.NewEvent(ev.SANDBOX_FAILED, {"reason": cmd.reason})]
+
+
+def _adopted(state: SessionState, cmd: c.RecordSandboxAdopted, prior: PriorExecs, verb: str) -> list[ev.NewEvent]:
+    return [ev.NewEvent(ev.SANDBOX_ADOPTED, {"pid": cmd.pid, "start_time": cmd.start_time})]
+
+
+def _lost(state: SessionState, cmd: c.RecordSandboxLost, prior: PriorExecs, verb: str) -> list[ev.NewEvent]:
+    return [ev.NewEvent(ev.SANDBOX_LOST, {"reason": cmd.reason})]
+
+
+def _destroy(state: SessionState, cmd: c.RequestDestroy, prior: PriorExecs, verb: str) -> list[ev.NewEvent]:
+    return [ev.NewEvent(ev.SESSION_DESTROY_REQUESTED, {"reason": cmd.reason})]
+
+
+def _expire(state: SessionState, cmd: c.ExpireSession, prior: PriorExecs, verb: str) -> list[ev.NewEvent]:
+    if cmd.reason == "ttl" and cmd.at is not None and iso_utc(cmd.at) < state.expires_at:
+        raise IllegalTransition(
+            f"unable to {verb} {state.session_id}: it expires at {state.expires_at}", session_id=state.session_id
+        )
+    return [ev.NewEvent(ev.SESSION_EXPIRED, {"reason": cmd.reason})]
+
+
+def _stopped(state: SessionState, cmd: c.RecordSandboxStopped, prior: PriorExecs, verb: str) -> list[ev.NewEvent]:
+    if state.sandbox_stopped:
+        raise IllegalTransition(f"unable to {verb} {state.session_id}: sandbox already stopped")
+    return [ev.NewEvent(ev.SANDBOX_STOPPED, {})]
+
+
+def _destroyed(state: SessionState, cmd: c.RecordSessionDestroyed, prior: PriorExecs, verb: str) -> list[ev.NewEvent]:
+    return [*_lose_pending(state, "session destroyed"), ev.NewEvent(ev.SESSION_DESTROYED, {})]
+
+
+def _lose_pending(state: SessionState, reason: str) -> list[ev.NewEvent]:
+    return [ev.NewEvent(ev.EXEC_LOST, {"exec_id": eid, "reason": reason}) for eid in state.execs]
+
+
+def _request_exec(state: SessionState, cmd: c.RequestExec, prior: PriorExecs, verb: str) -> list[ev.NewEvent]:
+    key = cmd.idempotency_key
+    if key is not None:
+        owner = prior.key_exec_id or next((e for e, x in state.execs.items() if x.idempotency_key == key), None)
+        if owner is not None:
+            raise DuplicateIdempotencyKey(
+                f"unable to {verb} {state.session_id}: idempotency key {key!r} already used by exec {owner}",
+                exec_id=owner,
+                session_id=state.session_id,
+            )
+    if prior.exec_id_taken or cmd.exec_id in state.execs:
+        raise IllegalTransition(f"unable to {verb} {state.session_id}: exec id {cmd.exec_id} already exists")
+    payload = {"exec_id": cmd.exec_id, "cmd": cmd.cmd, "timeout_ms": cmd.timeout_ms, "idempotency_key": key}
+    return [ev.NewEvent(ev.EXEC_REQUESTED, payload)]
+
+
+def _pending_exec(state: SessionState, exec_id: str, verb: str) -> ExecState:
+    found = state.execs.get(exec_id)
+    if found is None:
+        raise IllegalTransition(
+            f"unable to {verb} {state.session_id}: exec {exec_id} is not pending", session_id=state.session_id, exec_id=exec_id
+        )
+    return found
+
+
+def _exec_started(state: SessionState, cmd: c.RecordExecStarted, prior: PriorExecs, verb: str) -> list[ev.NewEvent]:
+    if _pending_exec(state, cmd.exec_id, verb).status != EXEC_REQUESTED:
+        raise IllegalTransition(f"unable to {verb} {state.session_id}: exec {cmd.exec_id} is already running")
+    return [ev.NewEvent(ev.EXEC_STARTED, {"exec_id": cmd.exec_id})]
+
+
+def _exec_finished(state: SessionState, cmd: c.RecordExecFinished, prior: PriorExecs, verb: str) -> list[ev.NewEvent]:
+    _pending_exec(state, cmd.exec_id, verb)
+    payload = {
+        "exec_id": cmd.exec_id, "exit_code": cmd.exit_code, "cwd": cmd.cwd, "duration_ms": cmd.duration_ms,
+        "stdout_bytes": cmd.stdout_bytes, "stderr_bytes": cmd.stderr_bytes, "output_sha256": cmd.output_sha256,
+        "truncated": cmd.truncated, "timed_out": cmd.timed_out,
+    }
+    return [ev.NewEvent(ev.EXEC_FINISHED, payload)]
+
+
+def _exec_lost(state: SessionState, cmd: c.RecordExecLost, prior: PriorExecs, verb: str) -> list[ev.NewEvent]:
+    _pending_exec(state, cmd.exec_id, verb)
+    return [ev.NewEvent(ev.EXEC_LOST, {"exec_id": cmd.exec_id, "reason": cmd.reason})]
+
+
+_DECIDERS: dict[type, Any] = {
+    c.RecordSandboxStarted: _started,
+    c.RecordSandboxFailed: _failed,
+    c.RecordSandboxAdopted: _adopted,
+    c.RecordSandboxLost: _lost,
+    c.RequestDestroy: _destroy,
+    c.ExpireSession: _expire,
+    c.RecordSandboxStopped: _stopped,
+    c.RecordSessionDestroyed: _destroyed,
+    c.RequestExec: _request_exec,
+    c.RecordExecStarted: _exec_started,
+    c.RecordExecFinished: _exec_finished,
+    c.RecordExecLost: _exec_lost,
+}
+
+
+def evolve(state: State | None, event: Any) -> State:
+    """Apply one event (NewEvent or RecordedEvent) to a stream's state."""
+    if event.type in ev.WORKSPACE_EVENT_TYPES:
+        return evolve_workspace(state if isinstance(state, WorkspaceState) else None, event)
+    version = getattr(event, "stream_version", None) or ((state.version if state else 0) + 1)
+    p = event.payload
+    if event.type == ev.SESSION_REQUESTED:
+        return SessionState(
+            session_id=p.get("session_id") or getattr(event, "stream_id", "") or "",
+            version=version, status=REQUESTED, image=p["image"], cpu_limit=p["cpu_limit"],
+            mem_limit_mb=p["mem_limit_mb"], pids_limit=p["pids_limit"], network_mode=p["network_mode"],
+            env=MappingProxyType(dict(p.get("env") or {})), ttl_seconds=p["ttl_seconds"],
+            workspace_id=p.get("workspace_id"), readonly_rootfs=bool(p.get("readonly_rootfs")),
+            expires_at=p["expires_at"],
+        )
+    if not isinstance(state, SessionState):
+        raise ValueError(f"unable to apply event {event.type}: session stream has no session.requested")
+    s = replace(state, version=version)
+    t = event.type
+    if t in (ev.SANDBOX_STARTED, ev.SANDBOX_ADOPTED):
+        extra = {"cgroup": p.get("cgroup") or None, "pooled": bool(p.get("pooled"))} if t == ev.SANDBOX_STARTED else {}
+        return replace(s, status=RUNNING, runner_pid=p["pid"], runner_start_time=p["start_time"], lost_reason=None, **extra)
+    if t == ev.SANDBOX_FAILED:
+        return replace(s, status=FAILED, end_reason=p.get("reason"), runner_pid=None, runner_start_time=None)
+    if t == ev.SANDBOX_LOST:
+        return replace(s, status=LOST, lost_reason=p.get("reason"), runner_pid=None, runner_start_time=None)
+    if t in (ev.SESSION_DESTROY_REQUESTED, ev.SESSION_EXPIRED):
+        return replace(s, status=DESTROYING, end_reason=p.get("reason"))
+    if t == ev.SANDBOX_STOPPED:
+        return replace(s, sandbox_stopped=True, runner_pid=None, runner_start_time=None)
+    if t == ev.SESSION_DESTROYED:
+        return replace(s, status=DESTROYED)
+    if t == ev.EXEC_REQUESTED:
+        execs = {**s.execs, p["exec_id"]: ExecState(EXEC_REQUESTED, p.get("idempotency_key"))}
+        return replace(s, execs=MappingProxyType(execs), exec_count=s.exec_count + 1)
+    if t == ev.EXEC_STARTED:
+        execs = dict(s.execs)
+        execs[p["exec_id"]] = replace(execs[p["exec_id"]], status=EXEC_RUNNING)
+        return replace(s, execs=MappingProxyType(execs))
+    if t in (ev.EXEC_FINISHED, ev.EXEC_LOST):
+        execs = {k: v for k, v in s.execs.items() if k != p["exec_id"]}
+        if t == ev.EXEC_FINISHED:
+            return replace(s, execs=MappingProxyType(execs), finished_count=s.finished_count + 1, cwd=p.get("cwd") or s.cwd)
+        return replace(s, execs=MappingProxyType(execs), lost_count=s.lost_count + 1)
+    raise ValueError(f"unable to apply event {t}: unknown event type")

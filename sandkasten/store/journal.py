@@ -1,0 +1,378 @@
+"""The journal: append events through `decide`, keep read tables in step, verify the chain.
+
+Who runs this: the daemon (HTTP handlers, executor, reconciler) and the CLI, as separate
+processes on the same SQLite file. Every write is one `BEGIN IMMEDIATE` transaction —
+load the stream's state, decide, append with the hash chain, update read tables, commit —
+so two processes take turns on the write lock (busy_timeout) instead of failing.
+Within one process an asyncio lock queues writers so they do not spin in SQLite's busy
+handler. Foreign exceptions are translated to `JournalError` in `_guard`, nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import sqlite3
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterable
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random
+
+from sandkasten.domain import commands as c
+from sandkasten.domain import events as ev
+from sandkasten.domain.events import RecordedEvent
+from sandkasten.domain.session import ENDED_STATUSES, PriorExecs, SessionState, State, decide, evolve
+from sandkasten.errors import ConcurrencyConflict, InvalidRequest, JournalError, SandkastenError
+from sandkasten.store import projections, schema
+from sandkasten.store.schema import events, execs, sessions, workspaces
+
+GENESIS_HASH = "0" * 64
+DURABILITIES = {"normal": "NORMAL", "full": "FULL"}
+_STATE_CACHE_SIZE = 10_000
+_PAGE = 2_000
+_APPEND_ATTEMPTS = 5
+
+__all__ = ["Journal", "RecordedEvent", "VerifyResult", "GENESIS_HASH", "canonical_json", "chain_hash"]
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    checked: int
+    first_bad_seq: int | None
+    reason: str
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def chain_hash(prev_hash: str, row: dict[str, Any]) -> str:
+    """sha256(prev_hash + canonical JSON of the event's identifying fields)."""
+    body = {k: row[k] for k in ("seq", "stream_id", "stream_version", "type", "schema_version", "actor", "request_id", "created_at")}
+    body["payload"] = row["payload"]
+    return hashlib.sha256((prev_hash + canonical_json(body)).encode()).hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _recorded(row: Any) -> RecordedEvent:
+    version, payload = ev.upcast(row.type, row.schema_version, json.loads(row.payload))
+    return RecordedEvent(
+        seq=row.seq, stream_id=row.stream_id, stream_version=row.stream_version, type=row.type,
+        schema_version=version, payload=payload, actor=row.actor, request_id=row.request_id,
+        created_at=row.created_at, hash=row.hash,
+    )
+
+
+class Journal:
+    def __init__(self, db_path: Path, engine: AsyncEngine, durability: str, busy_timeout_s: float) -> None:
+        self.path = db_path
+        self.durability = durability
+        self.busy_timeout_s = busy_timeout_s
+        self._engine = engine
+        self._writer = engine.execution_options(sandkasten_write=True)  # same pool, BEGIN IMMEDIATE
+        self._write_lock = asyncio.Lock()
+        self._states: OrderedDict[str, State] = OrderedDict()
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, db_path: Path, durability: str = "normal", *, busy_timeout_s: float = 10.0) -> "Journal":
+        """Create the parent dir, migrate (alembic, in a thread), open one small async engine."""
+        db_path = Path(db_path).absolute()
+        if durability not in DURABILITIES:
+            raise JournalError(f"unable to open journal {db_path}: durability {durability!r} is not normal|full")
+        guard = _Guard(db_path, busy_timeout_s)
+        async with guard("migrate"):
+            db_path.parent.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(schema.upgrade, db_path, busy_timeout_s)
+        engine = create_async_engine(f"sqlite+aiosqlite:///{db_path}", pool_size=4, max_overflow=4)
+        sync = DURABILITIES[durability]
+
+        @sa.event.listens_for(engine.sync_engine, "connect")
+        def _connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN (see _begin)
+            cursor = dbapi_conn.cursor()
+            for pragma in (f"busy_timeout = {int(busy_timeout_s * 1000)}", "journal_mode = WAL",
+                           "foreign_keys = ON", f"synchronous = {sync}"):
+                cursor.execute(f"PRAGMA {pragma}")
+            cursor.close()
+
+        @sa.event.listens_for(engine.sync_engine, "begin")
+        def _begin(conn: sa.Connection) -> None:
+            # writers take the write lock up front so read-then-write never deadlocks
+            immediate = conn.get_execution_options().get("sandkasten_write")
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        return cls(db_path, engine, durability, busy_timeout_s)
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    def _guard(self, action: str) -> "_Guard":
+        return _Guard(self.path, self.busy_timeout_s)(action)  # type: ignore[return-value]
+
+    # --- the write path ---------------------------------------------------------------------
+
+    async def execute(
+        self, stream_id: str, command: c.Command, *, actor: str, request_id: str | None = None
+    ) -> list[RecordedEvent]:
+        """decide + append + project in one transaction; retries a lost version race."""
+        if isinstance(command, c.RequestSession) and command.session_id is None:
+            command = replace(command, session_id=stream_id)
+        _check_stream(stream_id, command)
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(_APPEND_ATTEMPTS), wait=wait_random(0, 0.02),
+            retry=retry_if_exception_type(ConcurrencyConflict), reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                # shielded: a caller cancelled mid-write (client gone) must not cut the
+                # transaction in half; the append finishes or rolls back on its own
+                return await asyncio.shield(self._execute_once(stream_id, command, actor, request_id))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _execute_once(self, stream_id: str, command: c.Command, actor: str, request_id: str | None) -> list[RecordedEvent]:
+        async with self._write_lock, self._guard("append to"), self._writer.connect() as conn:
+            async with conn.begin():
+                state, seq, prev_hash = await self._load_with_head(conn, stream_id)
+                prior = await self._prior_execs(conn, stream_id, command)
+                new_events = decide(state, command, prior=prior, stream_id=stream_id)
+                version = state.version if state else 0
+                created_at = _now()
+                recorded = []
+                for new in new_events:
+                    seq, version = seq + 1, version + 1
+                    row = {"seq": seq, "stream_id": stream_id, "stream_version": version, "type": new.type,
+                           "schema_version": new.schema_version, "payload": dict(new.payload), "actor": actor,
+                           "request_id": request_id, "created_at": created_at}
+                    row_hash = chain_hash(prev_hash, row)
+                    await self._insert(conn, {**row, "payload": canonical_json(row["payload"]),
+                                              "prev_hash": prev_hash, "hash": row_hash})
+                    prev_hash = row_hash
+                    event = RecordedEvent(hash=row_hash, **row)
+                    await projections.apply(conn, event)
+                    state = evolve(state, event)
+                    recorded.append(event)
+        if state is not None:
+            self._remember(stream_id, state)
+        return recorded
+
+    async def _insert(self, conn: AsyncConnection, row: dict[str, Any]) -> None:
+        try:
+            await conn.execute(sa.insert(events).values(**row))
+        except sa.exc.IntegrityError as exc:
+            if "events" not in str(exc.orig):
+                raise
+            self._states.pop(row["stream_id"], None)
+            raise ConcurrencyConflict(
+                f"unable to append to stream {row['stream_id']}: version {row['stream_version']} already exists"
+            ) from exc
+
+    async def _load(self, conn: AsyncConnection, stream_id: str) -> State | None:
+        """The cached state of a stream, caught up on events newer than the cached version."""
+        state, _, _ = await self._load_with_head(conn, stream_id, head=False)
+        return state
+
+    async def _load_with_head(
+        self, conn: AsyncConnection, stream_id: str, head: bool = True
+    ) -> tuple[State | None, int, str]:
+        """Catch the stream's state up and (in the same query) read the last event's seq and hash."""
+        state = self._states.get(stream_id)
+        query: sa.Select | sa.CompoundSelect = sa.select(events).where(
+            events.c.stream_id == stream_id, events.c.stream_version > (state.version if state else 0))
+        if head:
+            last = sa.select(events).order_by(events.c.seq.desc()).limit(1).subquery()
+            query = sa.union_all(query, sa.select(last)).order_by(sa.column("seq"))
+        else:
+            query = query.order_by(events.c.seq)
+        seq, prev_hash, seen = 0, GENESIS_HASH, set()
+        for row in (await conn.execute(query)).all():
+            seq, prev_hash = max((seq, prev_hash), (row.seq, row.hash))
+            if row.stream_id == stream_id and row.seq not in seen and (state is None or row.stream_version > state.version):
+                seen.add(row.seq)
+                state = evolve(state, _recorded(row))
+        if state is not None:
+            self._remember(stream_id, state)
+        return state, seq, prev_hash
+
+    def _remember(self, stream_id: str, state: State) -> None:
+        self._states[stream_id] = state
+        self._states.move_to_end(stream_id)
+        while len(self._states) > _STATE_CACHE_SIZE:
+            self._states.popitem(last=False)
+
+    async def _prior_execs(self, conn: AsyncConnection, stream_id: str, command: c.Command) -> PriorExecs | None:
+        """Facts about earlier execs that the state does not keep (see domain.session)."""
+        if not isinstance(command, c.RequestExec):
+            return None
+        match = execs.c.id == command.exec_id
+        if command.idempotency_key is not None:
+            match = match | ((execs.c.session_id == stream_id) & (execs.c.idempotency_key == command.idempotency_key))
+        rows = (await conn.execute(sa.select(execs.c.id, execs.c.session_id, execs.c.idempotency_key).where(match))).all()
+        taken = any(row.id == command.exec_id for row in rows)
+        owner = next((row.id for row in rows if row.session_id == stream_id
+                      and row.idempotency_key is not None and row.idempotency_key == command.idempotency_key), None)
+        return PriorExecs(exec_id_taken=taken, key_exec_id=owner)
+
+    # --- reads ------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _reading(self, action: str) -> AsyncIterator[AsyncConnection]:
+        async with self._guard(action), self._engine.connect() as conn:
+            yield conn
+
+    async def state(self, stream_id: str) -> State | None:
+        async with self._reading("read") as conn:
+            return await self._load(conn, stream_id)
+
+    async def events(
+        self, after_seq: int = 0, stream_id: str | None = None, limit: int = 1000, types: Iterable[str] | None = None
+    ) -> list[RecordedEvent]:
+        query = sa.select(events).where(events.c.seq > after_seq).order_by(events.c.seq).limit(limit)
+        if stream_id is not None:
+            query = query.where(events.c.stream_id == stream_id)
+        if types is not None:
+            query = query.where(events.c.type.in_(list(types)))
+        async with self._reading("read events from") as conn:
+            return [_recorded(row) for row in await conn.execute(query)]
+
+    async def last_seq(self) -> int:
+        async with self._reading("read") as conn:
+            return (await conn.scalar(sa.select(sa.func.max(events.c.seq)))) or 0
+
+    async def _rows(self, query: sa.Select) -> list[dict[str, Any]]:
+        async with self._reading("read") as conn:
+            return [dict(row._mapping) for row in await conn.execute(query)]
+
+    async def _row(self, query: sa.Select) -> dict[str, Any] | None:
+        rows = await self._rows(query)
+        return rows[0] if rows else None
+
+    async def session(self, sid: str) -> dict[str, Any] | None:
+        return await self._row(sa.select(sessions).where(sessions.c.id == sid))
+
+    async def sessions(self, include_ended: bool = False) -> list[dict[str, Any]]:
+        query = sa.select(sessions).order_by(sessions.c.created_at, sessions.c.id)
+        if not include_ended:
+            query = query.where(sessions.c.status.not_in(ENDED_STATUSES))
+        return await self._rows(query)
+
+    async def execs(self, session_id: str) -> list[dict[str, Any]]:
+        return await self._rows(sa.select(execs).where(execs.c.session_id == session_id).order_by(execs.c.seq_no))
+
+    async def exec(self, exec_id: str) -> dict[str, Any] | None:
+        return await self._row(sa.select(execs).where(execs.c.id == exec_id))
+
+    async def exec_by_idempotency_key(self, session_id: str, key: str) -> dict[str, Any] | None:
+        return await self._row(sa.select(execs).where(execs.c.session_id == session_id, execs.c.idempotency_key == key))
+
+    async def pending_execs(self) -> list[dict[str, Any]]:
+        """Execs requested or running (for the reconciler), oldest first."""
+        query = (sa.select(execs).where(execs.c.status.in_(("requested", "running")))
+                 .order_by(execs.c.requested_at, execs.c.session_id, execs.c.seq_no))
+        return await self._rows(query)
+
+    async def workspaces(self) -> list[dict[str, Any]]:
+        return await self._rows(sa.select(workspaces).order_by(workspaces.c.created_at, workspaces.c.id))
+
+    async def snapshot_read_tables(self) -> dict[str, list[dict[str, Any]]]:
+        snapshot = {}
+        for table in schema.READ_TABLES:
+            snapshot[table.name] = await self._rows(sa.select(table).order_by(*table.primary_key.columns))
+        return snapshot
+
+    # --- whole-journal operations -------------------------------------------------------
+
+    async def verify(self) -> VerifyResult:
+        """Recompute the hash chain from the first event; name the first row that disagrees."""
+        prev_hash, checked, after = GENESIS_HASH, 0, 0
+        async with self._reading("verify") as conn:
+            while True:
+                rows = (await conn.execute(sa.select(events).where(events.c.seq > after).order_by(events.c.seq).limit(_PAGE))).all()
+                if not rows:
+                    return VerifyResult(True, checked, None, f"{checked} events, chain intact")
+                for row in rows:
+                    reason = _check_row(row, prev_hash)
+                    if reason:
+                        return VerifyResult(False, checked, row.seq, f"event {row.seq}: {reason}")
+                    prev_hash, checked, after = row.hash, checked + 1, row.seq
+
+    async def rebuild(self) -> int:
+        """Empty the read tables and replay every event into them (one transaction)."""
+        count = 0
+        async with self._write_lock, self._guard("rebuild"), self._writer.connect() as conn:
+            async with conn.begin():
+                for table in schema.READ_TABLES:
+                    await conn.execute(sa.delete(table))
+                after = 0
+                while True:
+                    query = sa.select(events).where(events.c.seq > after).order_by(events.c.seq).limit(_PAGE)
+                    rows = (await conn.execute(query)).all()
+                    if not rows:
+                        break
+                    for row in rows:
+                        await projections.apply(conn, _recorded(row))
+                    after, count = rows[-1].seq, count + len(rows)
+        return count
+
+
+def _check_stream(stream_id: str, command: c.Command) -> None:
+    if isinstance(command, c.RequestSession) and command.session_id != stream_id:
+        raise InvalidRequest(f"unable to request session {command.session_id}: stream id is {stream_id}")
+    if isinstance(command, (c.CreateWorkspace, c.DeleteWorkspace)) and stream_id != ev.workspace_stream(command.workspace_id):
+        raise InvalidRequest(
+            f"unable to change workspace {command.workspace_id}: stream must be {ev.workspace_stream(command.workspace_id)}"
+        )
+
+
+def _check_row(row: Any, prev_hash: str) -> str | None:
+    if row.prev_hash != prev_hash:
+        return "prev_hash does not match the previous event's hash (an event was removed or reordered)"
+    try:
+        payload = json.loads(row.payload)
+    except ValueError:
+        return "payload is not valid JSON"
+    if canonical_json(payload) != row.payload:
+        return "payload is not in canonical form (edited by hand)"
+    fields = {k: getattr(row, k) for k in ("seq", "stream_id", "stream_version", "type", "schema_version", "actor", "request_id", "created_at")}
+    if chain_hash(prev_hash, {**fields, "payload": payload}) != row.hash:
+        return "hash does not match the event's content (the row was changed)"
+    return None
+
+
+class _Guard:
+    """The one place foreign errors (sqlite, SQLAlchemy, OS) become JournalError."""
+
+    def __init__(self, path: Path, busy_timeout_s: float) -> None:
+        self.path, self.busy_timeout_s = path, busy_timeout_s
+
+    @contextlib.asynccontextmanager
+    async def __call__(self, action: str) -> AsyncIterator[None]:
+        try:
+            yield
+        except SandkastenError:
+            raise
+        except (sa.exc.SQLAlchemyError, sqlite3.Error, OSError) as exc:
+            raise JournalError(f"unable to {action} journal {self.path}: {self._cause(exc)}", path=str(self.path)) from exc
+
+    def _cause(self, exc: BaseException) -> str:
+        text = str(getattr(exc, "orig", None) or exc).strip()
+        low = text.lower()
+        if "locked" in low or "busy" in low:
+            return f"database is locked (another process held the write lock for more than {self.busy_timeout_s:g}s)"
+        if "disk is full" in low or "no space" in low:
+            return f"disk full ({text})"
+        if "not a database" in low or "malformed" in low or "corrupt" in low:
+            return f"database file is corrupt ({text})"
+        return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,159 @@
+"""Read tables from events: `apply(conn, event)` updates `sessions`, `execs`, `workspaces`.
+
+Runs inside the append's transaction (live) and inside `Journal.rebuild` (replay), so
+both paths produce the same rows by construction. Only the event and the rows already
+written by earlier events are used — never the clock, never the kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from sandkasten.domain import events as ev
+from sandkasten.domain.session import DESTROYED, DESTROYING, FAILED, INITIAL_CWD, LOST, REQUESTED, RUNNING
+from sandkasten.store.schema import execs, sessions, workspaces
+
+
+async def apply(conn: AsyncConnection, event: ev.RecordedEvent) -> None:
+    project = _PROJECTORS.get(event.type)
+    if project is not None:
+        await project(conn, event)
+
+
+async def _update_session(conn: AsyncConnection, event: ev.RecordedEvent, **values: Any) -> None:
+    values.update(updated_at=event.created_at, version=event.stream_version)
+    await conn.execute(sa.update(sessions).where(sessions.c.id == event.stream_id).values(**values))
+
+
+async def _update_exec(conn: AsyncConnection, event: ev.RecordedEvent, **values: Any) -> None:
+    await conn.execute(sa.update(execs).where(execs.c.id == event.payload["exec_id"]).values(**values))
+
+
+async def _session_requested(conn: AsyncConnection, e: ev.RecordedEvent) -> None:
+    p = e.payload
+    await conn.execute(
+        sa.insert(sessions).values(
+            id=e.stream_id, status=REQUESTED, image=p["image"], workspace_id=p.get("workspace_id"),
+            cpu_limit=p["cpu_limit"], mem_limit_mb=p["mem_limit_mb"], pids_limit=p["pids_limit"],
+            network_mode=p["network_mode"], env=dict(p.get("env") or {}), ttl_seconds=p["ttl_seconds"],
+            readonly_rootfs=bool(p.get("readonly_rootfs")), created_at=e.created_at, updated_at=e.created_at,
+            expires_at=p["expires_at"], ended_at=None, runner_pid=None, runner_start_time=None, cgroup=None,
+            pooled=False, cwd=INITIAL_CWD, exec_count=0, last_activity_at=e.created_at, lost_reason=None,
+            end_reason=None, actor=e.actor, version=e.stream_version,
+        )
+    )
+    if p.get("workspace_id"):
+        await conn.execute(
+            sa.update(workspaces).where(workspaces.c.id == p["workspace_id"]).values(last_session_id=e.stream_id)
+        )
+
+
+async def _sandbox_started(conn: AsyncConnection, e: ev.RecordedEvent) -> None:
+    p = e.payload
+    await _update_session(
+        conn, e, status=RUNNING, runner_pid=p["pid"], runner_start_time=p["start_time"],
+        cgroup=p.get("cgroup") or None, pooled=bool(p.get("pooled")), lost_reason=None,
+    )
+
+
+async def _sandbox_adopted(conn: AsyncConnection, e: ev.RecordedEvent) -> None:
+    p = e.payload
+    await _update_session(conn, e, status=RUNNING, runner_pid=p["pid"], runner_start_time=p["start_time"], lost_reason=None)
+
+
+async def _sandbox_failed(conn: AsyncConnection, e: ev.RecordedEvent) -> None:
+    await _update_session(
+        conn, e, status=FAILED, end_reason=e.payload.get("reason"), ended_at=e.created_at,
+        runner_pid=None, runner_start_time=None,
+    )
+
+
+async def _sandbox_lost(conn: AsyncConnection, e: ev.RecordedEvent) -> None:
+    await _update_session(
+        conn, e, status=LOST, lost_reason=e.payload.get("reason"), runner_pid=None, runner_start_time=None
+    )
+
+
+async def _destroying(conn: AsyncConnection, e: ev.RecordedEvent) -> None:
+    await _update_session(conn, e, status=DESTROYING, end_reason=e.payload.get("reason"))
+
+
+async def _sandbox_stopped(conn: AsyncConnection, e: ev.RecordedEvent) -> None:
+    await _update_session(conn, e, runner_pid=None, runner_start_time=None)
+
+
+async def _session_destroyed(conn: AsyncConnection, e: ev.RecordedEvent) -> None:
+    await _update_session(conn, e, status=DESTROYED, ended_at=e.created_at)
+
+
+async def _exec_requested(conn: AsyncConnection, e: ev.RecordedEvent) -> None:
+    p = e.payload
+    await _update_session(conn, e, exec_count=sessions.c.exec_count + 1, last_activity_at=e.created_at)
+    seq_no = sa.select(sessions.c.exec_count).where(sessions.c.id == e.stream_id).scalar_subquery()
+    await conn.execute(
+        sa.insert(execs).values(
+            id=p["exec_id"], session_id=e.stream_id, seq_no=seq_no, cmd=p["cmd"], status="requested",
+            actor=e.actor, request_id=e.request_id, idempotency_key=p.get("idempotency_key"),
+            timeout_ms=p["timeout_ms"], requested_at=e.created_at,
+        )
+    )
+
+
+async def _exec_started(conn: AsyncConnection, e: ev.RecordedEvent) -> None:
+    await _update_session(conn, e)
+    await _update_exec(conn, e, status="running", started_at=e.created_at)
+
+
+async def _exec_finished(conn: AsyncConnection, e: ev.RecordedEvent) -> None:
+    p = e.payload
+    if p.get("cwd"):
+        await _update_session(conn, e, cwd=p["cwd"], last_activity_at=e.created_at)
+    else:
+        await _update_session(conn, e, last_activity_at=e.created_at)
+    await _update_exec(
+        conn, e, status="finished", finished_at=e.created_at, exit_code=p["exit_code"], cwd=p.get("cwd"),
+        duration_ms=p.get("duration_ms"), stdout_bytes=p.get("stdout_bytes"), stderr_bytes=p.get("stderr_bytes"),
+        output_sha256=p.get("output_sha256"), truncated=bool(p.get("truncated")), timed_out=bool(p.get("timed_out")),
+    )
+
+
+async def _exec_lost(conn: AsyncConnection, e: ev.RecordedEvent) -> None:
+    await _update_session(conn, e)
+    await _update_exec(conn, e, status="lost", finished_at=e.created_at, lost_reason=e.payload.get("reason"))
+
+
+async def _workspace_created(conn: AsyncConnection, e: ev.RecordedEvent) -> None:
+    wid = e.payload["workspace_id"]
+    found = await conn.execute(
+        sa.update(workspaces).where(workspaces.c.id == wid).values(created_at=e.created_at, deleted_at=None)
+    )
+    if found.rowcount == 0:
+        await conn.execute(sa.insert(workspaces).values(id=wid, created_at=e.created_at))
+
+
+async def _workspace_deleted(conn: AsyncConnection, e: ev.RecordedEvent) -> None:
+    await conn.execute(
+        sa.update(workspaces).where(workspaces.c.id == e.payload["workspace_id"]).values(deleted_at=e.created_at)
+    )
+
+
+_PROJECTORS: dict[str, Callable[[AsyncConnection, ev.RecordedEvent], Awaitable[None]]] = {
+    ev.SESSION_REQUESTED: _session_requested,
+    ev.SANDBOX_STARTED: _sandbox_started,
+    ev.SANDBOX_ADOPTED: _sandbox_adopted,
+    ev.SANDBOX_FAILED: _sandbox_failed,
+    ev.SANDBOX_LOST: _sandbox_lost,
+    ev.SESSION_DESTROY_REQUESTED: _destroying,
+    ev.SESSION_EXPIRED: _destroying,
+    ev.SANDBOX_STOPPED: _sandbox_stopped,
+    ev.SESSION_DESTROYED: _session_destroyed,
+    ev.EXEC_REQUESTED: _exec_requested,
+    ev.EXEC_STARTED: _exec_started,
+    ev.EXEC_FINISHED: _exec_finished,
+    ev.EXEC_LOST: _exec_lost,
+    ev.WORKSPACE_CREATED: _workspace_created,
+    ev.WORKSPACE_DELETED: _workspace_deleted,
+}

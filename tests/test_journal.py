@@ -1,0 +1,361 @@
+"""The journal on real SQLite files: appends, read tables, chain, replay, processes, locks."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from sandkasten.domain import (
+    CreateWorkspace,
+    DeleteWorkspace,
+    DuplicateIdempotencyKey,
+    ExpireSession,
+    RecordExecFinished,
+    RecordExecLost,
+    RecordExecStarted,
+    RecordSandboxAdopted,
+    RecordSandboxFailed,
+    RecordSandboxLost,
+    RecordSandboxStarted,
+    RecordSandboxStopped,
+    RecordSessionDestroyed,
+    RequestDestroy,
+    RequestExec,
+    RequestSession,
+    workspace_stream,
+)
+from sandkasten.errors import IllegalTransition, InvalidRequest, JournalError, SessionNotFound
+from sandkasten.store.journal import GENESIS_HASH, Journal
+
+pytestmark = pytest.mark.anyio
+EXPIRES = datetime.now(timezone.utc) + timedelta(hours=1)
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture
+async def journal(tmp_path):
+    j = await Journal.open(tmp_path / "state" / "sandkasten.db")
+    yield j
+    await j.close()
+
+
+async def start_session(j: Journal, sid: str, **kw) -> None:
+    await j.execute(sid, RequestSession(image="busybox", expires_at=EXPIRES, **kw), actor="api", request_id="r-1")
+    await j.execute(sid, RecordSandboxStarted(pid=4242, start_time=777, cgroup=f"sandkasten/{sid}"), actor="reconciler")
+
+
+async def run_exec(j: Journal, sid: str, eid: str, cwd: str = "/workspace", key: str | None = None) -> None:
+    await j.execute(sid, RequestExec(eid, f"echo {eid}", 5000, idempotency_key=key), actor="key-1")
+    await j.execute(sid, RecordExecStarted(eid), actor="executor")
+    await j.execute(sid, RecordExecFinished(eid, 0, cwd, 12, 5, 0, "ab" * 32), actor="executor")
+
+
+async def test_open_creates_parent_dir_and_wal(tmp_path):
+    path = tmp_path / "a" / "b" / "j.db"
+    j = await Journal.open(path, durability="full")
+    await j.close()
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert raw.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0001"
+    j = await Journal.open(path)  # second open: already at head
+    assert await j.last_seq() == 0
+    await j.close()
+
+
+async def test_bad_durability_is_refused(tmp_path):
+    with pytest.raises(JournalError, match="durability"):
+        await Journal.open(tmp_path / "j.db", durability="sometimes")
+
+
+async def test_append_updates_read_tables(journal):
+    await start_session(journal, "s-1", workspace_id="w1")
+    recorded = await journal.execute("s-1", RequestExec("e-1", "cd /tmp", 5000), actor="key-1", request_id="r-2")
+    assert [(e.seq, e.stream_version, e.type, e.actor, e.request_id) for e in recorded] == [
+        (3, 3, "exec.requested", "key-1", "r-2")
+    ]
+    await journal.execute("s-1", RecordExecStarted("e-1"), actor="executor")
+    await journal.execute("s-1", RecordExecFinished("e-1", 0, "/tmp", 12, 5, 0, "ab" * 32), actor="executor")
+
+    session = await journal.session("s-1")
+    assert session["status"] == "running"
+    assert (session["runner_pid"], session["runner_start_time"], session["cwd"]) == (4242, 777, "/tmp")
+    assert (session["exec_count"], session["version"], session["workspace_id"]) == (1, 5, "w1")
+    assert session["expires_at"] == EXPIRES.isoformat(timespec="microseconds")
+    [row] = await journal.execs("s-1")
+    assert (row["seq_no"], row["status"], row["exit_code"], row["cwd"], row["actor"]) == (1, "finished", 0, "/tmp", "key-1")
+    assert row["started_at"] and row["finished_at"] and row["truncated"] is False
+    assert await journal.exec("e-1") == row
+    assert await journal.last_seq() == 5
+
+    state = await journal.state("s-1")
+    assert state.status == "running" and state.version == 5 and state.cwd == "/tmp"
+    events = await journal.events()
+    assert [e.seq for e in events] == [1, 2, 3, 4, 5]
+    assert events[0].payload["image"] == "busybox" and events[0].created_at.endswith("+00:00")
+    assert [e.seq for e in await journal.events(after_seq=3)] == [4, 5]
+    assert [e.seq for e in await journal.events(stream_id="s-1", limit=2)] == [1, 2]
+
+
+async def test_illegal_transition_appends_nothing(journal):
+    await start_session(journal, "s-1")
+    await journal.execute("s-1", RequestDestroy(reason="api"), actor="api")
+    with pytest.raises(IllegalTransition, match="unable to request exec on session s-1: session is destroying"):
+        await journal.execute("s-1", RequestExec("e-1", "ls", 1000), actor="api")
+    with pytest.raises(SessionNotFound, match="s-none"):
+        await journal.execute("s-none", RequestDestroy(), actor="api")
+    assert await journal.last_seq() == 3
+    assert await journal.exec("e-1") is None
+
+
+async def test_idempotency_key_duplicate_names_the_recorded_exec(journal):
+    await start_session(journal, "s-1")
+    await run_exec(journal, "s-1", "e-1", key="k1")
+    with pytest.raises(DuplicateIdempotencyKey) as info:
+        await journal.execute("s-1", RequestExec("e-2", "ls", 1000, idempotency_key="k1"), actor="api")
+    assert info.value.exec_id == "e-1"
+    assert (await journal.exec_by_idempotency_key("s-1", "k1"))["id"] == "e-1"
+    assert await journal.exec_by_idempotency_key("s-1", "k2") is None
+    # the same key in another session is a different request
+    await start_session(journal, "s-2")
+    await journal.execute("s-2", RequestExec("e-2", "ls", 1000, idempotency_key="k1"), actor="api")
+
+
+async def test_exec_ids_are_unique_across_sessions(journal):
+    await start_session(journal, "s-1")
+    await start_session(journal, "s-2")
+    await run_exec(journal, "s-1", "e-1")
+    with pytest.raises(IllegalTransition, match="exec id e-1 already exists"):
+        await journal.execute("s-2", RequestExec("e-1", "ls", 1000), actor="api")
+
+
+async def test_lists_for_ps_reconciler_and_workspaces(journal):
+    await journal.execute(workspace_stream("w1"), CreateWorkspace("w1"), actor="api")
+    await start_session(journal, "s-1", workspace_id="w1")
+    await start_session(journal, "s-2")
+    await journal.execute("s-1", RequestExec("e-1", "sleep 5", 9000), actor="api")
+    await journal.execute("s-2", RequestDestroy(), actor="cli")
+    await journal.execute("s-2", RecordSandboxStopped(), actor="reconciler")
+    await journal.execute("s-2", RecordSessionDestroyed(), actor="reconciler")
+    assert [s["id"] for s in await journal.sessions()] == ["s-1"]
+    assert [s["id"] for s in await journal.sessions(include_ended=True)] == ["s-1", "s-2"]
+    assert (await journal.session("s-2"))["ended_at"] is not None
+    assert [e["id"] for e in await journal.pending_execs()] == ["e-1"]
+    [ws] = await journal.workspaces()
+    assert (ws["id"], ws["last_session_id"], ws["deleted_at"]) == ("w1", "s-1", None)
+    await journal.execute(workspace_stream("w1"), DeleteWorkspace("w1"), actor="api")
+    assert (await journal.workspaces())[0]["deleted_at"] is not None
+
+
+async def test_chain_links_every_event(journal):
+    await start_session(journal, "s-1")
+    await run_exec(journal, "s-1", "e-1")
+    with sqlite3.connect(journal.path) as raw:
+        rows = raw.execute("SELECT seq, prev_hash, hash FROM events ORDER BY seq").fetchall()
+    assert rows[0][1] == GENESIS_HASH
+    for before, after in zip(rows, rows[1:]):
+        assert after[1] == before[2]
+    result = await journal.verify()
+    assert (result.ok, result.checked, result.first_bad_seq) == (True, 5, None)
+
+
+async def test_trigger_refuses_update_and_delete(journal):
+    await start_session(journal, "s-1")
+    raw = sqlite3.connect(journal.path)
+    try:
+        with pytest.raises(sqlite3.IntegrityError, match="events are append-only"):
+            raw.execute("UPDATE events SET actor = 'mallory' WHERE seq = 1")
+        with pytest.raises(sqlite3.IntegrityError, match="events are append-only"):
+            raw.execute("DELETE FROM events WHERE seq = 2")
+    finally:
+        raw.close()
+
+
+async def test_verify_names_the_tampered_event(journal):
+    await start_session(journal, "s-1")
+    await run_exec(journal, "s-1", "e-1")
+    raw = sqlite3.connect(journal.path)
+    try:
+        raw.execute("DROP TRIGGER events_no_update")
+        raw.execute("""UPDATE events SET payload = replace(payload, '"echo e-1"', '"rm -rf /"') WHERE seq = 3""")
+        raw.commit()
+    finally:
+        raw.close()
+    result = await journal.verify()
+    assert (result.ok, result.first_bad_seq, result.checked) == (False, 3, 2)
+    assert "event 3" in result.reason and "hash" in result.reason
+
+
+async def test_verify_notices_a_deleted_event(journal):
+    await start_session(journal, "s-1")
+    await run_exec(journal, "s-1", "e-1")
+    raw = sqlite3.connect(journal.path)
+    try:
+        raw.execute("DROP TRIGGER events_no_delete")
+        raw.execute("DELETE FROM events WHERE seq = 2")
+        raw.commit()
+    finally:
+        raw.close()
+    result = await journal.verify()
+    assert (result.ok, result.first_bad_seq) == (False, 3)
+    assert "prev_hash" in result.reason
+
+
+async def test_rebuild_equals_live_tables(journal):
+    """A realistic life: workspaces, pooled and lost sandboxes, timeouts, expiry, destroy."""
+    await journal.execute(workspace_stream("w1"), CreateWorkspace("w1"), actor="api")
+    await journal.execute(workspace_stream("w2"), CreateWorkspace("w2"), actor="api")
+    await start_session(journal, "s-1", workspace_id="w1", env={"A": "1"}, cpu_limit=0.5)
+    await run_exec(journal, "s-1", "e-1", cwd="/tmp", key="k1")
+    await run_exec(journal, "s-1", "e-2", cwd="/etc")
+    await journal.execute("s-1", RecordSandboxLost("runner died"), actor="reconciler")
+    await journal.execute("s-1", RecordSandboxStarted(pid=99, start_time=5, pooled=True), actor="reconciler")
+    await journal.execute("s-1", RecordSandboxAdopted(pid=99, start_time=5), actor="reconciler")
+    await journal.execute("s-1", RequestExec("e-3", "sleep 99", 100), actor="api")
+    await journal.execute("s-1", RecordExecLost("e-3", "daemon restart"), actor="reconciler")
+    await journal.execute("s-1", RequestExec("e-4", "sleep 99", 100), actor="api")
+    await journal.execute("s-1", ExpireSession(reason="ttl", at=EXPIRES + timedelta(seconds=1)), actor="reconciler")
+    await journal.execute("s-1", RecordSandboxStopped(), actor="reconciler")
+    await journal.execute("s-1", RecordSessionDestroyed(), actor="reconciler")  # e-4 becomes lost
+    await journal.execute("s-2", RequestSession(image="alpine", expires_at=EXPIRES), actor="cli")
+    await journal.execute("s-2", RecordSandboxFailed("no such image"), actor="reconciler")
+    await start_session(journal, "s-3", workspace_id="w2")
+    await run_exec(journal, "s-3", "e-5")
+    await journal.execute(workspace_stream("w1"), DeleteWorkspace("w1"), actor="cli")
+
+    live = await journal.snapshot_read_tables()
+    assert len(live["sessions"]) == 3 and len(live["execs"]) == 5 and len(live["workspaces"]) == 2
+    assert {e["id"]: e["status"] for e in live["execs"]} == {
+        "e-1": "finished", "e-2": "finished", "e-3": "lost", "e-4": "lost", "e-5": "finished"}
+    count = await journal.rebuild()
+    assert count == await journal.last_seq()
+    assert await journal.snapshot_read_tables() == live
+    assert (await journal.verify()).ok
+
+
+async def test_cached_state_catches_up_with_another_writer(tmp_path):
+    path = tmp_path / "j.db"
+    a, b = await Journal.open(path), await Journal.open(path)
+    try:
+        await start_session(a, "s-1")
+        await a.execute("s-1", RequestExec("e-1", "ls", 1000), actor="api")  # a caches s-1 at v3
+        await run_exec(b, "s-1", "e-2")  # b appends v4..v6
+        await a.execute("s-1", RecordExecFinished("e-1", 0), actor="api")  # a must catch up first
+        state = await a.state("s-1")
+        assert state.version == 7 and state.execs == {} and state.exec_count == 2
+        assert (await a.verify()).ok
+    finally:
+        await a.close()
+        await b.close()
+
+
+WORKER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from datetime import datetime, timedelta, timezone
+    from pathlib import Path
+    from sandkasten.domain import RequestExec, RequestSession, RecordSandboxStarted
+    from sandkasten.store.journal import Journal
+
+    async def main(path, name, n):
+        j = await Journal.open(Path(path))
+        try:
+            own = "s-" + name
+            await j.execute(own, RequestSession(image="busybox", expires_at=datetime.now(timezone.utc) + timedelta(hours=1)), actor=name)
+            await j.execute(own, RecordSandboxStarted(pid=1, start_time=1), actor=name)
+            for i in range(n):
+                await j.execute(own, RequestExec(f"{name}-own-{i}", "true", 1000), actor=name)
+                await j.execute("s-shared", RequestExec(f"{name}-shared-{i}", "true", 1000), actor=name)
+        finally:
+            await j.close()
+
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+    """
+)
+
+
+async def test_two_processes_append_concurrently(journal):
+    await start_session(journal, "s-shared")
+    n = 60
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WORKER, str(journal.path), name, str(n)], stderr=subprocess.PIPE)
+        for name in ("p1", "p2")
+    ]
+    try:
+        for proc in procs:
+            _, err = proc.communicate(timeout=240)
+            assert proc.returncode == 0, err.decode()
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert await journal.last_seq() == 2 + 2 * (2 + 2 * n)
+    shared = await journal.execs("s-shared")
+    assert len(shared) == 2 * n and sorted(e["seq_no"] for e in shared) == list(range(1, 2 * n + 1))
+    for name in ("p1", "p2"):
+        assert len(await journal.execs(f"s-{name}")) == n
+    versions = [e.stream_version for e in await journal.events(stream_id="s-shared", limit=10_000)]
+    assert versions == list(range(1, 2 * n + 3))
+    assert (await journal.verify()).ok
+    live = await journal.snapshot_read_tables()
+    await journal.rebuild()
+    assert await journal.snapshot_read_tables() == live
+
+
+async def test_locked_database_gives_journal_error(tmp_path):
+    path = tmp_path / "j.db"
+    j = await Journal.open(path, busy_timeout_s=0.2)
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        await start_session(j, "s-1")
+        holder.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(JournalError, match="locked") as info:
+            await j.execute("s-1", RequestExec("e-1", "ls", 1000), actor="api")
+        assert str(path) in info.value.message
+        holder.execute("ROLLBACK")
+        await j.execute("s-1", RequestExec("e-1", "ls", 1000), actor="api")  # usable again
+    finally:
+        holder.close()
+        await j.close()
+
+
+async def test_corrupt_file_gives_journal_error(tmp_path):
+    path = tmp_path / "j.db"
+    path.write_bytes(b"this is not a database at all" * 200)
+    with pytest.raises(JournalError, match="corrupt") as info:
+        await Journal.open(path)
+    assert str(path) in info.value.message
+
+
+async def test_command_must_match_its_stream(journal):
+    with pytest.raises(InvalidRequest):
+        await journal.execute("s-1", RequestSession(image="busybox", expires_at=EXPIRES, session_id="s-2"), actor="api")
+    with pytest.raises(InvalidRequest):
+        await journal.execute("w1", CreateWorkspace("w1"), actor="api")
+    assert await journal.last_seq() == 0
+
+
+async def test_cancelled_caller_leaves_a_whole_append(journal):
+    await start_session(journal, "s-1")
+    task = asyncio.create_task(journal.execute("s-1", RequestExec("e-1", "ls", 1000), actor="api"))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await journal.execute("s-1", RequestExec("e-2", "ls", 1000), actor="api")  # queued behind it
+    state = await journal.state("s-1")
+    assert state.version == await journal.last_seq()
+    assert set(state.execs) in ({"e-2"}, {"e-1", "e-2"})
+    assert len(await journal.execs("s-1")) == len(state.execs)
+    assert (await journal.verify()).ok
