@@ -10,7 +10,6 @@ Stdlib only: this module is imported by the runner, which must run in images wit
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 
@@ -35,23 +34,25 @@ def frame(stream: int, data: bytes, ts: float) -> bytes:
     return FRAME.pack(stream, len(data), ts) + data
 
 
-def parse_frames(buf: bytes, offset: int = 0):
-    """Yield (offset_after, stream, timestamp, data) for each complete frame from `offset`.
-    A torn last frame (runner killed mid-write) is ignored."""
-    n = len(buf)
-    while offset + FRAME.size <= n:
-        stream, length, ts = FRAME.unpack_from(buf, offset)
-        end = offset + FRAME.size + length
-        if end > n:
-            return
-        yield end, stream, ts, buf[offset + FRAME.size:end]
-        offset = end
-
-
-def split_output(buf: bytes) -> tuple[bytes, bytes, bytes, str]:
-    """stdout, stderr, combined (arrival order) and the sha256 of the combined output."""
+def read_output(path, limit: int | None = None) -> tuple[bytes, bytes, bytes, bool]:
+    """stdout, stderr and combined output of an exec log file, each cut at `limit` bytes
+    (reading stops there, so a huge log costs only what is returned); True if cut."""
     out, err, both = bytearray(), bytearray(), bytearray()
-    for _, stream, _, data in parse_frames(buf):
-        (out if stream == STDOUT else err).extend(data)
-        both.extend(data)
-    return bytes(out), bytes(err), bytes(both), hashlib.sha256(both).hexdigest()
+    cut = False
+    with open(path, "rb") as f:
+        while True:
+            head = f.read(FRAME.size)
+            if len(head) < FRAME.size:
+                break
+            stream, length, _ = FRAME.unpack(head)
+            data = f.read(length)
+            if len(data) < length:
+                break
+            if limit is not None and len(both) + len(data) > limit:
+                data = data[:limit - len(both)]
+                cut = True
+            (out if stream == STDOUT else err).extend(data)
+            both.extend(data)
+            if cut:
+                break
+    return bytes(out), bytes(err), bytes(both), cut

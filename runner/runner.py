@@ -15,7 +15,6 @@ time (the image may have no Python). It
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -381,6 +380,8 @@ class Runner:
                     raise ValueError("exec needs a valid id and a string cmd")
                 reply = self._begin(exec_id, msg["cmd"], int(msg.get("timeout_ms", 120_000)))
                 if msg.get("wait") and reply.get("state") == "running":
+                    if msg.get("ack"):  # say "running" now, the result later on this connection
+                        self._reply(conn, reply)
                     self.current.waiters.append(conn)
                     return
             elif op in ("status", "wait"):
@@ -412,4 +413,3 @@ def run(listener: socket.socket, logs_fd: int, env: dict[str, str],
     Runner(listener, logs_fd, env, before_exec).serve()
 
 
-__all__ = ["run", "Runner", "errno"]

@@ -109,3 +109,7 @@ class NotReady(SandkastenError):
 
 class Unauthorized(SandkastenError):
     code = "UNAUTHORIZED"
+
+
+class SessionEnded(SandkastenError):
+    code = "SESSION_ENDED"

@@ -14,7 +14,7 @@ from sandkasten.runtime import cgroups as cgroups_mod
 from sandkasten.runtime.sandboxes import Runtime
 
 REPO = Path(__file__).resolve().parent.parent
-IMAGE_CACHE = Path(os.environ.get("SANDKASTEN_TEST_IMAGES", REPO / ".cache" / "images"))
+IMAGE_CACHE = Path(os.environ.get("SK_TEST_IMAGES", REPO / ".cache" / "images"))
 CGROUP_PARENT = f"sandkasten-test-{os.getpid()}"
 
 

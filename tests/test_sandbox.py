@@ -22,7 +22,7 @@ _ids = itertools.count()
 def run(rt, sid, cmd, timeout_ms=10_000):
     eid = f"e{next(_ids)}"
     res = rt.exec(sid, ExecRequest(eid, cmd, timeout_ms=timeout_ms))
-    out, err, both = rt.read_output(sid, eid)
+    out, err, both, _ = rt.read_output(sid, eid)
     return res, out.decode(), err.decode(), both.decode()
 
 

@@ -95,7 +95,7 @@ def upgrade() -> None:
         sa.Column("finished_at", sa.String, nullable=True),
         sa.Column("exit_code", sa.Integer, nullable=True),
         sa.Column("cwd", sa.String, nullable=True),
-        sa.Column("duration_ms", sa.Integer, nullable=True),
+        sa.Column("duration_ms", sa.Float, nullable=True),
         sa.Column("stdout_bytes", sa.Integer, nullable=True),
         sa.Column("stderr_bytes", sa.Integer, nullable=True),
         sa.Column("output_sha256", sa.String, nullable=True),

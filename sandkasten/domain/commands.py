@@ -89,7 +89,7 @@ class RecordExecFinished:
     exec_id: str
     exit_code: int
     cwd: str | None = None
-    duration_ms: int = 0
+    duration_ms: float = 0.0
     stdout_bytes: int = 0
     stderr_bytes: int = 0
     output_sha256: str = ""

@@ -28,6 +28,7 @@ imgbuilder: manage Sandkasten images (root filesystems under DATA_DIR/images)
 usage:
   imgbuilder import --name NAME --tar FILE [--force]   import a tar or tar.gz (e.g. docker export; - for stdin)
   imgbuilder build base|python [--force]              build a stock image from Debian packages
+  imgbuilder build --default                          build the config's default_image if missing
   imgbuilder list [--json]                            list images: name, size, created, source
   imgbuilder validate NAME                            check that a sandbox can start on NAME
   imgbuilder delete NAME                              remove an image
@@ -132,14 +133,27 @@ def delete(name: str, config: str = "") -> None:
     print(f"deleted image {name}")
 
 
-def build(which: str, force: bool = False, config: str = "") -> None:
+def build(which: str = "", force: bool = False, config: str = "", default: bool = False) -> None:
     """Build a stock image: base (busybox, seconds) or python (Debian + python3, about a minute).
 
     Args:
       which: base or python
       force: rebuild even if the image exists
       config: path of sandkasten.yaml
+      default: build the config's default_image if it is missing (what `make run` does)
     """
+    if default:
+        path = config or os.environ.get("SANDKASTEN_CONFIG")
+        if not path and Path("sandkasten.yaml").is_file():
+            path = "sandkasten.yaml"
+        cfg = config_mod.load(path or None)
+        which = cfg.default_image
+        if ImageStore(cfg.images_dir).exists(which):
+            print(f"default image {which} is present")
+            return
+        if which not in ("base", "python"):
+            raise Failed(f"unable to provide default image {which!r}: it is missing and only base and "
+                         f"python can be built; import it with `imgbuilder import --name {which} --tar FILE`")
     which = str(which)
     if which not in ("base", "python"):
         raise Failed(f"unable to build {which!r}: choose base or python")

@@ -35,7 +35,9 @@ def call(sock_path: Path, msg: dict, timeout: float | None = 10.0) -> dict:
         s.close()
 
 
-async def acall(sock_path: Path, msg: dict, timeout: float | None = 10.0) -> dict:
+async def acall(sock_path: Path, msg: dict, timeout: float | None = 10.0, on_running=None) -> dict:
+    """One request; with `on_running`, an interim `{"state": "running"}` reply is passed to it
+    (awaited) and the final reply on the same connection is returned."""
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_unix_connection(str(sock_path), limit=protocol.MAX_LINE), CONNECT_TIMEOUT)
@@ -44,10 +46,15 @@ async def acall(sock_path: Path, msg: dict, timeout: float | None = 10.0) -> dic
     try:
         writer.write(protocol.encode(msg))
         await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), timeout)
-        if not line:
-            raise SandboxGone(f"runner at {sock_path} closed the connection (sandbox died?)")
-        return protocol.decode(line)
+        while True:
+            line = await asyncio.wait_for(reader.readline(), timeout)
+            if not line:
+                raise SandboxGone(f"runner at {sock_path} closed the connection (sandbox died?)")
+            reply = protocol.decode(line)
+            if on_running is None or reply.get("state") != "running":
+                return reply
+            await on_running(reply)
+            on_running = None
     except (ConnectionResetError, BrokenPipeError) as e:
         raise SandboxGone(f"runner at {sock_path} went away: {e}") from None
     finally:

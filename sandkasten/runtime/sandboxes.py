@@ -19,7 +19,7 @@ from sandkasten.runtime import cgroups as cgroups_mod
 from sandkasten.runtime import client
 from sandkasten.runtime.layout import Layout, SessionPaths
 from sandkasten.runtime.spawner import Spawner
-from sandkasten.runtime.spec import (ExecRequest, ExecResult, Observed, SandboxSpec,
+from sandkasten.runtime.spec import (SESSION_ID, ExecRequest, ExecResult, Observed, SandboxSpec,
                                      check_exec_id, check_session_id)
 
 EXEC_GRACE_S = 10.0   # beyond the command's own timeout: SIGINT/SIGKILL escalation + slack
@@ -110,7 +110,7 @@ class Runtime:
         found: set[str] = set(self.cgroups.names())
         for base in (self.layout.sessions, self.layout.run):
             if base.is_dir():
-                found.update(e.name for e in base.iterdir())
+                found.update(e.name for e in base.iterdir() if e.is_dir() and SESSION_ID.match(e.name))
         return found
 
     # ------------------------------------------------------------------ exec
@@ -125,9 +125,13 @@ class Runtime:
                             timeout=req.timeout_ms / 1000 + EXEC_GRACE_S)
         return _result(sid, req.exec_id, reply)
 
-    async def aexec(self, sid: str, req: ExecRequest) -> ExecResult:
-        reply = await client.acall(self.paths(sid).socket, self._exec_msg(req),
-                                   timeout=req.timeout_ms / 1000 + EXEC_GRACE_S)
+    async def aexec(self, sid: str, req: ExecRequest, on_started=None) -> ExecResult:
+        """Run (or re-attach to: exec ids run at most once) an exec; `on_started` is awaited
+        when the runner confirms the command was handed to the shell."""
+        msg = self._exec_msg(req)
+        msg["ack"] = on_started is not None
+        reply = await client.acall(self.paths(sid).socket, msg, timeout=req.timeout_ms / 1000 + EXEC_GRACE_S,
+                                   on_running=on_started)
         return _result(sid, req.exec_id, reply)
 
     async def astatus(self, sid: str, exec_id: str, wait: bool = False, timeout: float = 10.0) -> dict:
@@ -146,15 +150,14 @@ class Runtime:
             return None
         return ExecResult.from_meta(meta)
 
-    def read_output(self, sid: str, exec_id: str) -> tuple[bytes, bytes, bytes]:
-        """stdout, stderr and both interleaved, from the exec's log on disk."""
+    def read_output(self, sid: str, exec_id: str, limit: int | None = None) -> tuple[bytes, bytes, bytes, bool]:
+        """stdout, stderr, both interleaved (each cut at `limit`) and whether anything was cut,
+        from the exec's log on disk."""
         check_exec_id(exec_id)
         try:
-            raw = (self.paths(sid).logs / f"{exec_id}.log").read_bytes()
+            return protocol.read_output(self.paths(sid).logs / f"{exec_id}.log", limit)
         except FileNotFoundError:
-            return b"", b"", b""
-        out, err, both, _ = protocol.split_output(raw)
-        return out, err, both
+            return b"", b"", b"", False
 
     # ------------------------------------------------------------------ teardown
     def destroy(self, sid: str) -> None:

@@ -1,0 +1,59 @@
+"""The Sanic application: auth, request ids, error rendering, routes."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+
+from sanic import Request, Sanic
+from sanic.exceptions import SanicException
+
+from sandkasten.api import errors, files, sessions, system
+from sandkasten.errors import SandkastenError
+
+log = logging.getLogger("sandkasten.api")
+OPEN_PATHS = ("/healthz",)
+
+
+def create_app(daemon) -> Sanic:
+    cfg = daemon.cfg
+    app = Sanic("sandkasten", configure_logging=False)
+    app.config.REQUEST_MAX_SIZE = cfg.limits.max_body_bytes
+    app.config.REQUEST_TIMEOUT = 60
+    app.config.RESPONSE_TIMEOUT = cfg.defaults.max_exec_timeout_ms / 1000 + 60
+    app.config.KEEP_ALIVE_TIMEOUT = 30
+    app.config.FALLBACK_ERROR_FORMAT = "json"
+    app.ctx.daemon = daemon
+    key = cfg.api_key.encode()
+    key_id = "api:" + hashlib.sha256(key).hexdigest()[:8] if key else "api:anonymous"
+
+    @app.on_request
+    async def authenticate(request: Request):
+        request.ctx.request_id = request.headers.get("x-request-id") or secrets.token_hex(8)
+        request.ctx.actor = key_id
+        if not key or request.path in OPEN_PATHS:
+            return None
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):
+            return errors.body("UNAUTHORIZED", "missing or wrong API key: send 'Authorization: Bearer <api_key>'")
+        return None
+
+    @app.on_response
+    async def tag(request: Request, response):
+        rid = getattr(request.ctx, "request_id", None)
+        if rid:
+            response.headers["x-request-id"] = rid
+
+    @app.exception(Exception)
+    async def render(request: Request, exc: Exception):
+        if not isinstance(exc, (SandkastenError, SanicException)):
+            log.exception("unhandled error on %s %s", request.method, request.path)
+        return errors.render(exc)
+
+    app.blueprint(system.bp)
+    app.blueprint(sessions.bp)
+    app.blueprint(files.bp)
+    return app

@@ -1,0 +1,107 @@
+"""HTTP routes for files in a session's /workspace. Host-side access confined by
+`WorkspaceFS` (openat2 RESOLVE_BENEATH): the sandbox user controls that directory."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+
+from sanic import Blueprint, Request, json
+
+from sandkasten.api.sessions import json_body, require_running, session_row
+from sandkasten.errors import InvalidRequest, TooLarge
+from sandkasten.workspace_fs import WorkspaceFS
+
+bp = Blueprint("files", url_prefix="/v1")
+
+
+def session_fs(daemon, row: dict) -> WorkspaceFS:
+    root = (daemon.cfg.workspaces_dir / row["workspace_id"] if row["workspace_id"]
+            else daemon.runtime.paths(row["id"]).workspace)
+    sec = daemon.cfg.security
+    return WorkspaceFS(root, uid=sec.run_as_uid, gid=sec.run_as_gid,
+                       max_file_bytes=daemon.cfg.limits.max_file_bytes)
+
+
+def present_entry(e) -> dict:
+    return {"path": "/workspace/" + e.path if e.path else "/workspace", "name": e.name, "type": e.type,
+            "size": e.size, "mode": oct(e.mode & 0o7777), "mtime": e.mtime}
+
+
+def decode_content(body: dict, limit: int) -> bytes:
+    if "text" in body and "content_base64" in body:
+        raise InvalidRequest("invalid write: give either 'text' or 'content_base64', not both")
+    if isinstance(body.get("text"), str):
+        data = body["text"].encode()
+    elif isinstance(body.get("content_base64"), str):
+        try:
+            data = base64.b64decode(body["content_base64"], validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidRequest("invalid content_base64: not valid base64") from None
+    else:
+        raise InvalidRequest("invalid write: 'text' (string) or 'content_base64' is required")
+    if len(data) > limit:
+        raise TooLarge(f"unable to write file: {len(data)} bytes is above the limit of {limit}", limit=limit)
+    return data
+
+
+def parse_int(value: str | None, name: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise InvalidRequest(f"invalid {name} {value!r}: expected an integer") from None
+    if n < 0:
+        raise InvalidRequest(f"invalid {name} {n}: must not be negative")
+    return n
+
+
+async def _fs(request: Request, sid: str, verb: str) -> WorkspaceFS:
+    d = request.app.ctx.daemon
+    row = await session_row(d, sid)
+    require_running(row, verb)
+    return session_fs(d, row)
+
+
+@bp.post("/sessions/<sid>/fs/write")
+async def write_file(request: Request, sid: str):
+    fs = await _fs(request, sid, "write a file")
+    body = json_body(request)
+    if not isinstance(body, dict) or not isinstance(body.get("path"), str):
+        raise InvalidRequest("invalid write: 'path' (string) is required")
+    data = decode_content(body, fs.max_file_bytes)
+    entry = await asyncio.to_thread(fs.write, body["path"], data)
+    return json({"ok": True, **present_entry(entry)})
+
+
+@bp.get("/sessions/<sid>/fs/read")
+async def read_file(request: Request, sid: str):
+    fs = await _fs(request, sid, "read a file")
+    path = request.args.get("path")
+    if not path:
+        raise InvalidRequest("invalid read: query parameter 'path' is required")
+    max_bytes = parse_int(request.args.get("max_bytes"), "max_bytes")
+    data, truncated, size = await asyncio.to_thread(fs.read, path, max_bytes)
+    return json({"path": "/workspace/" + fs.normalize(path), "content_base64": base64.b64encode(data).decode(),
+                 "size": size, "truncated": truncated})
+
+
+@bp.get("/sessions/<sid>/fs")
+async def list_files(request: Request, sid: str):
+    fs = await _fs(request, sid, "list files")
+    recursive = request.args.get("recursive", "false").lower() in ("1", "true")
+    entries = await asyncio.to_thread(fs.list, request.args.get("path", ""), recursive)
+    return json({"entries": [present_entry(e) for e in entries]})
+
+
+@bp.delete("/sessions/<sid>/fs")
+async def delete_file(request: Request, sid: str):
+    fs = await _fs(request, sid, "delete a file")
+    path = request.args.get("path")
+    if not path:
+        raise InvalidRequest("invalid delete: query parameter 'path' is required")
+    recursive = request.args.get("recursive", "false").lower() in ("1", "true")
+    await asyncio.to_thread(fs.delete, path, recursive)
+    return json({"ok": True})

@@ -1,0 +1,100 @@
+"""The OpenAPI 3.1 document, written by hand so it says exactly what the routes do."""
+
+from __future__ import annotations
+
+from sandkasten import __version__
+
+ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _op(summary: str, ok: int = 200, body: str | None = None, params: list | None = None,
+        result: dict | None = None, errors=(400, 401, 404)) -> dict:
+    op: dict = {"summary": summary, "responses": {str(ok): {"description": "ok", "content": {
+        "application/json": {"schema": result or {"type": "object"}}}}}}
+    for code in errors:
+        op["responses"][str(code)] = {"description": "error", "content": {"application/json": {"schema": ERROR}}}
+    if body:
+        op["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{body}"}}}}
+    if params:
+        op["parameters"] = params
+    return op
+
+
+def _q(name: str, typ: str = "string", required: bool = False) -> dict:
+    return {"name": name, "in": "query", "required": required, "schema": {"type": typ}}
+
+
+SID = {"name": "sid", "in": "path", "required": True, "schema": {"type": "string"}}
+EID = {"name": "exec_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def document() -> dict:
+    session = {"$ref": "#/components/schemas/Session"}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Sandkasten", "version": __version__,
+                 "description": "Event-sourced Linux sandboxes for AI agents."},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error_code", "message"], "properties": {
+                    "error_code": {"type": "string"}, "message": {"type": "string"},
+                    "details": {"type": "object"}}},
+                "CreateSession": {"type": "object", "additionalProperties": False, "properties": {
+                    "image": {"type": "string"}, "ttl_seconds": {"type": "integer", "minimum": 1},
+                    "workspace_id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
+                    "cpu_limit": {"type": "number", "exclusiveMinimum": 0},
+                    "mem_limit_mb": {"type": "integer", "minimum": 8},
+                    "pids_limit": {"type": "integer", "minimum": 4},
+                    "network_mode": {"type": "string", "enum": ["none"]},
+                    "env": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "readonly_rootfs": {"type": "boolean"}}},
+                "Session": {"type": "object", "properties": {
+                    "id": {"type": "string"}, "image": {"type": "string"}, "status": {"type": "string"},
+                    "cwd": {"type": "string"}, "workspace_id": {"type": ["string", "null"]},
+                    "created_at": {"type": "string"}, "expires_at": {"type": "string"}}},
+                "Exec": {"type": "object", "required": ["cmd"], "additionalProperties": False, "properties": {
+                    "cmd": {"type": "string", "minLength": 1}, "timeout_ms": {"type": "integer", "minimum": 1},
+                    "raw_output": {"type": "boolean"}, "max_output_bytes": {"type": "integer"}}},
+                "ExecResult": {"type": "object", "properties": {
+                    "exec_id": {"type": "string"}, "exit_code": {"type": "integer"}, "cwd": {"type": "string"},
+                    "output": {"type": "string"}, "stdout": {"type": "string"}, "stderr": {"type": "string"},
+                    "truncated": {"type": "boolean"}, "duration_ms": {"type": "number"},
+                    "timed_out": {"type": "boolean"}}},
+                "WriteFile": {"type": "object", "required": ["path"], "properties": {
+                    "path": {"type": "string"}, "text": {"type": "string"},
+                    "content_base64": {"type": "string"}}},
+            },
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/healthz": {"get": {**_op("liveness", errors=()), "security": []}},
+            "/readyz": {"get": _op("ready after the first full reconcile", errors=(401, 503))},
+            "/metrics": {"get": _op("Prometheus metrics", errors=(401,))},
+            "/v1/sessions": {
+                "post": _op("create a session", 201, "CreateSession", result=session, errors=(400, 401, 404, 503)),
+                "get": _op("list sessions", params=[_q("all", "boolean")], result={"type": "array", "items": session}),
+            },
+            "/v1/sessions/{sid}": {
+                "get": _op("get a session", params=[SID], result=session),
+                "delete": _op("destroy a session", params=[SID]),
+            },
+            "/v1/sessions/{sid}/stats": {"get": _op("cgroup statistics", params=[SID], errors=(401, 404, 409))},
+            "/v1/sessions/{sid}/exec": {"post": {**_op(
+                "run a command in the session's persistent shell", body="Exec",
+                params=[SID, {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"}}],
+                result={"$ref": "#/components/schemas/ExecResult"}, errors=(400, 401, 404, 409, 410, 413))}},
+            "/v1/sessions/{sid}/execs": {"get": _op("exec history", params=[SID])},
+            "/v1/sessions/{sid}/execs/{exec_id}": {"get": _op("one exec with output", params=[SID, EID])},
+            "/v1/sessions/{sid}/fs/write": {"post": _op("write a file in /workspace", body="WriteFile",
+                                                        params=[SID], errors=(400, 401, 404, 413))},
+            "/v1/sessions/{sid}/fs/read": {"get": _op("read a file in /workspace", params=[
+                SID, _q("path", required=True), _q("max_bytes", "integer")])},
+            "/v1/sessions/{sid}/fs": {
+                "get": _op("list files", params=[SID, _q("path"), _q("recursive", "boolean")]),
+                "delete": _op("delete a file or directory", params=[SID, _q("path", required=True),
+                                                                    _q("recursive", "boolean")]),
+            },
+        },
+    }

@@ -1,0 +1,188 @@
+"""HTTP routes for sessions and execs (DESIGN.md §5). Handlers append intent to the journal,
+then wait for the executor's keyed work; they never touch the kernel themselves."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+from sanic import Blueprint, Request, json
+
+from sandkasten import intake
+from sandkasten.domain import commands as c
+from sandkasten.domain.session import DuplicateIdempotencyKey
+from sandkasten.runtime.spec import SESSION_ID
+from sandkasten.errors import (ExecNotFound, InvalidRequest, SandboxError, SandboxGone, SessionEnded,
+                               SessionNotFound, SessionNotRunning)
+
+bp = Blueprint("sessions", url_prefix="/v1")
+ENDED = ("destroyed", "failed")
+
+
+def present_session(row: dict) -> dict:
+    return {
+        "id": row["id"], "image": row["image"], "status": row["status"], "cwd": row["cwd"],
+        "workspace_id": row["workspace_id"], "created_at": row["created_at"],
+        "expires_at": row["expires_at"], "ended_at": row["ended_at"], "pooled": bool(row["pooled"]),
+        "cpu_limit": row["cpu_limit"], "mem_limit_mb": row["mem_limit_mb"], "pids_limit": row["pids_limit"],
+        "network_mode": row["network_mode"], "exec_count": row["exec_count"],
+        "lost_reason": row["lost_reason"],
+    }
+
+
+def present_exec(row: dict, daemon, raw: bool = False, limit: int | None = None) -> dict:
+    out = {
+        "exec_id": row["id"], "session_id": row["session_id"], "cmd": row["cmd"], "status": row["status"],
+        "exit_code": row["exit_code"], "cwd": row["cwd"], "duration_ms": row["duration_ms"],
+        "timed_out": bool(row["timed_out"]), "truncated": bool(row["truncated"]),
+        "requested_at": row["requested_at"], "finished_at": row["finished_at"],
+        "stdout_bytes": row["stdout_bytes"], "stderr_bytes": row["stderr_bytes"],
+        "output_sha256": row["output_sha256"], "lost_reason": row["lost_reason"],
+    }
+    if row["status"] == "finished":
+        stdout, stderr, both, cut = daemon.runtime.read_output(
+            row["session_id"], row["id"], limit or daemon.cfg.defaults.max_output_bytes)
+        out["truncated"] = out["truncated"] or cut
+        if raw:
+            out.update(output_base64=base64.b64encode(both).decode(),
+                       stdout_base64=base64.b64encode(stdout).decode(),
+                       stderr_base64=base64.b64encode(stderr).decode())
+        else:
+            out.update(output=both.decode("utf-8", "replace"), stdout=stdout.decode("utf-8", "replace"),
+                       stderr=stderr.decode("utf-8", "replace"))
+    return out
+
+
+async def session_row(daemon, sid: str) -> dict:
+    row = await daemon.journal.session(sid) if SESSION_ID.match(sid) else None
+    if row is None:
+        raise SessionNotFound(f"unable to find session {sid!r}", session_id=sid)
+    return row
+
+
+def json_body(request: Request):
+    if not request.body:
+        return None
+    try:
+        return request.json
+    except Exception:  # noqa: BLE001 - Sanic raises its own BadRequest; we want our error shape
+        raise InvalidRequest("invalid JSON body") from None
+
+
+@bp.post("/sessions")
+async def create_session(request: Request):
+    d = request.app.ctx.daemon
+    cmd = intake.session_command(d.cfg, d.runtime.images, json_body(request))
+    sid = intake.new_session_id()
+    await d.journal.execute(sid, cmd, actor=request.ctx.actor, request_id=request.ctx.request_id)
+    try:
+        await d.executor.ensure_session(sid)
+    except (SandboxError, SandboxGone) as e:
+        raise SandboxError(f"unable to create session {sid}: {e.message}", session_id=sid) from None
+    return json(present_session(await session_row(d, sid)), status=201)
+
+
+@bp.get("/sessions")
+async def list_sessions(request: Request):
+    d = request.app.ctx.daemon
+    everything = request.args.get("all", "false").lower() in ("1", "true", "yes")
+    return json([present_session(r) for r in await d.journal.sessions(include_ended=everything)])
+
+
+@bp.get("/sessions/<sid>")
+async def get_session(request: Request, sid: str):
+    return json(present_session(await session_row(request.app.ctx.daemon, sid)))
+
+
+@bp.delete("/sessions/<sid>")
+async def delete_session(request: Request, sid: str):
+    d = request.app.ctx.daemon
+    row = await session_row(d, sid)
+    if row["status"] not in ("destroyed", "destroying"):
+        await d.journal.execute(sid, c.RequestDestroy(reason="api"), actor=request.ctx.actor,
+                                request_id=request.ctx.request_id)
+    await d.executor.ensure_destroyed(sid)
+    return json({"ok": True})
+
+
+@bp.get("/sessions/<sid>/stats")
+async def session_stats(request: Request, sid: str):
+    d = request.app.ctx.daemon
+    row = await session_row(d, sid)
+    if row["status"] != "running":
+        raise SessionNotRunning(f"unable to read stats of session {sid}: it is {row['status']}")
+    stats = await asyncio.to_thread(d.runtime.cgroups.stats, sid)
+    return json({"memory_bytes": stats.memory_bytes, "memory_limit": stats.memory_limit,
+                 "cpu_usage_usec": stats.cpu_usage_usec, "pids": stats.pids, "oom_kills": stats.oom_kills})
+
+
+def require_running(row: dict, verb: str) -> None:
+    status = row["status"]
+    if status in ENDED or status == "destroying":
+        raise SessionEnded(f"unable to {verb} in session {row['id']}: the session is {status}",
+                           status=status)
+    if status == "lost":
+        raise SandboxGone(f"unable to {verb} in session {row['id']}: its sandbox was lost "
+                          f"({row['lost_reason']})", status=status)
+    if status != "running":
+        raise SessionNotRunning(f"unable to {verb} in session {row['id']}: the session is {status}",
+                                status=status)
+
+
+@bp.post("/sessions/<sid>/exec")
+async def exec_command(request: Request, sid: str):
+    d = request.app.ctx.daemon
+    row = await session_row(d, sid)
+    body = json_body(request)
+    key = request.headers.get("idempotency-key")
+    if key is not None:
+        prior = await d.journal.exec_by_idempotency_key(sid, key)
+        if prior is not None:
+            return await _await_exec(d, sid, prior["id"], body)
+    require_running(row, "exec")
+    cmd = intake.exec_command(d.cfg, body, key)
+    try:
+        await d.journal.execute(sid, cmd, actor=request.ctx.actor, request_id=request.ctx.request_id)
+        exec_id = cmd.exec_id
+    except DuplicateIdempotencyKey as e:  # a concurrent retry with the same key won the race
+        exec_id = e.exec_id
+    return await _await_exec(d, sid, exec_id, body)
+
+
+async def _await_exec(d, sid: str, exec_id: str, body) -> object:
+    try:
+        await asyncio.shield(d.executor.ensure_exec(sid, exec_id))
+    except SandboxGone:
+        pass  # journaled as exec.lost; the row below says so
+    row = await d.journal.exec(exec_id)
+    body = body if isinstance(body, dict) else {}
+    result = present_exec(row, d, raw=bool(body.get("raw_output")))
+    if row["status"] == "lost":
+        raise SandboxGone(f"exec {exec_id} in session {sid} was lost: {row['lost_reason']}",
+                          exec_id=exec_id)
+    return json(result)
+
+
+@bp.get("/sessions/<sid>/execs")
+async def list_execs(request: Request, sid: str):
+    d = request.app.ctx.daemon
+    await session_row(d, sid)
+    rows = await d.journal.execs(sid)
+    return json([_summary(r) for r in rows])
+
+
+def _summary(row: dict) -> dict:
+    keys = ("id", "cmd", "status", "exit_code", "cwd", "duration_ms", "timed_out", "requested_at",
+            "finished_at", "output_sha256", "lost_reason")
+    return {("exec_id" if k == "id" else k): row[k] for k in keys}
+
+
+@bp.get("/sessions/<sid>/execs/<exec_id>")
+async def get_exec(request: Request, sid: str, exec_id: str):
+    d = request.app.ctx.daemon
+    await session_row(d, sid)
+    row = await d.journal.exec(exec_id)
+    if row is None or row["session_id"] != sid:
+        raise ExecNotFound(f"unable to find exec {exec_id!r} in session {sid}")
+    raw = request.args.get("raw_output", "false").lower() in ("1", "true")
+    return json(present_exec(row, d, raw=raw))

@@ -1,0 +1,173 @@
+"""The daemon: journal + runtime + executor + reconciler behind the Sanic API.
+
+`sandkasten --config sandkasten.yaml` runs it in the foreground; `sandkasten daemon -d`
+starts the same command in the background (pid and log under data_dir/run/);
+`sandkasten stop` stops it. Stopping the daemon never stops sandboxes: they outlive it and
+are adopted by the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sandkasten.config import Config
+from sandkasten.errors import SandkastenError
+from sandkasten.executor import Executor
+from sandkasten.reconciler import Reconciler
+from sandkasten.runtime.sandboxes import Runtime, proc_start_time, read_pidfile
+from sandkasten.store.journal import Journal
+
+log = logging.getLogger("sandkasten.daemon")
+
+
+class Daemon:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.ready = False
+        self.readiness: dict = {"phase": "starting"}
+        self.tasks: list[asyncio.Task] = []
+        self.journal: Journal
+        self.runtime: Runtime
+        self.executor: Executor
+        self.reconciler: Reconciler
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        for d in (cfg.data_dir, cfg.run_dir, cfg.sessions_dir, cfg.workspaces_dir, cfg.images_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.journal = await Journal.open(cfg.database_path, cfg.journal.durability)
+        self.runtime = Runtime.detect(cfg.data_dir, cgroup_parent=cfg.cgroup_parent)
+        self.runtime.images = __import__("sandkasten.images.store", fromlist=["ImageStore"]).ImageStore(
+            cfg.images_dir)
+        await asyncio.to_thread(self.runtime.cgroups.ensure_parent)
+        self.executor = Executor(cfg, self.journal, self.runtime)
+        self.reconciler = Reconciler(cfg, self.executor)
+        self.tasks.append(asyncio.ensure_future(self._become_ready()))
+
+    async def _become_ready(self) -> None:
+        self.readiness = {"phase": "reconciling"}
+        try:
+            stats = await self.reconciler.startup()
+        except Exception as e:  # noqa: BLE001 - stay up and say why we are not ready
+            log.exception("startup reconcile failed")
+            self.readiness = {"phase": "failed", "error": str(e)}
+            return
+        self.tasks.append(asyncio.ensure_future(self.executor.follow()))
+        self.tasks.append(asyncio.ensure_future(self.reconciler.watch()))
+        self.readiness = {"phase": "ready", "reconcile": stats}
+        self.ready = True
+
+    async def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        pending = list(self.executor.tasks.values())
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.to_thread(self.runtime.close)
+        await self.journal.close()
+
+
+def pidfile(cfg: Config) -> Path:
+    return cfg.run_dir / "daemon.pid"
+
+
+def running_pid(cfg: Config) -> int | None:
+    pid, st = read_pidfile(pidfile(cfg))
+    if pid is not None and proc_start_time(pid) == st:
+        return pid
+    return None
+
+
+def serve(cfg: Config) -> int:
+    """Run in the foreground until SIGINT/SIGTERM."""
+    from sanic import Sanic
+
+    from sandkasten.api.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    other = running_pid(cfg)
+    if other is not None and other != os.getpid():
+        print(f"sandkasten: unable to start: a daemon (pid {other}) already runs with data_dir {cfg.data_dir}",
+              file=sys.stderr)
+        return 1
+    daemon = Daemon(cfg)
+    app = create_app(daemon)
+
+    @app.before_server_start
+    async def _start(app: Sanic) -> None:
+        await daemon.start()
+        pf = pidfile(cfg)
+        pf.write_text(f"{os.getpid()} {proc_start_time(os.getpid())}\n")
+        log.info("sandkasten listening on http://%s:%d (data_dir %s)", cfg.host, cfg.port, cfg.data_dir)
+
+    @app.before_server_stop
+    async def _stop(app: Sanic) -> None:
+        await daemon.stop()
+        if running_pid(cfg) == os.getpid():
+            pidfile(cfg).unlink(missing_ok=True)
+
+    try:
+        app.run(host=cfg.host, port=cfg.port, single_process=True, motd=False, access_log=False)
+    except OSError as e:
+        print(f"sandkasten: unable to listen on {cfg.listen}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except SandkastenError as e:
+        print(f"sandkasten: {e.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def start_background(cfg: Config, config_path: str | None, wait_s: float = 30.0) -> int:
+    """Start `sandkasten --config …` detached; return once /healthz answers."""
+    import httpx
+
+    other = running_pid(cfg)
+    if other is not None:
+        print(f"sandkasten: already running (pid {other})")
+        return 0
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    logfile = cfg.run_dir / "daemon.log"
+    args = [sys.executable, "-m", "sandkasten.cli"] + (["--config", config_path] if config_path else [])
+    with open(logfile, "ab") as out:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+    deadline = time.monotonic() + wait_s
+    url = f"http://{cfg.host}:{cfg.port}/healthz"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            print(f"sandkasten: the daemon exited with code {proc.returncode}; see {logfile}", file=sys.stderr)
+            return 1
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                print(f"sandkasten: daemon started (pid {proc.pid}), log {logfile}")
+                return 0
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    print(f"sandkasten: the daemon did not answer on {url} within {wait_s:.0f}s; see {logfile}", file=sys.stderr)
+    return 1
+
+
+def stop_background(cfg: Config, wait_s: float = 20.0) -> int:
+    pid = running_pid(cfg)
+    if pid is None:
+        print("sandkasten: no daemon is running for this data_dir")
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if proc_start_time(pid) is None:
+            print(f"sandkasten: daemon (pid {pid}) stopped; sandboxes keep running")
+            return 0
+        time.sleep(0.1)
+    print(f"sandkasten: daemon (pid {pid}) did not stop within {wait_s:.0f}s", file=sys.stderr)
+    return 1

@@ -1,0 +1,184 @@
+"""The executor follows the journal and acts on the kernel, then journals what it observed.
+
+Who runs this: the daemon, on its event loop. Every unit of work is keyed (a session to
+start, an exec to run, a session to tear down) and idempotent: `ensure_*` returns the one
+task in flight for that key or starts it. HTTP handlers call `ensure_*` right after
+appending their intent (so a request waits for its own work); `follow` finds intents other
+writers appended (the CLI) and the reconciler hands over what a crash left pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from sandkasten.config import Config
+from sandkasten.domain import commands as c
+from sandkasten.domain.session import DuplicateIdempotencyKey  # noqa: F401 - re-exported for the API
+from sandkasten.errors import (IllegalTransition, SandboxGone, SandkastenError)
+from sandkasten.runtime.sandboxes import Runtime
+from sandkasten.runtime.spec import ExecRequest, ExecResult
+from sandkasten.store.journal import Journal
+
+log = logging.getLogger("sandkasten.executor")
+ACTOR = "executor"
+FOLLOW_INTERVAL = 0.2
+
+
+class Executor:
+    def __init__(self, cfg: Config, journal: Journal, runtime: Runtime):
+        self.cfg = cfg
+        self.journal = journal
+        self.runtime = runtime
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.session_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._seen_seq = -1
+
+    # ------------------------------------------------------------------ keyed work
+    def _once(self, key: str, make: Callable[[], Awaitable[Any]]) -> asyncio.Task:
+        task = self.tasks.get(key)
+        if task is None or task.done():
+            task = asyncio.ensure_future(make())
+            self.tasks[key] = task
+            task.add_done_callback(lambda t, k=key: self._done(k, t))
+        return task
+
+    def _done(self, key: str, task: asyncio.Task) -> None:
+        if self.tasks.get(key) is task:
+            del self.tasks[key]
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            if not isinstance(exc, SandkastenError):
+                log.error("work %s failed", key, exc_info=exc)
+
+    def ensure_session(self, sid: str) -> asyncio.Task:
+        return self._once(f"create:{sid}", lambda: self._create(sid))
+
+    def ensure_exec(self, sid: str, exec_id: str) -> asyncio.Task:
+        return self._once(f"exec:{exec_id}", lambda: self._exec(sid, exec_id))
+
+    def ensure_destroyed(self, sid: str) -> asyncio.Task:
+        return self._once(f"destroy:{sid}", lambda: self._destroy(sid))
+
+    def busy(self, sid: str) -> bool:
+        lock = self.session_locks.get(sid)
+        return lock is not None and lock.locked()
+
+    async def record(self, sid: str, command, actor: str = ACTOR) -> bool:
+        """Append an observation; False when the session moved on meanwhile (e.g. an exec
+        finishing after its session was destroyed) — the journal already says what happened."""
+        try:
+            await self.journal.execute(sid, command, actor=actor)
+            return True
+        except IllegalTransition as e:
+            log.info("not recorded for %s: %s", sid, e.message)
+            return False
+
+    # ------------------------------------------------------------------ create
+    def workspace_dir(self, workspace_id: str | None) -> Path | None:
+        return self.cfg.workspaces_dir / workspace_id if workspace_id else None
+
+    async def _create(self, sid: str) -> None:
+        state = await self.journal.state(sid)
+        if state is None or state.status not in ("requested", "lost"):
+            return
+        obs = await asyncio.to_thread(self.runtime.observe, sid)
+        if obs.healthy:  # created before a crash, never journaled: adopt, don't duplicate
+            await self.record(sid, c.RecordSandboxStarted(pid=obs.pid, start_time=obs.start_time,
+                                                          cgroup=self.runtime.cgroups.parent + "/" + sid))
+            return
+        if obs.alive or obs.cgroup or obs.session_dir:
+            await asyncio.to_thread(self.runtime.destroy, sid)
+        sec = self.cfg.security
+        try:
+            if state.workspace_id:
+                await self._ensure_workspace(state.workspace_id, sid)
+            spec = self.runtime.spec(
+                sid, state.image, workspace_dir=self.workspace_dir(state.workspace_id),
+                cpu_limit=state.cpu_limit, mem_limit_mb=state.mem_limit_mb, pids_limit=state.pids_limit,
+                network_mode=state.network_mode, readonly_rootfs=state.readonly_rootfs,
+                env=dict(state.env), seccomp=sec.seccomp, uid=sec.run_as_uid, gid=sec.run_as_gid,
+                hostname=sid)
+            obs = await asyncio.to_thread(self.runtime.create, spec)
+        except SandkastenError as e:
+            await self.record(sid, c.RecordSandboxFailed(reason=e.message))
+            raise
+        await self.record(sid, c.RecordSandboxStarted(pid=obs.pid, start_time=obs.start_time,
+                                                      cgroup=self.runtime.cgroups.parent + "/" + sid))
+
+    async def _ensure_workspace(self, workspace_id: str, sid: str) -> None:
+        d = self.workspace_dir(workspace_id)
+        if not d.exists():
+            d.mkdir(parents=True, mode=0o755)
+            os.chown(d, self.cfg.security.run_as_uid, self.cfg.security.run_as_gid)
+        try:
+            await self.journal.execute(f"ws:{workspace_id}", c.CreateWorkspace(workspace_id=workspace_id),
+                                       actor=ACTOR)
+        except IllegalTransition:
+            pass  # it exists already
+
+    # ------------------------------------------------------------------ exec
+    async def _exec(self, sid: str, exec_id: str) -> ExecResult | None:
+        async with self.session_locks[sid]:  # one command at a time per shell, in request order
+            row = await self.journal.exec(exec_id)
+            if row is None or row["status"] not in ("requested", "running"):
+                return None
+            req = ExecRequest(exec_id=exec_id, cmd=row["cmd"], timeout_ms=row["timeout_ms"])
+
+            async def started(_reply: dict) -> None:
+                if row["status"] == "requested":
+                    await self.record(sid, c.RecordExecStarted(exec_id=exec_id))
+
+            try:
+                result = await self.runtime.aexec(sid, req, on_started=started)
+            except SandboxGone as e:
+                await self.record(sid, c.RecordExecLost(exec_id=exec_id, reason=e.message))
+                raise
+            except SandkastenError as e:
+                await self.record(sid, c.RecordExecLost(exec_id=exec_id, reason=e.message))
+                raise
+            await self.record(sid, c.RecordExecFinished(
+                exec_id=exec_id, exit_code=result.exit_code, cwd=result.cwd,
+                duration_ms=round(result.duration_ms, 3), stdout_bytes=result.stdout_bytes,
+                stderr_bytes=result.stderr_bytes, output_sha256=result.output_sha256,
+                truncated=result.truncated, timed_out=result.timed_out))
+            return result
+
+    # ------------------------------------------------------------------ destroy
+    async def _destroy(self, sid: str) -> None:
+        state = await self.journal.state(sid)
+        if state is None or state.status == "destroyed":
+            return
+        if state.status != "destroying":
+            return
+        await asyncio.to_thread(self.runtime.destroy, sid)
+        if not state.sandbox_stopped:
+            await self.record(sid, c.RecordSandboxStopped())
+        await self.record(sid, c.RecordSessionDestroyed())
+        self.session_locks.pop(sid, None)
+
+    # ------------------------------------------------------------------ follow
+    async def catch_up(self) -> None:
+        """Start every piece of work the journal asks for that is not in flight."""
+        for s in await self.journal.sessions():
+            if s["status"] == "requested":
+                self.ensure_session(s["id"])
+            elif s["status"] == "destroying":
+                self.ensure_destroyed(s["id"])
+        for e in await self.journal.pending_execs():
+            self.ensure_exec(e["session_id"], e["id"])
+
+    async def follow(self) -> None:
+        while True:
+            try:
+                seq = await self.journal.last_seq()
+                if seq != self._seen_seq:
+                    self._seen_seq = seq
+                    await self.catch_up()
+            except SandkastenError as e:
+                log.warning("follow: %s", e.message)
+            await asyncio.sleep(FOLLOW_INTERVAL)

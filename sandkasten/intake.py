@@ -1,0 +1,125 @@
+"""Intake: turn what a client sent (HTTP body or CLI flags) into a validated domain command.
+
+Shared by the HTTP API and the CLI so both refuse the same bad input with the same
+message. Pure apart from the image store lookup.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from datetime import datetime, timedelta, timezone
+from typing import Any, Mapping
+
+from sandkasten.config import NETWORK_MODES, Config
+from sandkasten.domain import commands as c
+from sandkasten.errors import ImageNotAllowed, InvalidRequest
+from sandkasten.images.store import ImageStore
+
+WORKSPACE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+SESSION_FIELDS = {"image", "ttl_seconds", "workspace_id", "cpu_limit", "mem_limit_mb", "pids_limit",
+                  "network_mode", "env", "readonly_rootfs"}
+EXEC_FIELDS = {"cmd", "timeout_ms", "raw_output", "max_output_bytes"}
+
+
+def new_session_id() -> str:
+    return "s-" + secrets.token_hex(6)
+
+
+def new_exec_id() -> str:
+    return "x-" + secrets.token_hex(8)
+
+
+def _number(body: Mapping[str, Any], key: str, default, kind: type, maximum, minimum=0):
+    value = body.get(key)
+    if value is None:
+        return default
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        ok = ok and float(value).is_integer()
+    if not ok:
+        raise InvalidRequest(f"invalid {key} {value!r}: expected {'an integer' if kind is int else 'a number'}",
+                             field=key)
+    if value <= minimum:
+        raise InvalidRequest(f"invalid {key} {value!r}: must be greater than {minimum}", field=key)
+    if value > maximum:
+        raise InvalidRequest(f"invalid {key} {value!r}: the maximum is {maximum}", field=key, maximum=maximum)
+    return kind(value)
+
+
+def _unknown(body: Mapping[str, Any], allowed: set[str], what: str) -> None:
+    extra = sorted(set(body) - allowed)
+    if extra:
+        raise InvalidRequest(f"invalid {what} request: unknown field(s) {', '.join(extra)}; "
+                             f"allowed: {', '.join(sorted(allowed))}", fields=extra)
+
+
+def check_workspace_id(wid: Any) -> str:
+    if not isinstance(wid, str) or not WORKSPACE_ID.match(wid) or wid in (".", ".."):
+        raise InvalidRequest(f"invalid workspace_id {wid!r}: expected 1-64 of [A-Za-z0-9_.-], "
+                             "starting with a letter or digit", field="workspace_id")
+    return wid
+
+
+def session_command(cfg: Config, images: ImageStore, body: Mapping[str, Any] | None,
+                    now: datetime | None = None) -> c.RequestSession:
+    body = body or {}
+    if not isinstance(body, Mapping):
+        raise InvalidRequest("invalid session request: the body must be a JSON object")
+    _unknown(body, SESSION_FIELDS, "session")
+    d, lim = cfg.defaults, cfg.limits
+    image = body.get("image") or cfg.default_image
+    if not isinstance(image, str):
+        raise InvalidRequest(f"invalid image {image!r}: expected a name", field="image")
+    if not cfg.image_allowed(image):
+        raise ImageNotAllowed(f"unable to create session: image {image!r} is not in allowed_images "
+                              f"({', '.join(cfg.allowed_images)})", image=image)
+    images.ensure_valid(image)
+    ttl = _number(body, "ttl_seconds", cfg.session_ttl_seconds, int, lim.max_ttl_seconds)
+    network = body.get("network_mode") or d.network_mode
+    if network not in NETWORK_MODES:
+        raise InvalidRequest(f"invalid network_mode {network!r}: expected one of {', '.join(NETWORK_MODES)}",
+                             field="network_mode")
+    if network != "none":
+        raise InvalidRequest(f"invalid network_mode {network!r}: only 'none' is supported by this daemon",
+                             field="network_mode")
+    env = body.get("env") or {}
+    if not isinstance(env, Mapping) or not all(
+            isinstance(k, str) and ENV_NAME.match(k) and isinstance(v, str) and "\0" not in v
+            for k, v in env.items()):
+        raise InvalidRequest("invalid env: expected an object of NAME: \"value\" strings", field="env")
+    workspace_id = body.get("workspace_id")
+    if workspace_id is not None:
+        check_workspace_id(workspace_id)
+        if not cfg.workspace.enabled:
+            raise InvalidRequest("invalid workspace_id: persistent workspaces are disabled in this daemon")
+    readonly = body.get("readonly_rootfs", d.readonly_rootfs)
+    if not isinstance(readonly, bool):
+        raise InvalidRequest(f"invalid readonly_rootfs {readonly!r}: expected true or false")
+    now = now or datetime.now(timezone.utc)
+    return c.RequestSession(
+        image=image,
+        cpu_limit=_number(body, "cpu_limit", d.cpu_limit, float, lim.max_cpu_limit),
+        mem_limit_mb=_number(body, "mem_limit_mb", d.mem_limit_mb, int, lim.max_mem_limit_mb, minimum=7),
+        pids_limit=_number(body, "pids_limit", d.pids_limit, int, lim.max_pids_limit, minimum=3),
+        network_mode=network, env=dict(env), ttl_seconds=ttl, workspace_id=workspace_id,
+        readonly_rootfs=readonly, expires_at=now + timedelta(seconds=ttl))
+
+
+def exec_command(cfg: Config, body: Mapping[str, Any] | None, idempotency_key: str | None = None
+                 ) -> c.RequestExec:
+    if not isinstance(body, Mapping):
+        raise InvalidRequest("invalid exec request: the body must be a JSON object with a 'cmd'")
+    _unknown(body, EXEC_FIELDS, "exec")
+    cmd = body.get("cmd")
+    if not isinstance(cmd, str) or not cmd.strip():
+        raise InvalidRequest("invalid exec request: 'cmd' must be a non-empty string", field="cmd")
+    if "\0" in cmd:
+        raise InvalidRequest("invalid cmd: contains a NUL byte", field="cmd")
+    d = cfg.defaults
+    timeout = _number(body, "timeout_ms", d.exec_timeout_ms, int, d.max_exec_timeout_ms)
+    if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
+        raise InvalidRequest("invalid Idempotency-Key: expected 1-200 printable ASCII characters")
+    return c.RequestExec(exec_id=new_exec_id(), cmd=cmd, timeout_ms=timeout, idempotency_key=idempotency_key)

@@ -1,0 +1,151 @@
+"""Reconcile the journal (desired state) with the kernel (observed state), level-based.
+
+Who runs this: the daemon — once fully at start (before /readyz turns green) and then a
+light pass every second (dead runners, expired sessions). Observed facts come from the
+kernel (pid + start time, cgroup, socket ping), never from read tables. Every step is safe
+to repeat after a crash at any line: work is handed to the executor's keyed, idempotent
+`ensure_*` calls.
+
+| desired    | observed            | action                                                    |
+|------------|---------------------|-----------------------------------------------------------|
+| requested  | any                 | executor creates it (adopts it if it exists already)      |
+| running    | alive               | after a restart: `sandbox.adopted` once                   |
+| running    | dead                | `sandbox.lost`, then recreate or fail, per policy         |
+| destroying | alive or partial    | executor tears it down                                    |
+| (none)     | traces on the host  | tear down (orphan: cgroup, dirs, socket)                  |
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import datetime, timezone
+
+from sandkasten.config import Config
+from sandkasten.domain import commands as c
+from sandkasten.errors import SandkastenError
+from sandkasten.executor import Executor
+from sandkasten.runtime.sandboxes import proc_start_time
+
+log = logging.getLogger("sandkasten.reconciler")
+ACTOR = "reconciler"
+ENDED = ("destroyed", "failed")
+
+
+class Reconciler:
+    def __init__(self, cfg: Config, executor: Executor):
+        self.cfg = cfg
+        self.executor = executor
+        self.journal = executor.journal
+        self.runtime = executor.runtime
+        self.stats: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ startup
+    async def startup(self) -> dict:
+        t0 = time.monotonic()
+        rows = await self.journal.sessions(include_ended=True)
+        live = [r for r in rows if r["status"] not in ENDED]
+        observed = await asyncio.to_thread(lambda: {r["id"]: self.runtime.observe(r["id"]) for r in live})
+        adopted = lost = 0
+        for row in live:
+            sid, obs, status = row["id"], observed[row["id"]], row["status"]
+            if status == "running":
+                if obs.healthy and obs.pid == row["runner_pid"] and obs.start_time == row["runner_start_time"]:
+                    await self.executor.record(sid, c.RecordSandboxAdopted(pid=obs.pid, start_time=obs.start_time),
+                                               actor=ACTOR)
+                    adopted += 1
+                else:
+                    await self.sandbox_died(sid, _reason(obs))
+                    lost += 1
+            elif status == "lost":
+                await self.apply_policy(sid)
+            elif status == "requested":
+                self.executor.ensure_session(sid)
+            elif status == "destroying":
+                self.executor.ensure_destroyed(sid)
+        for e in await self.journal.pending_execs():
+            self.executor.ensure_exec(e["session_id"], e["id"])
+        wanted = {r["id"] for r in live}
+        orphans = sorted(self.runtime.host_sessions() - wanted)
+        for sid in orphans:
+            try:
+                await asyncio.to_thread(self.runtime.destroy, sid)
+            except (SandkastenError, OSError, ValueError) as e:
+                log.warning("unable to remove leftovers of %s: %s", sid, e)
+        self.stats = {"sessions": len(live), "adopted": adopted, "lost": lost, "orphans_removed": len(orphans),
+                      "seconds": round(time.monotonic() - t0, 3)}
+        log.info("reconciled: %s", self.stats)
+        return self.stats
+
+    async def sandbox_died(self, sid: str, reason: str) -> None:
+        """Journal the loss, settle its pending execs from what the runner left on disk, then
+        apply the policy."""
+        await self.executor.record(sid, c.RecordSandboxLost(reason=reason), actor=ACTOR)
+        await self.settle_execs(sid)
+        await self.apply_policy(sid)
+
+    async def settle_execs(self, sid: str) -> None:
+        state = await self.journal.state(sid)
+        for exec_id in (state.pending_exec_ids if state else []):
+            result = await asyncio.to_thread(self.runtime.read_result, sid, exec_id)
+            if result is not None:  # it finished before the runner died: its result is on disk
+                await self.executor.record(sid, c.RecordExecFinished(
+                    exec_id=exec_id, exit_code=result.exit_code, cwd=result.cwd,
+                    duration_ms=round(result.duration_ms, 3), stdout_bytes=result.stdout_bytes,
+                    stderr_bytes=result.stderr_bytes, output_sha256=result.output_sha256,
+                    truncated=result.truncated, timed_out=result.timed_out), actor=ACTOR)
+            else:
+                await self.executor.record(sid, c.RecordExecLost(
+                    exec_id=exec_id, reason="the sandbox died while the command was pending"), actor=ACTOR)
+
+    async def apply_policy(self, sid: str) -> None:
+        if self.cfg.reconcile.lost_sandbox_policy == "recreate":
+            self.executor.ensure_session(sid)
+        else:
+            await asyncio.to_thread(self.runtime.destroy, sid)
+            await self.executor.record(sid, c.RecordSandboxFailed(reason="sandbox lost; policy is fail"),
+                                       actor=ACTOR)
+
+    # ------------------------------------------------------------------ while running
+    async def watch(self, interval: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.pass_once()
+            except SandkastenError as e:
+                log.warning("watch: %s", e.message)
+
+    async def pass_once(self) -> None:
+        now = datetime.now(timezone.utc)
+        for row in await self.journal.sessions():
+            sid = row["id"]
+            if row["status"] in ("running", "requested", "lost") and row["expires_at"] \
+                    and _parse(row["expires_at"]) <= now:
+                await self.executor.record(sid, c.ExpireSession(reason="ttl", at=now), actor=ACTOR)
+                self.executor.ensure_destroyed(sid)
+                continue
+            idle = self.cfg.idle_timeout_seconds
+            if idle and row["status"] == "running" and row["last_activity_at"] \
+                    and (now - _parse(row["last_activity_at"])).total_seconds() > idle \
+                    and not self.executor.busy(sid):
+                await self.executor.record(sid, c.ExpireSession(reason="idle", at=now), actor=ACTOR)
+                self.executor.ensure_destroyed(sid)
+                continue
+            if row["status"] == "running" and row["runner_pid"] \
+                    and proc_start_time(row["runner_pid"]) != row["runner_start_time"] \
+                    and f"create:{sid}" not in self.executor.tasks:
+                await self.sandbox_died(sid, "the runner exited")
+
+
+def _parse(iso: str) -> datetime:
+    dt = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+
+
+def _reason(obs) -> str:
+    if obs.pid is None:
+        return "no runner pid file: the sandbox is gone"
+    if not obs.alive:
+        return f"runner pid {obs.pid} is gone (or was reused)"
+    return "the runner does not answer on its socket"
