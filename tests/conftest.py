@@ -53,3 +53,24 @@ def runtime(data_dir, cgroup_parent):
     for sid in rt.host_sessions():
         rt.destroy(sid)
     rt.close()
+
+
+@pytest.fixture
+def daemon_factory(tmp_path, image_store, cgroup_parent):
+    from tests.daemons import DaemonProc, make_data_dir
+
+    made = []
+
+    def make(**overrides) -> DaemonProc:
+        d = DaemonProc(make_data_dir(tmp_path, IMAGE_CACHE), cgroup_parent, **overrides)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.close()
+
+
+@pytest.fixture
+def daemon(daemon_factory):
+    return daemon_factory().start()

@@ -1,0 +1,94 @@
+"""A real daemon on a loopback port for black-box tests: started with the console script,
+driven over HTTP, stopped (and every sandbox it made torn down) even when a test fails."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from sandkasten.runtime.sandboxes import Runtime
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = REPO / ".venv" / "bin"
+API_KEY = "test-key-123"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DaemonProc:
+    def __init__(self, data_dir: Path, cgroup_parent: str, **overrides):
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config_path = data_dir.parent / "sandkasten.yaml"
+        cfg = {"listen": f"127.0.0.1:{self.port}", "api_key": API_KEY, "data_dir": str(data_dir),
+               "cgroup_parent": cgroup_parent, "default_image": "base", **overrides}
+        self.config_path.write_text(yaml.safe_dump(cfg))
+        self.cgroup_parent = cgroup_parent
+        self.proc: subprocess.Popen | None = None
+        self.client = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"},
+                                   timeout=60)
+
+    def cli(self, *args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "sandkasten"), "--config", str(self.config_path), *args],
+                              capture_output=True, text=True, input=input, timeout=timeout)
+
+    def start(self, wait_ready: bool = True) -> "DaemonProc":
+        self.log = open(self.data_dir.parent / "daemon.log", "ab")
+        self.proc = subprocess.Popen([str(BIN / "sandkasten"), "--config", str(self.config_path)],
+                                     stdout=self.log, stderr=self.log, start_new_session=True)
+        deadline = time.monotonic() + 60
+        path = "/readyz" if wait_ready else "/healthz"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}: {self.read_log()[-3000:]}")
+            try:
+                if self.client.get(path).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"daemon not ready: {self.read_log()[-3000:]}")
+
+    def read_log(self) -> str:
+        return (self.data_dir.parent / "daemon.log").read_text(errors="replace")
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+        if self.proc:
+            self.log.close()
+        self.proc = None
+
+    def close(self) -> None:
+        """Stop the daemon and remove every sandbox it left (sandboxes outlive daemons)."""
+        self.kill(signal.SIGTERM)
+        self.client.close()
+        rt = Runtime.detect(self.data_dir, cgroup_parent=self.cgroup_parent)
+        try:
+            for sid in rt.host_sessions():
+                rt.destroy(sid)
+        finally:
+            rt.close()
+
+
+def make_data_dir(tmp_path: Path, image_cache: Path) -> Path:
+    d = tmp_path / "data"
+    d.mkdir(exist_ok=True)
+    link = d / "images"
+    if not link.exists():
+        link.symlink_to(image_cache)
+    os.chmod(tmp_path, 0o755)
+    return d
