@@ -156,3 +156,33 @@ def test_sessions_survive_daemon_restart(daemon):
     assert s["status"] == "running"
     r = run(daemon, sid, "echo $KEEP; pwd; jobs | wc -l")
     assert r["stdout"].split() == ["42", "/tmp", "1"]
+
+
+def test_files_round_trip_and_confinement(daemon):
+    import base64
+    import os
+
+    sid = create(daemon)["id"]
+    c = daemon.client
+    blob = os.urandom(1 << 20)
+    r = c.post(f"/v1/sessions/{sid}/fs/write",
+               json={"path": "/workspace/data/blob.bin", "content_base64": base64.b64encode(blob).decode()})
+    assert r.status_code == 200, r.text
+    r = c.get(f"/v1/sessions/{sid}/fs/read", params={"path": "data/blob.bin"}).json()
+    assert base64.b64decode(r["content_base64"]) == blob and r["truncated"] is False
+    assert run(daemon, sid, "md5sum /workspace/data/blob.bin | cut -d' ' -f1")["stdout"].strip() == \
+        __import__("hashlib").md5(blob).hexdigest()
+    c.post(f"/v1/sessions/{sid}/fs/write", json={"path": "notes.txt", "text": "hello"})
+    assert run(daemon, sid, "cat /workspace/notes.txt")["stdout"] == "hello"
+    part = c.get(f"/v1/sessions/{sid}/fs/read", params={"path": "notes.txt", "max_bytes": 2}).json()
+    assert base64.b64decode(part["content_base64"]) == b"he" and part["truncated"] is True
+    run(daemon, sid, "ln -s /etc /workspace/etc-link; ln -s ../../../../ /workspace/up")
+    for path in ("../etc/passwd", "/etc/passwd", "/workspace/../etc/passwd", "etc-link/passwd", "up/etc/passwd"):
+        assert_error(c.get(f"/v1/sessions/{sid}/fs/read", params={"path": path}), 400, "PATH_REFUSED")
+        assert_error(c.post(f"/v1/sessions/{sid}/fs/write", json={"path": path, "text": "x"}), 400,
+                     "PATH_REFUSED")
+    assert_error(c.get(f"/v1/sessions/{sid}/fs/read", params={"path": "missing.txt"}), 404, "FILE_NOT_FOUND")
+    names = {e["name"] for e in c.get(f"/v1/sessions/{sid}/fs").json()["entries"]}
+    assert {"data", "notes.txt", "etc-link", "up"} <= names
+    assert c.delete(f"/v1/sessions/{sid}/fs", params={"path": "notes.txt"}).json() == {"ok": True}
+    assert run(daemon, sid, "ls /workspace/notes.txt 2>&1; echo $?")["stdout"].strip().endswith("1")

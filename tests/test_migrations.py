@@ -91,3 +91,12 @@ def test_two_processes_migrating_a_fresh_file_take_turns(tmp_path):
                 proc.wait()
     create_all(tmp_path / "models.db")
     assert master(path) == master(tmp_path / "models.db")
+
+
+def test_head_revision_constant_matches_alembic():
+    from alembic.script import ScriptDirectory
+
+    from sandkasten.store import schema
+
+    script = ScriptDirectory.from_config(schema.alembic_config("sqlite://"))
+    assert script.get_current_head() == schema.HEAD_REVISION

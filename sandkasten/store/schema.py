@@ -148,12 +148,35 @@ def alembic_config(url: str) -> "alembic.config.Config":
     return cfg
 
 
+# The newest migration's revision id; tests/test_migrations.py checks it equals alembic's head.
+HEAD_REVISION = "0001"
+
+
+def current_revision(db_path: Path) -> str | None:
+    """The schema revision recorded in the file, read with plain sqlite3 (fast)."""
+    import sqlite3
+
+    if not Path(db_path).exists():
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
+        try:
+            row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
+    return row[0] if row else None
+
+
 def upgrade(db_path: Path, busy_timeout_s: float) -> None:
     """Run `alembic upgrade head` on `db_path` (blocking: call it from a thread).
 
     One sync sqlite3 connection, inside BEGIN IMMEDIATE, so a daemon and a CLI migrating
     a fresh file at the same moment take turns instead of both creating tables.
     """
+    if current_revision(db_path) == HEAD_REVISION:
+        return  # the common case (every CLI call): no need to load alembic at all
     from alembic import command
 
     engine = sa.create_engine(f"sqlite:///{db_path}", poolclass=sa.pool.NullPool)

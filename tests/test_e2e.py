@@ -1,0 +1,54 @@
+"""Issue 3's end-to-end path: HTTP and CLI against one real daemon, then the journal's audit."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+
+def test_http_and_cli_through_one_journal(daemon):
+    c = daemon.client
+    sid = c.post("/v1/sessions", json={}).json()["id"]
+    a = c.post(f"/v1/sessions/{sid}/exec", json={"cmd": "cd /tmp; export X=1"}).json()
+    b = c.post(f"/v1/sessions/{sid}/exec", json={"cmd": "pwd; echo $X"}).json()
+    assert b["stdout"] == "/tmp\n1\n"
+
+    # the CLI appends a command the daemon carries out
+    r = daemon.cli("exec", sid, "echo from-cli; pwd")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "from-cli\n/tmp\n"
+
+    logs = daemon.cli("logs", sid)
+    assert logs.returncode == 0, logs.stderr
+    for text in ("cd /tmp; export X=1", "pwd; echo $X", "/tmp\n1\n", "from-cli"):
+        assert text in logs.stdout
+
+    assert c.delete(f"/v1/sessions/{sid}").json() == {"ok": True}
+    ps = json.loads(daemon.cli("ps", "--all", "--json").stdout)
+    assert [(s["id"], s["status"]) for s in ps] == [(sid, "destroyed")]
+    assert json.loads(daemon.cli("ps", "--json").stdout) == []
+
+    export = daemon.cli("audit", "export", "--format", "jsonl")
+    rows = [json.loads(line) for line in export.stdout.splitlines()]
+    assert [r["cmd"] for r in rows] == ["cd /tmp; export X=1", "pwd; echo $X", "echo from-cli; pwd"]
+    assert rows[1]["exec_id"] == b["exec_id"] and rows[1]["output_sha256"] == b["output_sha256"]
+    assert rows[0]["exec_id"] == a["exec_id"] and rows[1]["exit_code"] == 0 and rows[1]["cwd"] == "/tmp"
+    assert daemon.cli("audit", "verify").returncode == 0
+
+    # the CLI works with the daemon stopped
+    daemon.kill()
+    assert sid in daemon.cli("ps", "--all").stdout
+    assert "pwd; echo $X" in daemon.cli("logs", sid).stdout
+
+    # tamper with one row by hand: verify names it and fails
+    db = sqlite3.connect(daemon.data_dir / "sandkasten.db")
+    db.execute("DROP TRIGGER IF EXISTS events_no_update")
+    for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='trigger'").fetchall():
+        db.execute(f"DROP TRIGGER {name}")
+    seq = db.execute("SELECT seq FROM events WHERE type='exec.requested' ORDER BY seq LIMIT 1 OFFSET 1").fetchone()[0]
+    db.execute("UPDATE events SET payload = replace(payload, 'echo $X', 'echo $Y') WHERE seq = ?", (seq,))
+    db.commit()
+    db.close()
+    verify = daemon.cli("audit", "verify")
+    assert verify.returncode != 0
+    assert str(seq) in verify.stdout + verify.stderr
