@@ -1,0 +1,631 @@
+"""`sandkasten`: run the daemon, and inspect or drive sessions through the journal.
+
+Who runs this: an operator or a script on the daemon's host. Every command but `daemon`
+and `stop` opens the journal itself (the SQLite file under data_dir), so `ps`, `logs` and
+`audit` work with the daemon down. Commands that want something done (`create`, `exec`,
+`rm`) append their intent through the same command handler the HTTP API uses, then wait for
+the daemon to carry it out; with no daemon running the intent stays queued in the journal
+and the next daemon start performs it. Errors are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import re
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Awaitable, Callable, TypeVar
+
+import fire
+
+from sandkasten import __version__, cli_render as render
+from sandkasten import config as config_mod
+from sandkasten.errors import ConfigError, InvalidRequest, SandkastenError, SessionNotFound
+
+T = TypeVar("T")
+
+USAGE = """\
+sandkasten: event-sourced Linux sandboxes for AI agents
+
+usage:
+  sandkasten [--config PATH]                     run the daemon in the foreground
+  sandkasten daemon [-d|--detach]                run the daemon (in the background with -d)
+  sandkasten stop                                stop the background daemon (sandboxes keep running)
+
+  sandkasten ps [--all] [--json]                 list live sessions (--all: also ended ones)
+  sandkasten logs SESSION [--follow] [--json]    replay every command of a session with its output
+  sandkasten create [--image NAME] [--ttl SECONDS] [--workspace ID] [--json]
+                                                 request a session and print its id
+  sandkasten exec SESSION CMD [--timeout MS] [--json]
+  sandkasten exec SESSION [--timeout MS] -- CMD WORDS...
+                                                 run CMD in the session's shell; exits with its code
+  sandkasten rm SESSION... [--json]              destroy sessions
+  sandkasten audit export [--format jsonl|csv] [--since 1h|2d|ISO-TIME] [--session ID] [--output FILE]
+                                                 every command ever run (who, when, cmd, exit code, sha256)
+  sandkasten audit verify                        recompute the journal's hash chain
+  sandkasten journal rebuild                     rebuild the read tables from the events (daemon stopped)
+  sandkasten version [--json]
+
+every command takes --config PATH (default: $SANDKASTEN_CONFIG, else ./sandkasten.yaml if it
+exists, else built-in defaults; SANDKASTEN_<KEY> variables override single keys).
+`sandkasten COMMAND --help` describes one command. Without a daemon, create/exec/rm are queued
+in the journal and carried out when the daemon starts (exec then exits 3).
+"""
+
+EXEC_USAGE = """\
+usage: sandkasten exec SESSION CMD [--timeout MS] [--json]
+       sandkasten exec SESSION [--timeout MS] [--json] -- CMD WORDS...
+
+Runs CMD in the session's persistent shell (cd, variables and functions carry over), prints its
+stdout and stderr and exits with its exit code. Several words are joined with spaces (like ssh);
+after `--` nothing is read as an option. Exit 3: no daemon is running (the command stays queued).
+"""
+
+DAEMON_USAGE = """\
+usage: sandkasten daemon [-d|--detach] [--config PATH]
+       sandkasten stop [--config PATH]
+
+`daemon` runs in the foreground until SIGINT/SIGTERM; with -d it starts in the background
+(pid and log under DATA_DIR/run/) and returns once the daemon answers. Stopping the daemon
+never stops sandboxes: the next start adopts them.
+"""
+
+GROUPS = {"audit": ("export", "verify"), "journal": ("rebuild",)}
+FIRE_COMMANDS = ("ps", "logs", "create", "rm", "version", *GROUPS)
+COMMANDS = ("daemon", "stop", "exec", *FIRE_COMMANDS)
+ENDED = ("destroyed", "failed")
+NO_DAEMON_EXIT = 3
+WAIT_S = 30.0
+_RELATIVE = re.compile(r"^(\d+)\s*([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+class Failed(Exception):
+    """A one-line error for the user (exit 1)."""
+
+
+class Usage(Exception):
+    """The command line itself is wrong (exit 2)."""
+
+
+class Exit(Exception):
+    """Leave with this code; whatever needed saying was said."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+# ---------------------------------------------------------------- values from Fire
+
+def text(value: Any, flag: str) -> str:
+    """Fire turns `--image 123` into an int and a bare `--image` into True; names are strings."""
+    if isinstance(value, bool):
+        raise Usage(f"{flag} needs a value")
+    return str(value)
+
+
+def parse_since(value: Any, now: datetime) -> datetime | None:
+    """`--since 1h` (s, m, h, d, w before now) or an ISO 8601 time (UTC unless it says otherwise)."""
+    if value is None:
+        return None
+    raw = text(value, "--since").strip()
+    m = _RELATIVE.match(raw)
+    if m:
+        return now - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+    try:
+        when = datetime.fromisoformat(raw)
+    except ValueError:
+        raise InvalidRequest(f"invalid --since {raw!r}: expected an age like 30m, 1h, 2d or an ISO time "
+                             "like 2024-05-01T12:00:00Z") from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def config_path(explicit: str | None) -> str | None:
+    if explicit:
+        return explicit
+    if os.environ.get("SANDKASTEN_CONFIG"):
+        return os.environ["SANDKASTEN_CONFIG"]
+    return "sandkasten.yaml" if Path("sandkasten.yaml").is_file() else None
+
+
+# ---------------------------------------------------------------- the commands
+
+class Cli:
+    """The commands, sharing one lazily loaded config (`version` and `--help` need none)."""
+
+    def __init__(self, config: str | None) -> None:
+        self.config_path = config_path(config)
+        self._cfg: config_mod.Config | None = None
+
+    @property
+    def cfg(self) -> config_mod.Config:
+        if self._cfg is None:
+            self._cfg = config_mod.load(self.config_path)
+        return self._cfg
+
+    def journal(self, work: Callable[[Any], Awaitable[T]]) -> T:
+        """Open the journal, run `work(journal)` on a fresh event loop, close it."""
+        from sandkasten.store.journal import Journal
+
+        cfg = self.cfg
+
+        async def run() -> T:
+            journal = await Journal.open(cfg.database_path, cfg.journal.durability)
+            try:
+                return await work(journal)
+            finally:
+                await journal.close()
+
+        return asyncio.run(run())
+
+    def daemon_pid(self) -> int | None:
+        from sandkasten import daemon
+
+        return daemon.running_pid(self.cfg)
+
+    # -- daemon ------------------------------------------------------------------------
+
+    def serve(self) -> int:
+        from sandkasten import daemon
+
+        return daemon.serve(self.cfg)
+
+    def detach(self) -> int:
+        from sandkasten import daemon
+
+        cfg = self.cfg
+        return daemon.start_background(cfg, str(Path(self.config_path).absolute()) if self.config_path else None)
+
+    def stop(self) -> int:
+        from sandkasten import daemon
+
+        return daemon.stop_background(self.cfg)
+
+    # -- reading -----------------------------------------------------------------------
+
+    def ps(self, all: bool = False, json: bool = False) -> None:  # noqa: A002 - the flag is --all
+        """List sessions like `docker ps`: id, image, status, created, expires, execs, cwd, workspace.
+
+        Args:
+          all: also list ended sessions (destroyed, failed)
+          json: print a JSON array (the HTTP API's session objects)
+        """
+        rows = self.journal(lambda j: j.sessions(include_ended=bool(all)))
+        if json:
+            render.print_json([render.session_json(r) for r in rows])
+        else:
+            render.sessions_table(rows, datetime.now(timezone.utc), bool(all))
+
+    def logs(self, session: str, follow: bool = False, json: bool = False) -> None:
+        """Replay every command of SESSION in order: a header (time, exec id, $ cmd, exit code,
+        duration, cwd, status), then its output.
+
+        Args:
+          session: session id
+          follow: keep printing commands as they finish, until the session ends or Ctrl-C
+          json: print a JSON array of exec objects (with --follow: one object per line)
+        """
+        sid = text(session, "SESSION")
+        try:
+            self.journal(lambda j: self._replay(j, sid, bool(follow), bool(json)))
+        except KeyboardInterrupt:
+            if not follow:
+                raise
+
+    async def _replay(self, journal, sid: str, follow: bool, as_json: bool) -> None:
+        if await journal.session(sid) is None:
+            raise SessionNotFound(f"unable to show logs of session {sid!r}: no such session")
+        shown: set[str] = set()
+        collected: list[dict] = []
+        seen_seq = -1
+        while True:
+            seq = await journal.last_seq()
+            if seq != seen_seq:
+                seen_seq = seq
+                ended = (await journal.session(sid))["status"] in ENDED
+                for row in await journal.execs(sid):
+                    if row["id"] in shown:
+                        continue
+                    if follow and not ended and row["status"] in ("requested", "running"):
+                        break  # keep request order: later execs wait for this one
+                    shown.add(row["id"])
+                    output = self.output(sid, row, self.cfg.defaults.max_output_bytes)
+                    if not as_json:
+                        render.write_exec(row, output)
+                    elif follow:
+                        render.print_json_line(render.exec_json(row, output))
+                    else:
+                        collected.append(render.exec_json(row, output))
+                if not follow or ended:
+                    break
+            await asyncio.sleep(0.2)
+        if as_json and not follow:
+            render.print_json(collected)
+
+    def output(self, sid: str, row: dict, limit: int | None) -> render.Output | None:
+        """The exec's output from data_dir/logs/<sid>/<exec_id>.log (written by the runner)."""
+        from runner import protocol
+        from sandkasten.runtime.layout import Layout
+
+        if row["status"] == "requested":
+            return None
+        try:
+            path = Layout(self.cfg.data_dir).of(sid).logs / f"{row['id']}.log"
+            return render.Output(*protocol.read_output(path, limit))
+        except FileNotFoundError:
+            return render.Output()
+        except SandkastenError:  # an id that cannot name a file: nothing was written for it
+            return render.Output()
+
+    # -- writing -----------------------------------------------------------------------
+
+    def create(self, image: str | None = None, ttl: int | None = None, workspace: str | None = None,
+               json: bool = False) -> None:
+        """Request a session and print its id once the daemon has started it.
+
+        Args:
+          image: image name (default: the config's default_image)
+          ttl: lifetime in seconds (default: session_ttl_seconds)
+          workspace: persistent workspace id to mount at /workspace
+          json: print the session object
+        """
+        from sandkasten import intake
+        from sandkasten.images.store import ImageStore
+
+        cfg = self.cfg
+        body: dict[str, Any] = {}
+        if image is not None:
+            body["image"] = text(image, "--image")
+        if ttl is not None:
+            body["ttl_seconds"] = ttl
+        if workspace is not None:
+            body["workspace_id"] = text(workspace, "--workspace")
+        command = intake.session_command(cfg, ImageStore(cfg.images_dir), body)
+        sid = intake.new_session_id()
+        pid = self.daemon_pid()
+
+        async def work(journal) -> dict:
+            await journal.execute(sid, command, actor="cli")
+            if pid is None:
+                return await journal.session(sid)
+            return await self._await_session(journal, sid, ("running", *ENDED))
+
+        row = self.journal(work)
+        if json:
+            render.print_json(render.session_json(row))
+        else:
+            print(sid, flush=True)
+        if pid is None:
+            print(f"sandkasten: no daemon is running; session {sid} is queued and is created when the "
+                  "daemon starts", file=sys.stderr)
+        elif row["status"] == "failed":
+            raise Failed(f"unable to create session {sid}: {row['end_reason'] or 'the sandbox failed to start'}")
+        elif row["status"] != "running":
+            raise Failed(f"session {sid} is still {row['status']} after {WAIT_S:.0f}s; "
+                         f"see {self.cfg.run_dir / 'daemon.log'}")
+
+    def exec_(self, session: str, cmd: str, timeout: Any = None, as_json: bool = False) -> int:
+        """Run `cmd` in the session's shell; called directly by main (Fire would mangle CMD)."""
+        from sandkasten import intake
+
+        body: dict[str, Any] = {"cmd": cmd}
+        if timeout is not None:
+            body["timeout_ms"] = int(timeout) if str(timeout).isdigit() else timeout
+        request = intake.exec_command(self.cfg, body)
+        pid = self.daemon_pid()
+
+        async def work(journal) -> dict | None:
+            if await journal.session(session) is None:
+                raise SessionNotFound(f"unable to exec in session {session!r}: no such session")
+            await journal.execute(session, request, actor="cli")
+            if pid is None:
+                return None
+            return await self._await_exec(journal, request.exec_id)
+
+        row = self.journal(work)
+        if row is None or row["status"] not in ("finished", "lost"):
+            why = "no daemon is running" if row is None else "the daemon stopped"
+            print(f"sandkasten: {why}; exec {request.exec_id} is queued in session {session} and runs "
+                  "when the daemon starts", file=sys.stderr)
+            return NO_DAEMON_EXIT
+        if row["status"] == "lost":
+            raise Failed(f"exec {row['id']} in session {session} was lost: {row['lost_reason']}")
+        output = self.output(session, row, None) or render.Output()
+        if as_json:
+            render.print_json(render.exec_json(row, output))
+        else:
+            sys.stdout.buffer.write(output.stdout)
+            sys.stdout.buffer.flush()
+            sys.stderr.buffer.write(output.stderr)
+            sys.stderr.buffer.flush()
+            if row["timed_out"]:
+                print(f"sandkasten: exec {row['id']} timed out after {row['timeout_ms']} ms", file=sys.stderr)
+        return int(row["exit_code"] or 0)
+
+    def rm(self, *sessions: str, json: bool = False) -> None:
+        """Destroy sessions (their exec logs stay on disk and in `sandkasten logs`).
+
+        Args:
+          sessions: one or more session ids
+          json: print a JSON array of {id, status, error}
+        """
+        from sandkasten.domain.commands import RequestDestroy
+
+        if not sessions:
+            raise Usage("rm needs one or more SESSION ids")
+        sids = [text(s, "SESSION") for s in sessions]
+        pid = self.daemon_pid()
+
+        async def work(journal) -> list[dict]:
+            results = []
+            for sid in sids:
+                try:
+                    row = await journal.session(sid)
+                    if row is None:
+                        raise SessionNotFound(f"unable to remove session {sid!r}: no such session")
+                    if row["status"] not in ("destroyed", "destroying"):
+                        await journal.execute(sid, RequestDestroy(reason="cli"), actor="cli")
+                    results.append({"id": sid, "status": "destroying", "error": None})
+                except SandkastenError as e:
+                    results.append({"id": sid, "status": None, "error": e.message})
+            for result in results:
+                if result["error"] is None:
+                    done = await self._await_session(journal, result["id"], ENDED) if pid else None
+                    result["status"] = (done or await journal.session(result["id"]))["status"]
+            return results
+
+        results = self.journal(work)
+        if json:
+            render.print_json(results)
+        for r in results:
+            if r["error"] is not None:
+                print(f"sandkasten: {r['error']}", file=sys.stderr)
+                continue
+            if not json:
+                print(r["id"])
+            if r["status"] != "destroyed":
+                why = "no daemon is running" if pid is None else f"still {r['status']} after {WAIT_S:.0f}s"
+                print(f"sandkasten: {r['id']}: destroy requested; {why}, the daemon finishes it", file=sys.stderr)
+        if any(r["error"] is not None for r in results):
+            raise Exit(1)
+
+    async def _await_session(self, journal, sid: str, statuses: tuple[str, ...]) -> dict:
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            row = await journal.session(sid)
+            if row["status"] in statuses or time.monotonic() > deadline or self.daemon_pid() is None:
+                return row
+            await asyncio.sleep(0.1)
+
+    async def _await_exec(self, journal, exec_id: str) -> dict:
+        """Poll until the exec finished or was lost; give up only if the daemon goes away."""
+        checked = time.monotonic()
+        while True:
+            row = await journal.exec(exec_id)
+            if row["status"] in ("finished", "lost"):
+                return row
+            if time.monotonic() - checked > 1.0:
+                checked = time.monotonic()
+                if self.daemon_pid() is None:
+                    return row
+            await asyncio.sleep(0.05)
+
+    # -- audit and journal -------------------------------------------------------------
+
+    def audit_export(self, format: str = "jsonl", since: Any = None, session: Any = None,  # noqa: A002
+                     output: Any = None) -> None:
+        """Write every command ever run (actor, time, session, exec id, cmd, cwd, exit code,
+        duration, output sha256, status), oldest first.
+
+        Args:
+          format: jsonl or csv
+          since: only commands requested since then: an age (30m, 1h, 2d, 1w) or an ISO time
+          session: only this session's commands
+          output: write to FILE instead of stdout
+        """
+        from sandkasten.store import audit
+
+        fmt = text(format, "--format")
+        if fmt not in audit.FORMATS:
+            raise Usage(f"--format must be one of {', '.join(audit.FORMATS)} (got {fmt!r})")
+        start = parse_since(since, datetime.now(timezone.utc))
+        sid = text(session, "--session") if session is not None else None
+        if output is None:
+            self.journal(lambda j: audit.export(j, fmt, start, sid, out=sys.stdout))
+            return
+        path = Path(text(output, "--output"))
+        with open(path, "w", newline="", encoding="utf-8") as out:
+            count = self.journal(lambda j: audit.export(j, fmt, start, sid, out=out))
+        print(f"sandkasten: exported {count} command{'s' * (count != 1)} to {path}", file=sys.stderr)
+
+    def audit_verify(self, json: bool = False) -> None:
+        """Recompute the hash chain over every event; exit 1 naming the first event that disagrees.
+
+        Args:
+          json: print {ok, checked, first_bad_seq, reason}
+        """
+        from sandkasten.store import audit
+
+        result = self.journal(audit.verify)
+        reason = re.sub(r"^event \d+: ", "", result.reason)
+        if json:
+            render.print_json({"ok": result.ok, "checked": result.checked, "first_bad_seq": result.first_bad_seq,
+                               "reason": reason})
+        elif result.ok:
+            print(f"ok: {result.checked} events verified")
+        else:
+            print(f"journal tampered: first bad event seq={result.first_bad_seq} ({reason})")
+        if not result.ok:
+            raise Exit(1)
+
+    def journal_rebuild(self) -> None:
+        """Empty the read tables (sessions, execs, workspaces) and replay every event into them."""
+        pid = self.daemon_pid()
+        if pid is not None:
+            raise Failed(f"unable to rebuild the journal: the daemon (pid {pid}) is running; "
+                         "stop it first (sandkasten stop)")
+        count = self.journal(lambda j: j.rebuild())
+        print(f"rebuilt the read tables from {count} event{'s' * (count != 1)}")
+
+    def version(self, json: bool = False) -> None:
+        """Print the version.
+
+        Args:
+          json: print {"version": ...}
+        """
+        if json:
+            render.print_json({"version": __version__})
+        else:
+            print(f"sandkasten {__version__}")
+
+    def fire_commands(self) -> dict[str, Any]:
+        return {"ps": self.ps, "logs": self.logs, "create": self.create, "rm": self.rm,
+                "audit": {"export": self.audit_export, "verify": self.audit_verify},
+                "journal": {"rebuild": self.journal_rebuild}, "version": self.version}
+
+
+# ---------------------------------------------------------------- argument handling
+
+def split_config(args: list[str]) -> tuple[str | None, list[str]]:
+    """Take the global --config out of the arguments (anywhere before a `--`)."""
+    path, out, i = None, [], 0
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            out.extend(args[i:])
+            break
+        if a == "--config":
+            if i + 1 >= len(args):
+                raise Usage("--config needs a PATH")
+            path, i = args[i + 1], i + 2
+            continue
+        if a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        else:
+            out.append(a)
+        i += 1
+    return path, out
+
+
+def exec_args(args: list[str]) -> tuple[str, str, str | None, bool] | None:
+    """SESSION, CMD, --timeout, --json from `exec`'s own arguments; None for --help.
+
+    Fire would turn "123" into an int and treat `--` as its own separator, so exec is parsed
+    here: options before the first command word or after it, everything after `--` verbatim.
+    """
+    sid, words, timeout, as_json, i = None, [], None, False, 0
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            words.extend(args[i + 1:])
+            break
+        if a in ("-h", "--help"):
+            return None
+        if a == "--json":
+            as_json = True
+        elif a in ("--timeout", "--timeout_ms", "--timeout-ms"):
+            if i + 1 >= len(args):
+                raise Usage(f"{a} needs a value in milliseconds")
+            timeout, i = args[i + 1], i + 1
+        elif a.startswith(("--timeout=", "--timeout_ms=", "--timeout-ms=")):
+            timeout = a.split("=", 1)[1]
+        elif a.startswith("-") and not words and (sid is None or a.startswith("--")):
+            raise Usage(f"exec: unknown option {a} (put the command after `--`)")
+        elif sid is None:
+            sid = a
+        else:
+            words.append(a)
+        i += 1
+    if sid is None:
+        raise Usage("exec needs a SESSION and a command")
+    cmd = words[0] if len(words) == 1 else " ".join(words)
+    if not cmd.strip():
+        raise Usage("exec needs a command: sandkasten exec SESSION CMD")
+    return sid, cmd, timeout, as_json
+
+
+def check_flags(fn: Callable[..., Any], args: list[str]) -> None:
+    """Refuse unknown flags before Fire runs anything: Fire would call the command first and
+    complain about the leftover flag afterwards (`rm s-1 --jsno` would remove s-1, then fail)."""
+    params = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_POSITIONAL]
+    names = {p.name for p in params} | {"help"}
+    shorts = {p.name[0] for p in params} | {"h"}
+    for a in args:
+        if a == "--":
+            return
+        if a.startswith("--"):
+            name = a[2:].split("=", 1)[0].replace("-", "_")
+            if name not in names and not (name.startswith("no") and name[2:] in names):
+                raise Usage(f"unknown option --{name} (known: {', '.join('--' + n for n in sorted(names))})")
+        elif re.fullmatch(r"-[A-Za-z]", a) and a[1] not in shorts:
+            raise Usage(f"unknown option {a}")
+
+
+def dispatch(cli: Cli, args: list[str]) -> int:
+    command = args[0] if args else "daemon"
+    rest = args[1:]
+    if command in ("daemon", "stop"):
+        if any(a in ("-h", "--help") for a in rest):
+            print(DAEMON_USAGE, end="")
+            return 0
+        if command == "stop" and not rest:
+            return cli.stop()
+        if command == "daemon" and rest in ([], ["-d"], ["--detach"]):
+            return cli.detach() if rest else cli.serve()
+        raise Usage(f"{command}: unexpected argument(s) {' '.join(rest)}")
+    if command == "exec":
+        parsed = exec_args(rest)
+        if parsed is None:
+            print(EXEC_USAGE, end="")
+            return 0
+        return cli.exec_(*parsed)
+    if command in GROUPS and (not rest or rest[0] not in GROUPS[command] + ("-h", "--help")):
+        raise Usage(f"{command} needs one of: {', '.join(GROUPS[command])}")
+    target = cli.fire_commands()[command]
+    check_flags(target[rest[0]] if isinstance(target, dict) else target, rest[1:] if isinstance(target, dict) else rest)
+    os.environ["PAGER"] = "cat"  # Fire pages its help through less on a tty
+    fire.Fire(cli.fire_commands(), command=args, name="sandkasten")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        config, args = split_config(args)
+        if args and args[0] in ("-h", "--help", "help"):
+            print(USAGE, end="")
+            return 0
+        if args and args[0] not in COMMANDS:
+            raise Usage(f"unknown command {args[0]!r} (sandkasten --help lists them)")
+        return dispatch(Cli(config), args)
+    except Usage as e:
+        print(f"sandkasten: {e}", file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        print(f"sandkasten: {e.message}", file=sys.stderr)
+        return 2
+    except Exit as e:
+        return e.code
+    except (Failed, SandkastenError) as e:
+        print(f"sandkasten: {getattr(e, 'message', e)}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `sandkasten logs s-… | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as e:
+        print(f"sandkasten: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sandkasten: interrupted", file=sys.stderr)
+        return 130
+    except fire.core.FireExit as e:
+        return int(e.code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
