@@ -48,6 +48,7 @@ usage:
                                                  every command ever run (who, when, cmd, exit code, sha256)
   sandkasten audit verify                        recompute the journal's hash chain
   sandkasten journal rebuild                     rebuild the read tables from the events (daemon stopped)
+  sandkasten doctor [--json]                     drift between the journal and the kernel (exit 1 if any)
   sandkasten version [--json]
 
 every command takes --config PATH (default: $SANDKASTEN_CONFIG, else ./sandkasten.yaml if it
@@ -75,7 +76,7 @@ never stops sandboxes: the next start adopts them.
 """
 
 GROUPS = {"audit": ("export", "verify"), "journal": ("rebuild",)}
-FIRE_COMMANDS = ("ps", "logs", "create", "rm", "version", *GROUPS)
+FIRE_COMMANDS = ("ps", "logs", "create", "rm", "version", "doctor", *GROUPS)
 COMMANDS = ("daemon", "stop", "exec", *FIRE_COMMANDS)
 ENDED = ("destroyed", "failed")
 NO_DAEMON_EXIT = 3
@@ -472,6 +473,31 @@ class Cli:
         count = self.journal(lambda j: j.rebuild())
         print(f"rebuilt the read tables from {count} event{'s' * (count != 1)}")
 
+    def doctor(self, json: bool = False) -> None:
+        """Compare the journal with what exists on the host; exit 1 when they disagree.
+
+        Args:
+          json: print {checked, drift: [...]}
+        """
+        from sandkasten.doctor import find_drift
+        from sandkasten.runtime.sandboxes import Runtime
+
+        cfg = self.cfg
+        runtime = Runtime.detect(cfg.data_dir, cgroup_parent=cfg.cgroup_parent)
+        try:
+            drift, checked = self.journal(lambda j: find_drift(j, runtime))
+        finally:
+            runtime.close()
+        if json:
+            render.print_json({"checked": checked, "drift": [d.__dict__ for d in drift]})
+        elif not drift:
+            print(f"ok: {checked} session{'s' * (checked != 1)} in the journal, no drift with the host")
+        else:
+            render.table(["SESSION", "JOURNAL", "KERNEL", "PROBLEM"],
+                         [[d.session_id, d.journal, d.kernel, d.problem] for d in drift])
+        if drift:
+            raise Exit(1)
+
     def version(self, json: bool = False) -> None:
         """Print the version.
 
@@ -486,7 +512,7 @@ class Cli:
     def fire_commands(self) -> dict[str, Any]:
         return {"ps": self.ps, "logs": self.logs, "create": self.create, "rm": self.rm,
                 "audit": {"export": self.audit_export, "verify": self.audit_verify},
-                "journal": {"rebuild": self.journal_rebuild}, "version": self.version}
+                "journal": {"rebuild": self.journal_rebuild}, "version": self.version, "doctor": self.doctor}
 
 
 # ---------------------------------------------------------------- argument handling

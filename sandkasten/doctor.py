@@ -1,0 +1,66 @@
+"""Drift between the journal (what should exist) and the kernel (what does exist).
+
+Who runs this: `sandkasten doctor`, with or without the daemon. Read-only: it reports, the
+daemon's reconciler repairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sandkasten.runtime.sandboxes import Runtime
+from sandkasten.store.journal import Journal
+
+LIVE = ("requested", "running", "destroying")
+
+
+@dataclass(frozen=True)
+class Drift:
+    session_id: str
+    journal: str      # status in the journal, or "absent"
+    kernel: str       # what was observed
+    problem: str
+
+
+def observed_summary(obs) -> str:
+    if obs.healthy:
+        return f"runner pid {obs.pid} alive and answering"
+    parts = []
+    if obs.alive:
+        parts.append(f"runner pid {obs.pid} alive but not answering")
+    elif obs.pid is not None:
+        parts.append(f"runner pid {obs.pid} gone")
+    if obs.cgroup:
+        parts.append("cgroup" + (" (populated)" if obs.populated else " (empty)"))
+    if obs.session_dir:
+        parts.append("session dir")
+    return ", ".join(parts) or "nothing"
+
+
+async def find_drift(journal: Journal, runtime: Runtime) -> tuple[list[Drift], int]:
+    """All drift, and how many journal sessions were checked."""
+    rows = await journal.sessions(include_ended=True)
+    known = {r["id"]: r for r in rows}
+    drift: list[Drift] = []
+    for row in rows:
+        sid, status = row["id"], row["status"]
+        obs = runtime.observe(sid)
+        seen = observed_summary(obs)
+        if status == "running":
+            if not obs.healthy:
+                drift.append(Drift(sid, status, seen, "the journal says running but the sandbox is not healthy"))
+            elif (obs.pid, obs.start_time) != (row["runner_pid"], row["runner_start_time"]):
+                drift.append(Drift(sid, status, seen, "a different runner than the journal recorded (pid reuse?)"))
+        elif status in ("destroyed", "failed", "lost") and (obs.alive or obs.cgroup or obs.session_dir):
+            drift.append(Drift(sid, status, seen, f"the session is {status} but leftovers remain on the host"))
+        elif status in ("requested", "destroying"):
+            drift.append(Drift(sid, status, seen, f"the session is {status}: work the daemon has not finished"))
+    for sid in sorted(runtime.host_sessions() - set(known)):
+        drift.append(Drift(sid, "absent", observed_summary(runtime.observe(sid)),
+                           "host traces of a session the journal does not know (orphan)"))
+    for e in await journal.pending_execs():
+        s = known.get(e["session_id"])
+        if s is not None and s["status"] != "running":
+            drift.append(Drift(e["session_id"], s["status"], f"exec {e['id']} {e['status']}",
+                               "an exec is pending on a session that is not running"))
+    return drift, len(rows)
