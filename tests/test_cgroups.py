@@ -77,7 +77,7 @@ def new_parent(request, suffix: str = "") -> Cgroups:
     if os.geteuid() != 0:
         pytest.skip("real cgroups need root")
     try:
-        cgroups = detect(parent=f"sandkasten-test-{os.getpid()}{suffix}")
+        cgroups = detect(parent=f"sandkasten-cgtest-{os.getpid()}{suffix}")
     except SandboxError as e:
         pytest.skip(str(e))
     request.addfinalizer(cgroups.destroy_parent)  # registered before anything exists

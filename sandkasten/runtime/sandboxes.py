@@ -107,7 +107,7 @@ class Runtime:
 
     def host_sessions(self) -> set[str]:
         """Every session id that has any trace on the host: dirs, sockets, cgroups."""
-        found: set[str] = set(self.cgroups.names())
+        found: set[str] = {n for n in self.cgroups.names() if SESSION_ID.match(n)}
         for base in (self.layout.sessions, self.layout.run):
             if base.is_dir():
                 found.update(e.name for e in base.iterdir() if e.is_dir() and SESSION_ID.match(e.name))
