@@ -71,6 +71,7 @@ class Security:
 @dataclass(frozen=True)
 class Journal:
     durability: str = "normal"
+    busy_timeout_s: float = 10.0   # how long a write waits for another writer's lock
 
 
 @dataclass(frozen=True)
@@ -318,6 +319,7 @@ def _validate(cfg: Config) -> None:
     _one_of("journal.durability", cfg.journal.durability, DURABILITIES)
     _one_of("reconcile.lost_sandbox_policy", cfg.reconcile.lost_sandbox_policy, LOST_SANDBOX_POLICIES)
     _positive("reconcile.resync_seconds", cfg.reconcile.resync_seconds)
+    _positive("journal.busy_timeout_s", cfg.journal.busy_timeout_s)
     if d.cpu_limit > cfg.limits.max_cpu_limit:
         raise ConfigError("invalid config key defaults.cpu_limit: above limits.max_cpu_limit")
     if d.mem_limit_mb > cfg.limits.max_mem_limit_mb:

@@ -40,9 +40,8 @@ class Daemon:
 
     async def start(self) -> None:
         cfg = self.cfg
-        for d in (cfg.data_dir, cfg.run_dir, cfg.sessions_dir, cfg.workspaces_dir, cfg.images_dir):
-            d.mkdir(parents=True, exist_ok=True)
-        self.journal = await Journal.open(cfg.database_path, cfg.journal.durability)
+        self.journal = await Journal.open(cfg.database_path, cfg.journal.durability,
+                                          busy_timeout_s=cfg.journal.busy_timeout_s)
         self.runtime = Runtime.detect(cfg.data_dir, cgroup_parent=cfg.cgroup_parent)
         self.runtime.images = __import__("sandkasten.images.store", fromlist=["ImageStore"]).ImageStore(
             cfg.images_dir)
@@ -87,6 +86,21 @@ def running_pid(cfg: Config) -> int | None:
     return None
 
 
+def preflight(cfg: Config) -> None:
+    """What can fail before serving fails here, with one clear line instead of a server
+    traceback: directories, the journal (opened and migrated), the cgroup layout."""
+    from sandkasten.runtime import cgroups
+    from sandkasten.store import schema
+
+    for d in (cfg.data_dir, cfg.run_dir, cfg.sessions_dir, cfg.workspaces_dir, cfg.images_dir):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SandkastenError(f"unable to create directory {d}: {e.strerror}") from None
+    Journal.check(cfg.database_path, cfg.journal.busy_timeout_s)
+    cgroups.detect(parent=cfg.cgroup_parent)
+
+
 def serve(cfg: Config) -> int:
     """Run in the foreground until SIGINT/SIGTERM."""
     from sanic import Sanic
@@ -99,6 +113,11 @@ def serve(cfg: Config) -> int:
     if other is not None and other != os.getpid():
         print(f"sandkasten: unable to start: a daemon (pid {other}) already runs with data_dir {cfg.data_dir}",
               file=sys.stderr)
+        return 1
+    try:
+        preflight(cfg)
+    except SandkastenError as e:
+        print(f"sandkasten: {e.message}", file=sys.stderr)
         return 1
     daemon = Daemon(cfg)
     app = create_app(daemon)

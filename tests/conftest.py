@@ -61,8 +61,9 @@ def daemon_factory(tmp_path, image_store, cgroup_parent):
 
     made = []
 
-    def make(**overrides) -> DaemonProc:
-        d = DaemonProc(make_data_dir(tmp_path, IMAGE_CACHE), cgroup_parent, **overrides)
+    def make(data_dir: Path | None = None, **overrides) -> DaemonProc:
+        d = DaemonProc(make_data_dir(data_dir.parent if data_dir else tmp_path, IMAGE_CACHE),
+                       cgroup_parent, **overrides)
         made.append(d)
         return d
 

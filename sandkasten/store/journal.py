@@ -116,6 +116,23 @@ class Journal:
 
         return cls(db_path, engine, durability, busy_timeout_s)
 
+    @classmethod
+    def check(cls, db_path: Path, busy_timeout_s: float = 10.0) -> None:
+        """Blocking preflight for the daemon: migrate the file and read its schema once, so a
+        corrupt, locked or unwritable journal stops the start with one clear line."""
+        db_path = Path(db_path).absolute()
+        try:
+            db_path.parent.mkdir(parents=True, exist_ok=True)
+            schema.upgrade(db_path, busy_timeout_s)
+            conn = sqlite3.connect(db_path, timeout=busy_timeout_s)
+            try:
+                conn.execute("SELECT count(*) FROM events").fetchone()
+            finally:
+                conn.close()
+        except (sa.exc.SQLAlchemyError, sqlite3.Error, OSError) as exc:
+            cause = _Guard(db_path, busy_timeout_s)._cause(exc)
+            raise JournalError(f"unable to open journal {db_path}: {cause}", path=str(db_path)) from None
+
     async def close(self) -> None:
         await self._engine.dispose()
 
