@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from sandkasten.store import schema
+
 from sandkasten.domain import (
     CreateWorkspace,
     DeleteWorkspace,
@@ -67,7 +69,7 @@ async def test_open_creates_parent_dir_and_wal(tmp_path):
     await j.close()
     with sqlite3.connect(path) as raw:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert raw.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0001"
+        assert raw.execute("SELECT version_num FROM alembic_version").fetchone()[0] == schema.HEAD_REVISION
     j = await Journal.open(path)  # second open: already at head
     assert await j.last_seq() == 0
     await j.close()

@@ -239,13 +239,22 @@ def run_debootstrap(cmd: list[str], say: Progress) -> None:
     """Run debootstrap, summarising its output: one line per stage (preparing, downloading,
     extracting, unpacking, configuring) and one every few seconds within a long stage."""
     started = time.monotonic()
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          stdin=subprocess.DEVNULL, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}) as proc:
+        assert proc.stdout is not None
+        tail = _summarise(proc.stdout, say, started)
+    if proc.returncode != 0:
+        raise BuildError(f"unable to build image: debootstrap exited with {proc.returncode}; last output:\n"
+                         + "\n".join(tail))
+    say(f"debootstrap: done ({time.monotonic() - started:.0f}s)")
+
+
+def _summarise(lines, say: Progress, started: float) -> list[str]:
+    """Say what debootstrap is doing; return its last 30 lines (for an error message)."""
     last_say = started
     stage, count = "", 0
     tail: list[str] = []
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            stdin=subprocess.DEVNULL, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-    assert proc.stdout is not None
-    for line in proc.stdout:
+    for line in lines:
         line = line.rstrip()
         tail = (tail + [line])[-30:]
         m = re.match(r"^([IWE]): (\S+)(.*)", line)
@@ -267,11 +276,7 @@ def run_debootstrap(cmd: list[str], say: Progress) -> None:
         if now - last_say >= _PROGRESS_EVERY_S:
             say(f"debootstrap: {stage}, {count} packages ({now - started:.0f}s)")
             last_say = now
-    rc = proc.wait()
-    if rc != 0:
-        raise BuildError(f"unable to build image: debootstrap exited with {rc}; last output:\n"
-                         + "\n".join(tail))
-    say(f"debootstrap: done ({time.monotonic() - started:.0f}s)")
+    return tail
 
 
 def finish_debian(rootfs: Path) -> None:
