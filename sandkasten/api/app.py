@@ -10,7 +10,7 @@ import secrets
 from sanic import Request, Sanic
 from sanic.exceptions import SanicException
 
-from sandkasten.api import errors, files, sessions, system
+from sandkasten.api import errors, files, sessions, stream, system, workspaces
 from sandkasten.errors import SandkastenError
 
 log = logging.getLogger("sandkasten.api")
@@ -56,4 +56,6 @@ def create_app(daemon) -> Sanic:
     app.blueprint(system.bp)
     app.blueprint(sessions.bp)
     app.blueprint(files.bp)
+    app.blueprint(stream.bp)
+    app.blueprint(workspaces.bp)
     return app

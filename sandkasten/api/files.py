@@ -10,8 +10,8 @@ import binascii
 from sanic import Blueprint, Request, json
 
 from sandkasten.api.sessions import json_body, require_running, session_row
-from sandkasten.errors import InvalidRequest, TooLarge
-from sandkasten.workspace_fs import WorkspaceFS
+from sandkasten.errors import InvalidRequest, PathRefused, TooLarge
+from sandkasten.workspace_fs import MOUNT_POINT, WorkspaceFS
 
 bp = Blueprint("files", url_prefix="/v1")
 
@@ -58,6 +58,38 @@ def parse_int(value: str | None, name: str) -> int | None:
     return n
 
 
+def upload_name(name: object) -> str:
+    """A multipart file name is one plain name; where it goes is the form field `dir`."""
+    if not isinstance(name, str) or not name or name in (".", "..") or any(ch in name for ch in "/\\\0"):
+        raise PathRefused(f"unable to upload {name!r}: a file name must be a single name without "
+                          "'/', '\\' or NUL (choose the directory with the form field 'dir')", path=str(name))
+    return name
+
+
+def parse_uploads(request: Request, fs: WorkspaceFS) -> list[tuple[str, bytes]]:
+    """(path, bytes) of every file of a multipart/form-data body, placed in the form field `dir`
+    (default /workspace). All names, paths and sizes are checked here, before anything is written."""
+    if not request.content_type.startswith("multipart/form-data"):
+        raise InvalidRequest(f"invalid upload: expected multipart/form-data, got {request.content_type!r}")
+    target = request.form.get("dir") or MOUNT_POINT
+    files = [f for field in request.files.values() for f in field]
+    if not files:
+        raise InvalidRequest("invalid upload: no files in the form (send them as file parts)")
+    paths = [target.rstrip("/") + "/" + upload_name(f.name) for f in files]
+    if len(set(paths)) != len(paths):
+        raise InvalidRequest("invalid upload: the same file name appears twice")
+    for f, path in zip(files, paths):
+        fs.normalize(path)   # refuses an escaping 'dir'
+        if len(f.body) > fs.max_file_bytes:
+            raise TooLarge(f"unable to upload {f.name!r}: {len(f.body)} bytes is above the limit of "
+                           f"{fs.max_file_bytes}", limit=fs.max_file_bytes, name=f.name)
+    return [(path, f.body) for f, path in zip(files, paths)]
+
+
+async def write_uploads(fs: WorkspaceFS, uploads: list[tuple[str, bytes]]) -> list[dict]:
+    return [present_entry(await asyncio.to_thread(fs.write, path, data)) for path, data in uploads]
+
+
 async def _fs(request: Request, sid: str, verb: str) -> WorkspaceFS:
     d = request.app.ctx.daemon
     row = await session_row(d, sid)
@@ -74,6 +106,12 @@ async def write_file(request: Request, sid: str):
     data = decode_content(body, fs.max_file_bytes)
     entry = await asyncio.to_thread(fs.write, body["path"], data)
     return json({"ok": True, **present_entry(entry)})
+
+
+@bp.post("/sessions/<sid>/fs/upload")
+async def upload_files(request: Request, sid: str):
+    fs = await _fs(request, sid, "upload files")
+    return json({"ok": True, "entries": await write_uploads(fs, parse_uploads(request, fs))})
 
 
 @bp.get("/sessions/<sid>/fs/read")

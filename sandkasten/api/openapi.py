@@ -27,6 +27,33 @@ def _q(name: str, typ: str = "string", required: bool = False) -> dict:
 
 SID = {"name": "sid", "in": "path", "required": True, "schema": {"type": "string"}}
 EID = {"name": "exec_id", "in": "path", "required": True, "schema": {"type": "string"}}
+WID = {"name": "wid", "in": "path", "required": True,
+       "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"}}
+LAST_EVENT_ID = {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"},
+                 "description": "resume after this event id (also ?last_event_id=)"}
+SSE_DOC = ("text/event-stream. Events: `started` {exec_id, session_id}; `chunk` {chunk, stream: "
+           "stdout|stderr, timestamp, chunk_base64 if raw_output}; then `done` {exit_code, cwd, duration_ms, "
+           "timed_out, truncated} or `error` {error_code, message}. Every event has an `id:` (the exec log "
+           "offset after the chunk); send the last one back as Last-Event-ID to resume with no byte lost or "
+           "repeated, also after a daemon restart. `: keepalive` comments every 10 s.")
+
+
+def _sse(summary: str, **kw) -> dict:
+    op = _op(summary, **kw)
+    op["description"] = SSE_DOC
+    op["responses"]["200"] = {"description": "event stream", "content": {"text/event-stream": {
+        "schema": {"type": "string"}}}}
+    return op
+
+
+def _upload(summary: str, params: list) -> dict:
+    op = _op(summary, params=params, errors=(400, 401, 404, 409, 413))
+    op["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "properties": {
+            "dir": {"type": "string", "description": "target directory, default /workspace"},
+            "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                      "description": "one or more file parts; each file name must be a plain name"}}}}}}
+    return op
 
 
 def document() -> dict:
@@ -85,10 +112,18 @@ def document() -> dict:
                 "run a command in the session's persistent shell", body="Exec",
                 params=[SID, {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"}}],
                 result={"$ref": "#/components/schemas/ExecResult"}, errors=(400, 401, 404, 409, 410, 413))}},
+            "/v1/sessions/{sid}/exec/stream": {"post": _sse(
+                "run a command and stream its output as Server-Sent Events", body="Exec",
+                params=[SID, {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"}},
+                        LAST_EVENT_ID], errors=(400, 401, 404, 409, 410, 413))},
+            "/v1/sessions/{sid}/execs/{exec_id}/stream": {"get": _sse(
+                "re-attach to a running or finished exec's output", params=[
+                    SID, EID, LAST_EVENT_ID, _q("last_event_id"), _q("raw_output", "boolean")])},
             "/v1/sessions/{sid}/execs": {"get": _op("exec history", params=[SID])},
             "/v1/sessions/{sid}/execs/{exec_id}": {"get": _op("one exec with output", params=[SID, EID])},
             "/v1/sessions/{sid}/fs/write": {"post": _op("write a file in /workspace", body="WriteFile",
                                                         params=[SID], errors=(400, 401, 404, 413))},
+            "/v1/sessions/{sid}/fs/upload": {"post": _upload("upload files (multipart) into /workspace", [SID])},
             "/v1/sessions/{sid}/fs/read": {"get": _op("read a file in /workspace", params=[
                 SID, _q("path", required=True), _q("max_bytes", "integer")])},
             "/v1/sessions/{sid}/fs": {
@@ -96,5 +131,19 @@ def document() -> dict:
                 "delete": _op("delete a file or directory", params=[SID, _q("path", required=True),
                                                                     _q("recursive", "boolean")]),
             },
+            "/v1/workspaces": {"get": _op("list persistent workspaces (size on disk, sessions using them)",
+                                          errors=(401,))},
+            "/v1/workspaces/{wid}": {"delete": _op(
+                "delete a workspace (409 WORKSPACE_IN_USE while a live session uses it, unless force)",
+                params=[WID, _q("force", "boolean")], errors=(400, 401, 404, 409))},
+            "/v1/workspaces/{wid}/fs/write": {"post": _op(
+                "write a file in a workspace (creates the workspace)", body="WriteFile", params=[WID],
+                errors=(400, 401, 413))},
+            "/v1/workspaces/{wid}/fs/upload": {"post": _upload(
+                "upload files (multipart) into a workspace (creates the workspace)", [WID])},
+            "/v1/workspaces/{wid}/fs": {"get": _op("list files of a workspace", params=[
+                WID, _q("path"), _q("recursive", "boolean")])},
+            "/v1/workspaces/{wid}/fs/read": {"get": _op("read a file of a workspace", params=[
+                WID, _q("path", required=True), _q("max_bytes", "integer")])},
         },
     }

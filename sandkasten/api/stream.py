@@ -1,0 +1,153 @@
+"""Exec output as Server-Sent Events (DESIGN.md §5): run a command and watch it, or re-attach.
+
+Who runs this: the daemon's event loop, one handler per connected client. The handler never
+owns the command: the executor's keyed task runs it (started here, or by anyone else), the
+runner writes its output to the exec log, and the handler only tails that file
+(`exec_feed.follow`) until the journal says the exec is settled. A client that goes away cancels
+only its handler; the command, its log and its journal rows carry on, so a reconnect — even to a
+restarted daemon — resumes from the event id it last saw.
+
+Events: `started` {exec_id, session_id}, `chunk` {chunk, stream, timestamp[, chunk_base64]},
+then `done` {exit_code, cwd, duration_ms, timed_out, truncated} or `error` {error_code, message}.
+Every id is an `exec_feed.Cursor`: the log offset after the frame (+ any half-sent character).
+"""
+
+from __future__ import annotations
+
+import base64
+import json as jsonlib
+import logging
+
+from sanic import Blueprint, Request
+
+from sandkasten import exec_feed, intake
+from sandkasten.api.sessions import json_body, require_running, session_row
+from sandkasten.domain.session import DuplicateIdempotencyKey
+from sandkasten.errors import ExecNotFound, InvalidRequest, SandboxError, SandboxGone, SandkastenError
+from sandkasten.exec_feed import Cursor, FeedError, TextDecoder
+from sandkasten.runtime.spec import EXEC_ID
+
+bp = Blueprint("stream", url_prefix="/v1")
+log = logging.getLogger("sandkasten.api.stream")
+HEARTBEAT_S = 10.0
+SETTLED = ("finished", "lost")
+
+
+async def submit_exec(request: Request, sid: str) -> tuple[str, dict, bool]:
+    """The exec this request asks for, journaled: the one an earlier request with the same
+    Idempotency-Key made, or a new one. Returns (exec_id, body, whether it is an earlier one).
+    Raises (bad body, unknown or ended session) before anything is journaled."""
+    d = request.app.ctx.daemon
+    row = await session_row(d, sid)
+    body = json_body(request)
+    key = request.headers.get("idempotency-key")
+    if key is not None:
+        prior = await d.journal.exec_by_idempotency_key(sid, key)
+        if prior is not None:
+            return prior["id"], body if isinstance(body, dict) else {}, True
+    require_running(row, "exec")
+    cmd = intake.exec_command(d.cfg, body, key)
+    try:
+        await d.journal.execute(sid, cmd, actor=request.ctx.actor, request_id=request.ctx.request_id)
+        return cmd.exec_id, body, False
+    except DuplicateIdempotencyKey as e:  # a concurrent retry with the same key won the race
+        return e.exec_id, body, True
+
+
+def resume_cursor(request: Request) -> Cursor:
+    text = request.headers.get("last-event-id") or request.args.get("last_event_id")
+    try:
+        return Cursor.parse(text)
+    except FeedError as e:
+        raise InvalidRequest(str(e)) from None
+
+
+def truthy(value) -> bool:
+    return value is True or str(value).lower() in ("1", "true", "yes")
+
+
+@bp.post("/sessions/<sid>/exec/stream")
+async def exec_stream(request: Request, sid: str):
+    d = request.app.ctx.daemon
+    cursor = resume_cursor(request)
+    exec_id, body, earlier = await submit_exec(request, sid)
+    if not earlier:
+        cursor = Cursor()   # a Last-Event-ID cannot name a point in an exec that did not exist: send it all
+    d.executor.ensure_exec(sid, exec_id)   # not awaited: the command must outlive this connection
+    await _stream(request, sid, exec_id, cursor, raw=truthy(body.get("raw_output", False)))
+
+
+@bp.get("/sessions/<sid>/execs/<exec_id>/stream")
+async def exec_restream(request: Request, sid: str, exec_id: str):
+    d = request.app.ctx.daemon
+    await session_row(d, sid)
+    row = await d.journal.exec(exec_id) if EXEC_ID.match(exec_id) else None
+    if row is None or row["session_id"] != sid:
+        raise ExecNotFound(f"unable to find exec {exec_id!r} in session {sid}")
+    await _stream(request, sid, exec_id, resume_cursor(request), raw=truthy(request.args.get("raw_output")))
+
+
+# JSON leaves these raw with ensure_ascii=False; clients that split lines like str.splitlines
+# (httpx's iter_lines does) would cut an event at them, so they travel escaped.
+_LINE_BREAKERS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def event(kind: str, data: dict, event_id: str) -> str:
+    payload = jsonlib.dumps(data, ensure_ascii=False).translate(_LINE_BREAKERS)
+    return f"event: {kind}\nid: {event_id}\ndata: {payload}\n\n"
+
+
+async def _stream(request: Request, sid: str, exec_id: str, cursor: Cursor, raw: bool) -> None:
+    d = request.app.ctx.daemon
+    path = d.runtime.paths(sid).logs / f"{exec_id}.log"
+    try:
+        exec_feed.check_offset(path, cursor.offset)
+    except FeedError as e:
+        raise InvalidRequest(f"unable to resume exec {exec_id}: {e}") from None
+
+    async def settled() -> bool:
+        row = await d.journal.exec(exec_id)
+        return row is None or row["status"] in SETTLED
+
+    response = await request.respond(content_type="text/event-stream; charset=utf-8", headers={
+        "cache-control": "no-cache", "x-accel-buffering": "no", "x-exec-id": exec_id})
+    await response.send(event("started", {"exec_id": exec_id, "session_id": sid}, cursor.format()))
+    text = TextDecoder(cursor)
+    offset, ts = cursor.offset, None
+    try:
+        async for frame in exec_feed.follow(path, cursor.offset, settled, heartbeat_s=HEARTBEAT_S):
+            if frame is None:
+                await response.send(": keepalive\n\n")
+                continue
+            offset, ts = frame.offset, frame.ts
+            data = {"chunk": text.decode(frame), "stream": frame.stream, "timestamp": frame.ts}
+            if raw:
+                data["chunk_base64"] = base64.b64encode(frame.data).decode()
+            await response.send(event("chunk", data, text.cursor(offset).format()))
+        for stream, rest in text.flush():   # output ended inside a character
+            data = {"chunk": rest, "stream": stream, "timestamp": ts}
+            if raw:
+                data["chunk_base64"] = ""
+            await response.send(event("chunk", data, text.cursor(offset).format()))
+        await response.send(await _outcome(d, sid, exec_id, offset))
+    except (SandkastenError, FeedError, OSError) as e:
+        code = e.code if isinstance(e, SandkastenError) else SandboxError.code
+        message = e.message if isinstance(e, SandkastenError) else f"unable to read the log of exec {exec_id}: {e}"
+        log.warning("exec stream %s/%s: %s", sid, exec_id, message)
+        await response.send(event("error", {"error_code": code, "message": message, "exec_id": exec_id},
+                                  text.cursor(offset).format("-error")))
+    await response.eof()
+
+
+async def _outcome(d, sid: str, exec_id: str, offset: int) -> str:
+    row = await d.journal.exec(exec_id)
+    final = Cursor(offset)
+    if row is not None and row["status"] == "finished":
+        return event("done", {
+            "exec_id": exec_id, "exit_code": row["exit_code"], "cwd": row["cwd"],
+            "duration_ms": row["duration_ms"], "timed_out": bool(row["timed_out"]),
+            "truncated": bool(row["truncated"])}, final.format("-done"))
+    reason = row["lost_reason"] if row is not None else "its journal row is gone"
+    return event("error", {"error_code": SandboxGone.code, "exec_id": exec_id,
+                           "message": f"exec {exec_id} in session {sid} was lost: {reason}"},
+                 final.format("-error"))
