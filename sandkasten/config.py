@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -69,6 +70,18 @@ class Security:
 
 
 @dataclass(frozen=True)
+class Network:
+    """Bridge mode (`network_mode: bridge`): host bridge, sandbox subnet, egress allow-list."""
+
+    bridge: str = "sk0"
+    subnet: str = "10.213.0.0/16"
+    egress_allow: tuple[str, ...] = ()      # CIDRs or host names (resolved at start) for every sandbox
+    session_egress_within: tuple[str, ...] = ("0.0.0.0/0",)  # what a session's own egress_allow may name
+    dns: tuple[str, ...] = ()               # resolver addresses sandboxes may query on port 53
+    enable_ip_forward: bool = False         # set net.ipv4.ip_forward=1 (host-wide) for egress past the host
+
+
+@dataclass(frozen=True)
 class Journal:
     durability: str = "normal"
     busy_timeout_s: float = 10.0   # how long a write waits for another writer's lock
@@ -95,6 +108,7 @@ class Config:
     workspace: Workspace = field(default_factory=Workspace)
     pool: Pool = field(default_factory=Pool)
     security: Security = field(default_factory=Security)
+    network: Network = field(default_factory=Network)
     journal: Journal = field(default_factory=Journal)
     reconcile: Reconcile = field(default_factory=Reconcile)
     cgroup_parent: str = "sandkasten"
@@ -140,6 +154,7 @@ _SECTIONS = {
     "workspace": Workspace,
     "pool": Pool,
     "security": Security,
+    "network": Network,
     "journal": Journal,
     "reconcile": Reconcile,
 }
@@ -330,12 +345,43 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("invalid config key defaults.exec_timeout_ms: above defaults.max_exec_timeout_ms")
     if not cfg.cgroup_parent or "/" in cfg.cgroup_parent.strip("/") and ".." in cfg.cgroup_parent:
         raise ConfigError(f"invalid config key cgroup_parent: {cfg.cgroup_parent!r}")
+    _validate_network(cfg.network)
     if cfg.allowed_images and cfg.default_image not in cfg.allowed_images:
         raise ConfigError(
             f"invalid config key default_image: {cfg.default_image!r} is not in allowed_images")
     if not cfg.api_key and not _is_loopback(cfg.host):
         raise ConfigError(
             f"invalid config key api_key: an empty api_key is refused on the non-loopback address {cfg.host}")
+
+
+def _validate_network(n: Network) -> None:
+    if not re.match(r"^[A-Za-z0-9_.-]{1,15}$", n.bridge) or n.bridge.startswith("sk-"):
+        raise ConfigError(f"invalid config key network.bridge: expected an interface name of 1-15 "
+                          f"[A-Za-z0-9_.-], not starting with 'sk-' (sandbox veths) (got {n.bridge!r})")
+    try:
+        subnet = ipaddress.IPv4Network(n.subnet)
+    except ValueError as e:
+        raise ConfigError(f"invalid config key network.subnet: {e} (got {n.subnet!r})") from None
+    if not subnet.is_private or not 8 <= subnet.prefixlen <= 29:
+        raise ConfigError(f"invalid config key network.subnet: expected a private IPv4 range from /8 to /29 "
+                          f"(got {n.subnet!r})")
+    host = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9.-]{1,253}$")
+    for entry in n.egress_allow:
+        try:
+            ipaddress.IPv4Network(entry)
+        except ValueError as e:
+            if "/" in entry or not host.match(entry):
+                raise ConfigError(f"invalid config key network.egress_allow: {entry!r}: {e}") from None
+    for entry in n.session_egress_within:
+        try:
+            ipaddress.IPv4Network(entry)
+        except ValueError as e:
+            raise ConfigError(f"invalid config key network.session_egress_within: {entry!r}: {e}") from None
+    for entry in n.dns:
+        try:
+            ipaddress.IPv4Address(entry)
+        except ValueError:
+            raise ConfigError(f"invalid config key network.dns: expected IPv4 addresses (got {entry!r})") from None
 
 
 def _is_loopback(host: str) -> bool:

@@ -67,3 +67,7 @@ class SessionPaths:
     @property
     def pidfile(self) -> Path:
         return self.run / "runner.pid"
+
+    @property
+    def network_marker(self) -> Path:  # bridge mode: written by the spawner before any veth
+        return self.run / "network.json"

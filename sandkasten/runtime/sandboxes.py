@@ -17,6 +17,7 @@ from sandkasten.errors import (CommandTimeout, InvalidRequest, SandboxError, San
 from sandkasten.images.store import ImageStore
 from sandkasten.runtime import cgroups as cgroups_mod
 from sandkasten.runtime import client
+from sandkasten.runtime import network as network_mod
 from sandkasten.runtime.layout import Layout, SessionPaths
 from sandkasten.runtime.spawner import Spawner
 from sandkasten.runtime.spec import (SESSION_ID, ExecRequest, ExecResult, Observed, SandboxSpec,
@@ -27,18 +28,20 @@ EXEC_GRACE_S = 10.0   # beyond the command's own timeout: SIGINT/SIGKILL escalat
 
 class Runtime:
     def __init__(self, data_dir: Path, images: ImageStore, cgroups: cgroups_mod.Cgroups,
-                 cgroup_root: Path = Path("/sys/fs/cgroup")):
+                 cgroup_root: Path = Path("/sys/fs/cgroup"), network: network_mod.Settings | None = None):
         self.layout = Layout(Path(data_dir).absolute())
+        self.network = network or network_mod.Settings()
         self.images = images
         self.cgroups = cgroups
         self.spawner = Spawner(cgroup_root, cgroups.parent)
 
     @classmethod
     def detect(cls, data_dir: Path, cgroup_parent: str = "sandkasten",
-               cgroup_root: Path = Path("/sys/fs/cgroup")) -> "Runtime":
+               cgroup_root: Path = Path("/sys/fs/cgroup"),
+               network: network_mod.Settings | None = None) -> "Runtime":
         data_dir = Path(data_dir).absolute()
         return cls(data_dir, ImageStore(data_dir / "images"),
-                   cgroups_mod.detect(root=cgroup_root, parent=cgroup_parent), cgroup_root)
+                   cgroups_mod.detect(root=cgroup_root, parent=cgroup_parent), cgroup_root, network)
 
     def close(self) -> None:
         self.spawner.close()
@@ -72,9 +75,13 @@ class Runtime:
             if not ws.exists():
                 ws.mkdir(parents=True, mode=0o755)
                 os.chown(ws, spec.uid, spec.gid)
-            reply = self.spawner.request({"op": "spawn", "spec": spec.to_json(), "paths": {
+            req = {"op": "spawn", "spec": spec.to_json(), "paths": {
                 "rootfs": str(p.rootfs), "upper": str(p.upper), "work": str(p.work),
-                "run": str(p.run), "logs": str(p.logs), "pidfile": str(p.pidfile)}})
+                "run": str(p.run), "logs": str(p.logs), "pidfile": str(p.pidfile)}}
+            if spec.network_mode == "bridge":
+                req["network"] = {"settings": self.network.to_json(), "allow": list(spec.egress_allow),
+                                  "marker": str(p.network_marker), "data_dir": str(self.layout.data_dir)}
+            reply = self.spawner.request(req)
         except OSError as e:
             self.destroy(spec.session_id)
             raise SandboxError(f"unable to prepare directories for sandbox {spec.session_id}: {e}") from None
@@ -108,6 +115,7 @@ class Runtime:
     def host_sessions(self) -> set[str]:
         """Every session id that has any trace on the host: dirs, sockets, cgroups."""
         found: set[str] = {n for n in self.cgroups.names() if SESSION_ID.match(n)}
+        found.update(n for n in network_mod.leftover_sessions(self.layout.data_dir) if SESSION_ID.match(n))
         for base in (self.layout.sessions, self.layout.run):
             if base.is_dir():
                 found.update(e.name for e in base.iterdir() if e.is_dir() and SESSION_ID.match(e.name))
@@ -161,9 +169,10 @@ class Runtime:
 
     # ------------------------------------------------------------------ teardown
     def destroy(self, sid: str) -> None:
-        """cgroup kill → wait empty → unmount leftovers → rmdir cgroups → remove dirs.
-        Safe to repeat after a crash at any line. Keeps the exec logs."""
+        """network (veth, nft entries) → cgroup kill → wait empty → unmount leftovers → rmdir
+        cgroups → remove dirs. Safe to repeat after a crash at any line. Keeps the exec logs."""
         p = self.paths(sid)
+        network_mod.detach(sid, p.network_marker, self.network)
         if self.cgroups.exists(sid):
             self.cgroups.kill(sid)
         pid, st = read_pidfile(p.pidfile)

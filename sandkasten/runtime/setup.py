@@ -9,7 +9,9 @@ opened before it (the runner socket and the exec-log directory).
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import json
 import os
 import socket
 import stat
@@ -36,6 +38,8 @@ class Context:
     logs_dir: str        # host dir for exec logs
     listener: socket.socket | None = None
     logs_fd: int = -1
+    net_fd: int = -1     # bridge mode: the spawner's word that eth0 is configured (see network.py)
+    network: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,25 @@ def bring_up_loopback(ctx: Context) -> None:
         fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sh14x", b"lo", flags | IFF_UP))
 
 
+def join_network(ctx: Context) -> None:
+    # Bridge mode only. The spawner creates and configures our eth0 from the host side once
+    # it knows our pid; we wait for its word (EOF without one: it failed) before going on,
+    # so nothing runs in a sandbox whose network is half made. No IPv6 on eth0: the
+    # egress filter speaks IPv4 only.
+    if ctx.net_fd < 0:
+        return
+    data = b""
+    while chunk := os.read(ctx.net_fd, 65536):
+        data += chunk
+    os.close(ctx.net_fd)
+    ctx.net_fd = -1
+    if not data:
+        raise OSError(errno.ENETUNREACH, "the spawner did not connect it to the bridge")
+    ctx.network = json.loads(data)
+    with open("/proc/sys/net/ipv6/conf/eth0/disable_ipv6", "w") as f:  # our netns's view
+        f.write("1")
+
+
 def pivot_into_rootfs(ctx: Context) -> None:
     # pivot_root(".", ".") stacks the old root under the new one; detaching it leaves
     # no path back to the host filesystem and no `.oldroot` dir in the upper layer.
@@ -131,6 +154,19 @@ def pivot_into_rootfs(ctx: Context) -> None:
     sc.pivot_root(".", ".")
     sc.umount(".", sc.MNT_DETACH)
     os.chdir("/")
+
+
+def write_resolv_conf(ctx: Context) -> None:
+    # After pivot_root, so a symlinked /etc/resolv.conf in the image resolves inside the
+    # sandbox, never on the host. Replaces the image's file in the overlay's upper layer.
+    if not ctx.network or not ctx.network.get("dns"):
+        return
+    _ensure_dir("/etc", 0o755)
+    if os.path.lexists("/etc/resolv.conf"):
+        os.unlink("/etc/resolv.conf")
+    fd = os.open("/etc/resolv.conf", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(f"nameserver {ip}\n" for ip in ctx.network["dns"]))
 
 
 def remount_root_readonly(ctx: Context) -> None:
@@ -148,7 +184,9 @@ STEPS: tuple[Step, ...] = (
     Step("open host endpoints", open_host_endpoints),
     Step("set hostname", set_hostname),
     Step("bring up loopback", bring_up_loopback),
+    Step("join network", join_network),
     Step("pivot root", pivot_into_rootfs),
+    Step("write resolv.conf", write_resolv_conf),
     Step("remount root read-only", remount_root_readonly),
 )
 

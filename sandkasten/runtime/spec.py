@@ -4,6 +4,7 @@ Plain frozen dataclasses; no I/O."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
@@ -39,6 +40,7 @@ class SandboxSpec:
     mem_limit_mb: int = 512
     pids_limit: int = 256
     network_mode: str = "none"
+    egress_allow: tuple[str, ...] = ()   # bridge mode: IPv4 CIDRs this sandbox may reach (names resolved)
     readonly_rootfs: bool = False
     seccomp: str = "mvp"
     uid: int = 65534
@@ -48,11 +50,12 @@ class SandboxSpec:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["env"] = dict(self.env)
+        d["egress_allow"] = list(self.egress_allow)
         return d
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "SandboxSpec":
-        return cls(**d)
+        return cls(**{**d, "egress_allow": tuple(d.get("egress_allow") or ())})
 
     def validate(self) -> "SandboxSpec":
         check_session_id(self.session_id)
@@ -66,6 +69,13 @@ class SandboxSpec:
             raise InvalidRequest(f"invalid pids_limit {self.pids_limit}: at least 4 are needed")
         if self.network_mode not in ("none", "bridge"):
             raise InvalidRequest(f"invalid network_mode {self.network_mode!r}: expected none or bridge")
+        for cidr in self.egress_allow:
+            try:
+                ipaddress.IPv4Network(cidr)
+            except (ValueError, TypeError):
+                raise InvalidRequest(f"invalid egress_allow entry {cidr!r}: expected an IPv4 CIDR") from None
+        if self.egress_allow and self.network_mode != "bridge":
+            raise InvalidRequest("invalid egress_allow: only network_mode bridge has egress")
         for k, v in self.env.items():
             if not isinstance(k, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k) \
                     or not isinstance(v, str) or "\0" in v:

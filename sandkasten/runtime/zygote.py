@@ -25,7 +25,9 @@ import sys
 import time
 
 from runner import runner as runner_main
+from sandkasten.errors import SandboxError
 from sandkasten.runtime import cgroups as cgroups_mod
+from sandkasten.runtime import network
 from sandkasten.runtime import privileges
 from sandkasten.runtime.setup import Context, SetupFailed, run_steps
 from sandkasten.runtime.spec import SandboxSpec
@@ -61,20 +63,27 @@ class Zygote:
         self.cgroups.create(spec.session_id, cgroups_mod.Limits(
             mem_bytes=spec.mem_limit_mb * 1024 * 1024, pids=spec.pids_limit, cpu=spec.cpu_limit))
         procs = [str(p) for p in self.cgroups.procs_paths(spec.session_id)]
+        net = req.get("network")  # bridge mode: B waits on net_r until we connected it
+        net_r, net_w = os.pipe() if net else (-1, -1)
         ctx = Context(spec=spec, rootfs=paths["rootfs"], upper=paths["upper"], work=paths["work"],
-                      run_dir=paths["run"], logs_dir=paths["logs"])
+                      run_dir=paths["run"], logs_dir=paths["logs"], net_fd=net_r)
         env = {**BASE_ENV, "USER": "root" if spec.uid == 0 else "sandbox", **spec.env}
         ready_r, ready_w = os.pipe()
         pid_a = os.fork()
         if pid_a == 0:
             os.close(ready_r)
+            if net:
+                os.close(net_w)
             _child_a(ctx, procs, ready_w, env, lambda: privileges.apply(prepared))
         os.close(ready_w)
+        if net:
+            os.close(net_r)
         try:
             os.waitpid(pid_a, 0)
         except ChildProcessError:  # already reaped by the SIGCHLD handler
             pass
-        report = _read_report(ready_r, READY_TIMEOUT)
+        report = (_read_report(ready_r, READY_TIMEOUT) if not net
+                  else _connect_network(net, spec.session_id, ready_r, net_w))
         os.close(ready_r)
         pid = report.get("pid")
         if not report.get("ok"):
@@ -147,6 +156,50 @@ def _child_b(ctx: Context, ready_w: int, env: dict, before_exec) -> None:
         _write(ready_w, {"ok": False, "error": str(e) if isinstance(e, SetupFailed)
                          else f"unable to set up sandbox {ctx.spec.session_id}: {e}"})
         os._exit(1)
+
+
+def _connect_network(net: dict, sid: str, ready_r: int, net_w: int) -> dict:
+    """Bridge mode: once A told us B's pid, connect B's netns from the host side, then hand
+    B the plan (closing net_w without one makes B fail), then wait for B's report."""
+    try:
+        report = _read_until(ready_r, READY_TIMEOUT, "pid", "pid")
+        if "pid" not in report or "ok" in report:
+            return report
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # `ip`'s status is ours
+        try:
+            plan = network.attach(network.Settings.from_json(net["settings"]), sid, report["pid"],
+                                  net["allow"], net["marker"], net["data_dir"])
+        except (SandboxError, OSError) as e:
+            return {**report, "ok": False, "error": f"unable to connect sandbox {sid} to the bridge: "
+                                                    f"{getattr(e, 'message', None) or e}"}
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        os.write(net_w, json.dumps(plan).encode())
+    finally:
+        os.close(net_w)
+    return {**report, **_read_until(ready_r, READY_TIMEOUT, "ok", "readiness")}
+
+
+def _read_until(fd: int, timeout: float, key: str, what: str) -> dict:
+    """Report lines (A's `pid N`, B's JSON) until one gives `key`, one byte at a time so
+    nothing after that line is consumed."""
+    deadline, line, report = time.monotonic() + timeout, b"", {}
+    while key not in report:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return {**report, "error": report.get("error") or f"timed out waiting for the sandbox's {what}"}
+        byte = os.read(fd, 1)
+        if not byte:
+            return {**report, "error": report.get("error") or f"sandbox exited before reporting its {what}"}
+        if byte != b"\n":
+            line += byte
+            continue
+        if line.startswith(b"pid "):
+            report["pid"] = int(line[4:])
+        else:
+            report.update(json.loads(line))
+        line = b""
+    return report
 
 
 def _open_fds() -> list[int]:
