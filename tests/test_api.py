@@ -101,7 +101,7 @@ def test_bad_input_gets_clear_errors_and_daemon_keeps_serving(daemon):
     assert bad[8].json()["error_code"] == "IMAGE_NOT_FOUND"
     big = c.post(f"/v1/sessions/{sid}/exec", content=b"x" * (17 * 1024 * 1024),
                  headers={"content-type": "application/json"})
-    assert_error(big, 413, "PAYLOAD_TOO_LARGE")
+    assert assert_error(big, 413, "PAYLOAD_TOO_LARGE")["details"]["limit"] == 16 * 1024 * 1024
     assert run(daemon, sid, "echo still fine")["stdout"] == "still fine\n"
     assert daemon.client.get("/v1/sessions").status_code == 200
 

@@ -8,7 +8,7 @@ import logging
 import secrets
 
 from sanic import Request, Sanic
-from sanic.exceptions import SanicException
+from sanic.exceptions import PayloadTooLarge, SanicException
 
 from sandkasten.api import errors, files, sessions, stream, system, workspaces
 from sandkasten.errors import SandkastenError
@@ -49,6 +49,10 @@ def create_app(daemon) -> Sanic:
 
     @app.exception(Exception)
     async def render(request: Request, exc: Exception):
+        if isinstance(exc, PayloadTooLarge):
+            limit = cfg.limits.max_body_bytes
+            return errors.body("PAYLOAD_TOO_LARGE", f"request body too large: the limit is {limit} bytes",
+                               {"limit": limit})
         if not isinstance(exc, (SandkastenError, SanicException)):
             log.exception("unhandled error on %s %s", request.method, request.path)
         return errors.render(exc)
