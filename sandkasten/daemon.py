@@ -21,6 +21,7 @@ from sandkasten.config import Config
 from sandkasten.errors import SandkastenError
 from sandkasten.executor import Executor
 from sandkasten.reconciler import Reconciler
+from sandkasten.runtime import network
 from sandkasten.runtime.sandboxes import Runtime, proc_start_time, read_pidfile
 from sandkasten.store.journal import Journal
 
@@ -42,7 +43,8 @@ class Daemon:
         cfg = self.cfg
         self.journal = await Journal.open(cfg.database_path, cfg.journal.durability,
                                           busy_timeout_s=cfg.journal.busy_timeout_s)
-        self.runtime = Runtime.detect(cfg.data_dir, cgroup_parent=cfg.cgroup_parent)
+        self.runtime = Runtime.detect(cfg.data_dir, cgroup_parent=cfg.cgroup_parent,
+                                      network=network.from_config(cfg.network))
         self.runtime.images = __import__("sandkasten.images.store", fromlist=["ImageStore"]).ImageStore(
             cfg.images_dir)
         await asyncio.to_thread(self.runtime.cgroups.ensure_parent)

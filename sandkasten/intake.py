@@ -15,12 +15,13 @@ from sandkasten.config import NETWORK_MODES, Config
 from sandkasten.domain import commands as c
 from sandkasten.errors import ImageNotAllowed, InvalidRequest
 from sandkasten.images.store import ImageStore
+from sandkasten.runtime import network as network_mod
 
 WORKSPACE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SESSION_FIELDS = {"image", "ttl_seconds", "workspace_id", "cpu_limit", "mem_limit_mb", "pids_limit",
-                  "network_mode", "env", "readonly_rootfs"}
+                  "network_mode", "egress_allow", "env", "readonly_rootfs"}
 EXEC_FIELDS = {"cmd", "timeout_ms", "raw_output", "max_output_bytes"}
 
 
@@ -82,9 +83,7 @@ def session_command(cfg: Config, images: ImageStore, body: Mapping[str, Any] | N
     if network not in NETWORK_MODES:
         raise InvalidRequest(f"invalid network_mode {network!r}: expected one of {', '.join(NETWORK_MODES)}",
                              field="network_mode")
-    if network != "none":
-        raise InvalidRequest(f"invalid network_mode {network!r}: only 'none' is supported by this daemon",
-                             field="network_mode")
+    egress_allow = _egress_allow(cfg, body.get("egress_allow"), network)
     env = body.get("env") or {}
     if not isinstance(env, Mapping) or not all(
             isinstance(k, str) and ENV_NAME.match(k) and isinstance(v, str) and "\0" not in v
@@ -104,8 +103,21 @@ def session_command(cfg: Config, images: ImageStore, body: Mapping[str, Any] | N
         cpu_limit=_number(body, "cpu_limit", d.cpu_limit, float, lim.max_cpu_limit),
         mem_limit_mb=_number(body, "mem_limit_mb", d.mem_limit_mb, int, lim.max_mem_limit_mb, minimum=7),
         pids_limit=_number(body, "pids_limit", d.pids_limit, int, lim.max_pids_limit, minimum=3),
-        network_mode=network, env=dict(env), ttl_seconds=ttl, workspace_id=workspace_id,
+        network_mode=network, egress_allow=egress_allow, env=dict(env), ttl_seconds=ttl, workspace_id=workspace_id,
         readonly_rootfs=readonly, expires_at=now + timedelta(seconds=ttl))
+
+
+def _egress_allow(cfg: Config, entries: Any, network: str) -> tuple[str, ...]:
+    """The session's own allow-list as CIDRs: host names are resolved here, once, so the
+    journal records exactly what the sandbox may reach (config `network.egress_allow` is
+    added by the runtime). Bounded by `network.session_egress_within`."""
+    if entries is None or entries == []:
+        return ()
+    if network != "bridge":
+        raise InvalidRequest("invalid egress_allow: only network_mode 'bridge' has egress", field="egress_allow")
+    n = cfg.network
+    return network_mod.egress_entries(entries, network_mod.Settings(bridge=n.bridge, subnet=n.subnet),
+                                      within=n.session_egress_within)
 
 
 def exec_command(cfg: Config, body: Mapping[str, Any] | None, idempotency_key: str | None = None

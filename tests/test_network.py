@@ -238,3 +238,33 @@ def test_many_sandboxes_get_distinct_addresses(netrt):
     sids = [bridged(netrt, f"s-net-many{i}") for i in range(5)]
     addrs = {address_of(netrt, sid) for sid in sids}
     assert len(addrs) == 5
+
+
+# ---------------------------------------------------------------- over HTTP, real daemon
+
+def test_daemon_bridge_session_over_http(daemon_factory, outside):
+    d = daemon_factory(network={"bridge": SETTINGS.bridge, "subnet": SETTINGS.subnet,
+                                "session_egress_within": [str(OUTSIDE)]}).start()
+    http = d.client
+    for body, why in (({"network_mode": "bridge", "egress_allow": ["192.0.2.0/24"]}, "outside the allowed range"),
+                      ({"network_mode": "none", "egress_allow": [f"{ALLOWED}/32"]}, "only network_mode"),
+                      ({"network_mode": "bridge", "egress_allow": ["localhost"]}, "loopback"),
+                      ({"network_mode": "bridge", "egress_allow": "10.0.0.0/8"}, "a list")):
+        r = http.post("/v1/sessions", json=body)
+        assert r.status_code == 400 and r.json()["error_code"] == "INVALID_REQUEST", r.text
+        assert why in r.json()["message"]
+    r = http.post("/v1/sessions", json={"network_mode": "bridge", "egress_allow": [ALLOWED]})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    get = f"printf 'GET /hello.txt HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {{}} {PORT}"
+    r = http.post(f"/v1/sessions/{sid}/exec", json={"cmd": get.format(ALLOWED)})
+    assert r.status_code == 200 and r.json()["exit_code"] == 0 and "hello from outside" in r.json()["stdout"], r.text
+    r = http.post(f"/v1/sessions/{sid}/exec", json={"cmd": get.format(DENIED)})
+    assert r.json()["exit_code"] != 0
+    plain = http.post("/v1/sessions", json={}).json()["id"]  # default stays none: only lo
+    r = http.post(f"/v1/sessions/{plain}/exec", json={"cmd": "ip -o link | cut -d: -f2"})
+    assert r.json()["stdout"].split() == ["lo"]
+    assert network.has_veth(sid)
+    assert http.delete(f"/v1/sessions/{sid}").status_code == 200
+    assert not network.has_veth(sid)
+    assert f"sb-{sid}" not in sh("nft", "list", "table", "inet", SETTINGS.table).stdout

@@ -18,6 +18,7 @@ class RequestSession:
     mem_limit_mb: int = 512
     pids_limit: int = 256
     network_mode: str = "none"
+    egress_allow: tuple[str, ...] = ()  # bridge mode: IPv4 CIDRs (names resolved at intake)
     env: Mapping[str, str] = field(default_factory=dict)
     ttl_seconds: int = 3600
     workspace_id: str | None = None

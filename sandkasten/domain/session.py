@@ -88,6 +88,7 @@ class SessionState:
     exec_count: int = 0
     finished_count: int = 0
     lost_count: int = 0
+    egress_allow: tuple[str, ...] = ()
 
     @property
     def pending_exec_ids(self) -> list[str]:
@@ -180,6 +181,7 @@ def _requested_payload(cmd: c.RequestSession) -> dict[str, Any]:
         "mem_limit_mb": cmd.mem_limit_mb,
         "pids_limit": cmd.pids_limit,
         "network_mode": cmd.network_mode,
+        **({"egress_allow": list(cmd.egress_allow)} if cmd.egress_allow else {}),  # absent when empty
         "env": dict(cmd.env),
         "ttl_seconds": cmd.ttl_seconds,
         "workspace_id": cmd.workspace_id,
@@ -316,6 +318,7 @@ def evolve(state: State | None, event: Any) -> State:
             session_id=p.get("session_id") or getattr(event, "stream_id", "") or "",
             version=version, status=REQUESTED, image=p["image"], cpu_limit=p["cpu_limit"],
             mem_limit_mb=p["mem_limit_mb"], pids_limit=p["pids_limit"], network_mode=p["network_mode"],
+            egress_allow=tuple(p.get("egress_allow") or ()),
             env=MappingProxyType(dict(p.get("env") or {})), ttl_seconds=p["ttl_seconds"],
             workspace_id=p.get("workspace_id"), readonly_rootfs=bool(p.get("readonly_rootfs")),
             expires_at=p["expires_at"],

@@ -366,3 +366,8 @@ def remove_host(s: Settings) -> None:
             _run(["nft", "delete", "table", family, s.table])
     if (SYS_NET / s.bridge).exists():
         _run(["ip", "link", "del", s.bridge])
+
+
+def from_config(n) -> Settings:
+    """Settings from the config's `network:` section (names resolved now, at start)."""
+    return resolve_settings(n.bridge, n.subnet, n.egress_allow, n.dns, n.enable_ip_forward)
