@@ -193,10 +193,10 @@ class Cli:
         """List sessions like `docker ps`: id, image, status, created, expires, execs, cwd, workspace.
 
         Args:
-          all: also list ended sessions (destroyed, failed)
+          all: also list ended sessions (destroyed, failed) and idle pool sandboxes
           json: print a JSON array (the HTTP API's session objects)
         """
-        rows = self.journal(lambda j: j.sessions(include_ended=bool(all)))
+        rows = self.journal(lambda j: j.sessions(include_ended=bool(all), include_pool=bool(all)))
         if json:
             render.print_json([render.session_json(r) for r in rows])
         else:

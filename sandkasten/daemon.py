@@ -20,6 +20,7 @@ from pathlib import Path
 from sandkasten.config import Config
 from sandkasten.errors import SandkastenError
 from sandkasten.executor import Executor
+from sandkasten.pool import Pool
 from sandkasten.reconciler import Reconciler
 from sandkasten.runtime import network
 from sandkasten.runtime.sandboxes import Runtime, proc_start_time, read_pidfile
@@ -38,6 +39,7 @@ class Daemon:
         self.runtime: Runtime
         self.executor: Executor
         self.reconciler: Reconciler
+        self.pool: Pool
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -50,6 +52,7 @@ class Daemon:
         await asyncio.to_thread(self.runtime.cgroups.ensure_parent)
         self.executor = Executor(cfg, self.journal, self.runtime)
         self.reconciler = Reconciler(cfg, self.executor)
+        self.pool = Pool(cfg, self.executor)
         self.tasks.append(asyncio.ensure_future(self._become_ready()))
 
     async def _become_ready(self) -> None:
@@ -62,6 +65,7 @@ class Daemon:
             return
         self.tasks.append(asyncio.ensure_future(self.executor.follow()))
         self.tasks.append(asyncio.ensure_future(self.reconciler.watch()))
+        self.tasks.append(asyncio.ensure_future(self.pool.run()))  # trims, then refills; idle members outlive stop
         self.readiness = {"phase": "ready", "reconcile": stats}
         self.ready = True
 

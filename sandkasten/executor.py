@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -19,7 +20,8 @@ from typing import Any, Awaitable, Callable
 from sandkasten.config import Config
 from sandkasten.domain import commands as c
 from sandkasten.domain.session import DuplicateIdempotencyKey  # noqa: F401 - re-exported for the API
-from sandkasten.errors import (IllegalTransition, SandboxGone, SandkastenError)
+from sandkasten.domain.session import POOL_CLAIMING, RUNNING
+from sandkasten.errors import (IllegalTransition, SandboxError, SandboxGone, SandkastenError)
 from sandkasten.runtime.sandboxes import Runtime
 from sandkasten.runtime.spec import ExecRequest, ExecResult
 from sandkasten.store.journal import Journal
@@ -58,6 +60,9 @@ class Executor:
     def ensure_session(self, sid: str) -> asyncio.Task:
         return self._once(f"create:{sid}", lambda: self._create(sid))
 
+    def ensure_claimed(self, sid: str) -> asyncio.Task:
+        return self._once(f"claim:{sid}", lambda: self._configure(sid))
+
     def ensure_exec(self, sid: str, exec_id: str) -> asyncio.Task:
         return self._once(f"exec:{exec_id}", lambda: self._exec(sid, exec_id))
 
@@ -87,9 +92,11 @@ class Executor:
         if state is None or state.status not in ("requested", "lost"):
             return
         obs = await asyncio.to_thread(self.runtime.observe, sid)
+        pooled = state.pool is not None
         if obs.healthy:  # created before a crash, never journaled: adopt, don't duplicate
             await self.record(sid, c.RecordSandboxStarted(pid=obs.pid, start_time=obs.start_time,
-                                                          cgroup=self.runtime.cgroups.parent + "/" + sid))
+                                                          cgroup=self.runtime.cgroups.parent + "/" + sid,
+                                                          pooled=pooled))
             return
         if obs.alive or obs.cgroup or obs.session_dir:
             await asyncio.to_thread(self.runtime.destroy, sid)
@@ -109,7 +116,43 @@ class Executor:
             await self.record(sid, c.RecordSandboxFailed(reason=e.message))
             raise
         await self.record(sid, c.RecordSandboxStarted(pid=obs.pid, start_time=obs.start_time,
-                                                      cgroup=self.runtime.cgroups.parent + "/" + sid))
+                                                      cgroup=self.runtime.cgroups.parent + "/" + sid,
+                                                      pooled=pooled))
+
+    # ------------------------------------------------------------------ claim (pool)
+    async def _configure(self, sid: str) -> None:
+        """Apply a journaled claim to the pool member's running sandbox: cgroup limits, the
+        workspace over /workspace, the env exported in its shell. Every step is safe to
+        repeat (a crash before `sandbox.configured` makes the next start do it again). If
+        it fails the session is destroyed: its client never got it."""
+        async with self.session_locks[sid]:
+            state = await self.journal.state(sid)
+            if state is None or state.status != RUNNING or state.pool != POOL_CLAIMING:
+                return
+            try:
+                await asyncio.to_thread(self.runtime.set_limits, sid, state.cpu_limit, state.mem_limit_mb,
+                                        state.pids_limit)
+                if state.workspace_id:
+                    await self._ensure_workspace(state.workspace_id, sid)
+                    await asyncio.to_thread(self.runtime.bind_workspace, sid, self.workspace_dir(state.workspace_id))
+                if state.env or state.workspace_id:
+                    await self._setup_shell(sid, state.env)
+            except SandkastenError as e:
+                log.warning("claim of %s failed, destroying it: %s", sid, e.message)
+                await self.record(sid, c.RequestDestroy(reason="claim_failed"))
+                self.ensure_destroyed(sid)
+                raise
+            await self.record(sid, c.RecordSandboxConfigured())
+
+    async def _setup_shell(self, sid: str, env) -> None:
+        """`export` the claim's env and `cd` into the (new) /workspace, in the persistent shell.
+        An internal command: not a journaled exec (it is part of `sandbox.configured`)."""
+        lines = [f"export {name}={_sh_quote(value)}" for name, value in env.items()]
+        script = "\n".join([*lines, "cd /workspace"])
+        req = ExecRequest(exec_id="claim-" + secrets.token_hex(6), cmd=script, timeout_ms=10_000)
+        result = await self.runtime.aexec(sid, req)
+        if result.exit_code != 0:
+            raise SandboxError(f"unable to set up the shell of claimed session {sid}: exit code {result.exit_code}")
 
     async def _ensure_workspace(self, workspace_id: str, sid: str) -> None:
         d = self.workspace_dir(workspace_id)
@@ -168,6 +211,8 @@ class Executor:
         for s in await self.journal.sessions():
             if s["status"] == "requested":
                 self.ensure_session(s["id"])
+            elif s["status"] == "running" and s["pool"] == POOL_CLAIMING:
+                self.ensure_claimed(s["id"])
             elif s["status"] == "destroying":
                 self.ensure_destroyed(s["id"])
         for e in await self.journal.pending_execs():
@@ -183,3 +228,8 @@ class Executor:
             except SandkastenError as e:
                 log.warning("follow: %s", e.message)
             await asyncio.sleep(FOLLOW_INTERVAL)
+
+
+def _sh_quote(value: str) -> str:
+    """A POSIX shell single-quoted word: `it's` -> 'it'\''s'."""
+    return "'" + value.replace("'", "'\\''") + "'"

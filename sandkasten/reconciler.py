@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 
 from sandkasten.config import Config
 from sandkasten.domain import commands as c
+from sandkasten.domain.session import UNCLAIMED
 from sandkasten.errors import SandkastenError
 from sandkasten.executor import Executor
 from sandkasten.runtime.sandboxes import proc_start_time
@@ -126,7 +127,7 @@ class Reconciler:
                 self.executor.ensure_destroyed(sid)
                 continue
             idle = self.cfg.idle_timeout_seconds
-            if idle and row["status"] == "running" and row["last_activity_at"] \
+            if idle and row["status"] == "running" and row["last_activity_at"] and row["pool"] not in UNCLAIMED \
                     and (now - _parse(row["last_activity_at"])).total_seconds() > idle \
                     and not self.executor.busy(sid):
                 await self.executor.record(sid, c.ExpireSession(reason="idle", at=now), actor=ACTOR)

@@ -56,7 +56,7 @@ def test_autogenerate_finds_no_difference(tmp_path):
 def test_single_head_and_migrations_dir_found_from_the_package():
     cfg = schema.alembic_config("sqlite://")
     assert schema.migrations_dir().joinpath("env.py").is_file()
-    assert ScriptDirectory.from_config(cfg).get_heads() == ["0001"]
+    assert ScriptDirectory.from_config(cfg).get_heads() == [schema.HEAD_REVISION]
 
 
 def test_upgrade_is_repeatable_and_downgrade_removes_everything(tmp_path):
@@ -100,3 +100,24 @@ def test_head_revision_constant_matches_alembic():
 
     script = ScriptDirectory.from_config(schema.alembic_config("sqlite://"))
     assert script.get_current_head() == schema.HEAD_REVISION
+
+
+def test_0002_adds_the_pool_column_and_keeps_existing_rows(tmp_path):
+    path = tmp_path / "old.db"
+    engine = sa.create_engine(f"sqlite:///{path}")
+    try:
+        with engine.begin() as conn:
+            cfg = schema.alembic_config(f"sqlite:///{path}")
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0001")
+            conn.exec_driver_sql(
+                "INSERT INTO sessions (id, status, image, cpu_limit, mem_limit_mb, pids_limit, network_mode, env, "
+                "ttl_seconds, readonly_rootfs, created_at, updated_at, expires_at, pooled, cwd, exec_count, "
+                "last_activity_at, actor, version) VALUES ('s-old', 'running', 'base', 1, 512, 256, 'none', '{}', "
+                "60, 0, 't', 't', 't', 0, '/workspace', 0, 't', 'api', 2)")
+    finally:
+        engine.dispose()
+    schema.upgrade(path, busy_timeout_s=5)
+    assert schema.current_revision(path) == schema.HEAD_REVISION
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("SELECT id, pool FROM sessions").fetchall() == [("s-old", None)]

@@ -10,7 +10,7 @@ from sanic import Blueprint, Request, json
 
 from sandkasten import intake
 from sandkasten.domain import commands as c
-from sandkasten.domain.session import DuplicateIdempotencyKey
+from sandkasten.domain.session import UNCLAIMED, DuplicateIdempotencyKey
 from sandkasten.runtime.spec import SESSION_ID
 from sandkasten.errors import (ExecNotFound, InvalidRequest, SandboxError, SandboxGone, SessionEnded,
                                SessionNotFound, SessionNotRunning)
@@ -26,7 +26,7 @@ def present_session(row: dict) -> dict:
         "expires_at": row["expires_at"], "ended_at": row["ended_at"], "pooled": bool(row["pooled"]),
         "cpu_limit": row["cpu_limit"], "mem_limit_mb": row["mem_limit_mb"], "pids_limit": row["pids_limit"],
         "network_mode": row["network_mode"], "exec_count": row["exec_count"],
-        "lost_reason": row["lost_reason"],
+        "lost_reason": row["lost_reason"], "pool": row["pool"],
     }
 
 
@@ -73,6 +73,10 @@ def json_body(request: Request):
 async def create_session(request: Request):
     d = request.app.ctx.daemon
     cmd = intake.session_command(d.cfg, d.runtime.images, json_body(request))
+    pool = getattr(d, "pool", None)
+    sid = await pool.claim(cmd, request.ctx.actor, request.ctx.request_id) if pool is not None else None
+    if sid is not None:  # a pre-warmed sandbox, already configured as asked ("pooled": true)
+        return json(present_session(await session_row(d, sid)), status=201)
     sid = intake.new_session_id()
     await d.journal.execute(sid, cmd, actor=request.ctx.actor, request_id=request.ctx.request_id)
     try:
@@ -85,8 +89,9 @@ async def create_session(request: Request):
 @bp.get("/sessions")
 async def list_sessions(request: Request):
     d = request.app.ctx.daemon
-    everything = request.args.get("all", "false").lower() in ("1", "true", "yes")
-    return json([present_session(r) for r in await d.journal.sessions(include_ended=everything)])
+    everything = request.args.get("all", "false").lower() in ("1", "true", "yes")  # + ended and idle pool
+    rows = await d.journal.sessions(include_ended=everything, include_pool=everything)
+    return json([present_session(r) for r in rows])
 
 
 @bp.get("/sessions/<sid>")
@@ -127,6 +132,9 @@ def require_running(row: dict, verb: str) -> None:
     if status != "running":
         raise SessionNotRunning(f"unable to {verb} in session {row['id']}: the session is {status}",
                                 status=status)
+    if row["pool"] in UNCLAIMED:
+        raise SessionNotRunning(f"unable to {verb} in session {row['id']}: it is an unclaimed pool session",
+                                pool=row["pool"])
 
 
 @bp.post("/sessions/<sid>/exec")

@@ -1,6 +1,7 @@
 """Pure domain logic: commands, events, `decide` and `evolve`. Imports nothing with I/O."""
 
 from sandkasten.domain.commands import (
+    ClaimSession,
     Command,
     CreateWorkspace,
     DeleteWorkspace,
@@ -9,6 +10,7 @@ from sandkasten.domain.commands import (
     RecordExecLost,
     RecordExecStarted,
     RecordSandboxAdopted,
+    RecordSandboxConfigured,
     RecordSandboxFailed,
     RecordSandboxLost,
     RecordSandboxStarted,
@@ -31,6 +33,7 @@ from sandkasten.domain.session import (
 from sandkasten.domain.workspace import WorkspaceState
 
 __all__ = [
+    "ClaimSession", "RecordSandboxConfigured",
     "Command", "CreateWorkspace", "DeleteWorkspace", "ExpireSession", "RecordExecFinished", "RecordExecLost",
     "RecordExecStarted", "RecordSandboxAdopted", "RecordSandboxFailed", "RecordSandboxLost",
     "RecordSandboxStarted", "RecordSandboxStopped", "RecordSessionDestroyed", "RequestDestroy", "RequestExec",

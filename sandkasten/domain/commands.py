@@ -25,6 +25,7 @@ class RequestSession:
     readonly_rootfs: bool = False
     expires_at: datetime | str | None = None  # required; aware datetime or ISO UTC string
     session_id: str | None = None  # filled in by the journal from the stream id
+    pool: bool = False  # an idle pool member, waiting for a ClaimSession (see sandkasten.pool)
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,25 @@ class RecordSandboxStarted:
     start_time: int  # /proc/<pid>/stat field 22, defeats pid reuse
     cgroup: str = ""
     pooled: bool = False
+
+
+@dataclass(frozen=True)
+class ClaimSession:
+    """Hand an idle pool member to a client, with the client's own settings. The image,
+    network mode and read-only root were fixed when the member was made; these are not."""
+
+    ttl_seconds: int
+    expires_at: datetime | str
+    cpu_limit: float = 1.0
+    mem_limit_mb: int = 512
+    pids_limit: int = 256
+    env: Mapping[str, str] = field(default_factory=dict)
+    workspace_id: str | None = None
+
+
+@dataclass(frozen=True)
+class RecordSandboxConfigured:
+    """The executor applied a claim to the running sandbox (limits, workspace, env)."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +135,8 @@ class DeleteWorkspace:
 
 
 SessionCommand = (
-    RequestSession | RecordSandboxStarted | RecordSandboxFailed | RecordSandboxAdopted
+    RequestSession | ClaimSession | RecordSandboxConfigured
+    | RecordSandboxStarted | RecordSandboxFailed | RecordSandboxAdopted
     | RecordSandboxLost | RequestDestroy | ExpireSession | RecordSandboxStopped
     | RecordSessionDestroyed | RequestExec | RecordExecStarted | RecordExecFinished | RecordExecLost
 )

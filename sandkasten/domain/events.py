@@ -14,6 +14,8 @@ SCHEMA_VERSION = 1
 
 # session stream ("s-…")
 SESSION_REQUESTED = "session.requested"
+SESSION_CLAIMED = "session.claimed"  # a pool member handed to a client
+SANDBOX_CONFIGURED = "sandbox.configured"  # ... and its sandbox adjusted to the claim
 SANDBOX_STARTED = "sandbox.started"
 SANDBOX_FAILED = "sandbox.failed"
 SANDBOX_ADOPTED = "sandbox.adopted"
@@ -32,7 +34,8 @@ WORKSPACE_DELETED = "workspace.deleted"
 
 SESSION_EVENT_TYPES = frozenset(
     {
-        SESSION_REQUESTED, SANDBOX_STARTED, SANDBOX_FAILED, SANDBOX_ADOPTED, SANDBOX_LOST,
+        SESSION_REQUESTED, SESSION_CLAIMED, SANDBOX_CONFIGURED,
+        SANDBOX_STARTED, SANDBOX_FAILED, SANDBOX_ADOPTED, SANDBOX_LOST,
         SESSION_DESTROY_REQUESTED, SESSION_EXPIRED, SANDBOX_STOPPED, SESSION_DESTROYED,
         EXEC_REQUESTED, EXEC_STARTED, EXEC_FINISHED, EXEC_LOST,
     }

@@ -7,6 +7,11 @@ be destroyed (session.destroy_requested) or expired (session.expired); both move
 "destroying", and `end_reason` says why ("api", "cli", "ttl", "idle", …).
 Exec statuses: requested -> running -> finished | lost (requested -> finished/lost too).
 
+Pool members (`session.requested` with `pool: true`) live the same life, plus a `pool`
+marker: "idle" (made ahead, nobody's yet; no execs) -> "claiming" (session.claimed: handed
+to a client with the client's limits, env, workspace and TTL; legal once, only while
+running) -> "claimed" (sandbox.configured: the executor applied the claim to the sandbox).
+
 The state keeps only the non-terminal execs (evolve stays O(1) per event). Facts about
 earlier execs that `decide` needs (is this exec id taken? which exec used this
 idempotency key?) are looked up by the store before deciding and passed in as `PriorExecs`.
@@ -54,6 +59,11 @@ EXEC_LOST = "lost"
 
 INITIAL_CWD = "/workspace"
 
+POOL_IDLE = "idle"
+POOL_CLAIMING = "claiming"
+POOL_CLAIMED = "claimed"
+UNCLAIMED = frozenset({POOL_IDLE, POOL_CLAIMING})  # not (yet) a client's session
+
 
 @dataclass(frozen=True)
 class ExecState:
@@ -89,6 +99,7 @@ class SessionState:
     finished_count: int = 0
     lost_count: int = 0
     egress_allow: tuple[str, ...] = ()
+    pool: str | None = None  # None (an ordinary session) | "idle" | "claiming" | "claimed"
 
     @property
     def pending_exec_ids(self) -> list[str]:
@@ -108,6 +119,8 @@ State = SessionState | WorkspaceState
 # what each command tries to do, for messages: "unable to <verb> s-ab12: session is destroyed"
 _VERBS: dict[type, str] = {
     c.RequestSession: "request session",
+    c.ClaimSession: "claim pool session",
+    c.RecordSandboxConfigured: "record the claimed configuration of session",
     c.RecordSandboxStarted: "record sandbox start for session",
     c.RecordSandboxFailed: "record sandbox failure for session",
     c.RecordSandboxAdopted: "adopt sandbox of session",
@@ -124,6 +137,8 @@ _VERBS: dict[type, str] = {
 
 # command -> statuses in which it is legal
 _ALLOWED: dict[type, frozenset[str]] = {
+    c.ClaimSession: frozenset({RUNNING}),
+    c.RecordSandboxConfigured: frozenset({RUNNING}),
     c.RecordSandboxStarted: frozenset({REQUESTED, LOST}),
     c.RecordSandboxFailed: frozenset({REQUESTED, LOST}),
     c.RecordSandboxAdopted: frozenset({RUNNING, LOST}),
@@ -174,7 +189,9 @@ def _sid(state: Any, stream_id: str | None) -> str:
 def _requested_payload(cmd: c.RequestSession) -> dict[str, Any]:
     if cmd.expires_at is None:
         raise InvalidRequest("unable to request session: expires_at is required")
+    pool = {"pool": True} if cmd.pool else {}  # absent for ordinary sessions (payloads stay as they were)
     return {
+        **pool,
         "session_id": cmd.session_id,
         "image": cmd.image,
         "cpu_limit": cmd.cpu_limit,
@@ -200,6 +217,24 @@ def iso_utc(value: datetime | str) -> str:
     if value.tzinfo is None:
         raise InvalidRequest(f"unable to use timestamp {value.isoformat()}: no timezone")
     return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _claim(state: SessionState, cmd: c.ClaimSession, prior: PriorExecs, verb: str) -> list[ev.NewEvent]:
+    if state.pool != POOL_IDLE:
+        what = "it was claimed already" if state.pool else "it is not a pool session"
+        raise IllegalTransition(f"unable to {verb} {state.session_id}: {what}", session_id=state.session_id)
+    return [ev.NewEvent(ev.SESSION_CLAIMED, {
+        "ttl_seconds": cmd.ttl_seconds, "expires_at": iso_utc(cmd.expires_at), "cpu_limit": cmd.cpu_limit,
+        "mem_limit_mb": cmd.mem_limit_mb, "pids_limit": cmd.pids_limit, "env": dict(cmd.env),
+        "workspace_id": cmd.workspace_id,
+    })]
+
+
+def _configured(state: SessionState, cmd: c.RecordSandboxConfigured, prior: PriorExecs, verb: str) -> list[ev.NewEvent]:
+    if state.pool != POOL_CLAIMING:
+        raise IllegalTransition(f"unable to {verb} {state.session_id}: no claim is pending",
+                                session_id=state.session_id)
+    return [ev.NewEvent(ev.SANDBOX_CONFIGURED, {})]
 
 
 def _started(state: SessionState, cmd: c.RecordSandboxStarted, prior: PriorExecs, verb: str) -> list[ev.NewEvent]:
@@ -246,6 +281,9 @@ def _lose_pending(state: SessionState, reason: str) -> list[ev.NewEvent]:
 
 
 def _request_exec(state: SessionState, cmd: c.RequestExec, prior: PriorExecs, verb: str) -> list[ev.NewEvent]:
+    if state.pool in UNCLAIMED:  # a pool member must reach its client untouched
+        raise IllegalTransition(f"unable to {verb} {state.session_id}: it is an unclaimed pool session",
+                                session_id=state.session_id)
     key = cmd.idempotency_key
     if key is not None:
         owner = prior.key_exec_id or next((e for e, x in state.execs.items() if x.idempotency_key == key), None)
@@ -292,6 +330,8 @@ def _exec_lost(state: SessionState, cmd: c.RecordExecLost, prior: PriorExecs, ve
 
 
 _DECIDERS: dict[type, Any] = {
+    c.ClaimSession: _claim,
+    c.RecordSandboxConfigured: _configured,
     c.RecordSandboxStarted: _started,
     c.RecordSandboxFailed: _failed,
     c.RecordSandboxAdopted: _adopted,
@@ -321,7 +361,7 @@ def evolve(state: State | None, event: Any) -> State:
             egress_allow=tuple(p.get("egress_allow") or ()),
             env=MappingProxyType(dict(p.get("env") or {})), ttl_seconds=p["ttl_seconds"],
             workspace_id=p.get("workspace_id"), readonly_rootfs=bool(p.get("readonly_rootfs")),
-            expires_at=p["expires_at"],
+            expires_at=p["expires_at"], pool=POOL_IDLE if p.get("pool") else None,
         )
     if not isinstance(state, SessionState):
         raise ValueError(f"unable to apply event {event.type}: session stream has no session.requested")
@@ -330,6 +370,12 @@ def evolve(state: State | None, event: Any) -> State:
     if t in (ev.SANDBOX_STARTED, ev.SANDBOX_ADOPTED):
         extra = {"cgroup": p.get("cgroup") or None, "pooled": bool(p.get("pooled"))} if t == ev.SANDBOX_STARTED else {}
         return replace(s, status=RUNNING, runner_pid=p["pid"], runner_start_time=p["start_time"], lost_reason=None, **extra)
+    if t == ev.SESSION_CLAIMED:
+        return replace(s, pool=POOL_CLAIMING, ttl_seconds=p["ttl_seconds"], expires_at=p["expires_at"],
+                       cpu_limit=p["cpu_limit"], mem_limit_mb=p["mem_limit_mb"], pids_limit=p["pids_limit"],
+                       env=MappingProxyType(dict(p.get("env") or {})), workspace_id=p.get("workspace_id"))
+    if t == ev.SANDBOX_CONFIGURED:
+        return replace(s, pool=POOL_CLAIMED)
     if t == ev.SANDBOX_FAILED:
         return replace(s, status=FAILED, end_reason=p.get("reason"), runner_pid=None, runner_start_time=None)
     if t == ev.SANDBOX_LOST:

@@ -96,6 +96,25 @@ class Runtime:
             raise SandboxError(msg if msg.startswith("unable") else f"unable to create sandbox: {msg}")
         return self.observe(spec.session_id, ping=False)
 
+    # ------------------------------------------------------------------ adjust (a claimed pool sandbox)
+    def set_limits(self, sid: str, cpu_limit: float, mem_limit_mb: int, pids_limit: int) -> None:
+        """Rewrite the cgroup limits of a running sandbox (creating a cgroup is idempotent)."""
+        self.cgroups.create(check_session_id(sid), cgroups_mod.Limits(
+            mem_bytes=mem_limit_mb * 1024 * 1024, pids=pids_limit, cpu=cpu_limit))
+
+    def bind_workspace(self, sid: str, workspace_dir: Path) -> None:
+        """Mount host dir `workspace_dir` over /workspace inside the running sandbox (done
+        by the spawner: namespace work needs a single-threaded process). The shell keeps
+        its cwd in the old mount until it runs `cd /workspace` again."""
+        pid, st = read_pidfile(self.paths(check_session_id(sid)).pidfile)
+        if pid is None or proc_start_time(pid) != st:
+            raise SandboxGone(f"unable to bind workspace into sandbox {sid}: its runner is gone")
+        reply = self.spawner.request({"op": "mount_workspace", "pid": pid, "start_time": st,
+                                      "source": str(Path(workspace_dir).absolute())})
+        if not reply.get("ok"):
+            msg = reply.get("error", "unknown error")
+            raise SandboxError(msg if msg.startswith("unable") else f"unable to bind workspace into {sid}: {msg}")
+
     # ------------------------------------------------------------------ observe
     def observe(self, sid: str, ping: bool = True) -> Observed:
         p = self.paths(sid)

@@ -1,5 +1,5 @@
 """Thin ctypes wrappers for the syscalls Python's `os` lacks (mount, umount2, pivot_root,
-sethostname).
+sethostname, and the new mount API: open_tree, move_mount, mount_setattr).
 
 libc is loaded at import time: these functions are called in forked children *after*
 pivot_root, where no shared library can be loaded any more.
@@ -28,6 +28,23 @@ MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
 
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}[platform.machine()]
+# The new mount API came after the syscall tables were unified (asm-generic numbering,
+# 403+): the same numbers on x86_64 and aarch64.
+_SYS_OPEN_TREE, _SYS_MOVE_MOUNT, _SYS_MOUNT_SETATTR = 428, 429, 442
+
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
 
 
 def _check(rc: int, what: str) -> None:
@@ -57,3 +74,25 @@ def pivot_root(new_root: str, put_old: str) -> None:
 def sethostname(name: str) -> None:
     raw = name.encode()
     _check(_libc.sethostname(raw, len(raw)), "sethostname")
+
+
+def open_tree(path: str, flags: int = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC) -> int:
+    """A detached copy of the mount at `path` (OPEN_TREE_CLONE), as an fd: it can be
+    attached later, also in another mount namespace."""
+    fd = _libc.syscall(_SYS_OPEN_TREE, ctypes.c_int(AT_FDCWD), _b(path), ctypes.c_uint(flags))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"open_tree {path}: {os.strerror(err)}")
+    return fd
+
+
+def mount_setattr(fd: int, attr_set: int, flags: int = AT_EMPTY_PATH | AT_RECURSIVE) -> None:
+    attr = _MountAttr(attr_set, 0, 0, 0)
+    _check(_libc.syscall(_SYS_MOUNT_SETATTR, ctypes.c_int(fd), b"", ctypes.c_uint(flags),
+                         ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))), "mount_setattr")
+
+
+def move_mount(fd: int, target: str) -> None:
+    """Attach the detached mount `fd` (from open_tree) on top of `target`."""
+    _check(_libc.syscall(_SYS_MOVE_MOUNT, ctypes.c_int(fd), b"", ctypes.c_int(AT_FDCWD), _b(target),
+                         ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)), f"move_mount onto {target}")

@@ -11,6 +11,12 @@ Per sandbox (all as host root):
                         └─ fork ──> B: PID 1 of the new pid namespace: setup steps,
                                        pivot_root, then the runner (never returns)
                      A exits at once, so B belongs to nobody who can die with it.
+
+Rebinding /workspace of a running sandbox (a claimed pool sandbox, `mount_workspace`):
+  zygote ── fork ──> C: open_tree(host dir, CLONE) while still in the host mount namespace,
+                        setns into the runner's mount namespace (by pidfd), move_mount the
+                        copy on top of /workspace, exit. The runner and its shell never see
+                        the host path; C is single-threaded, as setns(CLONE_NEWNS) requires.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from sandkasten.errors import SandboxError
 from sandkasten.runtime import cgroups as cgroups_mod
 from sandkasten.runtime import network
 from sandkasten.runtime import privileges
+from sandkasten.runtime import syscalls as sc
 from sandkasten.runtime.setup import Context, SetupFailed, run_steps
 from sandkasten.runtime.spec import SandboxSpec
 
@@ -97,6 +104,32 @@ class Zygote:
         os.rename(tmp, paths["pidfile"])
         return {"ok": True, "pid": pid, "start_time": st}
 
+    def mount_workspace(self, req: dict) -> dict:
+        """Bind host dir `source` over /workspace inside the running sandbox of runner `pid`
+        (checked against its `start_time`, so a reused pid is never entered)."""
+        pid, source = int(req["pid"]), str(req["source"])
+        pidfd = os.pidfd_open(pid)
+        try:
+            if start_time(pid) != int(req["start_time"]):
+                raise SetupFailed(f"unable to bind workspace: runner pid {pid} is gone (or was reused)")
+            report_r, report_w = os.pipe()
+            pid_c = os.fork()
+            if pid_c == 0:
+                os.close(report_r)
+                _child_c(pidfd, source, report_w)
+            os.close(report_w)
+            try:
+                os.waitpid(pid_c, 0)
+            except ChildProcessError:  # already reaped by the SIGCHLD handler
+                pass
+            report = _read_report(report_r, READY_TIMEOUT, until_pid=False)
+            os.close(report_r)
+        finally:
+            os.close(pidfd)
+        if not report.get("ok"):
+            raise SetupFailed(report.get("error") or "unable to bind workspace: no report")
+        return {"ok": True}
+
     def reap(self) -> None:
         # We are a child subreaper: runners whose parent A exited are ours to reap.
         while True:
@@ -158,6 +191,20 @@ def _child_b(ctx: Context, ready_w: int, env: dict, before_exec) -> None:
         os._exit(1)
 
 
+def _child_c(pidfd: int, source: str, report_w: int) -> None:
+    """Rebinds /workspace in a sandbox's mount namespace: never returns."""
+    try:
+        tree = sc.open_tree(source)  # in the host namespace: the only place `source` exists
+        sc.mount_setattr(tree, sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV)
+        os.setns(pidfd, os.CLONE_NEWNS)  # root and cwd become the sandbox's root
+        sc.move_mount(tree, "/workspace")  # on top of the old one, which the shell leaves
+        _write(report_w, {"ok": True})
+        os._exit(0)
+    except BaseException as e:  # noqa: BLE001 - report to the zygote, then die
+        _write(report_w, {"ok": False, "error": f"unable to bind workspace {source}: {e}"})
+        os._exit(1)
+
+
 def _connect_network(net: dict, sid: str, ready_r: int, net_w: int) -> dict:
     """Bridge mode: once A told us B's pid, connect B's netns from the host side, then hand
     B the plan (closing net_w without one makes B fail), then wait for B's report."""
@@ -216,8 +263,9 @@ def _write(fd: int, msg: dict) -> None:
         pass
 
 
-def _read_report(fd: int, timeout: float) -> dict:
-    """Lines from A (`pid N`) and B (`{"ok": ...}`); done when B reported or all closed."""
+def _read_report(fd: int, timeout: float, until_pid: bool = True) -> dict:
+    """Lines from A (`pid N`) and B (`{"ok": ...}`); done when B reported or all closed.
+    With `until_pid=False` (one child, no pid line) the first JSON line is the report."""
     deadline = time.monotonic() + timeout
     buf, report = b"", {}
     while True:
@@ -240,7 +288,7 @@ def _read_report(fd: int, timeout: float) -> dict:
             else:
                 msg = json.loads(line)
                 report.update(msg)
-                if "pid" in report:
+                if "pid" in report or not until_pid:
                     return report
 
 
@@ -262,6 +310,8 @@ def main() -> None:
             req = json.loads(line)
             if req.get("op") == "spawn":
                 reply = zygote.spawn(req)
+            elif req.get("op") == "mount_workspace":
+                reply = zygote.mount_workspace(req)
             elif req.get("op") == "ping":
                 reply = {"ok": True}
             else:

@@ -28,7 +28,8 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from sandkasten.domain import commands as c
 from sandkasten.domain import events as ev
 from sandkasten.domain.events import RecordedEvent
-from sandkasten.domain.session import ENDED_STATUSES, PriorExecs, SessionState, State, decide, evolve
+from sandkasten.domain.session import (DESTROYING, ENDED_STATUSES, POOL_IDLE, UNCLAIMED, PriorExecs, SessionState,
+                                       State, decide, evolve)
 from sandkasten.errors import ConcurrencyConflict, InvalidRequest, JournalError, SandkastenError
 from sandkasten.store import projections, schema
 from sandkasten.store.schema import events, execs, sessions, workspaces
@@ -279,10 +280,21 @@ class Journal:
     async def session(self, sid: str) -> dict[str, Any] | None:
         return await self._row(sa.select(sessions).where(sessions.c.id == sid))
 
-    async def sessions(self, include_ended: bool = False) -> list[dict[str, Any]]:
+    async def sessions(self, include_ended: bool = False, include_pool: bool = True) -> list[dict[str, Any]]:
+        """Sessions not ended (or all); `include_pool=False` leaves out pool members nobody
+        has claimed yet (what clients list)."""
         query = sa.select(sessions).order_by(sessions.c.created_at, sessions.c.id)
         if not include_ended:
             query = query.where(sessions.c.status.not_in(ENDED_STATUSES))
+        if not include_pool:
+            query = query.where(sa.or_(sessions.c.pool.is_(None), sessions.c.pool.not_in(UNCLAIMED)))
+        return await self._rows(query)
+
+    async def idle_pool(self) -> list[dict[str, Any]]:
+        """Unclaimed pool members not ended or being destroyed, oldest first."""
+        query = (sa.select(sessions).where(sessions.c.pool == POOL_IDLE,
+                                           sessions.c.status.not_in((*ENDED_STATUSES, DESTROYING)))
+                 .order_by(sessions.c.created_at, sessions.c.id))
         return await self._rows(query)
 
     async def execs(self, session_id: str) -> list[dict[str, Any]]:

@@ -13,7 +13,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sandkasten.domain import events as ev
-from sandkasten.domain.session import DESTROYED, DESTROYING, FAILED, INITIAL_CWD, LOST, REQUESTED, RUNNING
+from sandkasten.domain.session import (DESTROYED, DESTROYING, FAILED, INITIAL_CWD, LOST, POOL_CLAIMED, POOL_CLAIMING,
+                                       POOL_IDLE, REQUESTED, RUNNING)
 from sandkasten.store.schema import execs, sessions, workspaces
 
 
@@ -42,7 +43,7 @@ async def _session_requested(conn: AsyncConnection, e: ev.RecordedEvent) -> None
             readonly_rootfs=bool(p.get("readonly_rootfs")), created_at=e.created_at, updated_at=e.created_at,
             expires_at=p["expires_at"], ended_at=None, runner_pid=None, runner_start_time=None, cgroup=None,
             pooled=False, cwd=INITIAL_CWD, exec_count=0, last_activity_at=e.created_at, lost_reason=None,
-            end_reason=None, actor=e.actor, version=e.stream_version,
+            end_reason=None, actor=e.actor, version=e.stream_version, pool=POOL_IDLE if p.get("pool") else None,
         )
     )
     if p.get("workspace_id"):
@@ -140,8 +141,30 @@ async def _workspace_deleted(conn: AsyncConnection, e: ev.RecordedEvent) -> None
     )
 
 
+async def _session_claimed(conn: AsyncConnection, e: ev.RecordedEvent) -> None:
+    # From the client's point of view the session begins now: created_at, actor and the
+    # idle clock move to the claim (the pool member's own birth stays in the journal).
+    p = e.payload
+    await _update_session(
+        conn, e, pool=POOL_CLAIMING, ttl_seconds=p["ttl_seconds"], expires_at=p["expires_at"],
+        cpu_limit=p["cpu_limit"], mem_limit_mb=p["mem_limit_mb"], pids_limit=p["pids_limit"],
+        env=dict(p.get("env") or {}), workspace_id=p.get("workspace_id"), created_at=e.created_at,
+        last_activity_at=e.created_at, actor=e.actor,
+    )
+    if p.get("workspace_id"):
+        await conn.execute(
+            sa.update(workspaces).where(workspaces.c.id == p["workspace_id"]).values(last_session_id=e.stream_id)
+        )
+
+
+async def _sandbox_configured(conn: AsyncConnection, e: ev.RecordedEvent) -> None:
+    await _update_session(conn, e, pool=POOL_CLAIMED)
+
+
 _PROJECTORS: dict[str, Callable[[AsyncConnection, ev.RecordedEvent], Awaitable[None]]] = {
     ev.SESSION_REQUESTED: _session_requested,
+    ev.SESSION_CLAIMED: _session_claimed,
+    ev.SANDBOX_CONFIGURED: _sandbox_configured,
     ev.SANDBOX_STARTED: _sandbox_started,
     ev.SANDBOX_ADOPTED: _sandbox_adopted,
     ev.SANDBOX_FAILED: _sandbox_failed,

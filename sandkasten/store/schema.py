@@ -3,7 +3,7 @@
 `events` is the truth and append-only (triggers refuse UPDATE and DELETE). `sessions`,
 `execs` and `workspaces` are read tables: caches kept in step with `events` in the same
 transaction and rebuildable by replay. Alembic owns the schema on disk
-(migrations/versions/0001_initial.py creates exactly these); `metadata.create_all` is
+(migrations/versions/0001_initial.py and the later ones create exactly these); `metadata.create_all` is
 used only by the test that proves the two agree.
 """
 
@@ -69,6 +69,8 @@ sessions = sa.Table(
     sa.Column("end_reason", sa.String, nullable=True),
     sa.Column("actor", sa.String, nullable=False),
     sa.Column("version", sa.Integer, nullable=False),
+    # pool members: "idle" | "claiming" | "claimed"; NULL for ordinary sessions (migration 0002)
+    sa.Column("pool", sa.String, nullable=True),
 )
 sa.Index("ix_sessions_status", sessions.c.status)
 
@@ -149,7 +151,7 @@ def alembic_config(url: str) -> "alembic.config.Config":
 
 
 # The newest migration's revision id; tests/test_migrations.py checks it equals alembic's head.
-HEAD_REVISION = "0001"
+HEAD_REVISION = "0002"
 
 
 def current_revision(db_path: Path) -> str | None:
