@@ -74,7 +74,9 @@ def document() -> dict:
                     "cpu_limit": {"type": "number", "exclusiveMinimum": 0},
                     "mem_limit_mb": {"type": "integer", "minimum": 8},
                     "pids_limit": {"type": "integer", "minimum": 4},
-                    "network_mode": {"type": "string", "enum": ["none"]},
+                    "network_mode": {"type": "string", "enum": ["none", "bridge"]},
+                    "egress_allow": {"type": "array", "items": {"type": "string"},
+                                     "description": "bridge mode: CIDRs or host names the sandbox may reach"},
                     "env": {"type": "object", "additionalProperties": {"type": "string"}},
                     "readonly_rootfs": {"type": "boolean"}}},
                 "Session": {"type": "object", "properties": {
