@@ -1,0 +1,135 @@
+"""What the three quickstart agents share: the connection to Sandkasten, the four sandbox
+tools, and the agent itself.
+
+The tools run in one Sandkasten session: a persistent shell (so `cd`, variables and background
+processes carry over between calls) and its /workspace. Anything the sandbox answers with an
+error — a refused path, a missing file, a timeout, the daemon being away — comes back to the
+model as text it can act on; it never crashes the agent.
+
+Environment: OPENAI_API_KEY (and OPENAI_BASE_URL for any OpenAI-compatible endpoint),
+SANDKASTEN_URL (default http://127.0.0.1:8080), SANDKASTEN_API_KEY.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from agents import Agent, FunctionTool, function_tool, set_tracing_disabled
+
+from sandkasten.client import AsyncClient, AsyncSandbox, SandkastenError
+
+MAX_TOOL_OUTPUT = 20_000  # characters of command output handed to the model
+INSTRUCTIONS = """You are a careful coding agent. You have a real Linux sandbox (Debian with
+python3, no network) and these tools: run_command (a persistent bash-like shell: cd and
+variables persist), write_file, read_file and list_files. Files live in /workspace, where the
+shell starts; paths for the file tools are relative to /workspace. Do the work in the sandbox,
+check results by running them, and answer briefly with what you did and what came out."""
+
+
+def configure_model_access() -> None:
+    """The OpenAI Agents SDK reads OPENAI_API_KEY and OPENAI_BASE_URL itself. With a custom
+    endpoint its traces (sent to OpenAI's platform) would only fail, so tracing is off then."""
+    if os.environ.get("OPENAI_BASE_URL"):
+        set_tracing_disabled(True)
+    if not os.environ.get("OPENAI_API_KEY"):
+        sys.exit("error: set OPENAI_API_KEY (and OPENAI_BASE_URL for an OpenAI-compatible endpoint)")
+
+
+@asynccontextmanager
+async def open_sandbox(workspace_id: str | None = None, image: str | None = None) -> AsyncIterator[AsyncSandbox]:
+    """A fresh Sandkasten session, destroyed on exit. With a `workspace_id`, /workspace is that
+    persistent workspace: its files outlive the session."""
+    async with AsyncClient(retry_for=2.0) as probe:  # fail fast when nothing listens
+        try:
+            await probe.health()
+        except SandkastenError as e:
+            sys.exit(f"error: {e.message}\n(start it: .venv/bin/sandkasten daemon -d --config "
+                     "quickstart/sandkasten.yaml, or set SANDKASTEN_URL)")
+    async with AsyncClient() as client:
+        try:
+            sandbox = await client.session(image, workspace_id=workspace_id).start()
+        except SandkastenError as e:
+            sys.exit(f"error: unable to create a sandbox session: {e}")
+        async with sandbox:
+            yield sandbox
+
+
+def _problem(e: SandkastenError) -> str:
+    return f"error: {e.code}: {e.message}"
+
+
+def _clip(text: str) -> str:
+    if len(text) <= MAX_TOOL_OUTPUT:
+        return text
+    return text[:MAX_TOOL_OUTPUT] + f"\n[... {len(text) - MAX_TOOL_OUTPUT} more characters cut ...]"
+
+
+def sandbox_tools(sandbox: AsyncSandbox) -> list[FunctionTool]:
+    """The four tools, bound to one sandbox session."""
+
+    @function_tool
+    async def run_command(command: str, timeout_seconds: int = 60) -> str:
+        """Run a shell command in the sandbox's persistent shell and return its exit code,
+        working directory and output (stdout and stderr interleaved).
+
+        Args:
+            command: the shell command line, e.g. "python3 primes.py".
+            timeout_seconds: stop the command after this many seconds (the shell survives).
+        """
+        try:
+            r = await sandbox.exec(command, timeout_ms=max(1, timeout_seconds) * 1000)
+        except SandkastenError as e:
+            return _problem(e)
+        notes = (" (timed out)" if r.timed_out else "") + (" (output truncated)" if r.truncated else "")
+        return f"exit_code: {r.exit_code}{notes}\ncwd: {r.cwd}\noutput:\n{_clip(r.output)}"
+
+    @function_tool
+    async def write_file(path: str, content: str) -> str:
+        """Create or replace a text file in /workspace (parent directories are created).
+
+        Args:
+            path: path relative to /workspace, e.g. "src/main.py".
+            content: the complete new content of the file.
+        """
+        try:
+            entry = await sandbox.write(path, content)
+        except SandkastenError as e:
+            return _problem(e)
+        return f"wrote {entry.path} ({entry.size} bytes)"
+
+    @function_tool
+    async def read_file(path: str) -> str:
+        """Read a text file from /workspace.
+
+        Args:
+            path: path relative to /workspace.
+        """
+        try:
+            f = await sandbox.read(path, max_bytes=MAX_TOOL_OUTPUT)
+        except SandkastenError as e:
+            return _problem(e)
+        return f.text + (f"\n[... file is {f.size} bytes, cut ...]" if f.truncated else "")
+
+    @function_tool
+    async def list_files(path: str = "") -> str:
+        """List a directory of /workspace: one line per entry with type, size and path.
+
+        Args:
+            path: directory relative to /workspace ("" for /workspace itself).
+        """
+        try:
+            entries = await sandbox.list_files("" if path.strip() in ("", ".", "./") else path.strip())
+        except SandkastenError as e:
+            return _problem(e)
+        if not entries:
+            return "(empty directory)"
+        return "\n".join(f"{e.type:7} {e.size:>9}  {e.path}" for e in entries)
+
+    return [run_command, write_file, read_file, list_files]
+
+
+def build_agent(sandbox: AsyncSandbox, name: str = "Sandkasten coding agent") -> Agent:
+    return Agent(name=name, instructions=INSTRUCTIONS, tools=sandbox_tools(sandbox))
