@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Callable
 from sandkasten.config import Config
 from sandkasten.domain import commands as c
 from sandkasten.domain.session import DuplicateIdempotencyKey  # noqa: F401 - re-exported for the API
-from sandkasten.domain.session import POOL_CLAIMING, RUNNING
+from sandkasten.domain.session import POOL_CLAIMED, POOL_CLAIMING, RUNNING
 from sandkasten.errors import (IllegalTransition, SandboxError, SandboxGone, SandkastenError)
 from sandkasten.runtime.sandboxes import Runtime
 from sandkasten.runtime.spec import ExecRequest, ExecResult
@@ -120,15 +120,15 @@ class Executor:
                                                       pooled=pooled))
 
     # ------------------------------------------------------------------ claim (pool)
-    async def _configure(self, sid: str) -> None:
+    async def _configure(self, sid: str) -> bool:
         """Apply a journaled claim to the pool member's running sandbox: cgroup limits, the
         workspace over /workspace, the env exported in its shell. Every step is safe to
         repeat (a crash before `sandbox.configured` makes the next start do it again). If
-        it fails the session is destroyed: its client never got it."""
+        it fails the session is destroyed: its client never got it. True once configured."""
         async with self.session_locks[sid]:
             state = await self.journal.state(sid)
             if state is None or state.status != RUNNING or state.pool != POOL_CLAIMING:
-                return
+                return state is not None and state.status == RUNNING and state.pool == POOL_CLAIMED
             try:
                 await asyncio.to_thread(self.runtime.set_limits, sid, state.cpu_limit, state.mem_limit_mb,
                                         state.pids_limit)
@@ -142,7 +142,7 @@ class Executor:
                 await self.record(sid, c.RequestDestroy(reason="claim_failed"))
                 self.ensure_destroyed(sid)
                 raise
-            await self.record(sid, c.RecordSandboxConfigured())
+            return await self.record(sid, c.RecordSandboxConfigured())
 
     async def _setup_shell(self, sid: str, env) -> None:
         """`export` the claim's env and `cd` into the (new) /workspace, in the persistent shell.

@@ -37,7 +37,7 @@ from datetime import datetime, timedelta, timezone
 from sandkasten import intake
 from sandkasten.config import Config
 from sandkasten.domain import commands as c
-from sandkasten.domain.session import POOL_CLAIMED, RUNNING
+from sandkasten.domain.session import RUNNING
 from sandkasten.errors import IllegalTransition, SandkastenError
 from sandkasten.executor import Executor
 
@@ -92,16 +92,17 @@ class Pool:
                 if row["image"] != cmd.image or row["status"] != RUNNING:
                     continue
                 try:
-                    await self.journal.execute(row["id"], claim, actor=actor, request_id=request_id)
+                    [claimed] = await self.journal.execute(row["id"], claim, actor=actor, request_id=request_id)
                 except IllegalTransition:
                     continue  # claimed, expired or lost meanwhile: try the next one
+                if claimed.payload.get("configured"):  # nothing in the sandbox to change
+                    return row["id"]
                 try:  # shielded: a client hanging up must not cut the configuration in half
-                    await asyncio.shield(self.executor.ensure_claimed(row["id"]))
+                    configured = await asyncio.shield(self.executor.ensure_claimed(row["id"]))
                 except SandkastenError as e:  # the executor destroys it; the caller goes cold
                     log.warning("unable to hand out pool session %s: %s", row["id"], e.message)
                     return None
-                state = await self.journal.state(row["id"])
-                if getattr(state, "pool", None) != POOL_CLAIMED:  # e.g. its runner died meanwhile
+                if not configured:  # e.g. its runner died meanwhile
                     await self.executor.record(row["id"], c.RequestDestroy(reason="claim_failed"), actor=ACTOR)
                     self.executor.ensure_destroyed(row["id"])
                     return None

@@ -61,6 +61,15 @@ def test_a_pool_member_is_claimed_once_then_configured():
     assert decide(state, c.RequestExec(exec_id="x-1", cmd="true", timeout_ms=1000))[0].type == ev.EXEC_REQUESTED
 
 
+def test_a_claim_that_changes_nothing_is_configured_at_once():
+    idle = fold(member(), c.RecordSandboxStarted(pid=10, start_time=1))
+    same = claim(cpu_limit=idle.cpu_limit, mem_limit_mb=idle.mem_limit_mb, pids_limit=idle.pids_limit,
+                 env={}, workspace_id=None)
+    [e] = decide(idle, same)
+    assert e.payload["configured"] is True and evolve(idle, e).pool == POOL_CLAIMED
+    assert decide(idle, claim(env={}, workspace_id=None))[0].payload["configured"] is False  # other limits
+
+
 def test_claims_and_execs_are_refused_where_they_make_no_sense():
     requested = fold(member())
     assert decide(None, member())[0].payload["pool"] is True

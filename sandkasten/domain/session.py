@@ -11,6 +11,8 @@ Pool members (`session.requested` with `pool: true`) live the same life, plus a 
 marker: "idle" (made ahead, nobody's yet; no execs) -> "claiming" (session.claimed: handed
 to a client with the client's limits, env, workspace and TTL; legal once, only while
 running) -> "claimed" (sandbox.configured: the executor applied the claim to the sandbox).
+A claim that changes nothing in the sandbox (same limits, no env, no workspace) says
+`configured: true` and goes straight to "claimed".
 
 The state keeps only the non-terminal execs (evolve stays O(1) per event). Facts about
 earlier execs that `decide` needs (is this exec id taken? which exec used this
@@ -223,10 +225,12 @@ def _claim(state: SessionState, cmd: c.ClaimSession, prior: PriorExecs, verb: st
     if state.pool != POOL_IDLE:
         what = "it was claimed already" if state.pool else "it is not a pool session"
         raise IllegalTransition(f"unable to {verb} {state.session_id}: {what}", session_id=state.session_id)
+    unchanged = (not cmd.env and not cmd.workspace_id and (cmd.cpu_limit, cmd.mem_limit_mb, cmd.pids_limit)
+                 == (state.cpu_limit, state.mem_limit_mb, state.pids_limit))
     return [ev.NewEvent(ev.SESSION_CLAIMED, {
         "ttl_seconds": cmd.ttl_seconds, "expires_at": iso_utc(cmd.expires_at), "cpu_limit": cmd.cpu_limit,
         "mem_limit_mb": cmd.mem_limit_mb, "pids_limit": cmd.pids_limit, "env": dict(cmd.env),
-        "workspace_id": cmd.workspace_id,
+        "workspace_id": cmd.workspace_id, "configured": unchanged,
     })]
 
 
@@ -371,7 +375,8 @@ def evolve(state: State | None, event: Any) -> State:
         extra = {"cgroup": p.get("cgroup") or None, "pooled": bool(p.get("pooled"))} if t == ev.SANDBOX_STARTED else {}
         return replace(s, status=RUNNING, runner_pid=p["pid"], runner_start_time=p["start_time"], lost_reason=None, **extra)
     if t == ev.SESSION_CLAIMED:
-        return replace(s, pool=POOL_CLAIMING, ttl_seconds=p["ttl_seconds"], expires_at=p["expires_at"],
+        return replace(s, pool=POOL_CLAIMED if p.get("configured") else POOL_CLAIMING,
+                       ttl_seconds=p["ttl_seconds"], expires_at=p["expires_at"],
                        cpu_limit=p["cpu_limit"], mem_limit_mb=p["mem_limit_mb"], pids_limit=p["pids_limit"],
                        env=MappingProxyType(dict(p.get("env") or {})), workspace_id=p.get("workspace_id"))
     if t == ev.SANDBOX_CONFIGURED:

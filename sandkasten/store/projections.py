@@ -146,7 +146,8 @@ async def _session_claimed(conn: AsyncConnection, e: ev.RecordedEvent) -> None:
     # idle clock move to the claim (the pool member's own birth stays in the journal).
     p = e.payload
     await _update_session(
-        conn, e, pool=POOL_CLAIMING, ttl_seconds=p["ttl_seconds"], expires_at=p["expires_at"],
+        conn, e, pool=POOL_CLAIMED if p.get("configured") else POOL_CLAIMING,
+        ttl_seconds=p["ttl_seconds"], expires_at=p["expires_at"],
         cpu_limit=p["cpu_limit"], mem_limit_mb=p["mem_limit_mb"], pids_limit=p["pids_limit"],
         env=dict(p.get("env") or {}), workspace_id=p.get("workspace_id"), created_at=e.created_at,
         last_activity_at=e.created_at, actor=e.actor,
