@@ -19,7 +19,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator, Callable, Iterable, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -34,11 +35,21 @@ from sandkasten.errors import ConcurrencyConflict, InvalidRequest, JournalError,
 from sandkasten.store import projections, schema
 from sandkasten.store.schema import events, execs, sessions, workspaces
 
+T = TypeVar("T")
 GENESIS_HASH = "0" * 64
 DURABILITIES = {"normal": "NORMAL", "full": "FULL"}
 _STATE_CACHE_SIZE = 10_000
 _PAGE = 2_000
 _APPEND_ATTEMPTS = 5
+# Statements on the append path are built once and run with bound parameters: building
+# a SQLAlchemy statement costs several times more than executing it.
+_INSERT_EVENT = sa.insert(events)
+_STREAM_TAIL = sa.select(events).where(events.c.stream_id == sa.bindparam("sid"),
+                                       events.c.stream_version > sa.bindparam("v"))
+_CATCH_UP = _STREAM_TAIL.order_by(events.c.seq)
+_CATCH_UP_WITH_HEAD = sa.union_all(
+    _STREAM_TAIL, sa.select(sa.select(events).order_by(events.c.seq.desc()).limit(1).subquery())
+).order_by(sa.column("seq"))
 
 __all__ = ["Journal", "RecordedEvent", "VerifyResult", "GENESIS_HASH", "canonical_json", "chain_hash"]
 
@@ -76,12 +87,15 @@ def _recorded(row: Any) -> RecordedEvent:
 
 
 class Journal:
-    def __init__(self, db_path: Path, engine: AsyncEngine, durability: str, busy_timeout_s: float) -> None:
+    def __init__(self, db_path: Path, engine: AsyncEngine, writer: sa.Engine, durability: str,
+                 busy_timeout_s: float) -> None:
         self.path = db_path
         self.durability = durability
         self.busy_timeout_s = busy_timeout_s
-        self._engine = engine
-        self._writer = engine.execution_options(sandkasten_write=True)  # same pool, BEGIN IMMEDIATE
+        self._engine = engine              # reads: async (aiosqlite), several at once under WAL
+        self._writer = writer              # writes: sync, one dedicated thread, BEGIN IMMEDIATE
+        self._writer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-writer")
+        self._writer_conn: sa.Connection | None = None
         self._write_lock = asyncio.Lock()
         self._states: OrderedDict[str, State] = OrderedDict()
 
@@ -98,9 +112,12 @@ class Journal:
             db_path.parent.mkdir(parents=True, exist_ok=True)
             await asyncio.to_thread(schema.upgrade, db_path, busy_timeout_s)
         engine = create_async_engine(f"sqlite+aiosqlite:///{db_path}", pool_size=4, max_overflow=4)
+        # One thread hop per transaction instead of one per statement: the whole append
+        # (load, decide, insert, project, commit) runs as one call on the writer thread.
+        writer = sa.create_engine(f"sqlite:///{db_path}", poolclass=sa.pool.StaticPool,
+                                  connect_args={"check_same_thread": False})
         sync = DURABILITIES[durability]
 
-        @sa.event.listens_for(engine.sync_engine, "connect")
         def _connect(dbapi_conn: Any, _record: Any) -> None:
             dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN (see _begin)
             cursor = dbapi_conn.cursor()
@@ -109,13 +126,12 @@ class Journal:
                 cursor.execute(f"PRAGMA {pragma}")
             cursor.close()
 
-        @sa.event.listens_for(engine.sync_engine, "begin")
-        def _begin(conn: sa.Connection) -> None:
-            # writers take the write lock up front so read-then-write never deadlocks
-            immediate = conn.get_execution_options().get("sandkasten_write")
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-        return cls(db_path, engine, durability, busy_timeout_s)
+        sa.event.listen(engine.sync_engine, "connect", _connect)
+        sa.event.listen(writer, "connect", _connect)
+        # writers take the write lock up front so read-then-write never deadlocks
+        sa.event.listen(writer, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        sa.event.listen(engine.sync_engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
+        return cls(db_path, engine, writer, durability, busy_timeout_s)
 
     @classmethod
     def check(cls, db_path: Path, busy_timeout_s: float = 10.0) -> None:
@@ -135,7 +151,31 @@ class Journal:
             raise JournalError(f"unable to open journal {db_path}: {cause}", path=str(db_path)) from None
 
     async def close(self) -> None:
+        def _close() -> None:
+            if self._writer_conn is not None:
+                self._writer_conn.close()
+            self._writer.dispose()
+
+        await asyncio.get_running_loop().run_in_executor(self._writer_thread, _close)
+        self._writer_thread.shutdown(wait=True)
         await self._engine.dispose()
+
+    async def _on_writer(self, action: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(conn, *args)` on the writer thread, one at a time, errors translated."""
+        def call() -> T:
+            if self._writer_conn is None:
+                self._writer_conn = self._writer.connect()
+            conn = self._writer_conn
+            try:
+                with conn.begin():
+                    return fn(conn, *args)
+            except BaseException:
+                if conn.in_transaction():
+                    conn.rollback()
+                raise
+
+        async with self._write_lock, self._guard(action):
+            return await asyncio.get_running_loop().run_in_executor(self._writer_thread, call)
 
     def _guard(self, action: str) -> "_Guard":
         return _Guard(self.path, self.busy_timeout_s)(action)  # type: ignore[return-value]
@@ -161,34 +201,38 @@ class Journal:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _execute_once(self, stream_id: str, command: c.Command, actor: str, request_id: str | None) -> list[RecordedEvent]:
-        async with self._write_lock, self._guard("append to"), self._writer.connect() as conn:
-            async with conn.begin():
-                state, seq, prev_hash = await self._load_with_head(conn, stream_id)
-                prior = await self._prior_execs(conn, stream_id, command)
-                new_events = decide(state, command, prior=prior, stream_id=stream_id)
-                version = state.version if state else 0
-                created_at = _now()
-                recorded = []
-                for new in new_events:
-                    seq, version = seq + 1, version + 1
-                    row = {"seq": seq, "stream_id": stream_id, "stream_version": version, "type": new.type,
-                           "schema_version": new.schema_version, "payload": dict(new.payload), "actor": actor,
-                           "request_id": request_id, "created_at": created_at}
-                    row_hash = chain_hash(prev_hash, row)
-                    await self._insert(conn, {**row, "payload": canonical_json(row["payload"]),
-                                              "prev_hash": prev_hash, "hash": row_hash})
-                    prev_hash = row_hash
-                    event = RecordedEvent(hash=row_hash, **row)
-                    await projections.apply(conn, event)
-                    state = evolve(state, event)
-                    recorded.append(event)
+        return await self._on_writer("append to", self._append, stream_id, command, actor, request_id)
+
+    def _append(self, conn: sa.Connection, stream_id: str, command: c.Command, actor: str,
+                request_id: str | None) -> list[RecordedEvent]:
+        """On the writer thread, inside BEGIN IMMEDIATE: load, decide, append, project."""
+        query, params = self._catch_up_query(stream_id, head=True)
+        state, seq, prev_hash = self._fold(stream_id, conn.execute(query, params).all())
+        prior = self._prior_execs(conn, stream_id, command)
+        new_events = decide(state, command, prior=prior, stream_id=stream_id)
+        version = state.version if state else 0
+        created_at = _now()
+        recorded = []
+        for new in new_events:
+            seq, version = seq + 1, version + 1
+            row = {"seq": seq, "stream_id": stream_id, "stream_version": version, "type": new.type,
+                   "schema_version": new.schema_version, "payload": dict(new.payload), "actor": actor,
+                   "request_id": request_id, "created_at": created_at}
+            row_hash = chain_hash(prev_hash, row)
+            self._insert(conn, {**row, "payload": canonical_json(row["payload"]),
+                                "prev_hash": prev_hash, "hash": row_hash})
+            prev_hash = row_hash
+            event = RecordedEvent(hash=row_hash, **row)
+            projections.apply(conn, event)
+            state = evolve(state, event)
+            recorded.append(event)
         if state is not None:
             self._remember(stream_id, state)
         return recorded
 
-    async def _insert(self, conn: AsyncConnection, row: dict[str, Any]) -> None:
+    def _insert(self, conn: sa.Connection, row: dict[str, Any]) -> None:
         try:
-            await conn.execute(sa.insert(events).values(**row))
+            conn.execute(_INSERT_EVENT, row)
         except sa.exc.IntegrityError as exc:
             if "events" not in str(exc.orig):
                 raise
@@ -199,23 +243,19 @@ class Journal:
 
     async def _load(self, conn: AsyncConnection, stream_id: str) -> State | None:
         """The cached state of a stream, caught up on events newer than the cached version."""
-        state, _, _ = await self._load_with_head(conn, stream_id, head=False)
-        return state
+        rows = (await conn.execute(*self._catch_up_query(stream_id, head=False))).all()
+        return self._fold(stream_id, rows)[0]
 
-    async def _load_with_head(
-        self, conn: AsyncConnection, stream_id: str, head: bool = True
-    ) -> tuple[State | None, int, str]:
-        """Catch the stream's state up and (in the same query) read the last event's seq and hash."""
+    def _catch_up_query(self, stream_id: str, head: bool) -> tuple[sa.Executable, dict[str, Any]]:
+        """The stream's events newer than the cached state and (with `head`, in the same
+        query) the journal's last event, whose seq and hash the next append chains to."""
         state = self._states.get(stream_id)
-        query: sa.Select | sa.CompoundSelect = sa.select(events).where(
-            events.c.stream_id == stream_id, events.c.stream_version > (state.version if state else 0))
-        if head:
-            last = sa.select(events).order_by(events.c.seq.desc()).limit(1).subquery()
-            query = sa.union_all(query, sa.select(last)).order_by(sa.column("seq"))
-        else:
-            query = query.order_by(events.c.seq)
+        return (_CATCH_UP_WITH_HEAD if head else _CATCH_UP), {"sid": stream_id, "v": state.version if state else 0}
+
+    def _fold(self, stream_id: str, rows: Iterable[Any]) -> tuple[State | None, int, str]:
+        state = self._states.get(stream_id)
         seq, prev_hash, seen = 0, GENESIS_HASH, set()
-        for row in (await conn.execute(query)).all():
+        for row in rows:
             seq, prev_hash = max((seq, prev_hash), (row.seq, row.hash))
             if row.stream_id == stream_id and row.seq not in seen and (state is None or row.stream_version > state.version):
                 seen.add(row.seq)
@@ -230,14 +270,14 @@ class Journal:
         while len(self._states) > _STATE_CACHE_SIZE:
             self._states.popitem(last=False)
 
-    async def _prior_execs(self, conn: AsyncConnection, stream_id: str, command: c.Command) -> PriorExecs | None:
+    def _prior_execs(self, conn: sa.Connection, stream_id: str, command: c.Command) -> PriorExecs | None:
         """Facts about earlier execs that the state does not keep (see domain.session)."""
         if not isinstance(command, c.RequestExec):
             return None
         match = execs.c.id == command.exec_id
         if command.idempotency_key is not None:
             match = match | ((execs.c.session_id == stream_id) & (execs.c.idempotency_key == command.idempotency_key))
-        rows = (await conn.execute(sa.select(execs.c.id, execs.c.session_id, execs.c.idempotency_key).where(match))).all()
+        rows = conn.execute(sa.select(execs.c.id, execs.c.session_id, execs.c.idempotency_key).where(match)).all()
         taken = any(row.id == command.exec_id for row in rows)
         owner = next((row.id for row in rows if row.session_id == stream_id
                       and row.idempotency_key is not None and row.idempotency_key == command.idempotency_key), None)
@@ -339,21 +379,20 @@ class Journal:
 
     async def rebuild(self) -> int:
         """Empty the read tables and replay every event into them (one transaction)."""
+        return await self._on_writer("rebuild", self._rebuild)
+
+    def _rebuild(self, conn: sa.Connection) -> int:
         count = 0
-        async with self._write_lock, self._guard("rebuild"), self._writer.connect() as conn:
-            async with conn.begin():
-                for table in schema.READ_TABLES:
-                    await conn.execute(sa.delete(table))
-                after = 0
-                while True:
-                    query = sa.select(events).where(events.c.seq > after).order_by(events.c.seq).limit(_PAGE)
-                    rows = (await conn.execute(query)).all()
-                    if not rows:
-                        break
-                    for row in rows:
-                        await projections.apply(conn, _recorded(row))
-                    after, count = rows[-1].seq, count + len(rows)
-        return count
+        for table in schema.READ_TABLES:
+            conn.execute(sa.delete(table))
+        after = 0
+        while True:
+            rows = conn.execute(sa.select(events).where(events.c.seq > after).order_by(events.c.seq).limit(_PAGE)).all()
+            if not rows:
+                return count
+            for row in rows:
+                projections.apply(conn, _recorded(row))
+            after, count = rows[-1].seq, count + len(rows)
 
 
 def _check_stream(stream_id: str, command: c.Command) -> None:
