@@ -96,7 +96,6 @@ def preflight(cfg: Config) -> None:
     """What can fail before serving fails here, with one clear line instead of a server
     traceback: directories, the journal (opened and migrated), the cgroup layout."""
     from sandkasten.runtime import cgroups
-    from sandkasten.store import schema
 
     for d in (cfg.data_dir, cfg.run_dir, cfg.sessions_dir, cfg.workspaces_dir, cfg.images_dir):
         try:

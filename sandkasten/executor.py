@@ -21,14 +21,15 @@ from sandkasten.config import Config
 from sandkasten.domain import commands as c
 from sandkasten.domain.session import DuplicateIdempotencyKey  # noqa: F401 - re-exported for the API
 from sandkasten.domain.session import POOL_CLAIMED, POOL_CLAIMING, RUNNING
-from sandkasten.errors import (IllegalTransition, SandboxError, SandboxGone, SandkastenError)
+from sandkasten.errors import (IllegalTransition, SandboxError, SandkastenError)
 from sandkasten.runtime.sandboxes import Runtime
-from sandkasten.runtime.spec import ExecRequest, ExecResult
-from sandkasten.store.journal import Journal
+from sandkasten.runtime.spec import ExecRequest
+from sandkasten.store.journal import Journal, RecordedEvent
 
 log = logging.getLogger("sandkasten.executor")
 ACTOR = "executor"
 FOLLOW_INTERVAL = 0.2
+STARTED_DELAY = 0.02
 
 
 class Executor:
@@ -63,8 +64,8 @@ class Executor:
     def ensure_claimed(self, sid: str) -> asyncio.Task:
         return self._once(f"claim:{sid}", lambda: self._configure(sid))
 
-    def ensure_exec(self, sid: str, exec_id: str) -> asyncio.Task:
-        return self._once(f"exec:{exec_id}", lambda: self._exec(sid, exec_id))
+    def ensure_exec(self, sid: str, exec_id: str, req: ExecRequest | None = None) -> asyncio.Task:
+        return self._once(f"exec:{exec_id}", lambda: self._exec(sid, exec_id, req))
 
     def ensure_destroyed(self, sid: str) -> asyncio.Task:
         return self._once(f"destroy:{sid}", lambda: self._destroy(sid))
@@ -166,31 +167,36 @@ class Executor:
             pass  # it exists already
 
     # ------------------------------------------------------------------ exec
-    async def _exec(self, sid: str, exec_id: str) -> ExecResult | None:
+    async def _exec(self, sid: str, exec_id: str, req: ExecRequest | None = None) -> RecordedEvent | None:
+        """Run one journaled exec (or re-attach to it: the runner runs an exec id at most once)
+        and journal its end; returns the `exec.finished` event. With `req` the caller has just
+        journaled the request, so there is nothing to read first."""
         async with self.session_locks[sid]:  # one command at a time per shell, in request order
-            row = await self.journal.exec(exec_id)
-            if row is None or row["status"] not in ("requested", "running"):
-                return None
-            req = ExecRequest(exec_id=exec_id, cmd=row["cmd"], timeout_ms=row["timeout_ms"])
-
-            async def started(_reply: dict) -> None:
-                if row["status"] == "requested":
-                    await self.record(sid, c.RecordExecStarted(exec_id=exec_id))
-
+            already_started = False
+            if req is None:
+                row = await self.journal.exec(exec_id)
+                if row is None or row["status"] not in ("requested", "running"):
+                    return None
+                req = ExecRequest(exec_id=exec_id, cmd=row["cmd"], timeout_ms=row["timeout_ms"])
+                already_started = row["status"] == "running"
+            mark = _StartedMark(self, sid, exec_id, already_started)
             try:
-                result = await self.runtime.aexec(sid, req, on_started=started)
-            except SandboxGone as e:
-                await self.record(sid, c.RecordExecLost(exec_id=exec_id, reason=e.message))
-                raise
+                result = await self.runtime.aexec(sid, req, on_started=mark.observed)
             except SandkastenError as e:
+                mark.drop()
                 await self.record(sid, c.RecordExecLost(exec_id=exec_id, reason=e.message))
                 raise
-            await self.record(sid, c.RecordExecFinished(
+            finished = c.RecordExecFinished(
                 exec_id=exec_id, exit_code=result.exit_code, cwd=result.cwd,
                 duration_ms=round(result.duration_ms, 3), stdout_bytes=result.stdout_bytes,
                 stderr_bytes=result.stderr_bytes, output_sha256=result.output_sha256,
-                truncated=result.truncated, timed_out=result.timed_out))
-            return result
+                truncated=result.truncated, timed_out=result.timed_out)
+            try:
+                recorded = await self.journal.execute_all(sid, [*await mark.take(), finished], actor=ACTOR)
+            except IllegalTransition as e:  # the session ended meanwhile; the journal says how
+                log.info("not recorded for %s: %s", sid, e.message)
+                return None
+            return recorded[-1]
 
     # ------------------------------------------------------------------ destroy
     async def _destroy(self, sid: str) -> None:
@@ -233,3 +239,39 @@ class Executor:
 def _sh_quote(value: str) -> str:
     """A POSIX shell single-quoted word: `it's` -> 'it'\''s'."""
     return "'" + value.replace("'", "'\\''") + "'"
+
+
+class _StartedMark:
+    """`exec.started` is journaled once the runner confirms the command runs — unless the
+    command finishes within STARTED_DELAY: then `exec.started` and `exec.finished` (both
+    observed) go into one commit, which keeps a commit off the path of every short exec."""
+
+    def __init__(self, executor: Executor, sid: str, exec_id: str, already: bool):
+        self.executor, self.sid, self.exec_id = executor, sid, exec_id
+        self.state = "recorded" if already else "unseen"
+        self.task: asyncio.Task | None = None
+
+    async def observed(self, _reply: dict) -> None:
+        if self.state == "unseen":
+            self.state = "pending"
+            self.task = asyncio.ensure_future(self._record_later())
+
+    async def _record_later(self) -> None:
+        await asyncio.sleep(STARTED_DELAY)
+        self.state = "recording"
+        await self.executor.record(self.sid, c.RecordExecStarted(exec_id=self.exec_id))
+        self.state = "recorded"
+
+    async def take(self) -> list:
+        """What still has to be journaled before the exec's end."""
+        if self.state == "pending":
+            self.drop()
+            return [c.RecordExecStarted(exec_id=self.exec_id)]
+        if self.state == "recording" and self.task is not None:
+            await asyncio.shield(self.task)
+        return []
+
+    def drop(self) -> None:
+        if self.state == "pending" and self.task is not None:
+            self.task.cancel()
+            self.state = "dropped"

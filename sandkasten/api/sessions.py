@@ -11,7 +11,7 @@ from sanic import Blueprint, Request, json
 from sandkasten import intake
 from sandkasten.domain import commands as c
 from sandkasten.domain.session import UNCLAIMED, DuplicateIdempotencyKey
-from sandkasten.runtime.spec import SESSION_ID
+from sandkasten.runtime.spec import SESSION_ID, ExecRequest
 from sandkasten.errors import (ExecNotFound, InvalidRequest, SandboxError, SandboxGone, SessionEnded,
                                SessionNotFound, SessionNotRunning)
 
@@ -140,21 +140,39 @@ def require_running(row: dict, verb: str) -> None:
 @bp.post("/sessions/<sid>/exec")
 async def exec_command(request: Request, sid: str):
     d = request.app.ctx.daemon
+    exec_id, body, requested = await submit_exec(request, sid)
+    if requested is None:  # an earlier request with this Idempotency-Key: its recorded result
+        return await _await_exec(d, sid, exec_id, body)
+    req = ExecRequest(exec_id=exec_id, cmd=requested.payload["cmd"], timeout_ms=requested.payload["timeout_ms"])
+    try:
+        finished = await asyncio.shield(d.executor.ensure_exec(sid, exec_id, req))
+    except SandboxGone:
+        finished = None  # journaled as exec.lost; the row says so
+    if finished is None:
+        return await _await_exec(d, sid, exec_id, body)
+    row = {**finished.payload, "id": exec_id, "session_id": sid, "cmd": req.cmd, "status": "finished",
+           "requested_at": requested.created_at, "finished_at": finished.created_at, "lost_reason": None}
+    return json(present_exec(row, d, raw=bool(body.get("raw_output"))))
+
+
+async def submit_exec(request: Request, sid: str):
+    """Validate and journal an exec request; (exec_id, body, the exec.requested event).
+    A retry with a known Idempotency-Key journals nothing: (its exec_id, body, None)."""
+    d = request.app.ctx.daemon
     row = await session_row(d, sid)
     body = json_body(request)
     key = request.headers.get("idempotency-key")
     if key is not None:
         prior = await d.journal.exec_by_idempotency_key(sid, key)
         if prior is not None:
-            return await _await_exec(d, sid, prior["id"], body)
+            return prior["id"], body if isinstance(body, dict) else {}, None
     require_running(row, "exec")
     cmd = intake.exec_command(d.cfg, body, key)
     try:
-        await d.journal.execute(sid, cmd, actor=request.ctx.actor, request_id=request.ctx.request_id)
-        exec_id = cmd.exec_id
+        events = await d.journal.execute(sid, cmd, actor=request.ctx.actor, request_id=request.ctx.request_id)
     except DuplicateIdempotencyKey as e:  # a concurrent retry with the same key won the race
-        exec_id = e.exec_id
-    return await _await_exec(d, sid, exec_id, body)
+        return e.exec_id, body, None
+    return cmd.exec_id, body, next(e for e in events if e.type == "exec.requested")
 
 
 async def _await_exec(d, sid: str, exec_id: str, body) -> object:

@@ -20,9 +20,8 @@ import logging
 
 from sanic import Blueprint, Request
 
-from sandkasten import exec_feed, intake
-from sandkasten.api.sessions import json_body, require_running, session_row
-from sandkasten.domain.session import DuplicateIdempotencyKey
+from sandkasten import exec_feed
+from sandkasten.api.sessions import session_row, submit_exec
 from sandkasten.errors import ExecNotFound, InvalidRequest, SandboxError, SandboxGone, SandkastenError
 from sandkasten.exec_feed import Cursor, FeedError, TextDecoder
 from sandkasten.runtime.spec import EXEC_ID
@@ -31,27 +30,6 @@ bp = Blueprint("stream", url_prefix="/v1")
 log = logging.getLogger("sandkasten.api.stream")
 HEARTBEAT_S = 10.0
 SETTLED = ("finished", "lost")
-
-
-async def submit_exec(request: Request, sid: str) -> tuple[str, dict, bool]:
-    """The exec this request asks for, journaled: the one an earlier request with the same
-    Idempotency-Key made, or a new one. Returns (exec_id, body, whether it is an earlier one).
-    Raises (bad body, unknown or ended session) before anything is journaled."""
-    d = request.app.ctx.daemon
-    row = await session_row(d, sid)
-    body = json_body(request)
-    key = request.headers.get("idempotency-key")
-    if key is not None:
-        prior = await d.journal.exec_by_idempotency_key(sid, key)
-        if prior is not None:
-            return prior["id"], body if isinstance(body, dict) else {}, True
-    require_running(row, "exec")
-    cmd = intake.exec_command(d.cfg, body, key)
-    try:
-        await d.journal.execute(sid, cmd, actor=request.ctx.actor, request_id=request.ctx.request_id)
-        return cmd.exec_id, body, False
-    except DuplicateIdempotencyKey as e:  # a concurrent retry with the same key won the race
-        return e.exec_id, body, True
 
 
 def resume_cursor(request: Request) -> Cursor:
@@ -70,8 +48,8 @@ def truthy(value) -> bool:
 async def exec_stream(request: Request, sid: str):
     d = request.app.ctx.daemon
     cursor = resume_cursor(request)
-    exec_id, body, earlier = await submit_exec(request, sid)
-    if not earlier:
+    exec_id, body, requested = await submit_exec(request, sid)
+    if requested is not None:
         cursor = Cursor()   # a Last-Event-ID cannot name a point in an exec that did not exist: send it all
     d.executor.ensure_exec(sid, exec_id)   # not awaited: the command must outlive this connection
     await _stream(request, sid, exec_id, cursor, raw=truthy(body.get("raw_output", False)))

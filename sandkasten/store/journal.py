@@ -29,8 +29,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from sandkasten.domain import commands as c
 from sandkasten.domain import events as ev
 from sandkasten.domain.events import RecordedEvent
-from sandkasten.domain.session import (DESTROYING, ENDED_STATUSES, POOL_IDLE, UNCLAIMED, PriorExecs, SessionState,
-                                       State, decide, evolve)
+from sandkasten.domain.session import (DESTROYING, ENDED_STATUSES, POOL_IDLE, UNCLAIMED, PriorExecs, State, decide, evolve)
 from sandkasten.errors import ConcurrencyConflict, InvalidRequest, JournalError, SandkastenError
 from sandkasten.store import projections, schema
 from sandkasten.store.schema import events, execs, sessions, workspaces
@@ -172,6 +171,8 @@ class Journal:
             except BaseException:
                 if conn.in_transaction():
                     conn.rollback()
+                # states cached during the failed transaction may be ahead of the file
+                self._states.clear()
                 raise
 
         async with self._write_lock, self._guard(action):
@@ -199,6 +200,17 @@ class Journal:
                 # transaction in half; the append finishes or rolls back on its own
                 return await asyncio.shield(self._execute_once(stream_id, command, actor, request_id))
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def execute_all(self, stream_id: str, commands: list[c.Command], *, actor: str,
+                          request_id: str | None = None) -> list[RecordedEvent]:
+        """Several commands on one stream in one transaction (one commit): all or nothing."""
+        for command in commands:
+            _check_stream(stream_id, command)
+
+        def append_all(conn: sa.Connection) -> list[RecordedEvent]:
+            return [e for command in commands for e in self._append(conn, stream_id, command, actor, request_id)]
+
+        return await asyncio.shield(self._on_writer("append to", append_all))
 
     async def _execute_once(self, stream_id: str, command: c.Command, actor: str, request_id: str | None) -> list[RecordedEvent]:
         return await self._on_writer("append to", self._append, stream_id, command, actor, request_id)
