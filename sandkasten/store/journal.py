@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import sqlite3
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -46,6 +47,10 @@ _INSERT_EVENT = sa.insert(events)
 _STREAM_TAIL = sa.select(events).where(events.c.stream_id == sa.bindparam("sid"),
                                        events.c.stream_version > sa.bindparam("v"))
 _CATCH_UP = _STREAM_TAIL.order_by(events.c.seq)
+_SESSION_BY_ID = sa.select(sessions).where(sessions.c.id == sa.bindparam("id"))
+_EXEC_BY_ID = sa.select(execs).where(execs.c.id == sa.bindparam("id"))
+_EXEC_BY_KEY = sa.select(execs).where(execs.c.session_id == sa.bindparam("sid"),
+                                      execs.c.idempotency_key == sa.bindparam("key"))
 _CATCH_UP_WITH_HEAD = sa.union_all(
     _STREAM_TAIL, sa.select(sa.select(events).order_by(events.c.seq.desc()).limit(1).subquery())
 ).order_by(sa.column("seq"))
@@ -86,15 +91,18 @@ def _recorded(row: Any) -> RecordedEvent:
 
 
 class Journal:
-    def __init__(self, db_path: Path, engine: AsyncEngine, writer: sa.Engine, durability: str,
-                 busy_timeout_s: float) -> None:
+    def __init__(self, db_path: Path, engine: AsyncEngine, writer: sa.Engine, reader: sa.Engine,
+                 durability: str, busy_timeout_s: float) -> None:
         self.path = db_path
         self.durability = durability
         self.busy_timeout_s = busy_timeout_s
         self._engine = engine              # reads: async (aiosqlite), several at once under WAL
         self._writer = writer              # writes: sync, one dedicated thread, BEGIN IMMEDIATE
+        self._reader = reader              # hot point reads: sync, one dedicated thread
         self._writer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-writer")
         self._writer_conn: sa.Connection | None = None
+        self._reader_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-reader")
+        self._reader_local = threading.local()
         self._write_lock = asyncio.Lock()
         self._states: OrderedDict[str, State] = OrderedDict()
 
@@ -125,12 +133,14 @@ class Journal:
                 cursor.execute(f"PRAGMA {pragma}")
             cursor.close()
 
-        sa.event.listen(engine.sync_engine, "connect", _connect)
-        sa.event.listen(writer, "connect", _connect)
+        reader = sa.create_engine(f"sqlite:///{db_path}", poolclass=sa.pool.SingletonThreadPool)
+        for e in (engine.sync_engine, writer, reader):
+            sa.event.listen(e, "connect", _connect)
+        sa.event.listen(reader, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
         # writers take the write lock up front so read-then-write never deadlocks
         sa.event.listen(writer, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         sa.event.listen(engine.sync_engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
-        return cls(db_path, engine, writer, durability, busy_timeout_s)
+        return cls(db_path, engine, writer, reader, durability, busy_timeout_s)
 
     @classmethod
     def check(cls, db_path: Path, busy_timeout_s: float = 10.0) -> None:
@@ -155,6 +165,14 @@ class Journal:
                 self._writer_conn.close()
             self._writer.dispose()
 
+        def _close_reader() -> None:
+            conn = getattr(self._reader_local, "conn", None)
+            if conn is not None:
+                conn.close()
+            self._reader.dispose()
+
+        await asyncio.get_running_loop().run_in_executor(self._reader_thread, _close_reader)
+        self._reader_thread.shutdown(wait=True)
         await asyncio.get_running_loop().run_in_executor(self._writer_thread, _close)
         self._writer_thread.shutdown(wait=True)
         await self._engine.dispose()
@@ -329,8 +347,27 @@ class Journal:
         rows = await self._rows(query)
         return rows[0] if rows else None
 
+    async def _point_read(self, stmt: sa.Select, params: dict[str, Any]) -> dict[str, Any] | None:
+        """One row by a prebuilt statement on the reader thread: the hot reads (a session,
+        an exec) cost one thread hop instead of several through the async driver."""
+        def read() -> dict[str, Any] | None:
+            conn = getattr(self._reader_local, "conn", None)
+            if conn is None:
+                conn = self._reader_local.conn = self._reader.connect()
+            try:
+                with conn.begin():
+                    row = conn.execute(stmt, params).first()
+            except BaseException:
+                conn.invalidate()
+                self._reader_local.conn = None
+                raise
+            return dict(row._mapping) if row is not None else None
+
+        async with self._guard("read"):
+            return await asyncio.get_running_loop().run_in_executor(self._reader_thread, read)
+
     async def session(self, sid: str) -> dict[str, Any] | None:
-        return await self._row(sa.select(sessions).where(sessions.c.id == sid))
+        return await self._point_read(_SESSION_BY_ID, {"id": sid})
 
     async def sessions(self, include_ended: bool = False, include_pool: bool = True) -> list[dict[str, Any]]:
         """Sessions not ended (or all); `include_pool=False` leaves out pool members nobody
@@ -353,10 +390,10 @@ class Journal:
         return await self._rows(sa.select(execs).where(execs.c.session_id == session_id).order_by(execs.c.seq_no))
 
     async def exec(self, exec_id: str) -> dict[str, Any] | None:
-        return await self._row(sa.select(execs).where(execs.c.id == exec_id))
+        return await self._point_read(_EXEC_BY_ID, {"id": exec_id})
 
     async def exec_by_idempotency_key(self, session_id: str, key: str) -> dict[str, Any] | None:
-        return await self._row(sa.select(execs).where(execs.c.session_id == session_id, execs.c.idempotency_key == key))
+        return await self._point_read(_EXEC_BY_KEY, {"sid": session_id, "key": key})
 
     async def pending_execs(self) -> list[dict[str, Any]]:
         """Execs requested or running (for the reconciler), oldest first."""
