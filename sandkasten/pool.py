@@ -44,6 +44,7 @@ from sandkasten.executor import Executor
 log = logging.getLogger("sandkasten.pool")
 ACTOR = "pool"
 REFILL_INTERVAL = 1.0   # seconds between checks when nothing wakes the refill earlier
+REFILL_DELAY = 0.2      # after a claim: let the client's first commands run before the refill competes
 MAX_BACKOFF = 60.0      # after repeated creation failures of one image
 # RequestSession fields a claim sets on an existing sandbox; every other field must match
 ADJUSTABLE = frozenset({"cpu_limit", "mem_limit_mb", "pids_limit", "env", "ttl_seconds", "expires_at",
@@ -107,8 +108,8 @@ class Pool:
                     self.executor.ensure_destroyed(row["id"])
                     return None
                 return row["id"]
-        finally:
-            self.wake()  # one fewer idle member (or none was ready): refill now
+        finally:  # one fewer idle member (or none was ready): refill soon
+            asyncio.get_running_loop().call_later(REFILL_DELAY, self.wake)
         return None
 
     # ------------------------------------------------------------------ refill
