@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from sandkasten.runtime import cgroups as cgroups_mod
+from sandkasten.runtime import network
 from sandkasten.runtime.sandboxes import Runtime, mounts_under
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,9 +85,11 @@ class BenchDaemon:
         self.cgroup_parent = f"sandkasten-bench-{os.getpid()}-{name}"
         self.port = free_port()
         self.config = self.work / "sandkasten.yaml"
+        # a bridge and subnet of its own (never the operator's sk0), removed in teardown()
+        self.network = network.Settings(bridge=f"skb{os.getpid() % 100000}", subnet=f"10.250.{len(fleet.daemons)}.0/24")
         cfg = {"listen": f"127.0.0.1:{self.port}", "api_key": API_KEY, "data_dir": str(self.data),
                "cgroup_parent": self.cgroup_parent, "default_image": "base", "session_ttl_seconds": 7200,
-               **overrides}
+               "network": {"bridge": self.network.bridge, "subnet": self.network.subnet}, **overrides}
         self.config.write_text(yaml.safe_dump(cfg))
         self.proc: subprocess.Popen | None = None
         self.argv = [str(REPO / ".venv/bin/sandkasten"), "--config", str(self.config)]
@@ -156,6 +159,10 @@ class BenchDaemon:
                 list(pool.map(destroy, sorted(rt.host_sessions())))
         finally:
             rt.close()
+        try:
+            network.remove_host(self.network)
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"bridge {self.network.bridge}: {e}")
         try:
             self.cgroups().destroy_parent()
         except Exception as e:  # noqa: BLE001

@@ -73,7 +73,7 @@ def journal(report: Report, tmp: Path, n: int) -> None:
         per_exec, per_append, eps = asyncio.run(_exec_cost(tmp / f"journal-{durability}.db", durability, n))
         report.add(SECTION, f"journal.exec.{durability}", f"3 appends of one exec, durability {durability}",
                    per_exec)
-        report.add(SECTION, f"journal.append.{durability}", f"  one append (decide+insert+project+commit)",
+        report.add(SECTION, f"journal.append.{durability}", "  one append (decide+insert+project+commit)",
                    per_append)
         report.add(SECTION, f"journal.eps.{durability}", f"  events per second, durability {durability}",
                    value=eps, unit="events/s", note="one writer, sequential")
