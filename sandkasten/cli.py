@@ -208,7 +208,8 @@ class Cli:
 
         Args:
           session: session id
-          follow: keep printing commands as they finish, until the session ends or Ctrl-C
+          follow: keep printing commands, a running one's output as it is written, until the
+            session ends or Ctrl-C
           json: print a JSON array of exec objects (with --follow: one object per line)
         """
         sid = text(session, "SESSION")
@@ -233,7 +234,11 @@ class Cli:
                     if row["id"] in shown:
                         continue
                     if follow and not ended and row["status"] in ("requested", "running"):
-                        break  # keep request order: later execs wait for this one
+                        if as_json:
+                            break  # one finished object per line; later execs wait for this one
+                        row = await self._stream(journal, sid, row)
+                        shown.add(row["id"])
+                        continue
                     shown.add(row["id"])
                     output = self.output(sid, row, self.cfg.defaults.max_output_bytes)
                     if not as_json:
@@ -247,6 +252,32 @@ class Cli:
             await asyncio.sleep(0.2)
         if as_json and not follow:
             render.print_json(collected)
+
+    async def _stream(self, journal, sid: str, row: dict) -> dict:
+        """A running exec as it runs: its header, its output from the same feed as the SSE
+        stream (the runner's log), then how it ended. Returns the final row."""
+        from sandkasten import exec_feed
+        from sandkasten.runtime.layout import Layout
+
+        print(render.exec_header(row), flush=True)
+        final = row
+
+        async def settled() -> bool:
+            nonlocal final
+            final = await journal.exec(row["id"])
+            return final["status"] in ("finished", "lost")
+
+        path = Layout(self.cfg.data_dir).of(sid).logs / f"{row['id']}.log"
+        tail = b""
+        async for frame in exec_feed.follow(path, 0, settled):
+            sys.stdout.buffer.write(frame.data)
+            sys.stdout.buffer.flush()
+            tail = frame.data[-1:] or tail
+        if tail and tail != b"\n":
+            sys.stdout.buffer.write(b"\n")
+        print(f"({render.exec_outcome(final)})" if final["status"] != "lost"
+              else f"(lost: {final['lost_reason'] or 'unknown reason'})", flush=True)
+        return final
 
     def output(self, sid: str, row: dict, limit: int | None) -> render.Output | None:
         """The exec's output from data_dir/logs/<sid>/<exec_id>.log (written by the runner)."""

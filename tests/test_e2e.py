@@ -52,3 +52,35 @@ def test_http_and_cli_through_one_journal(daemon):
     verify = daemon.cli("audit", "verify")
     assert verify.returncode != 0
     assert str(seq) in verify.stdout + verify.stderr
+
+
+def test_logs_follow_streams_a_running_command(daemon):
+    """`sandkasten logs --follow` shows a running command's output as it is written (the same
+    feed as the SSE stream), then how it ended."""
+    import subprocess
+    import threading
+
+    from tests.daemons import BIN
+
+    c = daemon.client
+    sid = c.post("/v1/sessions", json={}).json()["id"]
+    proc = subprocess.Popen([str(BIN / "sandkasten"), "--config", str(daemon.config_path), "logs", sid,
+                             "--follow"], stdout=subprocess.PIPE, text=True)
+    try:
+        cmd = "echo first; while [ ! -e /workspace/go ]; do sleep 0.05; done; echo second"
+        t = threading.Thread(target=lambda: c.post(f"/v1/sessions/{sid}/exec", json={"cmd": cmd}))
+        t.start()
+        lines = [proc.stdout.readline(), proc.stdout.readline()]
+        assert "$ echo first" in lines[0] and lines[1] == "first\n"
+        assert c.get(f"/v1/sessions/{sid}/execs").json()[0]["exit_code"] is None  # still running
+        c.post(f"/v1/sessions/{sid}/fs/write", json={"path": "go", "text": ""})
+        t.join()
+        assert proc.stdout.readline() == "second\n"
+        assert "exit 0" in proc.stdout.readline()
+        c.delete(f"/v1/sessions/{sid}")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
