@@ -148,3 +148,21 @@ def test_crashtool_short_run():
                         "--execs-per-round", "4", "--seed", "7"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "duplicated=0" in r.stdout and "leaked=0" in r.stdout and "crashtest: ok" in r.stdout
+
+
+def test_crash_between_kernel_and_event_converges(daemon):
+    """The sandbox exists but `sandbox.started` never made it to the journal: the next start
+    adopts that sandbox instead of creating a second one."""
+    daemon.kill()
+    sid = daemon.cli("create").stdout.strip()
+    assert sid.startswith("s-")
+    runtime = Runtime.detect(daemon.data_dir, cgroup_parent=daemon.cgroup_parent)
+    try:
+        made = runtime.create(runtime.spec(sid, "base"))   # what the dead daemon had done
+        daemon.start()
+        s = wait_for(lambda: (j := daemon.client.get(f"/v1/sessions/{sid}").json())["status"] == "running" and j)
+        assert s["status"] == "running"
+        assert runtime.observe(sid).pid == made.pid
+        assert runtime.host_sessions() == {sid}
+    finally:
+        runtime.close()
