@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from sandkasten.config import Config
 from sandkasten.domain import commands as c
 from sandkasten.domain.session import UNCLAIMED
-from sandkasten.errors import SandkastenError
+from sandkasten.errors import IllegalTransition, SandkastenError
 from sandkasten.executor import Executor
 from sandkasten.runtime.sandboxes import proc_start_time
 
@@ -48,15 +48,18 @@ class Reconciler:
         rows = await self.journal.sessions(include_ended=True)
         live = [r for r in rows if r["status"] not in ENDED]
         observed = await asyncio.to_thread(lambda: {r["id"]: self.runtime.observe(r["id"]) for r in live})
-        adopted = lost = 0
+        adopted = [(r["id"], c.RecordSandboxAdopted(pid=observed[r["id"]].pid, start_time=observed[r["id"]].start_time))
+                   for r in live if r["status"] == "running" and _same_runner(r, observed[r["id"]])]
+        try:  # one commit for all of them: a restart with many live sessions stays fast
+            await self.journal.execute_many(adopted, actor=ACTOR)
+        except IllegalTransition:  # one moved on meanwhile (e.g. `sandkasten rm`): one by one
+            for sid, command in adopted:
+                await self.executor.record(sid, command, actor=ACTOR)
+        lost = 0
         for row in live:
             sid, obs, status = row["id"], observed[row["id"]], row["status"]
             if status == "running":
-                if obs.healthy and obs.pid == row["runner_pid"] and obs.start_time == row["runner_start_time"]:
-                    await self.executor.record(sid, c.RecordSandboxAdopted(pid=obs.pid, start_time=obs.start_time),
-                                               actor=ACTOR)
-                    adopted += 1
-                else:
+                if not _same_runner(row, obs):
                     await self.sandbox_died(sid, _reason(obs))
                     lost += 1
             elif status == "lost":
@@ -74,7 +77,7 @@ class Reconciler:
                 await asyncio.to_thread(self.runtime.destroy, sid)
             except (SandkastenError, OSError, ValueError) as e:
                 log.warning("unable to remove leftovers of %s: %s", sid, e)
-        self.stats = {"sessions": len(live), "adopted": adopted, "lost": lost, "orphans_removed": len(orphans),
+        self.stats = {"sessions": len(live), "adopted": len(adopted), "lost": lost, "orphans_removed": len(orphans),
                       "seconds": round(time.monotonic() - t0, 3)}
         log.info("reconciled: %s", self.stats)
         return self.stats
@@ -137,6 +140,11 @@ class Reconciler:
                     and proc_start_time(row["runner_pid"]) != row["runner_start_time"] \
                     and f"create:{sid}" not in self.executor.tasks:
                 await self.sandbox_died(sid, "the runner exited")
+
+
+def _same_runner(row: dict, obs) -> bool:
+    """The sandbox the journal recorded is alive and answering (pid and start time match)."""
+    return obs.healthy and obs.pid == row["runner_pid"] and obs.start_time == row["runner_start_time"]
 
 
 def _parse(iso: str) -> datetime:

@@ -222,11 +222,19 @@ class Journal:
     async def execute_all(self, stream_id: str, commands: list[c.Command], *, actor: str,
                           request_id: str | None = None) -> list[RecordedEvent]:
         """Several commands on one stream in one transaction (one commit): all or nothing."""
-        for command in commands:
+        return await self.execute_many([(stream_id, command) for command in commands], actor=actor,
+                                       request_id=request_id)
+
+    async def execute_many(self, items: list[tuple[str, c.Command]], *, actor: str,
+                           request_id: str | None = None) -> list[RecordedEvent]:
+        """(stream, command) pairs in one transaction, in order: all or nothing. For batches
+        like the reconciler's `sandbox.adopted` of every live session after a restart."""
+        for stream_id, command in items:
             _check_stream(stream_id, command)
 
         def append_all(conn: sa.Connection) -> list[RecordedEvent]:
-            return [e for command in commands for e in self._append(conn, stream_id, command, actor, request_id)]
+            return [e for stream_id, command in items
+                    for e in self._append(conn, stream_id, command, actor, request_id)]
 
         return await asyncio.shield(self._on_writer("append to", append_all))
 
