@@ -28,7 +28,7 @@ import pytest
 
 from runner import protocol
 from sandkasten import __version__
-from sandkasten.cli import Usage, exec_args, parse_since, split_config
+from sandkasten.cli_args import Usage, exec_args, parse_since, split_config
 from sandkasten.cli_render import duration, exec_header, humanize
 from sandkasten.domain import commands as c
 from sandkasten.store.journal import Journal
