@@ -391,6 +391,14 @@ class Runner:
                 if op == "wait" and reply["state"] == "running":
                     self.current.waiters.append(conn)
                     return
+            elif op == "env":  # variables for every later shell (a restart keeps them)
+                values = msg["set"]
+                if not isinstance(values, dict) or not all(
+                        isinstance(k, str) and isinstance(v, str) and "\0" not in k + v and "=" not in k
+                        for k, v in values.items()):
+                    raise ValueError("env needs an object of string names and values")
+                self.shell.env.update(values)
+                reply = {"ok": True}
             elif op == "interrupt":
                 if self.current is not None:
                     self.current.deadline = time.monotonic()

@@ -5,6 +5,7 @@ env and limits on a claimed sandbox, cold fallback, kill -9 and restart, no leak
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import time
@@ -234,10 +235,10 @@ def test_claimed_sandbox_gets_workspace_env_and_limits(daemon_factory):
     assert (row["mem_limit_mb"], row["pids_limit"], row["cpu_limit"]) == (300, 64, 0.5)
     # the host-side file API sees the same workspace
     r = d.client.get(f"/v1/sessions/{s['id']}/fs/read", params={"path": "out.txt"})
-    if r.status_code == 200:
-        import base64
-
-        assert base64.b64decode(r.json()["content_base64"]) == b"written\n"
+    assert r.status_code == 200 and base64.b64decode(r.json()["content_base64"]) == b"written\n"
+    # `exit` restarts the shell: the claimed env is still there, the cwd is /workspace again
+    assert run(d, s["id"], "exit 3")["exit_code"] == 3
+    assert run(d, s["id"], 'printf %s "$GREETING"; pwd')["stdout"] == env["GREETING"] + "/workspace\n"
     # a second session on the same workspace, also from the pool, sees the first one's files
     t = create(d, workspace_id="proj")
     assert t["pooled"] is True

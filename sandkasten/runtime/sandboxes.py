@@ -161,6 +161,13 @@ class Runtime:
                                    on_running=on_started)
         return _result(sid, req.exec_id, reply)
 
+    async def aset_env(self, sid: str, env: dict[str, str]) -> None:
+        """Variables the runner gives every later shell of this sandbox (the running one is
+        told with `export` by the caller)."""
+        reply = await client.acall(self.paths(sid).socket, {"op": "env", "set": dict(env)})
+        if not reply.get("ok"):
+            raise SandboxError(f"unable to set the environment of sandbox {sid}: {reply.get('message')}")
+
     async def astatus(self, sid: str, exec_id: str, wait: bool = False, timeout: float = 10.0) -> dict:
         """The runner's record of an exec: state unknown | running | finished | lost."""
         check_exec_id(exec_id)
