@@ -47,6 +47,9 @@ _INSERT_EVENT = sa.insert(events)
 _STREAM_TAIL = sa.select(events).where(events.c.stream_id == sa.bindparam("sid"),
                                        events.c.stream_version > sa.bindparam("v"))
 _CATCH_UP = _STREAM_TAIL.order_by(events.c.seq)
+_PRIOR_EXECS = sa.select(execs.c.id, execs.c.session_id, execs.c.idempotency_key).where(
+    (execs.c.id == sa.bindparam("id")) | ((execs.c.session_id == sa.bindparam("sid"))
+                                          & (execs.c.idempotency_key == sa.bindparam("key"))))
 _SESSION_BY_ID = sa.select(sessions).where(sessions.c.id == sa.bindparam("id"))
 _EXEC_BY_ID = sa.select(execs).where(execs.c.id == sa.bindparam("id"))
 _EXEC_BY_KEY = sa.select(execs).where(execs.c.session_id == sa.bindparam("sid"),
@@ -312,10 +315,8 @@ class Journal:
         """Facts about earlier execs that the state does not keep (see domain.session)."""
         if not isinstance(command, c.RequestExec):
             return None
-        match = execs.c.id == command.exec_id
-        if command.idempotency_key is not None:
-            match = match | ((execs.c.session_id == stream_id) & (execs.c.idempotency_key == command.idempotency_key))
-        rows = conn.execute(sa.select(execs.c.id, execs.c.session_id, execs.c.idempotency_key).where(match)).all()
+        rows = conn.execute(_PRIOR_EXECS, {"id": command.exec_id, "sid": stream_id,
+                                           "key": command.idempotency_key}).all()
         taken = any(row.id == command.exec_id for row in rows)
         owner = next((row.id for row in rows if row.session_id == stream_id
                       and row.idempotency_key is not None and row.idempotency_key == command.idempotency_key), None)

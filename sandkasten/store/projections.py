@@ -30,10 +30,11 @@ _STATEMENTS: dict[tuple, sa.Update] = {}
 def _update(conn: sa.Connection, table: sa.Table, row_id: str, values: dict[str, Any]) -> None:
     """UPDATE table SET ... WHERE id = :row_id, the statement built once per column set and
     reused with bound parameters (building a statement costs ~5x executing it). Values that
-    are SQL expressions (`exec_count + 1`) stay part of the statement."""
+    are SQL expressions stay part of the statement; they must be module constants
+    (`_EXEC_COUNT_PLUS_ONE`): the cache knows them by identity."""
     exprs = {k: v for k, v in values.items() if isinstance(v, sa.ColumnElement)}
     params = {k: v for k, v in values.items() if k not in exprs}
-    key = (table.name, tuple(sorted(params)), tuple(sorted((k, str(v)) for k, v in exprs.items())))
+    key = (table.name, tuple(sorted(params)), tuple(sorted((k, id(v)) for k, v in exprs.items())))
     stmt = _STATEMENTS.get(key)
     if stmt is None:
         stmt = _STATEMENTS[key] = sa.update(table).where(table.c.id == sa.bindparam("row_id")).values(
@@ -107,17 +108,20 @@ def _session_destroyed(conn: sa.Connection, e: ev.RecordedEvent) -> None:
     _update_session(conn, e, status=DESTROYED, ended_at=e.created_at)
 
 
+_EXEC_COUNT_PLUS_ONE = sessions.c.exec_count + 1
+_INSERT_EXEC = sa.insert(execs).values(
+    seq_no=sa.select(sessions.c.exec_count).where(sessions.c.id == sa.bindparam("session_id")).scalar_subquery(),
+    **{k: sa.bindparam(k) for k in ("id", "session_id", "cmd", "status", "actor", "request_id",
+                                     "idempotency_key", "timeout_ms", "requested_at")})
+
+
 def _exec_requested(conn: sa.Connection, e: ev.RecordedEvent) -> None:
     p = e.payload
-    _update_session(conn, e, exec_count=sessions.c.exec_count + 1, last_activity_at=e.created_at)
-    seq_no = sa.select(sessions.c.exec_count).where(sessions.c.id == e.stream_id).scalar_subquery()
-    conn.execute(
-        sa.insert(execs).values(
-            id=p["exec_id"], session_id=e.stream_id, seq_no=seq_no, cmd=p["cmd"], status="requested",
-            actor=e.actor, request_id=e.request_id, idempotency_key=p.get("idempotency_key"),
-            timeout_ms=p["timeout_ms"], requested_at=e.created_at,
-        )
-    )
+    _update_session(conn, e, exec_count=_EXEC_COUNT_PLUS_ONE, last_activity_at=e.created_at)
+    conn.execute(_INSERT_EXEC, {
+        "id": p["exec_id"], "session_id": e.stream_id, "cmd": p["cmd"], "status": "requested",
+        "actor": e.actor, "request_id": e.request_id, "idempotency_key": p.get("idempotency_key"),
+        "timeout_ms": p["timeout_ms"], "requested_at": e.created_at})
 
 
 def _exec_started(conn: sa.Connection, e: ev.RecordedEvent) -> None:
