@@ -402,6 +402,40 @@ class Cli:
         count = self.journal(lambda j: j.rebuild())
         print(f"rebuilt the read tables from {count} event{'s' * (count != 1)}")
 
+    def security(self, json: bool = False) -> None:
+        """What confines a sandbox under this config: namespaces, privileges, seccomp profile.
+
+        Args:
+          json: print it as an object
+        """
+        from sandkasten.runtime import seccomp
+
+        sec = self.cfg.security
+        report = {
+            "namespaces": ["mnt", "pid", "uts", "ipc", "net", "cgroup"],  # zygote.NAMESPACES
+            "run_as": {"uid": sec.run_as_uid, "gid": sec.run_as_gid},
+            "capabilities": "all dropped (bounding, effective, permitted, inheritable, ambient); securebits locked",
+            "no_new_privs": True,
+            "seccomp": {"profile": sec.seccomp, "denied": list(seccomp.denied(sec.seccomp))},
+            "rootfs": "overlay over the image, pivot_root" + (", read-only" if self.cfg.defaults.readonly_rootfs
+                                                              else ""),
+            "network_default": self.cfg.defaults.network_mode,
+        }
+        if json:
+            render.print_json(report)
+            return
+        render.table(["WHAT", "SETTING"], [
+            ["namespaces", ", ".join(report["namespaces"])],
+            ["commands run as", f"uid {sec.run_as_uid}, gid {sec.run_as_gid}"],
+            ["capabilities", report["capabilities"]],
+            ["no_new_privs", "on"],
+            ["seccomp", f"{sec.seccomp}: {len(report['seccomp']['denied'])} syscalls refused"],
+            ["root filesystem", report["rootfs"]],
+            ["network (default)", report["network_default"]],
+        ])
+        if report["seccomp"]["denied"]:
+            print("refused syscalls: " + " ".join(report["seccomp"]["denied"]))
+
     def doctor(self, json: bool = False) -> None:
         """Compare the journal with what exists on the host; exit 1 when they disagree.
 
@@ -441,7 +475,8 @@ class Cli:
     def fire_commands(self) -> dict[str, Any]:
         return {"ps": self.ps, "logs": self.logs, "create": self.create, "rm": self.rm,
                 "audit": {"export": self.audit_export, "verify": self.audit_verify},
-                "journal": {"rebuild": self.journal_rebuild}, "version": self.version, "doctor": self.doctor}
+                "journal": {"rebuild": self.journal_rebuild}, "version": self.version, "doctor": self.doctor,
+                "security": self.security}
 
 
 def dispatch(cli: Cli, args: list[str]) -> int:

@@ -34,6 +34,7 @@ usage:
   sandkasten audit verify                        recompute the journal's hash chain
   sandkasten journal rebuild                     rebuild the read tables from the events (daemon stopped)
   sandkasten doctor [--json]                     drift between the journal and the kernel (exit 1 if any)
+  sandkasten security [--json]                   what confines a sandbox: namespaces, privileges, seccomp
   sandkasten version [--json]
 
 every command takes --config PATH (default: $SANDKASTEN_CONFIG, else ./sandkasten.yaml if it
@@ -61,7 +62,7 @@ never stops sandboxes: the next start adopts them.
 """
 
 GROUPS = {"audit": ("export", "verify"), "journal": ("rebuild",)}
-FIRE_COMMANDS = ("ps", "logs", "create", "rm", "version", "doctor", *GROUPS)
+FIRE_COMMANDS = ("ps", "logs", "create", "rm", "version", "doctor", "security", *GROUPS)
 COMMANDS = ("daemon", "stop", "exec", *FIRE_COMMANDS)
 _RELATIVE = re.compile(r"^(\d+)\s*([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}

@@ -331,6 +331,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("invalid config key idle_timeout_seconds: must be zero (off) or positive")
     _one_of("defaults.network_mode", d.network_mode, NETWORK_MODES)
     _one_of("security.seccomp", cfg.security.seccomp, SECCOMP_PROFILES)
+    if cfg.security.userns:
+        raise ConfigError("invalid config key security.userns: user namespaces are not supported yet "
+                          "(sandboxes drop every capability and run as run_as_uid instead)")
     _one_of("journal.durability", cfg.journal.durability, DURABILITIES)
     _one_of("reconcile.lost_sandbox_policy", cfg.reconcile.lost_sandbox_policy, LOST_SANDBOX_POLICIES)
     _positive("reconcile.resync_seconds", cfg.reconcile.resync_seconds)

@@ -436,3 +436,16 @@ def test_daemon_runs_what_the_cli_asks(daemon_env):
     rows = {r["id"]: r["status"] for r in json.loads(env.run("ps", "--all", "--json").stdout)}
     assert rows[sid] == "destroyed"
     assert env.run("journal", "rebuild").returncode == 1  # refused while the daemon runs
+
+
+def test_security_reports_the_confinement(tmp_path):
+    cfg = tmp_path / "sandkasten.yaml"
+    cfg.write_text(f"data_dir: {tmp_path / 'data'}\nsecurity:\n  seccomp: strict\n")
+    r = subprocess.run([str(SANDKASTEN), "--config", str(cfg), "security", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["run_as"] == {"uid": 65534, "gid": 65534} and report["seccomp"]["profile"] == "strict"
+    assert {"mount", "unshare", "ptrace", "bpf"} <= set(report["seccomp"]["denied"])
+    cfg.write_text(f"data_dir: {tmp_path / 'data'}\nsecurity:\n  userns: true\n")
+    r = subprocess.run([str(SANDKASTEN), "--config", str(cfg), "security"], capture_output=True, text=True)
+    assert r.returncode == 2 and "security.userns" in r.stderr
