@@ -21,11 +21,27 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 import fire
 
-from sandkasten import __version__, cli_render as render
+from sandkasten import __version__
+from sandkasten import cli_render as render
 from sandkasten import config as config_mod
-from sandkasten.cli_args import (COMMANDS, DAEMON_USAGE, EXEC_USAGE, GROUPS, USAGE, Exit, Failed, Usage,
-                                 check_flags, config_path, exec_args, parse_since, split_config, text)
+from sandkasten.cli_args import (
+    COMMANDS,
+    DAEMON_USAGE,
+    EXEC_USAGE,
+    GROUPS,
+    USAGE,
+    Exit,
+    Failed,
+    Usage,
+    check_flags,
+    config_path,
+    exec_args,
+    parse_since,
+    split_config,
+    text,
+)
 from sandkasten.errors import ConfigError, SandkastenError, SessionNotFound
+from sandkasten.views import session_view
 
 T = TypeVar("T")
 ENDED = ("destroyed", "failed")
@@ -96,7 +112,7 @@ class Cli:
         """
         rows = self.journal(lambda j: j.sessions(include_ended=bool(all), include_pool=bool(all)))
         if json:
-            render.print_json([render.session_json(r) for r in rows])
+            render.print_json([session_view(r) for r in rows])
         else:
             render.sessions_table(rows, datetime.now(timezone.utc), bool(all))
 
@@ -227,7 +243,7 @@ class Cli:
 
         row = self.journal(work)
         if json:
-            render.print_json(render.session_json(row))
+            render.print_json(session_view(row))
         else:
             print(sid, flush=True)
         if pid is None:

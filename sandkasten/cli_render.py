@@ -107,18 +107,6 @@ def table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
 
 # ---------------------------------------------------------------- sessions
 
-def session_json(row: dict[str, Any]) -> dict[str, Any]:
-    """The same fields as the HTTP API's session object."""
-    return {
-        "id": row["id"], "image": row["image"], "status": row["status"], "cwd": row["cwd"],
-        "workspace_id": row["workspace_id"], "created_at": row["created_at"],
-        "expires_at": row["expires_at"], "ended_at": row["ended_at"], "pooled": bool(row["pooled"]),
-        "cpu_limit": row["cpu_limit"], "mem_limit_mb": row["mem_limit_mb"], "pids_limit": row["pids_limit"],
-        "network_mode": row["network_mode"], "exec_count": row["exec_count"],
-        "lost_reason": row["lost_reason"], "end_reason": row["end_reason"], "actor": row["actor"],
-    }
-
-
 def session_cells(row: dict[str, Any], now: datetime) -> tuple[str, ...]:
     ended = row["status"] in _ENDED
     status = row["status"]

@@ -11,23 +11,20 @@ from sanic import Blueprint, Request, json
 from sandkasten import intake
 from sandkasten.domain import commands as c
 from sandkasten.domain.session import UNCLAIMED, DuplicateIdempotencyKey
+from sandkasten.errors import (
+    ExecNotFound,
+    InvalidRequest,
+    SandboxError,
+    SandboxGone,
+    SessionEnded,
+    SessionNotFound,
+    SessionNotRunning,
+)
 from sandkasten.runtime.spec import SESSION_ID, ExecRequest
-from sandkasten.errors import (ExecNotFound, InvalidRequest, SandboxError, SandboxGone, SessionEnded,
-                               SessionNotFound, SessionNotRunning)
+from sandkasten.views import session_view
 
 bp = Blueprint("sessions", url_prefix="/v1")
 ENDED = ("destroyed", "failed")
-
-
-def present_session(row: dict) -> dict:
-    return {
-        "id": row["id"], "image": row["image"], "status": row["status"], "cwd": row["cwd"],
-        "workspace_id": row["workspace_id"], "created_at": row["created_at"],
-        "expires_at": row["expires_at"], "ended_at": row["ended_at"], "pooled": bool(row["pooled"]),
-        "cpu_limit": row["cpu_limit"], "mem_limit_mb": row["mem_limit_mb"], "pids_limit": row["pids_limit"],
-        "network_mode": row["network_mode"], "exec_count": row["exec_count"],
-        "lost_reason": row["lost_reason"], "pool": row["pool"],
-    }
 
 
 def present_exec(row: dict, daemon, raw: bool = False, limit: int | None = None) -> dict:
@@ -76,14 +73,14 @@ async def create_session(request: Request):
     pool = getattr(d, "pool", None)
     sid = await pool.claim(cmd, request.ctx.actor, request.ctx.request_id) if pool is not None else None
     if sid is not None:  # a pre-warmed sandbox, already configured as asked ("pooled": true)
-        return json(present_session(await session_row(d, sid)), status=201)
+        return json(session_view(await session_row(d, sid)), status=201)
     sid = intake.new_session_id()
     await d.journal.execute(sid, cmd, actor=request.ctx.actor, request_id=request.ctx.request_id)
     try:
         await d.executor.ensure_session(sid)
     except (SandboxError, SandboxGone) as e:
         raise SandboxError(f"unable to create session {sid}: {e.message}", session_id=sid) from None
-    return json(present_session(await session_row(d, sid)), status=201)
+    return json(session_view(await session_row(d, sid)), status=201)
 
 
 @bp.get("/sessions")
@@ -91,12 +88,12 @@ async def list_sessions(request: Request):
     d = request.app.ctx.daemon
     everything = request.args.get("all", "false").lower() in ("1", "true", "yes")  # + ended and idle pool
     rows = await d.journal.sessions(include_ended=everything, include_pool=everything)
-    return json([present_session(r) for r in rows])
+    return json([session_view(r) for r in rows])
 
 
 @bp.get("/sessions/<sid>")
 async def get_session(request: Request, sid: str):
-    return json(present_session(await session_row(request.app.ctx.daemon, sid)))
+    return json(session_view(await session_row(request.app.ctx.daemon, sid)))
 
 
 @bp.delete("/sessions/<sid>")
