@@ -125,10 +125,16 @@ def test_privileged_operations_refused(runtime, uid):
         "raw socket": "ping -c1 -W1 127.0.0.1",
         "chroot": "chroot / true",
         "nsenter": "nsenter -t 1 -m true",
+        # sysctls that check only file modes (kernel.core_pattern is one): /proc/sys is read-only;
+        # kernel.hostname is namespaced, so this probe cannot touch the host even if it failed
+        "sysctl write": "echo evil > /proc/sys/kernel/hostname",
+        "host keyrings": "grep -q keyring /proc/keys",
+        "umount proc mask": "umount /proc/sys",
     }
     for what, cmd in checks.items():
         res, out, err, _ = run(runtime, sid, cmd + " >/dev/null 2>&1; echo rc=$?")
         assert out != "rc=0\n", f"{what} was allowed (uid {uid})"
+    assert run(runtime, sid, "hostname")[1] == "sandbox\n"
     _, out, _, _ = run(runtime, sid, "grep -E 'Cap(Eff|Prm|Bnd)|NoNewPrivs|Seccomp:' /proc/self/status")
     assert "0000000000000000" in out and "NoNewPrivs:\t1" in out and "Seccomp:\t2" in out
     assert "Prm:\t0000000000000000" in out

@@ -72,6 +72,33 @@ def mount_proc(ctx: Context) -> None:
     sc.mount("proc", target, "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
 
 
+# /proc is the sandbox's own, but parts of it still reach the host kernel. Root in a sandbox
+# (run_as_uid: 0) has no capabilities, yet many sysctls check only file modes: a writable
+# /proc/sys would let it set host-wide knobs such as kernel.core_pattern. So these are
+# read-only, and files that leak host state are covered (as runc and bubblewrap do).
+PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
+PROC_MASKED_FILES = ("kcore", "keys", "key-users", "timer_list", "sched_debug", "kallsyms", "kmsg")
+PROC_MASKED_DIRS = ("acpi", "scsi")
+RO_FLAGS = sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
+
+
+def protect_proc(ctx: Context) -> None:
+    proc = os.path.join(ctx.rootfs, "proc")
+    for name in PROC_READ_ONLY:
+        path = os.path.join(proc, name)
+        if os.path.lexists(path):
+            sc.mount(path, path, None, sc.MS_BIND | sc.MS_REC)
+            sc.mount(None, path, None, RO_FLAGS)
+    for name in PROC_MASKED_FILES:
+        path = os.path.join(proc, name)
+        if os.path.lexists(path):
+            sc.mount("/dev/null", path, None, sc.MS_BIND)   # still the host's /dev/null: before pivot_root
+    for name in PROC_MASKED_DIRS:
+        path = os.path.join(proc, name)
+        if os.path.isdir(path):
+            sc.mount("tmpfs", path, "tmpfs", sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, "size=0")
+
+
 def mount_dev(ctx: Context) -> None:
     dev = os.path.join(ctx.rootfs, "dev")
     _ensure_dir(dev, 0o755)
@@ -179,6 +206,7 @@ STEPS: tuple[Step, ...] = (
     Step("mount overlay", mount_overlay),
     Step("bind workspace", bind_workspace),
     Step("mount proc", mount_proc),
+    Step("protect proc", protect_proc),
     Step("mount dev", mount_dev),
     Step("mount tmp", mount_tmp),
     Step("open host endpoints", open_host_endpoints),
