@@ -47,8 +47,6 @@ class Daemon:
                                           busy_timeout_s=cfg.journal.busy_timeout_s)
         self.runtime = Runtime.detect(cfg.data_dir, cgroup_parent=cfg.cgroup_parent,
                                       network=network.from_config(cfg.network))
-        self.runtime.images = __import__("sandkasten.images.store", fromlist=["ImageStore"]).ImageStore(
-            cfg.images_dir)
         await asyncio.to_thread(self.runtime.cgroups.ensure_parent)
         self.executor = Executor(cfg, self.journal, self.runtime)
         self.reconciler = Reconciler(cfg, self.executor)
