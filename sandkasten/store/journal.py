@@ -32,7 +32,7 @@ from sandkasten.domain import events as ev
 from sandkasten.domain.events import RecordedEvent
 from sandkasten.domain.session import (DESTROYING, ENDED_STATUSES, POOL_IDLE, UNCLAIMED, PriorExecs, State, decide, evolve)
 from sandkasten.errors import ConcurrencyConflict, InvalidRequest, JournalError, SandkastenError
-from sandkasten.store import projections, schema
+from sandkasten.store import fastpath, projections, schema
 from sandkasten.store.schema import events, execs, sessions, workspaces
 
 T = TypeVar("T")
@@ -248,7 +248,7 @@ class Journal:
                 request_id: str | None) -> list[RecordedEvent]:
         """On the writer thread, inside BEGIN IMMEDIATE: load, decide, append, project."""
         query, params = self._catch_up_query(stream_id, head=True)
-        state, seq, prev_hash = self._fold(stream_id, conn.execute(query, params).all())
+        state, seq, prev_hash = self._fold(stream_id, fastpath.execute(conn, query, params))
         prior = self._prior_execs(conn, stream_id, command)
         new_events = decide(state, command, prior=prior, stream_id=stream_id)
         version = state.version if state else 0
@@ -273,9 +273,9 @@ class Journal:
 
     def _insert(self, conn: sa.Connection, row: dict[str, Any]) -> None:
         try:
-            conn.execute(_INSERT_EVENT, row)
-        except sa.exc.IntegrityError as exc:
-            if "events" not in str(exc.orig):
+            fastpath.execute(conn, _INSERT_EVENT, row)
+        except (sa.exc.IntegrityError, sqlite3.IntegrityError) as exc:
+            if "events" not in str(getattr(exc, "orig", exc)):
                 raise
             self._states.pop(row["stream_id"], None)
             raise ConcurrencyConflict(
@@ -315,8 +315,8 @@ class Journal:
         """Facts about earlier execs that the state does not keep (see domain.session)."""
         if not isinstance(command, c.RequestExec):
             return None
-        rows = conn.execute(_PRIOR_EXECS, {"id": command.exec_id, "sid": stream_id,
-                                           "key": command.idempotency_key}).all()
+        rows = fastpath.execute(conn, _PRIOR_EXECS, {"id": command.exec_id, "sid": stream_id,
+                                                     "key": command.idempotency_key})
         taken = any(row.id == command.exec_id for row in rows)
         owner = next((row.id for row in rows if row.session_id == stream_id
                       and row.idempotency_key is not None and row.idempotency_key == command.idempotency_key), None)

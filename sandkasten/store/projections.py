@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from sandkasten.domain import events as ev
 from sandkasten.domain.session import (DESTROYED, DESTROYING, FAILED, INITIAL_CWD, LOST, POOL_CLAIMED, POOL_CLAIMING,
                                        POOL_IDLE, REQUESTED, RUNNING)
+from sandkasten.store import fastpath
 from sandkasten.store.schema import execs, sessions, workspaces
 
 
@@ -39,7 +40,7 @@ def _update(conn: sa.Connection, table: sa.Table, row_id: str, values: dict[str,
     if stmt is None:
         stmt = _STATEMENTS[key] = sa.update(table).where(table.c.id == sa.bindparam("row_id")).values(
             **{k: sa.bindparam(f"v_{k}") for k in params}, **exprs)
-    conn.execute(stmt, {"row_id": row_id, **{f"v_{k}": v for k, v in params.items()}})
+    fastpath.execute(conn, stmt, {"row_id": row_id, **{f"v_{k}": v for k, v in params.items()}})
 
 
 def _update_session(conn: sa.Connection, event: ev.RecordedEvent, **values: Any) -> None:
@@ -118,7 +119,7 @@ _INSERT_EXEC = sa.insert(execs).values(
 def _exec_requested(conn: sa.Connection, e: ev.RecordedEvent) -> None:
     p = e.payload
     _update_session(conn, e, exec_count=_EXEC_COUNT_PLUS_ONE, last_activity_at=e.created_at)
-    conn.execute(_INSERT_EXEC, {
+    fastpath.execute(conn, _INSERT_EXEC, {
         "id": p["exec_id"], "session_id": e.stream_id, "cmd": p["cmd"], "status": "requested",
         "actor": e.actor, "request_id": e.request_id, "idempotency_key": p.get("idempotency_key"),
         "timeout_ms": p["timeout_ms"], "requested_at": e.created_at})
