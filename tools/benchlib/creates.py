@@ -72,9 +72,9 @@ def pooled(report: Report, d: BenchDaemon, n: int, refill_s: float = 0.3) -> Non
     http = d.http()
     try:
         time.sleep(1.0)  # let the pool fill after /readyz
-        values, misses = [], 0
+        values, posts, misses = [], [], 0
         for i in range(n):
-            _, total, s = create_and_answer(http, {})
+            post, total, s = create_and_answer(http, {})
             http.ok("DELETE", f"/v1/sessions/{s['id']}")
             if not s.get("pooled"):
                 misses += 1
@@ -84,6 +84,7 @@ def pooled(report: Report, d: BenchDaemon, n: int, refill_s: float = 0.3) -> Non
                     return
                 continue
             values.append(total)
+            posts.append(post)
             time.sleep(refill_s)
         if not values:
             report.na(SECTION, "create.pooled", "pooled create, HTTP (POST + first exec)",
@@ -91,6 +92,7 @@ def pooled(report: Report, d: BenchDaemon, n: int, refill_s: float = 0.3) -> Non
             return
         report.add(SECTION, "create.pooled", "pooled create, HTTP (POST + first exec)", Summary.of(values),
                    note=f"{misses} pool misses" if misses else "")
+        report.add(SECTION, "create.pooled.post", "  of which POST /v1/sessions", Summary.of(posts))
     finally:
         http.close()
 
