@@ -132,6 +132,13 @@ def exec_command(cfg: Config, body: Mapping[str, Any] | None, idempotency_key: s
         raise InvalidRequest("invalid cmd: contains a NUL byte", field="cmd")
     d = cfg.defaults
     timeout = _number(body, "timeout_ms", d.exec_timeout_ms, int, d.max_exec_timeout_ms)
+    output_limit(cfg, body)  # refused before anything runs, not after
     if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
         raise InvalidRequest("invalid Idempotency-Key: expected 1-200 printable ASCII characters")
     return c.RequestExec(exec_id=new_exec_id(), cmd=cmd, timeout_ms=timeout, idempotency_key=idempotency_key)
+
+
+def output_limit(cfg: Config, body: Mapping[str, Any]) -> int:
+    """How much output an exec response carries: `max_output_bytes` (at most
+    limits.max_file_bytes) or defaults.max_output_bytes. The full log stays on disk."""
+    return _number(body, "max_output_bytes", cfg.defaults.max_output_bytes, int, cfg.limits.max_file_bytes)

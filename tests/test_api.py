@@ -94,6 +94,9 @@ def test_bad_input_gets_clear_errors_and_daemon_keeps_serving(daemon):
         c.post("/v1/sessions", json={"workspace_id": "../../etc"}),
         c.post("/v1/sessions", json={"env": {"BAD NAME": "x"}}),
         c.post("/v1/sessions", json={"unknown": True}),
+        c.post(f"/v1/sessions/{sid}/exec", content=b'{"cmd": "echo \\udc80"}',
+               headers={"content-type": "application/json"}),   # a lone surrogate: not Unicode
+        c.post(f"/v1/sessions/{sid}/exec", json={"cmd": "true", "max_output_bytes": 0}),
     ]
     for r in bad:
         assert r.status_code in (400, 422), r.text
@@ -103,6 +106,8 @@ def test_bad_input_gets_clear_errors_and_daemon_keeps_serving(daemon):
                  headers={"content-type": "application/json"})
     assert assert_error(big, 413, "PAYLOAD_TOO_LARGE")["details"]["limit"] == 16 * 1024 * 1024
     assert run(daemon, sid, "echo still fine")["stdout"] == "still fine\n"
+    capped = run(daemon, sid, "seq 1 1000", max_output_bytes=10)
+    assert capped["stdout"] == "1\n2\n3\n4\n5\n" and capped["truncated"] is True
     assert daemon.client.get("/v1/sessions").status_code == 200
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json as jsonlib
 
 from sanic import Blueprint, Request, json
 
@@ -61,9 +62,14 @@ def json_body(request: Request):
     if not request.body:
         return None
     try:
-        return request.json
+        body = request.json
     except Exception:  # noqa: BLE001 - Sanic raises its own BadRequest; we want our error shape
         raise InvalidRequest("invalid JSON body") from None
+    try:  # JSON may carry lone surrogates ("\udc80"): no command, path or name can hold one
+        jsonlib.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise InvalidRequest("invalid JSON body: a string holds a lone surrogate, not valid Unicode") from None
+    return body
 
 
 @bp.post("/sessions")
@@ -149,7 +155,7 @@ async def exec_command(request: Request, sid: str):
         return await _await_exec(d, sid, exec_id, body)
     row = {**finished.payload, "id": exec_id, "session_id": sid, "cmd": req.cmd, "status": "finished",
            "requested_at": requested.created_at, "finished_at": finished.created_at, "lost_reason": None}
-    return json(present_exec(row, d, raw=bool(body.get("raw_output"))))
+    return json(present_exec(row, d, raw=bool(body.get("raw_output")), limit=intake.output_limit(d.cfg, body)))
 
 
 async def submit_exec(request: Request, sid: str):
@@ -179,7 +185,7 @@ async def _await_exec(d, sid: str, exec_id: str, body) -> object:
         pass  # journaled as exec.lost; the row below says so
     row = await d.journal.exec(exec_id)
     body = body if isinstance(body, dict) else {}
-    result = present_exec(row, d, raw=bool(body.get("raw_output")))
+    result = present_exec(row, d, raw=bool(body.get("raw_output")), limit=intake.output_limit(d.cfg, body))
     if row["status"] == "lost":
         raise SandboxGone(f"exec {exec_id} in session {sid} was lost: {row['lost_reason']}",
                           exec_id=exec_id)
