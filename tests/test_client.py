@@ -161,18 +161,14 @@ def test_a_daemon_restart_between_two_execs_is_invisible(client, daemon):
 
 
 # ------------------------------------------------------------------ exec streaming
-def _stream_route_or_skip(client, sid: str):
-    try:
-        return list(client.exec_stream(sid, "true"))
-    except NotFound as e:
-        if e.code == "NOT_FOUND":  # the route, not the session
-            pytest.skip("the daemon has no POST /v1/sessions/{id}/exec/stream yet")
-        raise
+def _stream_true(client, sid: str):
+    """Every route exists now: a missing one is a failure, never a skip."""
+    return list(client.exec_stream(sid, "true"))
 
 
 def test_exec_stream_yields_chunks_then_done(client):
     with client.session() as sb:
-        _stream_route_or_skip(client, sb.id)
+        _stream_true(client, sb.id)
         events = list(sb.exec_stream("for i in 1 2 3; do echo line$i; done; echo oops >&2; cd /tmp; (exit 4)"))
         chunks = [e for e in events if isinstance(e, ExecChunk)]
         done = events[-1]
@@ -184,7 +180,7 @@ def test_exec_stream_yields_chunks_then_done(client):
 
 def test_exec_stream_resumes_after_a_daemon_restart(client, daemon):
     with client.session() as sb:
-        _stream_route_or_skip(client, sb.id)
+        _stream_true(client, sb.id)
         seen: list[ExecChunk] = []
         stream = sb.exec_stream("for i in $(seq 1 6); do echo n$i; sleep 0.3; done")
         for event in stream:
@@ -255,18 +251,14 @@ def test_transport_errors_never_escape_untyped(daemon):
 
 
 # ------------------------------------------------------------------ uploads and workspaces
-def _route_or_skip(call, what: str):
-    try:
-        return call()
-    except NotFound as e:
-        if e.code == "NOT_FOUND":
-            pytest.skip(f"the daemon has no {what} yet")
-        raise
+def _call_route(call, what: str):
+    """Every route exists now: a missing one is a failure, never a skip."""
+    return call()
 
 
 def test_upload_is_binary_safe(client):
     with client.session() as sb:
-        entries = _route_or_skip(lambda: sb.upload({"a.bin": b"\x00\xff" * 10, "b.txt": b"b"}, "/workspace/up"),
+        entries = _call_route(lambda: sb.upload({"a.bin": b"\x00\xff" * 10, "b.txt": b"b"}, "/workspace/up"),
                                  "POST /v1/sessions/{id}/fs/upload")
         assert sorted(e.path for e in entries) == ["/workspace/up/a.bin", "/workspace/up/b.txt"]
         assert sb.read("up/a.bin").content == b"\x00\xff" * 10
@@ -277,7 +269,7 @@ def test_upload_is_binary_safe(client):
 def test_workspaces_outlive_sessions(client):
     with client.session(workspace_id="ws-client-test") as sb:
         sb.exec("echo kept > /workspace/kept.txt")
-        listed = _route_or_skip(client.list_workspaces, "GET /v1/workspaces")
+        listed = _call_route(client.list_workspaces, "GET /v1/workspaces")
         ws = next(w for w in listed if w.id == "ws-client-test")
         assert ws.in_use_by == (sb.id,)
     assert client.workspace_read("ws-client-test", "kept.txt").text == "kept\n"
