@@ -23,7 +23,8 @@ from sandkasten.executor import Executor
 from sandkasten.pool import Pool
 from sandkasten.reconciler import Reconciler
 from sandkasten.runtime import network
-from sandkasten.runtime.sandboxes import Runtime, proc_start_time, read_pidfile
+from sandkasten.runtime.procfs import proc_start_time
+from sandkasten.runtime.sandboxes import Runtime, read_pidfile
 from sandkasten.store.journal import Journal
 
 log = logging.getLogger("sandkasten.daemon")

@@ -27,7 +27,7 @@ from sandkasten.domain import commands as c
 from sandkasten.domain.session import UNCLAIMED
 from sandkasten.errors import IllegalTransition, SandkastenError
 from sandkasten.executor import Executor
-from sandkasten.runtime.sandboxes import proc_start_time
+from sandkasten.runtime.procfs import proc_start_time
 
 log = logging.getLogger("sandkasten.reconciler")
 ACTOR = "reconciler"

@@ -17,7 +17,8 @@ import pytest
 from sandkasten.errors import ImageInvalid, ImageNotFound, InvalidRequest
 from sandkasten.images import ImageStore, build, build_base, build_python, import_tar, resolve_inside
 from sandkasten.images.build import find_busybox, host_mirror
-from sandkasten.images.store import discard, mounts_below
+from sandkasten.images.store import discard
+from sandkasten.runtime.procfs import mounts_under
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_CACHE = REPO / ".cache" / "images"  # gitignored; the python image is built once into it
@@ -324,7 +325,7 @@ def test_failed_staging_unmounts_and_removes(store):
             subprocess.run(["mount", "-t", "tmpfs", "none", str(rootfs / "proc")], check=True)
             (rootfs / "proc" / "file").write_text("x")
             raise RuntimeError("build failed")
-    assert mounts_below(store.images_dir) == []
+    assert mounts_under(store.images_dir) == []
     assert_nothing_left(store)
 
 

@@ -18,7 +18,8 @@ from sandkasten.domain import events as ev
 from sandkasten.domain.session import POOL_CLAIMED, POOL_CLAIMING, POOL_IDLE, decide, evolve
 from sandkasten.errors import IllegalTransition
 from sandkasten.executor import _sh_quote
-from sandkasten.runtime.sandboxes import Runtime, mounts_under
+from sandkasten.runtime.procfs import mounts_under
+from sandkasten.runtime.sandboxes import Runtime
 from sandkasten.store.journal import Journal
 
 LATER = datetime(2030, 1, 1, tzinfo=timezone.utc)

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from sandkasten.errors import ImageInvalid, ImageNotFound, InvalidRequest
-from sandkasten.runtime.sandboxes import mounts_under
+from sandkasten.runtime.procfs import mounts_under
 from sandkasten.runtime.spec import ExecRequest
 
 _ids = itertools.count()

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from sandkasten.errors import ImageInvalid, ImageNotFound, InvalidRequest, SandkastenError
+from sandkasten.runtime.procfs import mounts_under, unescape
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 METADATA = "image.json"
@@ -326,35 +327,19 @@ def _lowerdirs_contain(mountinfo_line: str, rootfs: str) -> bool:
     for opt in super_opts.split(","):
         if opt.startswith("lowerdir="):
             dirs = opt[len("lowerdir="):].split(":")
-            return any(os.path.realpath(_unescape(d)) == rootfs for d in dirs)
+            return any(os.path.realpath(unescape(d)) == rootfs for d in dirs)
     return False
-
-
-def _unescape(s: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
-
-
-def mounts_below(path: Path) -> list[str]:
-    """Mount points at or under PATH in our mount namespace, deepest first."""
-    prefix = str(path).rstrip("/")
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mp = _unescape(line.split(" ")[4])
-            if mp == prefix or mp.startswith(prefix + "/"):
-                found.append(mp)
-    return sorted(found, key=len, reverse=True)
 
 
 def discard(path: Path) -> None:
     """Remove a staging or image dir. Unmounts first (debootstrap mounts /proc and /sys inside
     its target): rmtree must never walk into a live mount."""
     libc = ctypes.CDLL(None, use_errno=True)
-    for mp in mounts_below(path):
+    for mp in mounts_under(path):
         if libc.umount2(mp.encode(), 2) != 0:  # MNT_DETACH
             err = ctypes.get_errno()
             raise SandkastenError(f"unable to unmount {mp} before removing {path}: {os.strerror(err)}")
-    if mounts_below(path):
+    if mounts_under(path):
         raise SandkastenError(f"unable to remove {path}: mounts remain below it")
     shutil.rmtree(path, ignore_errors=False, onexc=_rmtree_error(path))
 

@@ -19,6 +19,7 @@ from sandkasten.runtime import cgroups as cgroups_mod
 from sandkasten.runtime import client
 from sandkasten.runtime import network as network_mod
 from sandkasten.runtime.layout import Layout, SessionPaths
+from sandkasten.runtime.procfs import mounts_under, proc_start_time
 from sandkasten.runtime.spawner import Spawner
 from sandkasten.runtime.spec import (SESSION_ID, ExecRequest, ExecResult, Observed, SandboxSpec,
                                      check_exec_id, check_session_id)
@@ -243,23 +244,3 @@ def read_pidfile(path: Path) -> tuple[int | None, int | None]:
         return int(pid), int(st)
     except (OSError, ValueError):
         return None, None
-
-
-def proc_start_time(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def mounts_under(root: Path) -> list[str]:
-    """Mount points at or below `root` in *our* mount namespace, deepest first."""
-    prefix = str(root).rstrip("/")
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mp = line.split()[4].replace("\\040", " ")
-            if mp == prefix or mp.startswith(prefix + "/"):
-                found.append(mp)
-    return sorted(found, key=len, reverse=True)

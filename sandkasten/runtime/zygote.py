@@ -37,6 +37,7 @@ from sandkasten.runtime import network
 from sandkasten.runtime import privileges
 from sandkasten.runtime import syscalls as sc
 from sandkasten.runtime.setup import Context, SetupFailed, run_steps
+from sandkasten.runtime.procfs import proc_start_time
 from sandkasten.runtime.spec import SandboxSpec
 
 NAMESPACES = (os.CLONE_NEWNS | os.CLONE_NEWUTS | os.CLONE_NEWIPC | os.CLONE_NEWNET
@@ -48,11 +49,6 @@ BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/workspace", "LANG": "C.UTF-8", "TERM": "xterm", "SHELL": "/bin/sh",
 }
-
-
-def start_time(pid: int) -> int:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        return int(f.read().rsplit(b")", 1)[1].split()[19])
 
 
 class Zygote:
@@ -97,7 +93,7 @@ class Zygote:
             if pid:
                 self.cgroups.kill(spec.session_id)
             raise SetupFailed(report.get("error") or "sandbox did not report ready")
-        st = start_time(pid)
+        st = proc_start_time(pid)
         tmp = paths["pidfile"] + ".tmp"
         with open(tmp, "w") as f:
             f.write(f"{pid} {st}\n")
@@ -110,7 +106,7 @@ class Zygote:
         pid, source = int(req["pid"]), str(req["source"])
         pidfd = os.pidfd_open(pid)
         try:
-            if start_time(pid) != int(req["start_time"]):
+            if proc_start_time(pid) != int(req["start_time"]):
                 raise SetupFailed(f"unable to bind workspace: runner pid {pid} is gone (or was reused)")
             report_r, report_w = os.pipe()
             pid_c = os.fork()

@@ -26,7 +26,8 @@ import yaml
 
 from sandkasten.runtime import cgroups as cgroups_mod
 from sandkasten.runtime import network
-from sandkasten.runtime.sandboxes import Runtime, mounts_under
+from sandkasten.runtime.procfs import mounts_under
+from sandkasten.runtime.sandboxes import Runtime
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "bench-key"
