@@ -9,6 +9,7 @@ import binascii
 
 from sanic import Blueprint, Request, json
 
+from sandkasten.api import params
 from sandkasten.api.sessions import json_body, require_running, session_row
 from sandkasten.errors import InvalidRequest, PathRefused, TooLarge
 from sandkasten.workspace_fs import MOUNT_POINT, WorkspaceFS
@@ -44,18 +45,6 @@ def decode_content(body: dict, limit: int) -> bytes:
     if len(data) > limit:
         raise TooLarge(f"unable to write file: {len(data)} bytes is above the limit of {limit}", limit=limit)
     return data
-
-
-def parse_int(value: str | None, name: str) -> int | None:
-    if value is None:
-        return None
-    try:
-        n = int(value)
-    except ValueError:
-        raise InvalidRequest(f"invalid {name} {value!r}: expected an integer") from None
-    if n < 0:
-        raise InvalidRequest(f"invalid {name} {n}: must not be negative")
-    return n
 
 
 def upload_name(name: object) -> str:
@@ -117,10 +106,8 @@ async def upload_files(request: Request, sid: str):
 @bp.get("/sessions/<sid>/fs/read")
 async def read_file(request: Request, sid: str):
     fs = await _fs(request, sid, "read a file")
-    path = request.args.get("path")
-    if not path:
-        raise InvalidRequest("invalid read: query parameter 'path' is required")
-    max_bytes = parse_int(request.args.get("max_bytes"), "max_bytes")
+    path = params.required(request, "path", "read")
+    max_bytes = params.count(request, "max_bytes")
     data, truncated, size = await asyncio.to_thread(fs.read, path, max_bytes)
     return json({"path": "/workspace/" + fs.normalize(path), "content_base64": base64.b64encode(data).decode(),
                  "size": size, "truncated": truncated})
@@ -129,7 +116,7 @@ async def read_file(request: Request, sid: str):
 @bp.get("/sessions/<sid>/fs")
 async def list_files(request: Request, sid: str):
     fs = await _fs(request, sid, "list files")
-    recursive = request.args.get("recursive", "false").lower() in ("1", "true")
+    recursive = params.flag(request, "recursive")
     entries = await asyncio.to_thread(fs.list, request.args.get("path", ""), recursive)
     return json({"entries": [present_entry(e) for e in entries]})
 
@@ -137,9 +124,7 @@ async def list_files(request: Request, sid: str):
 @bp.delete("/sessions/<sid>/fs")
 async def delete_file(request: Request, sid: str):
     fs = await _fs(request, sid, "delete a file")
-    path = request.args.get("path")
-    if not path:
-        raise InvalidRequest("invalid delete: query parameter 'path' is required")
-    recursive = request.args.get("recursive", "false").lower() in ("1", "true")
+    path = params.required(request, "path", "delete")
+    recursive = params.flag(request, "recursive")
     await asyncio.to_thread(fs.delete, path, recursive)
     return json({"ok": True})

@@ -10,6 +10,7 @@ import json as jsonlib
 from sanic import Blueprint, Request, json
 
 from sandkasten import intake
+from sandkasten.api import params
 from sandkasten.domain import commands as c
 from sandkasten.domain.session import UNCLAIMED, DuplicateIdempotencyKey
 from sandkasten.errors import (
@@ -92,7 +93,7 @@ async def create_session(request: Request):
 @bp.get("/sessions")
 async def list_sessions(request: Request):
     d = request.app.ctx.daemon
-    everything = request.args.get("all", "false").lower() in ("1", "true", "yes")  # + ended and idle pool
+    everything = params.flag(request, "all")  # + ended and idle pool
     rows = await d.journal.sessions(include_ended=everything, include_pool=everything)
     return json([session_view(r) for r in rows])
 
@@ -213,5 +214,5 @@ async def get_exec(request: Request, sid: str, exec_id: str):
     row = await d.journal.exec(exec_id)
     if row is None or row["session_id"] != sid:
         raise ExecNotFound(f"unable to find exec {exec_id!r} in session {sid}")
-    raw = request.args.get("raw_output", "false").lower() in ("1", "true")
+    raw = params.flag(request, "raw_output")
     return json(present_exec(row, d, raw=raw))

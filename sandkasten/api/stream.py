@@ -21,6 +21,7 @@ import logging
 from sanic import Blueprint, Request
 
 from sandkasten import exec_feed
+from sandkasten.api import params
 from sandkasten.api.sessions import session_row, submit_exec
 from sandkasten.errors import ExecNotFound, InvalidRequest, SandboxError, SandboxGone, SandkastenError
 from sandkasten.exec_feed import Cursor, FeedError, TextDecoder
@@ -40,10 +41,6 @@ def resume_cursor(request: Request) -> Cursor:
         raise InvalidRequest(str(e)) from None
 
 
-def truthy(value) -> bool:
-    return value is True or str(value).lower() in ("1", "true", "yes")
-
-
 @bp.post("/sessions/<sid>/exec/stream")
 async def exec_stream(request: Request, sid: str):
     d = request.app.ctx.daemon
@@ -52,7 +49,7 @@ async def exec_stream(request: Request, sid: str):
     if requested is not None:
         cursor = Cursor()   # a Last-Event-ID cannot name a point in an exec that did not exist: send it all
     d.executor.ensure_exec(sid, exec_id)   # not awaited: the command must outlive this connection
-    await _stream(request, sid, exec_id, cursor, raw=truthy(body.get("raw_output", False)))
+    await _stream(request, sid, exec_id, cursor, raw=params.truthy(body.get("raw_output", False)))
 
 
 @bp.get("/sessions/<sid>/execs/<exec_id>/stream")
@@ -62,7 +59,7 @@ async def exec_restream(request: Request, sid: str, exec_id: str):
     row = await d.journal.exec(exec_id) if EXEC_ID.match(exec_id) else None
     if row is None or row["session_id"] != sid:
         raise ExecNotFound(f"unable to find exec {exec_id!r} in session {sid}")
-    await _stream(request, sid, exec_id, resume_cursor(request), raw=truthy(request.args.get("raw_output")))
+    await _stream(request, sid, exec_id, resume_cursor(request), raw=params.truthy(request.args.get("raw_output")))
 
 
 # JSON leaves these raw with ensure_ascii=False; clients that split lines like str.splitlines

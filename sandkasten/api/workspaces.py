@@ -19,14 +19,15 @@ import stat
 from sanic import Blueprint, Request, json
 
 from sandkasten import intake
-from sandkasten.api.files import decode_content, parse_int, parse_uploads, present_entry, write_uploads
+from sandkasten.api import params
+from sandkasten.api.files import decode_content, parse_uploads, present_entry, write_uploads
 from sandkasten.api.sessions import json_body
 from sandkasten.domain import commands as c
 from sandkasten.domain.events import workspace_stream
 from sandkasten.domain.workspace import ACTIVE, WorkspaceState
 from sandkasten.errors import (IllegalTransition, InvalidRequest, SandboxError, WorkspaceInUse,
                                WorkspaceNotFound)
-from sandkasten.runtime.sandboxes import mounts_under
+from sandkasten.runtime.procfs import mounts_under
 from sandkasten.workspace_fs import WorkspaceFS
 
 bp = Blueprint("workspaces", url_prefix="/v1")
@@ -107,7 +108,7 @@ async def list_workspaces(request: Request):
 async def delete_workspace(request: Request, wid: str):
     d = request.app.ctx.daemon
     await existing(d, wid, "delete")
-    force = request.args.get("force", "false").lower() in ("1", "true", "yes")
+    force = params.flag(request, "force")
     using = await users(d, wid)
     if using and not force:
         ids = [s["id"] for s in using]
@@ -171,7 +172,7 @@ async def upload_files(request: Request, wid: str):
 async def list_files(request: Request, wid: str):
     d = request.app.ctx.daemon
     fs = workspace_fs(d, await existing(d, wid, "list files of"))
-    recursive = request.args.get("recursive", "false").lower() in ("1", "true")
+    recursive = params.flag(request, "recursive")
     entries = await asyncio.to_thread(fs.list, request.args.get("path", ""), recursive)
     return json({"workspace_id": wid, "entries": [present_entry(e) for e in entries]})
 
@@ -180,10 +181,8 @@ async def list_files(request: Request, wid: str):
 async def read_file(request: Request, wid: str):
     d = request.app.ctx.daemon
     fs = workspace_fs(d, await existing(d, wid, "read a file of"))
-    path = request.args.get("path")
-    if not path:
-        raise InvalidRequest("invalid read: query parameter 'path' is required")
-    max_bytes = parse_int(request.args.get("max_bytes"), "max_bytes")
+    path = params.required(request, "path", "read")
+    max_bytes = params.count(request, "max_bytes")
     data, truncated, size = await asyncio.to_thread(fs.read, path, max_bytes)
     return json({"workspace_id": wid, "path": "/workspace/" + fs.normalize(path),
                  "content_base64": base64.b64encode(data).decode(), "size": size,
