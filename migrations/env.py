@@ -1,6 +1,6 @@
 """Alembic environment for the journal. There is no alembic.ini: `sandkasten.store.journal`
-builds the Config in code and hands over an open connection (already inside
-`BEGIN IMMEDIATE`, so two processes migrating a fresh file at once take turns)."""
+builds the Config in code and hands over an open connection; `schema.upgrade` holds a file
+lock around the whole run, so two processes migrating a fresh file at once take turns)."""
 
 from __future__ import annotations
 

@@ -84,3 +84,4 @@ def test_logs_follow_streams_a_running_command(daemon):
             proc.kill()
             proc.wait()
         proc.stdout.close()
+        proc.stdout.close()

@@ -301,6 +301,7 @@ async def test_two_processes_append_concurrently(journal):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            proc.stderr.close()
     assert await journal.last_seq() == 2 + 2 * (2 + 2 * n)
     shared = await journal.execs("s-shared")
     assert len(shared) == 2 * n and sorted(e["seq_no"] for e in shared) == list(range(1, 2 * n + 1))

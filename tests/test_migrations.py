@@ -89,6 +89,7 @@ def test_two_processes_migrating_a_fresh_file_take_turns(tmp_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            proc.stderr.close()
     create_all(tmp_path / "models.db")
     assert master(path) == master(tmp_path / "models.db")
 

@@ -4,6 +4,7 @@ Every test runs twice: with openat2 and with the fallback walk (old kernels)."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import stat
@@ -32,6 +33,7 @@ def snapshot(top: Path) -> dict[str, tuple]:
 
 
 def open_fds() -> int:
+    gc.collect()  # a file some other test dropped unclosed must not close mid-count
     return len(os.listdir("/proc/self/fd"))
 
 

@@ -174,11 +174,23 @@ def current_revision(db_path: Path) -> str | None:
 def upgrade(db_path: Path, busy_timeout_s: float) -> None:
     """Run `alembic upgrade head` on `db_path` (blocking: call it from a thread).
 
-    One sync sqlite3 connection, inside BEGIN IMMEDIATE, so a daemon and a CLI migrating
-    a fresh file at the same moment take turns instead of both creating tables.
+    Processes migrating the same file at once (a daemon and a CLI on a fresh data dir) take
+    turns on an flock of `<db>.migrate.lock` and re-read the revision once they hold it:
+    alembic commits between revisions on SQLite (no transactional DDL), so a database lock
+    alone would let a second process replay a revision the first one just applied.
     """
     if current_revision(db_path) == HEAD_REVISION:
         return  # the common case (every CLI call): no need to load alembic at all
+    import fcntl
+
+    lock_path = Path(db_path).with_name(Path(db_path).name + ".migrate.lock")
+    with _upgrade_lock, open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if current_revision(db_path) != HEAD_REVISION:
+            _run_alembic_upgrade(db_path, busy_timeout_s)
+
+
+def _run_alembic_upgrade(db_path: Path, busy_timeout_s: float) -> None:
     from alembic import command
 
     engine = sa.create_engine(f"sqlite:///{db_path}", poolclass=sa.pool.NullPool)
@@ -195,7 +207,7 @@ def upgrade(db_path: Path, busy_timeout_s: float) -> None:
 
     cfg = alembic_config(f"sqlite:///{db_path}")
     try:
-        with _upgrade_lock, engine.connect() as conn:
+        with engine.connect() as conn:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
             conn.commit()
