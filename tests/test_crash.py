@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 
@@ -83,6 +84,38 @@ def test_runner_death_is_noticed_and_next_exec_fails_clearly(daemon):
     assert status in ("lost", "failed")
     r = daemon.client.post(f"/v1/sessions/{sid}/exec", json={"cmd": "true"}, timeout=10)
     assert r.status_code in (409, 410) and r.json()["error_code"] in ("SANDBOX_LOST", "SESSION_ENDED")
+
+
+def test_a_zombie_counts_as_a_dead_process():
+    from sandkasten.runtime.procfs import proc_start_time
+
+    child = subprocess.Popen(["true"])
+    try:
+        stat = Path(f"/proc/{child.pid}/stat")
+        wait_for(lambda: stat.read_bytes().rsplit(b")", 1)[1].split()[0] == b"Z")
+        assert proc_start_time(child.pid) is None  # exited, not yet reaped by us (its parent)
+    finally:
+        child.wait()
+    assert proc_start_time(os.getpid()) is not None
+
+
+def test_runner_death_after_a_daemon_restart_is_noticed(daemon):
+    """After a crash the runner's parent is gone: its exit may leave a zombie nobody reaps,
+    which must still count as a dead runner."""
+    sid = create(daemon)
+    runtime = Runtime.detect(daemon.data_dir, cgroup_parent=daemon.cgroup_parent)
+    try:
+        runner_pid = runtime.observe(sid).pid
+    finally:
+        runtime.close()
+    daemon.kill()
+    daemon.start()
+    assert daemon.client.get(f"/v1/sessions/{sid}").json()["status"] == "running"
+    os.kill(runner_pid, signal.SIGKILL)
+    status = wait_for(lambda: (s := daemon.client.get(f"/v1/sessions/{sid}").json()["status"]) != "running" and s,
+                      timeout=5)
+    assert status in ("lost", "failed")
+    assert daemon.cli("doctor").returncode == 0, "the lost sandbox left drift behind"
 
 
 def test_lost_sandbox_is_recreated_with_its_workspace(daemon_factory):

@@ -9,10 +9,13 @@ from pathlib import Path
 
 
 def proc_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/<pid>/stat (clock ticks after boot), None if there is no such process."""
+    """Field 22 of /proc/<pid>/stat (clock ticks after boot); None if there is no such process
+    or it has exited and waits to be reaped (a zombie: a runner orphaned by a daemon crash has
+    a parent that may never reap it, and it must still count as dead)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[19])
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return None if fields[0] in (b"Z", b"X") else int(fields[19])
     except (OSError, ValueError, IndexError):
         return None
 
