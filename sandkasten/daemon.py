@@ -77,6 +77,7 @@ class Daemon:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.to_thread(self.runtime.close)
+        await asyncio.to_thread(self.runtime.cgroups.release_parent)  # no trace when no sandbox is left
         await self.journal.close()
 
 

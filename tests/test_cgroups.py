@@ -303,3 +303,16 @@ def test_destroy_parent_kills_and_removes_everything(request, started):
     parents = {d.parent for d in group_dirs(cgroups, "a")}
     assert not any(p.exists() for p in parents)
     cgroups.destroy_parent()  # again: nothing left, nothing to do
+
+
+def test_release_parent_removes_only_an_empty_parent_and_create_brings_it_back(request):
+    cgroups = new_parent(request, "-release")
+    cgroups.create("held", Limits(mem_bytes=64 << 20, pids=16, cpu=0.5))
+    assert cgroups.release_parent() is False  # a sandbox's group is still in it
+    assert all(d.is_dir() for d in cgroups._dirs("held"))
+    cgroups.remove("held")
+    assert cgroups.release_parent() is True
+    assert not any(d.exists() for d in cgroups._dirs())
+    cgroups.create("again", Limits(mem_bytes=64 << 20, pids=16, cpu=0.5))  # a daemon sharing the parent
+    assert all(d.is_dir() for d in cgroups._dirs("again"))
+    cgroups.remove("again")

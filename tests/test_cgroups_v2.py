@@ -199,3 +199,10 @@ def test_remove_error_names_path_and_errno(root, cgroups):
 
 def test_remove_of_a_missing_group_does_nothing(cgroups):
     cgroups.remove("gone")
+
+
+def test_release_parent_leaves_a_parent_with_groups_and_create_restores_it(root, cgroups):
+    group(root, "s-1")
+    assert cgroups.release_parent() is False
+    assert (root / PARENT / "s-1").is_dir()
+    assert (root / "cgroup.procs").read_text() == "1\n"  # the root is never touched

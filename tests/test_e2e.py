@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
 
 
@@ -85,3 +86,24 @@ def test_logs_follow_streams_a_running_command(daemon):
             proc.wait()
         proc.stdout.close()
         proc.stdout.close()
+
+
+def test_a_daemon_stopping_with_no_sandbox_leaves_no_cgroup(tmp_path, image_store, cgroup_parent):
+    from sandkasten.runtime import cgroups
+    from tests.conftest import IMAGE_CACHE
+    from tests.daemons import DaemonProc, make_data_dir
+
+    own = cgroups.detect(parent=f"{cgroup_parent}-stop")
+    daemon = DaemonProc(make_data_dir(tmp_path, IMAGE_CACHE), own.parent)
+    try:
+        daemon.start()
+        sid = daemon.client.post("/v1/sessions", json={}).json()["id"]
+        daemon.kill(signal.SIGTERM)
+        assert all(d.is_dir() for d in own._dirs()), "a live sandbox keeps its parent"
+        daemon.start()
+        assert daemon.client.delete(f"/v1/sessions/{sid}").json() == {"ok": True}
+        daemon.kill(signal.SIGTERM)
+        assert not any(d.exists() for d in own._dirs())
+    finally:
+        daemon.close()
+        own.destroy_parent()

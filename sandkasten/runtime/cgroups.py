@@ -93,6 +93,7 @@ class Cgroups(Protocol):
     def stats(self, name: str) -> Stats: ...
     def names(self) -> list[str]: ...
     def destroy_parent(self) -> None: ...
+    def release_parent(self) -> bool: ...
 
 
 def detect(root: Path = Path("/sys/fs/cgroup"), parent: str = "sandkasten") -> Cgroups:
@@ -192,7 +193,27 @@ class _Groups:
         if failures:
             raise failures[0]
 
+    def release_parent(self) -> bool:
+        """Remove the parent if it holds nothing (a daemon stopping with no sandboxes left):
+        rmdir only, which the kernel refuses for a group with children or processes."""
+        if self.names():
+            return False
+        removed = True
+        for group in reversed(self._dirs()):
+            try:
+                os.rmdir(group)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                removed = False
+        return removed
+
     # -- shared mechanics -------------------------------------------------------------------
+
+    def _reensure_parent(self) -> None:
+        """The parent again, if a daemon sharing it released it meanwhile (`release_parent`)."""
+        if not all(d.is_dir() for d in self._dirs()):
+            self.ensure_parent()
 
     def _populated(self, group: Path) -> bool:
         events = group / "cgroup.events"
@@ -257,6 +278,7 @@ class HybridCgroups(_Groups):
             make_dir(group)
 
     def create(self, name: str, limits: Limits) -> None:
+        self._reensure_parent()
         memory, pids, cpu, unified = self._dirs(check_name(name))
         for group in (memory, pids, cpu, unified):
             make_dir(group)
@@ -312,6 +334,7 @@ class V2Cgroups(_Groups):
         enable_controllers(parent)
 
     def create(self, name: str, limits: Limits) -> None:
+        self._reensure_parent()
         (group,) = self._dirs(check_name(name))
         make_dir(group)
         write_file(group / "memory.max", str(limits.mem_bytes))
