@@ -118,6 +118,29 @@ def test_runner_death_after_a_daemon_restart_is_noticed(daemon):
     assert daemon.cli("doctor").returncode == 0, "the lost sandbox left drift behind"
 
 
+def test_a_reused_runner_pid_is_not_trusted_and_its_new_owner_is_left_alone(daemon):
+    """The runner died while the daemon was away and its pid now names another process: the
+    start time gives it away; the session is lost and the innocent process is never signalled."""
+    sid = create(daemon)
+    daemon.kill()
+    innocent = subprocess.Popen(["sleep", "300"])
+    runtime = Runtime.detect(daemon.data_dir, cgroup_parent=daemon.cgroup_parent)
+    try:
+        pidfile = runtime.paths(sid).pidfile
+        _, start_time = pidfile.read_text().split()
+        runtime.cgroups.kill(sid)  # the sandbox dies ...
+        pidfile.write_text(f"{innocent.pid} {start_time}\n")  # ... and its pid is someone else's now
+        daemon.start()
+        status = wait_for(lambda: (s := daemon.client.get(f"/v1/sessions/{sid}").json()["status"]) != "running" and s)
+        assert status in ("lost", "failed")
+        assert innocent.poll() is None, "a process that merely reuses the runner's pid was killed"
+        assert sid not in runtime.host_sessions()
+    finally:
+        runtime.close()
+        innocent.kill()
+        innocent.wait()
+
+
 def test_lost_sandbox_is_recreated_with_its_workspace(daemon_factory):
     daemon = daemon_factory(reconcile={"lost_sandbox_policy": "recreate"}).start()
     sid = create(daemon, workspace_id="keep-me")
