@@ -6,6 +6,7 @@ message. Pure apart from the image store lookup.
 
 from __future__ import annotations
 
+import math
 import re
 import secrets
 from datetime import datetime, timedelta, timezone
@@ -16,6 +17,7 @@ from sandkasten.domain import commands as c
 from sandkasten.errors import ImageNotAllowed, InvalidRequest
 from sandkasten.images.store import ImageStore
 from sandkasten.runtime import network as network_mod
+from sandkasten.runtime.cgroups import MIN_CPU
 
 WORKSPACE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
@@ -23,6 +25,8 @@ ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SESSION_FIELDS = {"image", "ttl_seconds", "workspace_id", "cpu_limit", "mem_limit_mb", "pids_limit",
                   "network_mode", "egress_allow", "env", "readonly_rootfs"}
 EXEC_FIELDS = {"cmd", "timeout_ms", "raw_output", "max_output_bytes"}
+ENV_ENTRY_MAX_BYTES = 128 * 1024 - 1   # MAX_ARG_STRLEN (32 pages), less the NUL
+ENV_TOTAL_MAX_BYTES = 1 << 20          # execve allows a quarter of the stack limit (2 MiB of 8 MiB) in all
 
 
 def new_session_id() -> str:
@@ -33,28 +37,67 @@ def new_exec_id() -> str:
     return "x-" + secrets.token_hex(8)
 
 
-def _number(body: Mapping[str, Any], key: str, default, kind: type, maximum, minimum=0):
+def _number(body: Mapping[str, Any], key: str, default, kind: type, maximum, least=1):
+    """body[key] as `kind` within [least, maximum]; `default` when absent or null."""
     value = body.get(key)
     if value is None:
         return default
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if kind is int:
         ok = ok and float(value).is_integer()
     if not ok:
         raise InvalidRequest(f"invalid {key} {value!r}: expected {'an integer' if kind is int else 'a number'}",
                              field=key)
-    if value <= minimum:
-        raise InvalidRequest(f"invalid {key} {value!r}: must be greater than {minimum}", field=key)
+    if value < least:
+        raise InvalidRequest(f"invalid {key} {value!r}: the minimum is {least}", field=key, minimum=least)
     if value > maximum:
         raise InvalidRequest(f"invalid {key} {value!r}: the maximum is {maximum}", field=key, maximum=maximum)
     return kind(value)
 
 
-def _unknown(body: Mapping[str, Any], allowed: set[str], what: str) -> None:
+def refuse_unknown(body: Mapping[str, Any], allowed: set[str], what: str) -> None:
     extra = sorted(set(body) - allowed)
     if extra:
         raise InvalidRequest(f"invalid {what} request: unknown field(s) {', '.join(extra)}; "
                              f"allowed: {', '.join(sorted(allowed))}", fields=extra)
+
+
+def _given(body: Mapping[str, Any], key: str, default):
+    """body[key], or `default` when absent or null (an empty string or object is not absent)."""
+    value = body.get(key)
+    return default if value is None else value
+
+
+def _flag(body: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = _given(body, key, default)
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"invalid {key} {value!r}: expected true or false", field=key)
+    return value
+
+
+def _shown(name: str) -> str:
+    return name if len(name) <= 64 else name[:64] + "..."
+
+
+def _env(env: Any) -> dict[str, str]:
+    """Variables for every shell of the session. Bounded like the kernel bounds execve's
+    environment: one NAME=value string at most MAX_ARG_STRLEN, all of them well below ARG_MAX
+    (beyond either, no shell of the session could start and every exec would fail with 127)."""
+    if not isinstance(env, Mapping) or not all(
+            isinstance(k, str) and ENV_NAME.match(k) and isinstance(v, str) and "\0" not in v
+            for k, v in env.items()):
+        raise InvalidRequest("invalid env: expected an object of NAME: \"value\" strings", field="env")
+    total = 0
+    for k, v in env.items():
+        size = len(k.encode()) + 1 + len(v.encode()) + 1
+        if size > ENV_ENTRY_MAX_BYTES:
+            raise InvalidRequest(f"invalid env {_shown(k)}: {size} bytes as NAME=value, the maximum is "
+                                 f"{ENV_ENTRY_MAX_BYTES}", field="env", maximum=ENV_ENTRY_MAX_BYTES)
+        total += size + 8   # + its pointer in envp
+    if total > ENV_TOTAL_MAX_BYTES:
+        raise InvalidRequest(f"invalid env: {len(env)} variables take {total} bytes, the maximum is "
+                             f"{ENV_TOTAL_MAX_BYTES}", field="env", maximum=ENV_TOTAL_MAX_BYTES)
+    return dict(env)
 
 
 def check_workspace_id(wid: Any) -> str:
@@ -66,44 +109,38 @@ def check_workspace_id(wid: Any) -> str:
 
 def session_command(cfg: Config, images: ImageStore, body: Mapping[str, Any] | None,
                     now: datetime | None = None) -> c.RequestSession:
-    body = body or {}
+    body = {} if body is None else body
     if not isinstance(body, Mapping):
         raise InvalidRequest("invalid session request: the body must be a JSON object")
-    _unknown(body, SESSION_FIELDS, "session")
+    refuse_unknown(body, SESSION_FIELDS, "session")
     d, lim = cfg.defaults, cfg.limits
-    image = body.get("image") or cfg.default_image
-    if not isinstance(image, str):
+    image = _given(body, "image", cfg.default_image)
+    if not isinstance(image, str) or not image:
         raise InvalidRequest(f"invalid image {image!r}: expected a name", field="image")
     if not cfg.image_allowed(image):
         raise ImageNotAllowed(f"unable to create session: image {image!r} is not in allowed_images "
                               f"({', '.join(cfg.allowed_images)})", image=image)
     images.ensure_valid(image)
     ttl = _number(body, "ttl_seconds", cfg.session_ttl_seconds, int, lim.max_ttl_seconds)
-    network = body.get("network_mode") or d.network_mode
-    if network not in NETWORK_MODES:
+    network = _given(body, "network_mode", d.network_mode)
+    if not isinstance(network, str) or network not in NETWORK_MODES:
         raise InvalidRequest(f"invalid network_mode {network!r}: expected one of {', '.join(NETWORK_MODES)}",
                              field="network_mode")
     egress_allow = _egress_allow(cfg, body.get("egress_allow"), network)
-    env = body.get("env") or {}
-    if not isinstance(env, Mapping) or not all(
-            isinstance(k, str) and ENV_NAME.match(k) and isinstance(v, str) and "\0" not in v
-            for k, v in env.items()):
-        raise InvalidRequest("invalid env: expected an object of NAME: \"value\" strings", field="env")
+    env = _env(_given(body, "env", {}))
     workspace_id = body.get("workspace_id")
     if workspace_id is not None:
         check_workspace_id(workspace_id)
         if not cfg.workspace.enabled:
             raise InvalidRequest("invalid workspace_id: persistent workspaces are disabled in this daemon")
-    readonly = body.get("readonly_rootfs", d.readonly_rootfs)
-    if not isinstance(readonly, bool):
-        raise InvalidRequest(f"invalid readonly_rootfs {readonly!r}: expected true or false")
+    readonly = _flag(body, "readonly_rootfs", d.readonly_rootfs)
     now = now or datetime.now(timezone.utc)
     return c.RequestSession(
         image=image,
-        cpu_limit=_number(body, "cpu_limit", d.cpu_limit, float, lim.max_cpu_limit),
-        mem_limit_mb=_number(body, "mem_limit_mb", d.mem_limit_mb, int, lim.max_mem_limit_mb, minimum=7),
-        pids_limit=_number(body, "pids_limit", d.pids_limit, int, lim.max_pids_limit, minimum=3),
-        network_mode=network, egress_allow=egress_allow, env=dict(env), ttl_seconds=ttl, workspace_id=workspace_id,
+        cpu_limit=_number(body, "cpu_limit", d.cpu_limit, float, lim.max_cpu_limit, least=MIN_CPU),
+        mem_limit_mb=_number(body, "mem_limit_mb", d.mem_limit_mb, int, lim.max_mem_limit_mb, least=8),
+        pids_limit=_number(body, "pids_limit", d.pids_limit, int, lim.max_pids_limit, least=4),
+        network_mode=network, egress_allow=egress_allow, env=env, ttl_seconds=ttl, workspace_id=workspace_id,
         readonly_rootfs=readonly, expires_at=now + timedelta(seconds=ttl))
 
 
@@ -124,7 +161,7 @@ def exec_command(cfg: Config, body: Mapping[str, Any] | None, idempotency_key: s
                  ) -> c.RequestExec:
     if not isinstance(body, Mapping):
         raise InvalidRequest("invalid exec request: the body must be a JSON object with a 'cmd'")
-    _unknown(body, EXEC_FIELDS, "exec")
+    refuse_unknown(body, EXEC_FIELDS, "exec")
     cmd = body.get("cmd")
     if not isinstance(cmd, str) or not cmd.strip():
         raise InvalidRequest("invalid exec request: 'cmd' must be a non-empty string", field="cmd")
@@ -133,6 +170,7 @@ def exec_command(cfg: Config, body: Mapping[str, Any] | None, idempotency_key: s
     d = cfg.defaults
     timeout = _number(body, "timeout_ms", d.exec_timeout_ms, int, d.max_exec_timeout_ms)
     output_limit(cfg, body)  # refused before anything runs, not after
+    _flag(body, "raw_output", False)
     if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
         raise InvalidRequest("invalid Idempotency-Key: expected 1-200 printable ASCII characters")
     return c.RequestExec(exec_id=new_exec_id(), cmd=cmd, timeout_ms=timeout, idempotency_key=idempotency_key)

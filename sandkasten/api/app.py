@@ -8,13 +8,20 @@ import logging
 import secrets
 
 from sanic import Request, Sanic
-from sanic.exceptions import PayloadTooLarge, SanicException
+from sanic.exceptions import BadRequest, PayloadTooLarge, SanicException
 
 from sandkasten.api import errors, files, sessions, stream, system, workspaces
 from sandkasten.errors import SandkastenError
 
 log = logging.getLogger("sandkasten.api")
 OPEN_PATHS = ("/healthz",)
+
+
+def unparsed(request: Request) -> bool:
+    """Sanic's stand-in for a request whose head it could not parse (a bad request line or
+    header, a head above the size limit): it carries no headers, so no API key either. Its
+    error (400, 413) is the answer, not UNAUTHORIZED; no handler runs for it."""
+    return request.method == "NONE"
 
 
 def create_app(daemon) -> Sanic:
@@ -33,7 +40,7 @@ def create_app(daemon) -> Sanic:
     async def authenticate(request: Request):
         request.ctx.request_id = request.headers.get("x-request-id") or secrets.token_hex(8)
         request.ctx.actor = key_id
-        if not key or request.path in OPEN_PATHS:
+        if not key or request.path in OPEN_PATHS or unparsed(request):
             return None
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
@@ -49,6 +56,12 @@ def create_app(daemon) -> Sanic:
 
     @app.exception(Exception)
     async def render(request: Request, exc: Exception):
+        if isinstance(exc, PayloadTooLarge) and unparsed(request):
+            limit = app.config.REQUEST_MAX_HEADER_SIZE
+            return errors.body("PAYLOAD_TOO_LARGE", f"request head too large: the request line and headers "
+                               f"may take {limit} bytes (a very long URL?)", {"limit": limit})
+        if isinstance(exc, BadRequest) and unparsed(request):
+            return errors.body("INVALID_REQUEST", f"unable to read the HTTP request: {exc}")
         if isinstance(exc, PayloadTooLarge):
             limit = cfg.limits.max_body_bytes
             return errors.body("PAYLOAD_TOO_LARGE", f"request body too large: the limit is {limit} bytes",

@@ -9,6 +9,7 @@ import binascii
 
 from sanic import Blueprint, Request, json
 
+from sandkasten import intake
 from sandkasten.api import params
 from sandkasten.api.sessions import json_body, require_running, session_row
 from sandkasten.errors import InvalidRequest, PathRefused, TooLarge
@@ -28,6 +29,17 @@ def session_fs(daemon, row: dict) -> WorkspaceFS:
 def present_entry(e) -> dict:
     return {"path": "/workspace/" + e.path if e.path else "/workspace", "name": e.name, "type": e.type,
             "size": e.size, "mode": oct(e.mode & 0o7777), "mtime": e.mtime}
+
+
+WRITE_FIELDS = {"path", "text", "content_base64"}
+
+
+def write_request(body, limit: int) -> tuple[str, bytes]:
+    """(path, bytes) of a JSON write body: {path, text | content_base64}."""
+    if not isinstance(body, dict) or not isinstance(body.get("path"), str):
+        raise InvalidRequest("invalid write: 'path' (string) is required")
+    intake.refuse_unknown(body, WRITE_FIELDS, "write")
+    return body["path"], decode_content(body, limit)
 
 
 def decode_content(body: dict, limit: int) -> bytes:
@@ -89,11 +101,8 @@ async def _fs(request: Request, sid: str, verb: str) -> WorkspaceFS:
 @bp.post("/sessions/<sid>/fs/write")
 async def write_file(request: Request, sid: str):
     fs = await _fs(request, sid, "write a file")
-    body = json_body(request)
-    if not isinstance(body, dict) or not isinstance(body.get("path"), str):
-        raise InvalidRequest("invalid write: 'path' (string) is required")
-    data = decode_content(body, fs.max_file_bytes)
-    entry = await asyncio.to_thread(fs.write, body["path"], data)
+    path, data = write_request(json_body(request), fs.max_file_bytes)
+    entry = await asyncio.to_thread(fs.write, path, data)
     return json({"ok": True, **present_entry(entry)})
 
 

@@ -15,6 +15,7 @@ from sandkasten.domain import commands as c
 from sandkasten.domain.session import UNCLAIMED, DuplicateIdempotencyKey
 from sandkasten.errors import (
     ExecNotFound,
+    IllegalTransition,
     InvalidRequest,
     SandboxError,
     SandboxGone,
@@ -108,8 +109,13 @@ async def delete_session(request: Request, sid: str):
     d = request.app.ctx.daemon
     row = await session_row(d, sid)
     if row["status"] not in ("destroyed", "destroying"):
-        await d.journal.execute(sid, c.RequestDestroy(reason="api"), actor=request.ctx.actor,
-                                request_id=request.ctx.request_id)
+        try:
+            await d.journal.execute(sid, c.RequestDestroy(reason="api"), actor=request.ctx.actor,
+                                    request_id=request.ctx.request_id)
+        except IllegalTransition:
+            if (await session_row(d, sid))["status"] not in ("destroyed", "destroying"):
+                raise
+            # a concurrent DELETE got there first: deleting is idempotent, wait for the same end
     await d.executor.ensure_destroyed(sid)
     return json({"ok": True})
 
@@ -161,7 +167,8 @@ async def exec_command(request: Request, sid: str):
 
 async def submit_exec(request: Request, sid: str):
     """Validate and journal an exec request; (exec_id, body, the exec.requested event).
-    A retry with a known Idempotency-Key journals nothing: (its exec_id, body, None)."""
+    A retry with a known Idempotency-Key journals nothing: (its exec_id, body, None); a key
+    reused for a different command is refused (409), never answered with the other's result."""
     d = request.app.ctx.daemon
     row = await session_row(d, sid)
     body = json_body(request)
@@ -169,14 +176,29 @@ async def submit_exec(request: Request, sid: str):
     if key is not None:
         prior = await d.journal.exec_by_idempotency_key(sid, key)
         if prior is not None:
-            return prior["id"], body if isinstance(body, dict) else {}, None
+            _check_retry(prior, intake.exec_command(d.cfg, body, key), body)
+            return prior["id"], body, None
     require_running(row, "exec")
     cmd = intake.exec_command(d.cfg, body, key)
     try:
         events = await d.journal.execute(sid, cmd, actor=request.ctx.actor, request_id=request.ctx.request_id)
     except DuplicateIdempotencyKey as e:  # a concurrent retry with the same key won the race
+        _check_retry(await d.journal.exec(e.exec_id), cmd, body)
         return e.exec_id, body, None
     return cmd.exec_id, body, next(e for e in events if e.type == "exec.requested")
+
+
+def _check_retry(prior: dict | None, cmd: c.RequestExec, body: dict) -> None:
+    """A retry must repeat the request it retries: the same cmd (and timeout_ms, if it names one)."""
+    if prior is None:
+        return
+    differs = [name for name, given in (("cmd", cmd.cmd), ("timeout_ms", body.get("timeout_ms")))
+               if given is not None and getattr(cmd, name) != prior[name]]
+    if differs:
+        raise DuplicateIdempotencyKey(
+            f"unable to exec: Idempotency-Key {cmd.idempotency_key!r} was already used in this session for "
+            f"exec {prior['id']} with a different {' and '.join(differs)} (use a new key for a new command)",
+            exec_id=prior["id"], fields=differs)
 
 
 async def _await_exec(d, sid: str, exec_id: str, body) -> object:
@@ -188,9 +210,19 @@ async def _await_exec(d, sid: str, exec_id: str, body) -> object:
     body = body if isinstance(body, dict) else {}
     result = present_exec(row, d, raw=bool(body.get("raw_output")), limit=intake.output_limit(d.cfg, body))
     if row["status"] == "lost":
-        raise SandboxGone(f"exec {exec_id} in session {sid} was lost: {row['lost_reason']}",
-                          exec_id=exec_id)
+        raise await lost_exec(d, sid, exec_id, row["lost_reason"])
     return json(result)
+
+
+async def lost_exec(d, sid: str, exec_id: str, reason: str | None) -> SessionEnded | SandboxGone:
+    """The error for an exec that did not finish: 410 SESSION_ENDED when its session was
+    destroyed meanwhile (a DELETE, a TTL, a deleted workspace), else 410 SANDBOX_LOST."""
+    session = await d.journal.session(sid)
+    if session is not None and session["status"] in ("destroying", "destroyed"):
+        why = f" (reason: {session['end_reason']})" if session["end_reason"] else ""
+        return SessionEnded(f"exec {exec_id} did not finish: session {sid} was destroyed while it ran{why}",
+                            exec_id=exec_id, status=session["status"])
+    return SandboxGone(f"exec {exec_id} in session {sid} was lost: {reason}", exec_id=exec_id)
 
 
 @bp.get("/sessions/<sid>/execs")

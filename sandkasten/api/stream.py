@@ -22,8 +22,8 @@ from sanic import Blueprint, Request
 
 from sandkasten import exec_feed
 from sandkasten.api import params
-from sandkasten.api.sessions import session_row, submit_exec
-from sandkasten.errors import ExecNotFound, InvalidRequest, SandboxError, SandboxGone, SandkastenError
+from sandkasten.api.sessions import lost_exec, session_row, submit_exec
+from sandkasten.errors import ExecNotFound, InvalidRequest, SandboxError, SandkastenError
 from sandkasten.exec_feed import Cursor, FeedError, TextDecoder
 from sandkasten.runtime.spec import EXEC_ID
 
@@ -122,7 +122,6 @@ async def _outcome(d, sid: str, exec_id: str, offset: int) -> str:
             "exec_id": exec_id, "exit_code": row["exit_code"], "cwd": row["cwd"],
             "duration_ms": row["duration_ms"], "timed_out": bool(row["timed_out"]),
             "truncated": bool(row["truncated"])}, final.format("-done"))
-    reason = row["lost_reason"] if row is not None else "its journal row is gone"
-    return event("error", {"error_code": SandboxGone.code, "exec_id": exec_id,
-                           "message": f"exec {exec_id} in session {sid} was lost: {reason}"},
+    error = await lost_exec(d, sid, exec_id, row["lost_reason"] if row is not None else "its journal row is gone")
+    return event("error", {"error_code": error.code, "exec_id": exec_id, "message": error.message},
                  final.format("-error"))

@@ -20,7 +20,7 @@ from sanic import Blueprint, Request, json
 
 from sandkasten import intake
 from sandkasten.api import params
-from sandkasten.api.files import decode_content, parse_uploads, present_entry, write_uploads
+from sandkasten.api.files import parse_uploads, present_entry, write_request, write_uploads
 from sandkasten.api.sessions import json_body
 from sandkasten.domain import commands as c
 from sandkasten.domain.events import workspace_stream
@@ -149,13 +149,10 @@ def remove_dir(base, wid: str) -> None:
 async def write_file(request: Request, wid: str):
     d = request.app.ctx.daemon
     fs = writable(d, wid)
-    body = json_body(request)
-    if not isinstance(body, dict) or not isinstance(body.get("path"), str):
-        raise InvalidRequest("invalid write: 'path' (string) is required")
-    data = decode_content(body, fs.max_file_bytes)
-    fs.normalize(body["path"])
+    path, data = write_request(json_body(request), fs.max_file_bytes)
+    fs.normalize(path)
     await ensure_created(d, wid)
-    entry = await asyncio.to_thread(fs.write, body["path"], data)
+    entry = await asyncio.to_thread(fs.write, path, data)
     return json({"ok": True, "workspace_id": wid, **present_entry(entry)})
 
 
