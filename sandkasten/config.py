@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ NETWORK_MODES = ("none", "bridge")
 SECCOMP_PROFILES = ("off", "mvp", "strict")
 DURABILITIES = ("normal", "full")
 LOST_SANDBOX_POLICIES = ("recreate", "fail")
+MAX_INT = 2**53                 # larger numbers do not survive JSON and overflow SQLite
+MAX_SECONDS = 10 * 365 * 86_400  # ten years: an expiry further away overflows dates
 
 
 @dataclass(frozen=True)
@@ -167,15 +170,17 @@ def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
     if path is not None:
         p = Path(path)
         try:
-            text = p.read_text()
+            text = p.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError(f"unable to read config {p}: file not found") from None
         except OSError as e:
             raise ConfigError(f"unable to read config {p}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"unable to read config {p}: not UTF-8 text (byte {e.start})") from None
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError(f"unable to parse config {p}: {e}") from None
+            raise ConfigError(f"unable to parse config {p}: {_yaml_problem(e)}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -185,12 +190,33 @@ def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
     return from_mapping(raw)
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's multi-line report as one line: what is wrong and where."""
+    problem = getattr(e, "problem", None)
+    mark = getattr(e, "problem_mark", None)
+    if not problem:
+        return " ".join(str(e).split())
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
+
+
+def _env_value(value: str) -> Any:
+    """An environment value read as YAML (`true`, `256`, `[a, b]`); text that is not valid
+    YAML (`[abc`) is taken as the plain string, and the key's type check then judges it."""
+    if value == "":
+        return ""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     """`SANDKASTEN_DATA_DIR=/x` sets `data_dir`; `SANDKASTEN_DEFAULTS__MEM_LIMIT_MB=256`
     (double underscore) or `SANDKASTEN_DEFAULTS_MEM_LIMIT_MB` sets a nested key."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     top = {f.name for f in dataclasses.fields(Config)}
-    skip = {"SANDKASTEN_URL", "SANDKASTEN_API_KEY_FILE", "SANDKASTEN_CONFIG"}
+    skip = {"SANDKASTEN_URL", "SANDKASTEN_API_KEY_FILE", "SANDKASTEN_CONFIG", "SANDKASTEN_MIGRATIONS_DIR"}
     for name, value in env.items():
         if not name.startswith("SANDKASTEN_") or name in skip:
             continue
@@ -199,13 +225,13 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
             section, sub = key.split("__", 1)
         else:
             section, sub = _split_nested(key)
-        parsed = yaml.safe_load(value) if value != "" else ""
+        parsed = _env_value(value)
         if section is None:
             if key not in top:
                 raise ConfigError(f"unknown config key from environment {name}")
             out[key] = parsed if key not in ("api_key", "listen") else value
         else:
-            if section not in _SECTIONS:
+            if section not in _SECTIONS or sub not in {f.name for f in dataclasses.fields(_SECTIONS[section])}:
                 raise ConfigError(f"unknown config key from environment {name}")
             sect = out.setdefault(section, {})
             if not isinstance(sect, dict):
@@ -260,12 +286,23 @@ def _coerce(key: str, typ: Any, value: Any) -> Any:
                 return value.lower() in ("true", "yes", "1")
             raise ValueError("expected true or false")
         if t == "int":
-            if isinstance(value, bool) or not isinstance(value, (int, str)):
+            if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
+                value = int(value)
+            if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError("expected an integer")
-            return int(value)
+            if abs(value) > MAX_INT:
+                raise ValueError(f"too large (at most {MAX_INT})")
+            return value
         if t == "float":
-            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-                raise ValueError("expected a number")
+            if isinstance(value, str):
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise ValueError("expected a number") from None
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError("expected a finite number")
+            if abs(value) > MAX_INT:
+                raise ValueError(f"too large (at most {MAX_INT})")
             return float(value)
         if t == "str":
             if value is None:
@@ -329,6 +366,10 @@ def _validate(cfg: Config) -> None:
     _positive("session_ttl_seconds", cfg.session_ttl_seconds)
     if cfg.idle_timeout_seconds < 0:
         raise ConfigError("invalid config key idle_timeout_seconds: must be zero (off) or positive")
+    for key, value in (("session_ttl_seconds", cfg.session_ttl_seconds), ("limits.max_ttl_seconds",
+                       cfg.limits.max_ttl_seconds), ("idle_timeout_seconds", cfg.idle_timeout_seconds)):
+        if value > MAX_SECONDS:
+            raise ConfigError(f"invalid config key {key}: at most {MAX_SECONDS} (ten years) (got {value})")
     _one_of("defaults.network_mode", d.network_mode, NETWORK_MODES)
     _one_of("security.seccomp", cfg.security.seccomp, SECCOMP_PROFILES)
     if cfg.security.userns:

@@ -198,6 +198,41 @@ def test_bad_config_key_exits_2_naming_the_key(env):
     assert out.returncode == 2 and "defaults.mem_limit_mb" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_every_bad_config_is_one_line_naming_the_key(env):
+    cases = {
+        "listen: [1\n": "unable to parse config",                     # bad YAML: where, on one line
+        "session_ttl_seconds: 99999999999999999999999\n": "session_ttl_seconds: too large",
+        "limits:\n  max_ttl_seconds: 400000000\n": "limits.max_ttl_seconds: at most",
+        "defaults:\n  cpu_limit: .nan\n": "defaults.cpu_limit: expected a finite number",
+        "defaults:\n  pids_limit: many\n": "defaults.pids_limit: expected an integer (got 'many')",
+    }
+    for text, message in cases.items():
+        env.config.write_text(f"data_dir: {env.data}\n{text}")
+        out = env.run("ps")
+        assert out.returncode == 2 and message in out.stderr, (text, out.stderr)
+        assert len(out.stderr.splitlines()) == 1 and "Traceback" not in out.stderr, out.stderr
+    env.config.write_bytes(b"\xff\xfe not utf-8")
+    out = env.run("ps")
+    assert out.returncode == 2 and out.stderr.strip() == f"sandkasten: unable to read config {env.config}: " \
+        "not UTF-8 text (byte 0)"
+
+
+def test_environment_overrides_with_bad_values_name_the_variable(env):
+    env.config.write_text(f"data_dir: {env.data}\n")
+    for name, value, message in (
+            ("SANDKASTEN_DEFAULTS__CPU_LIMIT", "[1", "defaults.cpu_limit: expected a number (got '[1')"),
+            ("SANDKASTEN_DEFAULTS__BOGUS", "1", "from environment SANDKASTEN_DEFAULTS__BOGUS"),
+            ("SANDKASTEN_SESSION_TTL_SECONDS", "1e99", "session_ttl_seconds: expected an integer")):
+        out = env.run("security")  # loads the config, opens no journal
+        assert out.returncode == 0, out.stderr
+        env.env[name] = value
+        out = env.run("security")
+        del env.env[name]
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    env.env["SANDKASTEN_MIGRATIONS_DIR"] = str(REPO / "migrations")  # the journal's, not a config key
+    assert env.run("security").returncode == 0
+
+
 def test_config_comes_from_env_var_or_cwd_file(env):
     env.config.write_text(f"data_dir: {env.data}\nbogus_from_file: 1\n")
     assert "bogus_from_file" in env.run("ps", config=False).stderr  # ./sandkasten.yaml
