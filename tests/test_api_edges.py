@@ -152,3 +152,17 @@ def test_file_writes_refuse_unknown_fields(daemon):
     assert c.get("/v1/workspaces").json() == []   # the refused write created no workspace
     r = c.post(f"/v1/sessions/{sid}/fs/write", json={"path": "a.txt", "text": "x"})
     assert r.status_code == 200, r.text
+
+
+def test_header_bytes_that_are_no_utf8_and_bad_request_ids_are_clear_errors(daemon):
+    status, body = raw_http(daemon, b"GET /v1/sessions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\r\n"
+                                    b"Connection: close\r\n\r\n")
+    assert status == 401 and b'"UNAUTHORIZED"' in body   # was a 500 (UnicodeEncodeError) with a traceback
+    key = b"Authorization: Bearer test-key-123\r\n"
+    for rid in (b"\xff\xfe", b"r" * 300, b"two words"):
+        status, body = raw_http(daemon, b"GET /v1/sessions HTTP/1.1\r\nHost: x\r\n" + key + b"X-Request-ID: " + rid
+                                + b"\r\nConnection: close\r\n\r\n")
+        assert status == 400 and b"invalid X-Request-ID" in body, (rid, body)
+    r = daemon.client.get("/v1/sessions", headers={"X-Request-ID": "trace-42"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "trace-42"
+    assert "Traceback" not in daemon.read_log()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 
 from sanic import Request, Sanic
@@ -15,6 +16,7 @@ from sandkasten.errors import SandkastenError
 
 log = logging.getLogger("sandkasten.api")
 OPEN_PATHS = ("/healthz",)
+REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
 
 
 def unparsed(request: Request) -> bool:
@@ -38,13 +40,19 @@ def create_app(daemon) -> Sanic:
 
     @app.on_request
     async def authenticate(request: Request):
-        request.ctx.request_id = request.headers.get("x-request-id") or secrets.token_hex(8)
+        given_id = request.headers.get("x-request-id")
+        request.ctx.request_id = given_id if given_id and REQUEST_ID.match(given_id) else secrets.token_hex(8)
         request.ctx.actor = key_id
+        if given_id is not None and request.ctx.request_id != given_id:   # it is journaled and echoed
+            return errors.body("INVALID_REQUEST", "invalid X-Request-ID header: expected 1-200 printable "
+                               "ASCII characters", {"header": "X-Request-ID"})
         if not key or request.path in OPEN_PATHS or unparsed(request):
             return None
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):
+        # headers are read as latin-1/surrogates: a byte that is no UTF-8 must compare, not raise
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("utf-8", "surrogateescape"),
+                                                                 key):
             return errors.body("UNAUTHORIZED", "missing or wrong API key: send 'Authorization: Bearer <api_key>'")
         return None
 
