@@ -23,6 +23,7 @@ from sandkasten.executor import Executor
 from sandkasten.pool import Pool
 from sandkasten.reconciler import Reconciler
 from sandkasten.runtime import network
+from sandkasten.runtime.layout import Layout
 from sandkasten.runtime.procfs import proc_start_time
 from sandkasten.runtime.sandboxes import Runtime, read_pidfile
 from sandkasten.store.journal import Journal
@@ -97,9 +98,16 @@ def preflight(cfg: Config) -> None:
     traceback: directories, the journal (opened and migrated), the cgroup layout."""
     from sandkasten.runtime import cgroups
 
-    for d in (cfg.data_dir, cfg.run_dir, cfg.sessions_dir, cfg.workspaces_dir, cfg.images_dir):
+    try:
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SandkastenError(f"unable to create directory {cfg.data_dir}: {e.strerror}") from None
+    # What is under them (commands, output, env, workspaces) is for root only: sandboxes reach
+    # their parts through mounts made before they drop privileges, never through these paths.
+    for d in (cfg.run_dir, cfg.sessions_dir, cfg.workspaces_dir, cfg.images_dir, Layout(cfg.data_dir).logs):
         try:
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(d, 0o700)
         except OSError as e:
             raise SandkastenError(f"unable to create directory {d}: {e.strerror}") from None
     Journal.check(cfg.database_path, cfg.journal.busy_timeout_s)

@@ -107,3 +107,18 @@ def test_a_daemon_stopping_with_no_sandbox_leaves_no_cgroup(tmp_path, image_stor
     finally:
         daemon.close()
         own.destroy_parent()
+
+
+def test_what_the_daemon_keeps_is_private_to_root(daemon):
+    """The journal (every command, its actor, the sessions' env), exec output and workspaces
+    are no other host user's business."""
+    import stat
+
+    sid = daemon.client.post("/v1/sessions", json={"env": {"TOKEN": "secret"}}).json()["id"]
+    daemon.client.post(f"/v1/sessions/{sid}/exec", json={"cmd": "echo out > /workspace/f; echo $TOKEN"})
+    db = daemon.data_dir / "sandkasten.db"
+    for path in (db, db.with_name("sandkasten.db-wal")):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    for name in ("run", "sessions", "workspaces", "logs", "images"):
+        assert stat.S_IMODE((daemon.data_dir / name).stat().st_mode) == 0o700, name
+    assert daemon.client.post(f"/v1/sessions/{sid}/exec", json={"cmd": "cat /workspace/f"}).json()["stdout"] == "out\n"

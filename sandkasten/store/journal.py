@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 from collections import OrderedDict
@@ -121,6 +122,7 @@ class Journal:
         async with guard("migrate"):
             db_path.parent.mkdir(parents=True, exist_ok=True)
             await asyncio.to_thread(schema.upgrade, db_path, busy_timeout_s)
+            _restrict(db_path)
         engine = create_async_engine(f"sqlite+aiosqlite:///{db_path}", pool_size=4, max_overflow=4)
         # One thread hop per transaction instead of one per statement: the whole append
         # (load, decide, insert, project, commit) runs as one call on the writer thread.
@@ -153,6 +155,7 @@ class Journal:
         try:
             db_path.parent.mkdir(parents=True, exist_ok=True)
             schema.upgrade(db_path, busy_timeout_s)
+            _restrict(db_path)
             conn = sqlite3.connect(db_path, timeout=busy_timeout_s)
             try:
                 conn.execute("SELECT count(*) FROM events").fetchone()
@@ -451,6 +454,16 @@ class Journal:
             for row in rows:
                 projections.apply(conn, _recorded(row))
             after, count = rows[-1].seq, count + len(rows)
+
+
+def _restrict(db_path: Path) -> None:
+    """The journal holds every command, its actor and the sessions' env: owner-only, like its
+    WAL and shared-memory files (SQLite gives new ones the database file's mode)."""
+    for path in (db_path, db_path.with_name(db_path.name + "-wal"), db_path.with_name(db_path.name + "-shm")):
+        try:
+            os.chmod(path, 0o600)
+        except (FileNotFoundError, PermissionError):  # not there yet; or not ours to change
+            pass
 
 
 def _check_stream(stream_id: str, command: c.Command) -> None:
