@@ -257,8 +257,9 @@ class WorkspaceFS:
 
     # --- paths -------------------------------------------------------------------------------
 
-    def normalize(self, path: str) -> str:
-        return self._normalize(path, "access")
+    def normalize(self, path: str, verb: str = "access") -> str:
+        """The path relative to the root ("" is the root itself); refusals say `unable to <verb>`."""
+        return self._normalize(path, verb)
 
     def _normalize(self, path: str, verb: str) -> str:
         def refuse(why: str) -> PathRefused:

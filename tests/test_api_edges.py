@@ -166,3 +166,22 @@ def test_header_bytes_that_are_no_utf8_and_bad_request_ids_are_clear_errors(daem
     r = daemon.client.get("/v1/sessions", headers={"X-Request-ID": "trace-42"})
     assert r.status_code == 200 and r.headers["x-request-id"] == "trace-42"
     assert "Traceback" not in daemon.read_log()
+
+
+def test_uploads_without_a_boundary_and_odd_counts_are_refused_clearly(daemon):
+    c = daemon.client
+    sid = create(daemon)["id"]
+    url = f"/v1/sessions/{sid}/fs/upload"
+    r = c.post(url, content=b"--zz\r\nfoo\r\n", headers={"content-type": "multipart/form-data"})
+    assert "names no boundary" in assert_error(r, 400, "INVALID_REQUEST")["message"]
+    r = c.post(url, data={"dir": "/etc"}, files={"x": ("a", b"1")})
+    assert assert_error(r, 400, "PATH_REFUSED")["message"].startswith("unable to upload '/etc/a'")
+    assert "Failed when parsing form" not in daemon.read_log()   # Sanic's traceback for the first one
+    c.post(f"/v1/sessions/{sid}/fs/write", json={"path": "f", "text": "abc"})
+    for odd in ("+1", " 1", "1_0", "\u0661", "1.0"):
+        r = c.get(f"/v1/sessions/{sid}/fs/read", params={"path": "f", "max_bytes": odd})
+        assert "expected an integer" in assert_error(r, 400, "INVALID_REQUEST")["message"], odd
+    assert "must not be negative" in c.get(f"/v1/sessions/{sid}/fs/read",
+                                           params={"path": "f", "max_bytes": "-1"}).json()["message"]
+    r = c.get(f"/v1/sessions/{sid}/fs/read", params={"path": "f", "max_bytes": "2"}).json()
+    assert r["content_base64"] == "YWI=" and r["truncated"] is True

@@ -8,6 +8,8 @@ import base64
 import binascii
 
 from sanic import Blueprint, Request, json
+from sanic.headers import parse_content_header
+from sanic.request.form import parse_multipart_form
 
 from sandkasten import intake
 from sandkasten.api import params
@@ -67,20 +69,34 @@ def upload_name(name: object) -> str:
     return name
 
 
+def multipart(request: Request):
+    """(fields, files) of a multipart/form-data body, parsed here rather than by `request.form`,
+    which logs a traceback and answers "no files" for a body it cannot parse."""
+    kind, options = parse_content_header(request.headers.get("content-type", ""))
+    if kind != "multipart/form-data":
+        raise InvalidRequest(f"invalid upload: expected multipart/form-data, got {request.content_type!r}")
+    boundary = options.get("boundary")
+    if not isinstance(boundary, str) or not boundary or not boundary.isascii():
+        raise InvalidRequest("invalid upload: the content-type multipart/form-data names no boundary")
+    try:
+        return parse_multipart_form(request.body, boundary.encode())
+    except Exception as e:  # noqa: BLE001 - Sanic's parser raises whatever the bytes provoke
+        raise InvalidRequest(f"invalid upload: malformed multipart body ({type(e).__name__})") from None
+
+
 def parse_uploads(request: Request, fs: WorkspaceFS) -> list[tuple[str, bytes]]:
     """(path, bytes) of every file of a multipart/form-data body, placed in the form field `dir`
     (default /workspace). All names, paths and sizes are checked here, before anything is written."""
-    if not request.content_type.startswith("multipart/form-data"):
-        raise InvalidRequest(f"invalid upload: expected multipart/form-data, got {request.content_type!r}")
-    target = request.form.get("dir") or MOUNT_POINT
-    files = [f for field in request.files.values() for f in field]
+    form, parts = multipart(request)
+    target = form.get("dir") or MOUNT_POINT
+    files = [f for field in parts.values() for f in field]
     if not files:
         raise InvalidRequest("invalid upload: no files in the form (send them as file parts)")
     paths = [target.rstrip("/") + "/" + upload_name(f.name) for f in files]
     if len(set(paths)) != len(paths):
         raise InvalidRequest("invalid upload: the same file name appears twice")
     for f, path in zip(files, paths):
-        fs.normalize(path)   # refuses an escaping 'dir'
+        fs.normalize(path, "upload")   # refuses an escaping 'dir'
         if len(f.body) > fs.max_file_bytes:
             raise TooLarge(f"unable to upload {f.name!r}: {len(f.body)} bytes is above the limit of "
                            f"{fs.max_file_bytes}", limit=fs.max_file_bytes, name=f.name)

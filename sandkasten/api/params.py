@@ -30,10 +30,8 @@ def count(request: Request, name: str) -> int | None:
     value = request.args.get(name)
     if value is None:
         return None
-    try:
-        n = int(value)
-    except ValueError:
-        raise InvalidRequest(f"invalid {name} {value!r}: expected an integer") from None
-    if n < 0:
-        raise InvalidRequest(f"invalid {name} {n}: must not be negative")
-    return n
+    if value.startswith("-") and value[1:].isascii() and value[1:].isdigit():
+        raise InvalidRequest(f"invalid {name} {value}: must not be negative")
+    if not (value.isascii() and value.isdigit()):   # int() would also take ' 1', '+1', '1_0', '١'
+        raise InvalidRequest(f"invalid {name} {value!r}: expected an integer of digits 0-9")
+    return int(value)

@@ -150,7 +150,7 @@ async def write_file(request: Request, wid: str):
     d = request.app.ctx.daemon
     fs = writable(d, wid)
     path, data = write_request(json_body(request), fs.max_file_bytes)
-    fs.normalize(path)
+    fs.normalize(path, "write")   # refused before the workspace is created
     await ensure_created(d, wid)
     entry = await asyncio.to_thread(fs.write, path, data)
     return json({"ok": True, "workspace_id": wid, **present_entry(entry)})
