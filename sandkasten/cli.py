@@ -36,6 +36,7 @@ from sandkasten.cli_args import (
     check_flags,
     config_path,
     exec_args,
+    group_usage,
     parse_since,
     split_config,
     text,
@@ -63,11 +64,16 @@ class Cli:
             self._cfg = config_mod.load(self.config_path)
         return self._cfg
 
-    def journal(self, work: Callable[[Any], Awaitable[T]]) -> T:
-        """Open the journal, run `work(journal)` on a fresh event loop, close it."""
+    def journal(self, work: Callable[[Any], Awaitable[T]], create: bool = False) -> T:
+        """Open the journal, run `work(journal)` on a fresh event loop, close it. Only a command
+        that records something new (`create`) makes a journal where there is none: reading one
+        that does not exist means the config names the wrong data_dir, not an empty history."""
         from sandkasten.store.journal import Journal
 
         cfg = self.cfg
+        if not create and not cfg.database_path.exists():
+            raise Failed(f"unable to open the journal {cfg.database_path}: no such file (neither the daemon nor "
+                         f"`sandkasten create` has used data_dir {cfg.data_dir}; is --config right?)")
 
         async def run() -> T:
             journal = await Journal.open(cfg.database_path, cfg.journal.durability)
@@ -241,7 +247,7 @@ class Cli:
                 return await journal.session(sid)
             return await self._await_session(journal, sid, ("running", *ENDED))
 
-        row = self.journal(work)
+        row = self.journal(work, create=True)
         if json:
             render.print_json(session_view(row))
         else:
@@ -261,7 +267,7 @@ class Cli:
 
         body: dict[str, Any] = {"cmd": cmd}
         if timeout is not None:
-            body["timeout_ms"] = int(timeout) if str(timeout).isdigit() else timeout
+            body["timeout_ms"] = int(timeout) if re.fullmatch(r"[-+]?\d+", str(timeout)) else timeout
         request = intake.exec_command(self.cfg, body)
         pid = self.daemon_pid()
 
@@ -381,13 +387,24 @@ class Cli:
             raise Usage(f"--format must be one of {', '.join(audit.FORMATS)} (got {fmt!r})")
         start = parse_since(since, datetime.now(timezone.utc))
         sid = text(session, "--session") if session is not None else None
-        if output is None:
-            self.journal(lambda j: audit.export(j, fmt, start, sid, out=sys.stdout))
-            return
-        path = Path(text(output, "--output"))
-        with open(path, "w", newline="", encoding="utf-8") as out:
-            count = self.journal(lambda j: audit.export(j, fmt, start, sid, out=out))
-        print(f"sandkasten: exported {count} command{'s' * (count != 1)} to {path}", file=sys.stderr)
+        path = Path(text(output, "--output")) if output is not None else None
+
+        async def work(journal) -> int:
+            if sid is not None and await journal.session(sid) is None:
+                raise SessionNotFound(f"unable to export the audit of session {sid!r}: no such session")
+            if path is None:
+                return await audit.export(journal, fmt, start, sid, out=sys.stdout)
+            try:
+                out = open(path, "w", newline="", encoding="utf-8")
+            except OSError as e:
+                why = f"directory {path.parent} does not exist" if isinstance(e, FileNotFoundError) else e.strerror
+                raise Failed(f"unable to write the audit export to {path}: {why}") from None
+            with out:
+                return await audit.export(journal, fmt, start, sid, out=out)
+
+        count = self.journal(work)
+        if path is not None:
+            print(f"sandkasten: exported {count} command{'s' * (count != 1)} to {path}", file=sys.stderr)
 
     def audit_verify(self, json: bool = False) -> None:
         """Recompute the hash chain over every event; exit 1 naming the first event that disagrees.
@@ -513,7 +530,10 @@ def dispatch(cli: Cli, args: list[str]) -> int:
             print(EXEC_USAGE, end="")
             return 0
         return cli.exec_(*parsed)
-    if command in GROUPS and (not rest or rest[0] not in GROUPS[command] + ("-h", "--help")):
+    if command in GROUPS and rest and rest[0] in ("-h", "--help"):
+        print(group_usage(command), end="")
+        return 0
+    if command in GROUPS and (not rest or rest[0] not in GROUPS[command]):
         raise Usage(f"{command} needs one of: {', '.join(GROUPS[command])}")
     target = cli.fire_commands()[command]
     check_flags(target[rest[0]] if isinstance(target, dict) else target, rest[1:] if isinstance(target, dict) else rest)

@@ -11,7 +11,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from sandkasten.errors import InvalidRequest
 
 USAGE = """\
 sandkasten: event-sourced Linux sandboxes for AI agents
@@ -31,7 +30,7 @@ usage:
   sandkasten rm SESSION... [--json]              destroy sessions
   sandkasten audit export [--format jsonl|csv] [--since 1h|2d|ISO-TIME] [--session ID] [--output FILE]
                                                  every command ever run (who, when, cmd, exit code, sha256)
-  sandkasten audit verify                        recompute the journal's hash chain
+  sandkasten audit verify [--json]               recompute the journal's hash chain
   sandkasten journal rebuild                     rebuild the read tables from the events (daemon stopped)
   sandkasten doctor [--json]                     drift between the journal and the kernel (exit 1 if any)
   sandkasten security [--json]                   what confines a sandbox: namespaces, privileges, seccomp
@@ -100,13 +99,30 @@ def parse_since(value: Any, now: datetime) -> datetime | None:
     raw = text(value, "--since").strip()
     m = _RELATIVE.match(raw)
     if m:
-        return now - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+        try:
+            return now - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+        except (OverflowError, ValueError):
+            raise Usage(f"invalid --since {raw!r}: that is before the year 1") from None
     try:
         when = datetime.fromisoformat(raw)
     except ValueError:
-        raise InvalidRequest(f"invalid --since {raw!r}: expected an age like 30m, 1h, 2d or an ISO time "
-                             "like 2024-05-01T12:00:00Z") from None
+        raise Usage(f"invalid --since {raw!r}: expected an age like 30m, 1h, 2d or an ISO time "
+                    "like 2024-05-01T12:00:00Z") from None
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def group_usage(group: str) -> str:
+    """The lines of USAGE about one command group (`sandkasten audit --help`)."""
+    lines, keep = [], False
+    for line in USAGE.splitlines(keepends=True):
+        if line.startswith("  sandkasten "):
+            keep = line.startswith(f"  sandkasten {group} ")
+        elif not line.startswith("    "):
+            keep = False
+        if keep:
+            lines.append(line)
+    return (f"usage: sandkasten {group} {'|'.join(GROUPS[group])} [OPTIONS]\n\n" + "".join(lines) +
+            f"\n`sandkasten {group} {GROUPS[group][0]} --help` describes one command.\n")
 
 
 def config_path(explicit: str | None) -> str | None:

@@ -377,7 +377,35 @@ def test_audit_export_filters_and_output_file(seeded):
     bad = seeded.run("audit", "export", "--format", "xml")
     assert bad.returncode == 2 and "jsonl, csv" in bad.stderr
     bad = seeded.run("audit", "export", "--since", "yesterday")
-    assert bad.returncode == 1 and "--since" in bad.stderr
+    assert bad.returncode == 2 and "--since" in bad.stderr  # a usage error, like --format
+
+
+def test_audit_export_errors_name_what_failed(seeded):
+    for since in ("99999999999d", "999999999d"):  # was an OverflowError traceback
+        out = seeded.run("audit", "export", "--since", since)
+        assert (out.returncode, out.stderr) == (2, f"sandkasten: invalid --since '{since}': that is before the "
+                                                   "year 1\n")
+    target = seeded.root / "missing" / "audit.jsonl"
+    out = seeded.run("audit", "export", "--output", str(target))
+    assert (out.returncode, out.stderr) == (1, f"sandkasten: unable to write the audit export to {target}: "
+                                               f"directory {target.parent} does not exist\n")
+    out = seeded.run("audit", "export", "--session", "s-typo")  # was an empty export and exit 0
+    assert (out.returncode, out.stdout) == (1, "")
+    assert out.stderr == "sandkasten: unable to export the audit of session 's-typo': no such session\n"
+    written = seeded.root / "nothing.jsonl"
+    assert seeded.run("audit", "export", "--session", "s-typo", "--output", str(written)).returncode == 1
+    assert not written.exists()  # no empty file left behind
+
+
+def test_group_help_and_reading_a_missing_journal(env):
+    for group, words in (("audit", ("audit export", "audit verify")), ("journal", ("journal rebuild",))):
+        out = env.run(group, "--help")  # was a KeyError traceback
+        assert out.returncode == 0 and all(w in out.stdout for w in words), out.stderr
+    for args in (("ps",), ("logs", "s-1"), ("audit", "export"), ("audit", "verify"), ("doctor",)):
+        out = env.run(*args)  # data_dir has no journal: say so, do not make an empty one
+        assert out.returncode == 1 and out.stderr.startswith(
+            f"sandkasten: unable to open the journal {env.db}: no such file"), (args, out.stderr)
+        assert not env.data.exists()
 
 
 def test_audit_verify_ok_then_tampered(seeded):
@@ -423,6 +451,8 @@ def test_exec_without_daemon_is_queued_and_exits_3(seeded):
     assert (rows[-1]["cmd"], rows[-1]["status"], rows[-1]["actor"]) == ("ls -la", "requested", "cli")
     out = seeded.run("exec", LIVE, "true", "--timeout", "99999999")
     assert out.returncode == 1 and "timeout_ms" in out.stderr
+    out = seeded.run("exec", LIVE, "true", "--timeout", "-5")  # was "expected an integer"
+    assert out.returncode == 1 and out.stderr == "sandkasten: invalid timeout_ms -5: the minimum is 1\n"
 
 
 def test_unknown_flag_is_refused_before_anything_runs(seeded):
