@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from sandkasten.client import (AsyncClient, Client, ExecChunk, ExecDone, ExecResult, FileNotFound, NotFound,
-                               PathRefused, SandkastenError, Session, SessionNotFound, Unauthorized)
+                               PathRefused, Sandbox, SandkastenError, Session, SessionNotFound, Unauthorized)
 from sandkasten.client import errors, protocol, sse
 from tests.daemons import API_KEY
 
@@ -60,6 +60,30 @@ def test_unreachable_daemon_is_a_typed_error():
     with Client(f"http://127.0.0.1:{_closed_port()}", API_KEY, retry_for=0.3) as client:
         with pytest.raises(errors.DaemonUnreachable, match="unable to reach"):
             client.list_sessions()
+
+
+def test_every_api_error_code_has_its_typed_error():
+    from sandkasten.api.errors import STATUS
+    for code, status in STATUS.items():
+        e = errors.from_response(status, {"error_code": code, "message": "m"})
+        assert type(e) is not SandkastenError and isinstance(e, errors._BY_STATUS[status]), (code, type(e))
+        assert (e.code, e.status) == (code, status)
+
+
+@pytest.mark.parametrize("url, problem", [("http://[::1", "Invalid port"), ("ftp://127.0.0.1:8080", "http or https"),
+                                          ("http://", "no host"), ("http://127.0.0.1:99999", "out of range")])
+def test_a_malformed_url_is_a_typed_error_when_the_client_is_made(monkeypatch, url, problem):
+    with pytest.raises(errors.InvalidURL, match=problem) as info:
+        Client(url)
+    assert isinstance(info.value, ValueError) and url in str(info.value)
+    monkeypatch.setenv("SANDKASTEN_URL", url)
+    with pytest.raises(errors.InvalidURL, match="from SANDKASTEN_URL"):
+        AsyncClient()
+
+
+def test_a_bare_host_and_port_means_http(daemon):
+    with Client(daemon.url.removeprefix("http://") + "/", API_KEY) as client:
+        assert client.url == daemon.url and client.health()["status"] == "ok"
 
 
 def _closed_port() -> int:
@@ -135,6 +159,10 @@ def test_files_write_read_list_exists_delete(client):
         assert names["dir"].is_dir and names["bin.dat"].size == 256
         assert [e.path for e in sb.list_files("dir")] == ["/workspace/dir/a.txt"]
         assert sb.exists("dir/a.txt") and sb.exists("dir") and not sb.exists("nope/x")
+        assert all(sb.exists(root) for root in ("", ".", "/workspace", "/workspace/"))
+        assert not sb.exists("dir/a.txt/x") and not sb.exists("/workspace/dir/a.txt/x/y")  # under a file
+        with pytest.raises(PathRefused):
+            sb.exists("../etc/passwd")
         sb.delete("dir", recursive=True)
         assert not sb.exists("dir")
 
@@ -145,6 +173,18 @@ def test_context_manager_destroys_the_session_also_on_error(client):
             sid = sb.id
             raise ValueError("boom")
     assert client.get_session(sid).status == "destroyed"
+
+
+def test_a_failed_destroy_on_exit_does_not_hide_the_error_of_the_block(daemon):
+    with Client(daemon.url, API_KEY, retry_for=0.2) as client:
+        with pytest.raises(ValueError, match="boom") as info:
+            with client.session() as sb:
+                daemon.kill()  # the destroy on exit cannot reach it
+                raise ValueError("boom")
+        assert any(f"destroying sandbox session {sb.id} on exit failed" in n for n in info.value.__notes__)
+        with pytest.raises(errors.DaemonUnreachable):  # without an error in the block, the failure is raised
+            with Sandbox(client, sb.info):
+                pass
 
 
 def test_a_daemon_restart_between_two_execs_is_invisible(client, daemon):

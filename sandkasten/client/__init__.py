@@ -13,8 +13,8 @@ typed errors of `sandkasten.client.errors`."""
 from sandkasten.client._async import AsyncClient, AsyncSandbox
 from sandkasten.client._sync import Client, Sandbox
 from sandkasten.client.errors import (CommandTimeout, Conflict, DaemonUnreachable, ExecNotFound, FileNotFound,
-                                      Forbidden, ImageNotAllowed, ImageNotFound, InvalidRequest, NotFound,
-                                      NotReady, PathRefused, PayloadTooLarge, SandboxError, SandboxLost,
+                                      Forbidden, ImageNotAllowed, ImageNotFound, InvalidRequest, InvalidURL,
+                                      NotFound, NotReady, PathRefused, PayloadTooLarge, SandboxError, SandboxLost,
                                       SandkastenError, SessionBusy, SessionEnded, SessionNotFound,
                                       SessionNotRunning, StreamBroken, Unauthorized, Unavailable,
                                       WorkspaceInUse, WorkspaceNotFound)
@@ -26,7 +26,7 @@ __all__ = [
     "ExecChunk", "ExecDone", "ExecEvent", "ExecRecord", "ExecResult", "FileContent", "FileEntry", "Session",
     "Stats", "Workspace",
     "CommandTimeout", "Conflict", "DaemonUnreachable", "ExecNotFound", "FileNotFound", "Forbidden",
-    "ImageNotAllowed", "ImageNotFound", "InvalidRequest", "NotFound", "NotReady", "PathRefused",
+    "ImageNotAllowed", "ImageNotFound", "InvalidRequest", "InvalidURL", "NotFound", "NotReady", "PathRefused",
     "PayloadTooLarge", "SandboxError", "SandboxLost", "SandkastenError", "SessionBusy", "SessionEnded",
     "SessionNotFound", "SessionNotRunning", "StreamBroken", "Unauthorized", "Unavailable", "WorkspaceInUse",
     "WorkspaceNotFound",

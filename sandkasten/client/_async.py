@@ -147,11 +147,16 @@ class AsyncClient:
         return await self._run(p.list_files(path, recursive, session_id=session_id))
 
     async def exists(self, session_id: str, path: str) -> bool:
-        parent, name = p.split_parent(path)
+        split = p.split_parent(path)
+        if split is None:
+            return True
+        parent, name = split
         try:
             return any(e.name == name for e in await self.list_files(session_id, parent))
-        except errors.FileNotFound:
-            return False
+        except errors.SandkastenError as e:
+            if p.missing_parent(e):
+                return False
+            raise
 
     async def delete(self, session_id: str, path: str, recursive: bool = False) -> None:
         await self._run(p.delete(path, recursive, session_id=session_id))
@@ -207,9 +212,15 @@ class AsyncSandbox:
     async def __aenter__(self) -> "AsyncSandbox":
         return await self.start()
 
-    async def __aexit__(self, *exc: object) -> None:
-        if self._info is not None:
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if self._info is None:
+            return
+        try:
             await self.destroy()
+        except errors.SandkastenError as e:
+            if exc is None:
+                raise
+            exc.add_note(p.destroy_failed_note(self.id, e))  # the block's own error stays the one raised
 
     def __repr__(self) -> str:
         if self._info is None:

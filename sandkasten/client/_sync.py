@@ -149,11 +149,16 @@ class Client:
         return self._run(p.list_files(path, recursive, session_id=session_id))
 
     def exists(self, session_id: str, path: str) -> bool:
-        parent, name = p.split_parent(path)
+        split = p.split_parent(path)
+        if split is None:
+            return True
+        parent, name = split
         try:
             return any(e.name == name for e in self.list_files(session_id, parent))
-        except errors.FileNotFound:
-            return False
+        except errors.SandkastenError as e:
+            if p.missing_parent(e):
+                return False
+            raise
 
     def delete(self, session_id: str, path: str, recursive: bool = False) -> None:
         self._run(p.delete(path, recursive, session_id=session_id))
@@ -197,8 +202,13 @@ class Sandbox:
     def __enter__(self) -> "Sandbox":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.destroy()
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        try:
+            self.destroy()
+        except errors.SandkastenError as e:
+            if exc is None:
+                raise
+            exc.add_note(p.destroy_failed_note(self.id, e))  # the block's own error stays the one raised
 
     def __repr__(self) -> str:
         return f"Sandbox({self.id!r}, image={self.info.image!r}, status={self.info.status!r})"

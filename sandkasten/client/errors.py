@@ -136,6 +136,13 @@ class JournalError(Unavailable):
     code = "JOURNAL_ERROR"
 
 
+class InvalidURL(SandkastenError, ValueError):
+    """The daemon's URL (argument or SANDKASTEN_URL) is not an http(s) URL; raised when the
+    client is made, before any request."""
+
+    code = "INVALID_URL"
+
+
 class DaemonUnreachable(SandkastenError):
     """No answer from the daemon (connection refused or dropped) after every retry."""
 
@@ -159,8 +166,9 @@ _BY_CODE.update({"ILLEGAL_TRANSITION": Conflict, "DUPLICATE_IDEMPOTENCY_KEY": Co
                  "INVALID_JSON": InvalidRequest, "JOURNAL_TAMPERED": JournalError,
                  "IMAGE_BUILD_FAILED": SandboxError})
 _BY_STATUS: dict[int, type[SandkastenError]] = {
-    400: InvalidRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict,
-    410: SessionEnded, 413: PayloadTooLarge, 422: InvalidRequest, 503: Unavailable, 504: CommandTimeout,
+    400: InvalidRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 405: InvalidRequest, 409: Conflict,
+    410: SessionEnded, 413: PayloadTooLarge, 415: InvalidRequest, 422: InvalidRequest, 503: Unavailable,
+    504: CommandTimeout,
 }
 
 

@@ -27,7 +27,26 @@ SERVER_EXEC_TIMEOUT_MS = 600_000  # the daemon's largest max_exec_timeout_ms def
 
 
 def base_url(url: str | None) -> str:
-    return (url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
+    """The daemon's base URL: `url`, else SANDKASTEN_URL, else the default. A bare host:port
+    (`127.0.0.1:8080`, as in curl) means http; anything else that is not an http(s) URL with a
+    host is an `InvalidURL` now, not an obscure transport error at the first request."""
+    given = url or os.environ.get(URL_ENV) or DEFAULT_URL
+    source = "" if url else f" (from {URL_ENV})" if os.environ.get(URL_ENV) else ""
+    text = given.strip()
+    if "://" not in text:
+        text = "http://" + text
+    try:
+        parsed = httpx.URL(text)
+        problem = ("the scheme must be http or https" if parsed.scheme not in ("http", "https")
+                   else "it names no host" if not parsed.host
+                   else f"port {parsed.port} is out of range" if parsed.port is not None and not 0 < parsed.port < 65536
+                   else "")
+    except httpx.InvalidURL as e:
+        problem = str(e)
+    if problem:
+        raise errors.InvalidURL(f"invalid Sandkasten daemon URL {given!r}{source}: {problem} "
+                                f"(expected e.g. {DEFAULT_URL})", details={"url": given})
+    return text.rstrip("/")
 
 
 def auth_headers(api_key: str | None) -> dict[str, str]:
@@ -179,11 +198,26 @@ def delete(path: str, recursive: bool = False, *, session_id: str | None = None,
     return Call("DELETE", _fs_root(session_id, workspace_id), _ok, params=params)
 
 
-def split_parent(path: str) -> tuple[str, str]:
-    """`exists` lists the parent and looks for the name: works for files and directories."""
-    clean = path.rstrip("/")
+def split_parent(path: str) -> tuple[str, str] | None:
+    """`exists` lists the parent and looks for the name: works for files and directories.
+    None for /workspace itself ("", ".", "/workspace/"), which always exists."""
+    clean = path.strip().rstrip("/")
+    while clean.startswith("./"):
+        clean = clean[2:]
+    if clean in ("", ".", "/workspace"):
+        return None
     parent, _, name = clean.rpartition("/")
     return parent, name
+
+
+def missing_parent(exc: errors.SandkastenError) -> bool:
+    """The parent `exists` listed is absent or a file: then the path does not exist either."""
+    return isinstance(exc, errors.FileNotFound) or (
+        type(exc) is errors.InvalidRequest and exc.details.get("errno") == "ENOTDIR")
+
+
+def destroy_failed_note(session_id: str, exc: BaseException) -> str:
+    return f"destroying sandbox session {session_id} on exit failed too: {exc}"
 
 
 # ------------------------------------------------------------------ workspaces
