@@ -5,7 +5,9 @@ else `sh`. It reads commands from a pipe the runner writes; each command is
 `__sk_exec ID 'quoted command'`, which evals the command in the shell itself (so `cd`,
 variables, functions and background jobs persist) and then reports `ID EXIT_CODE CWD`
 on fd 9, a pipe only the runner reads. The command runs with stdin from /dev/null and
-fd 9 closed, so it can neither eat later commands nor forge a status line.
+fd 9 closed, so it can neither eat later commands nor forge a status line. Its stdout and
+stderr are set afresh from spare copies of the output pipes (fds 7 and 8) for every command,
+so one that closes or redirects them with `exec` does not silence the ones after it.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ import os
 import signal
 from typing import Callable
 
-STATUS_FD = 9
+OUT_FD, ERR_FD, STATUS_FD = 7, 8, 9  # spare stdout and stderr pipes; the status pipe
 
 # `trap 'return 130' INT`: a SIGINT (timeout) makes the innermost function return, so the
 # interrupted command does not resume its loop; the runner escalates if it still does.
 PRELUDE = b"""\
-__sk_run() { eval "$1" </dev/null 9>&-; }
+__sk_run() { eval "$1" </dev/null 1>&7 2>&8 7>&- 8>&- 9>&-; }
 __sk_exec() { __sk_run "$2"; __sk_rc=$?; printf '%s %s %s\\n' "$1" "$__sk_rc" "$PWD" >&9; }
 trap 'return 130' INT
 cd /workspace 2>/dev/null || cd /
@@ -70,6 +72,8 @@ class Shell:
                 os.dup2(st_w, STATUS_FD)
                 os.closerange(3, STATUS_FD)
                 os.closerange(STATUS_FD + 1, 65536)
+                os.dup2(1, OUT_FD)
+                os.dup2(2, ERR_FD)
                 os.chdir("/workspace" if os.path.isdir("/workspace") else "/")
                 self.before_exec()
                 os.execve(self.path, [self.path], self.env)

@@ -77,6 +77,17 @@ def test_stdout_stderr_separate_and_interleaved(runtime):
     assert res.stdout_bytes == 10 and res.stderr_bytes == 4
 
 
+def test_a_command_closing_or_redirecting_its_output_does_not_silence_the_next(runtime, image):
+    sid = create(runtime, image=image)
+    run(runtime, sid, "exec 1>&- 2>&-; echo lost")
+    res, out, err, _ = run(runtime, sid, "echo back; echo err >&2")
+    assert (res.exit_code, out, err) == (0, "back\n", "err\n")
+    run(runtime, sid, "exec >/tmp/elsewhere 2>&1")
+    _, out, _, _ = run(runtime, sid, "echo here; ls /proc/self/fd | wc -l")
+    assert out.splitlines()[0] == "here"
+    assert int(out.splitlines()[1]) <= 5, "spare pipe copies leaked into the command"
+
+
 def test_large_output_and_large_command(runtime):
     sid = create(runtime)
     res, out, _, _ = run(runtime, sid, "head -c 3000000 /dev/zero | tr '\\0' x")
