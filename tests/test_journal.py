@@ -158,6 +158,17 @@ async def test_lists_for_ps_reconciler_and_workspaces(journal):
     assert (await journal.workspaces())[0]["deleted_at"] is not None
 
 
+async def test_a_workspace_made_for_a_session_names_it(journal):
+    """The executor journals `workspace.created` after the session that asked for it."""
+    await start_session(journal, "s-1", workspace_id="w-late")
+    await journal.execute(workspace_stream("w-late"), CreateWorkspace("w-late"), actor="executor")
+    [ws] = await journal.workspaces()
+    assert (ws["id"], ws["last_session_id"]) == ("w-late", "s-1")
+    live = await journal.snapshot_read_tables()
+    await journal.rebuild()
+    assert await journal.snapshot_read_tables() == live
+
+
 async def test_chain_links_every_event(journal):
     await start_session(journal, "s-1")
     await run_exec(journal, "s-1", "e-1")

@@ -153,8 +153,10 @@ def _workspace_created(conn: sa.Connection, e: ev.RecordedEvent) -> None:
     found = conn.execute(
         sa.update(workspaces).where(workspaces.c.id == wid).values(created_at=e.created_at, deleted_at=None)
     )
-    if found.rowcount == 0:
-        conn.execute(sa.insert(workspaces).values(id=wid, created_at=e.created_at))
+    if found.rowcount == 0:  # the session that asked for it was projected before it existed
+        last = conn.execute(sa.select(sessions.c.id).where(sessions.c.workspace_id == wid)
+                            .order_by(sessions.c.created_at.desc()).limit(1)).scalar()
+        conn.execute(sa.insert(workspaces).values(id=wid, created_at=e.created_at, last_session_id=last))
 
 
 def _workspace_deleted(conn: sa.Connection, e: ev.RecordedEvent) -> None:
