@@ -185,3 +185,16 @@ def test_uploads_without_a_boundary_and_odd_counts_are_refused_clearly(daemon):
                                            params={"path": "f", "max_bytes": "-1"}).json()["message"]
     r = c.get(f"/v1/sessions/{sid}/fs/read", params={"path": "f", "max_bytes": "2"}).json()
     assert r["content_base64"] == "YWI=" and r["truncated"] is True
+
+
+def test_query_flags_are_true_or_false_never_silently_false(daemon):
+    c = daemon.client
+    sid = c.post("/v1/sessions", json={}).json()["id"]
+    assert c.post("/v1/workspaces/w1/fs/write", json={"path": "f", "text": ""}).status_code == 200
+    assert c.get("/v1/sessions", params={"all": "YES"}).status_code == 200
+    assert c.get("/v1/sessions", params={"all": "0"}).status_code == 200
+    for path, name in (("/v1/sessions", "all"), (f"/v1/sessions/{sid}/fs", "recursive"),
+                       ("/v1/workspaces/w1/fs", "recursive")):
+        r = c.get(path, params={name: "maybe", "path": "."})
+        assert r.status_code == 400, (path, r.text)
+        assert r.json()["error_code"] == "INVALID_REQUEST" and name in r.json()["message"]

@@ -7,6 +7,7 @@ from sanic import Request
 from sandkasten.errors import InvalidRequest
 
 TRUE = ("1", "true", "yes")
+FALSE = ("0", "false", "no")
 
 
 def truthy(value) -> bool:
@@ -15,7 +16,13 @@ def truthy(value) -> bool:
 
 
 def flag(request: Request, name: str) -> bool:
-    return truthy(request.args.get(name, "false"))
+    """A query flag: true/1/yes or false/0/no (any case); absent is false, anything else a 400."""
+    value = request.args.get(name)
+    if value is None or value.lower() in FALSE:
+        return False
+    if value.lower() in TRUE:
+        return True
+    raise InvalidRequest(f"invalid query parameter {name}={value!r}: use true or false", parameter=name)
 
 
 def required(request: Request, name: str, verb: str) -> str:

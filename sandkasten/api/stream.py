@@ -59,7 +59,7 @@ async def exec_restream(request: Request, sid: str, exec_id: str):
     row = await d.journal.exec(exec_id) if EXEC_ID.match(exec_id) else None
     if row is None or row["session_id"] != sid:
         raise ExecNotFound(f"unable to find exec {exec_id!r} in session {sid}")
-    await _stream(request, sid, exec_id, resume_cursor(request), raw=params.truthy(request.args.get("raw_output")))
+    await _stream(request, sid, exec_id, resume_cursor(request), raw=params.flag(request, "raw_output"))
 
 
 # JSON leaves these raw with ensure_ascii=False; clients that split lines like str.splitlines
