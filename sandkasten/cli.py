@@ -19,8 +19,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Awaitable, Callable, TypeVar
 
-import fire
-
 from sandkasten import __version__
 from sandkasten import cli_render as render
 from sandkasten import config as config_mod
@@ -33,13 +31,15 @@ from sandkasten.cli_args import (
     Exit,
     Failed,
     Usage,
-    check_flags,
+    call_args,
     config_path,
     exec_args,
     group_usage,
     parse_since,
+    show_help,
     split_config,
     text,
+    wants_help,
 )
 from sandkasten.errors import ConfigError, SandkastenError, SessionNotFound
 from sandkasten.views import session_view
@@ -536,9 +536,16 @@ def dispatch(cli: Cli, args: list[str]) -> int:
     if command in GROUPS and (not rest or rest[0] not in GROUPS[command]):
         raise Usage(f"{command} needs one of: {', '.join(GROUPS[command])}")
     target = cli.fire_commands()[command]
-    check_flags(target[rest[0]] if isinstance(target, dict) else target, rest[1:] if isinstance(target, dict) else rest)
-    os.environ["PAGER"] = "cat"  # Fire pages its help through less on a tty
-    fire.Fire(cli.fire_commands(), command=args, name="sandkasten")
+    fn, fn_args = (target[rest[0]], rest[1:]) if isinstance(target, dict) else (target, rest)
+    path = args[:len(args) - len(fn_args)]
+    if wants_help(fn_args):
+        show_help(cli.fire_commands(), path, "sandkasten")
+        return 0
+    try:
+        words, kwargs = call_args(fn, fn_args)
+    except Usage as e:
+        raise Usage(f"{' '.join(path)}: {e}") from None
+    fn(*words, **kwargs)
     return 0
 
 
@@ -572,8 +579,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sandkasten: interrupted", file=sys.stderr)
         return 130
-    except fire.core.FireExit as e:
-        return int(e.code or 0)
 
 
 if __name__ == "__main__":

@@ -193,18 +193,96 @@ def exec_args(args: list[str]) -> tuple[str, str, str | None, bool] | None:
     return sid, cmd, timeout, as_json
 
 
-def check_flags(fn: Callable[..., Any], args: list[str]) -> None:
-    """Refuse unknown flags before Fire runs anything: Fire would call the command first and
-    complain about the leftover flag afterwards (`rm s-1 --jsno` would remove s-1, then fail)."""
-    params = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_POSITIONAL]
-    names = {p.name for p in params} | {"help"}
-    shorts = {p.name[0] for p in params} | {"h"}
+def wants_help(args: list[str]) -> bool:
+    """`-h`/`--help` before any `--`: show the command's help (Fire renders it from the docstring)."""
     for a in args:
         if a == "--":
-            return
+            return False
+        if a in ("-h", "--help"):
+            return True
+    return False
+
+
+def show_help(commands: dict[str, Any], path: list[str], name: str) -> None:
+    """One command's help, rendered by Fire from its docstring, on stdout (Fire writes it to
+    stderr, so `sandkasten logs --help | less` showed nothing) and without Fire's "INFO:
+    Showing help with the command" line (it leaves that out for `-- --help`)."""
+    import contextlib
+    import sys
+
+    import fire
+
+    os.environ["PAGER"] = "cat"  # Fire pages its help through less on a tty
+    with contextlib.redirect_stderr(sys.stdout):
+        try:
+            fire.Fire(commands, command=[*path, "--", "--help"], name=name)
+        except fire.core.FireExit:
+            pass
+
+
+def call_args(fn: Callable[..., Any], args: list[str],
+              positional: tuple[str, ...] | None = None) -> tuple[list[Any], dict[str, Any]]:
+    """The arguments to call FN with, read strictly from ARGS before anything runs.
+
+    Fire binds a stray word to the next free parameter, flags included, and complains about
+    leftovers only after the call: `ps extra` was `ps --all`, `logs --follow s-1` took the id as
+    the value of --follow, `imgbuilder delete x --dry-run` deleted x and then failed. Here:
+    a bool parameter is a flag that takes no value (`--json`, `--nojson`, `--json=false`, `-j`),
+    any other takes one (`--image x`, `--image=x`); words fill POSITIONAL (default: the
+    parameters without a default) and then a `*args`; anything else is a usage error. Values
+    are read like Fire reads them (`120` is an int).
+    """
+    from fire.parser import DefaultParseValue
+
+    sig = inspect.signature(fn).parameters.values()
+    params = {p.name: p for p in sig if p.kind is not p.VAR_POSITIONAL}
+    varargs = any(p.kind is p.VAR_POSITIONAL for p in sig)
+    if positional is None:
+        positional = tuple(n for n, p in params.items() if p.default is p.empty)
+    known = ", ".join("--" + n for n in params)
+    words: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    i, only_words = 0, False
+    while i < len(args):
+        a = args[i]
+        i += 1
+        if only_words or a == "-" or not a.startswith("-") or re.fullmatch(r"-\d+(\.\d*)?", a):
+            words.append(DefaultParseValue(a))
+            continue
+        if a == "--":
+            only_words = True
+            continue
         if a.startswith("--"):
-            name = a[2:].split("=", 1)[0].replace("-", "_")
-            if name not in names and not (name.startswith("no") and name[2:] in names):
-                raise Usage(f"unknown option --{name} (known: {', '.join('--' + n for n in sorted(names))})")
-        elif re.fullmatch(r"-[A-Za-z]", a) and a[1] not in shorts:
-            raise Usage(f"unknown option {a}")
+            name, eq, value = a[2:].partition("=")
+            name = name.replace("-", "_")
+        else:
+            matches = [n for n in params if len(a) == 2 and n.startswith(a[1])]
+            if len(matches) != 1:
+                raise Usage(f"unknown option {a}" + (f" (known: {known})" if known else ""))
+            name, eq, value = matches[0], "", ""
+        negated = params.get(name[2:]) if name.startswith("no") and name not in params else None
+        if negated is not None and isinstance(negated.default, bool) and not eq:
+            kwargs[negated.name] = False
+            continue
+        if name not in params:
+            raise Usage(f"unknown option {a.partition('=')[0]}" + (f" (known: {known})" if known else ""))
+        if isinstance(params[name].default, bool):
+            if eq and value.lower() not in ("true", "false", "yes", "no", "1", "0"):
+                raise Usage(f"--{name} takes no value, or true or false (got {value!r})")
+            kwargs[name] = not eq or value.lower() in ("true", "yes", "1")
+            continue
+        if not eq:
+            if i >= len(args) or args[i].startswith("--"):
+                raise Usage(f"--{name} needs a value")
+            value, i = args[i], i + 1
+        kwargs[name] = DefaultParseValue(value)
+    free = [n for n in positional if n not in kwargs]
+    for name, word in zip(free, words):
+        kwargs[name] = word
+    rest = words[len(free):]
+    if rest and not varargs:
+        raise Usage(f"unexpected argument {str(rest[0])!r}")
+    missing = [n.upper() for n in free[len(words):] if params[n].default is params[n].empty]
+    if missing:
+        raise Usage(f"missing {' and '.join(missing)}")
+    return rest, kwargs

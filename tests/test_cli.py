@@ -28,7 +28,7 @@ import pytest
 
 from runner import protocol
 from sandkasten import __version__
-from sandkasten.cli_args import Usage, exec_args, parse_since, split_config
+from sandkasten.cli_args import Usage, call_args, exec_args, parse_since, split_config
 from sandkasten.cli_render import duration, exec_header, humanize
 from sandkasten.domain import commands as c
 from sandkasten.store.journal import Journal
@@ -139,6 +139,28 @@ def test_exec_args_take_one_quoted_command_or_words_after_double_dash():
     for bad in ([], ["s-1"], ["s-1", "--"], ["--bogus", "s-1", "ls"]):
         with pytest.raises(Usage):
             exec_args(bad)
+
+
+def test_arguments_are_bound_strictly_before_the_command_runs():
+    def logs(session: str, follow: bool = False, json: bool = False) -> None: ...
+    def rm(*sessions: str, json: bool = False) -> None: ...
+    def create(image: str | None = None, ttl: int | None = None) -> None: ...
+
+    assert call_args(logs, ["--follow", "s-1"]) == ([], {"follow": True, "session": "s-1"})  # id was --follow's value
+    assert call_args(logs, ["s-1", "-j", "--nofollow"]) == ([], {"session": "s-1", "json": True, "follow": False})
+    assert call_args(logs, ["--session=s-1", "--json=false"]) == ([], {"session": "s-1", "json": False})
+    assert call_args(rm, ["--json", "s-1", "s-2"]) == (["s-1", "s-2"], {"json": True})
+    assert call_args(create, ["--ttl", "120", "--image=base"]) == ([], {"ttl": 120, "image": "base"})
+    for fn, bad, message in ((logs, ["s-1", "yes"], "unexpected argument 'yes'"),  # was --follow
+                             (logs, [], "missing SESSION"),
+                             (logs, ["s-1", "--json=maybe"], "--json takes no value"),
+                             (logs, ["s-1", "--dry-run"], "unknown option --dry-run"),
+                             (logs, ["s-1", "-x"], "unknown option -x"),
+                             (create, ["base"], "unexpected argument 'base'"),
+                             (create, ["--ttl", "--image", "x"], "--ttl needs a value"),
+                             (create, ["--ttl"], "--ttl needs a value")):
+        with pytest.raises(Usage, match=re.escape(message)):
+            call_args(fn, bad)
 
 
 def test_config_is_taken_out_anywhere_before_double_dash():
@@ -459,6 +481,14 @@ def test_unknown_flag_is_refused_before_anything_runs(seeded):
     out = seeded.run("rm", LIVE, "--jsno")
     assert out.returncode == 2 and "--jsno" in out.stderr
     assert json.loads(seeded.run("ps", "--json").stdout)[0]["status"] == "running"
+    out = seeded.run("ps", "extra")  # was `ps --all`
+    assert (out.returncode, out.stdout, out.stderr) == (2, "", "sandkasten: ps: unexpected argument 'extra'\n")
+    out = seeded.run("logs", "--follow")
+    assert (out.returncode, out.stderr) == (2, "sandkasten: logs: missing SESSION\n")
+    out = seeded.run("logs", "--json", LIVE)  # flags before the id (Fire took the id as --json's value)
+    assert out.returncode == 0 and [e["exec_id"] for e in json.loads(out.stdout)] == ["x-one", "x-two", "x-three"]
+    out = seeded.run("logs", "--help")
+    assert out.returncode == 0 and "--follow" in out.stdout and "INFO" not in out.stdout + out.stderr
 
 
 def test_rm_without_daemon_requests_destroy_and_lists_unknown_ids(seeded):

@@ -108,8 +108,24 @@ def test_import_from_stdin(cfg, shell_tar):
     assert r.returncode == 0, r.stderr
     [image] = json.loads(run("list", "--json", "--config", str(cfg)).stdout)
     assert (image["name"], image["source"]) == ("piped", "tar:-")
-    line = one_error_line(run("import", "--name", "x", "--tar", "--config", str(cfg)))
-    assert "give --name NAME and --tar FILE" in line
+    r = run("import", "--name", "x", "--tar", "--config", str(cfg))
+    assert (r.returncode, r.stderr) == (2, "imgbuilder: error: import: --tar needs a value\n")
+    assert "give --name NAME and --tar FILE" in one_error_line(run("import", "--name", "x", "--config", str(cfg)))
+
+
+def test_a_wrong_argument_is_refused_before_anything_happens(cfg, shell_tar):
+    assert run("import", "--name", "keep", "--tar", str(shell_tar), "--config", str(cfg)).returncode == 0
+    r = run("delete", "keep", "--dry-run", "--config", str(cfg))  # deleted the image, then complained
+    assert (r.returncode, r.stdout, r.stderr) == (
+        2, "", "imgbuilder: error: delete: unknown option --dry-run (known: --name, --config)\n")
+    r = run("list", "extra", "--config", str(cfg))  # was `list --json`
+    assert (r.returncode, r.stderr) == (2, "imgbuilder: error: list: unexpected argument 'extra'\n")
+    r = run("validate", "--config", str(cfg))
+    assert (r.returncode, r.stderr) == (2, "imgbuilder: error: validate: missing NAME\n")
+    assert [i["name"] for i in json.loads(run("list", "--json", "--config", str(cfg)).stdout)] == ["keep"]
+    assert "unable to build: name the image" in one_error_line(run("build", "--config", str(cfg)))
+    r = run("delete", "--help")
+    assert r.returncode == 0 and "--config" in r.stdout
 
 
 def test_unknown_image(cfg):

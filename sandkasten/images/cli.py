@@ -14,9 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-import fire
-
 from sandkasten import config as config_mod
+from sandkasten.cli_args import Usage, call_args, show_help, wants_help
 from sandkasten.errors import SandkastenError
 from sandkasten.images.build import build as build_image
 from sandkasten.images.store import ImageInfo, ImageStore, check_name
@@ -155,6 +154,8 @@ def build(which: str = "", force: bool = False, config: str = "", default: bool 
             raise Failed(f"unable to provide default image {which!r}: it is missing and only base and "
                          f"python can be built; import it with `imgbuilder import --name {which} --tar FILE`")
     which = str(which)
+    if not which:
+        raise Failed("unable to build: name the image, base or python (or --default for the config's default_image)")
     if which not in ("base", "python"):
         raise Failed(f"unable to build {which!r}: choose base or python")
     _need_root(f"build image {which}")
@@ -170,6 +171,7 @@ def build(which: str = "", force: bool = False, config: str = "", default: bool 
 
 
 COMMANDS = {"import": import_, "list": list_, "validate": validate, "delete": delete, "build": build}
+POSITIONAL = {"build": ("which",)}  # `build base`; every other optional parameter is a --flag
 
 
 # ---------------------------------------------------------------- output
@@ -210,17 +212,6 @@ def _table(images: list[ImageInfo]) -> None:
 
 # ---------------------------------------------------------------- entry point
 
-def _stdin_tar(args: list[str]) -> list[str]:
-    """Fire reads a lone "-" after a flag as "flag given" (True); `--tar -` means stdin."""
-    out: list[str] = []
-    for a in args:
-        if a == "-" and out and out[-1] == "--tar":
-            out[-1] = "--tar=-"
-        else:
-            out.append(a)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -229,10 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     if args[0] not in COMMANDS:
         print(f"imgbuilder: error: unknown command {args[0]!r}\n\n{USAGE}", end="", file=sys.stderr)
         return 2
-    args = _stdin_tar(args)
-    os.environ["PAGER"] = "cat"  # Fire pages its help through less on a tty
     try:
-        fire.Fire(COMMANDS, command=args, name="imgbuilder")
+        if wants_help(args[1:]):
+            show_help(COMMANDS, args[:1], "imgbuilder")
+            return 0
+        fn = COMMANDS[args[0]]
+        words, kwargs = call_args(fn, args[1:], positional=POSITIONAL.get(args[0]))
+        fn(*words, **kwargs)
+    except Usage as e:
+        print(f"imgbuilder: error: {args[0]}: {e}", file=sys.stderr)
+        return 2
     except (Failed, SandkastenError) as e:
         print(f"imgbuilder: error: {e}", file=sys.stderr)
         return 1
@@ -242,8 +239,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("imgbuilder: interrupted", file=sys.stderr)
         return 130
-    except fire.core.FireExit as e:
-        return int(e.code or 0)
     return 0
 
 
