@@ -128,6 +128,30 @@ def test_a_wrong_argument_is_refused_before_anything_happens(cfg, shell_tar):
     assert r.returncode == 0 and "--config" in r.stdout
 
 
+def test_an_archive_cut_short_is_refused_wherever_the_cut_falls(cfg, shell_tar, tmp_path):
+    import gzip
+    import zlib
+
+    whole = gzip.decompress(shell_tar.read_bytes())
+    with tarfile.open(fileobj=io.BytesIO(whole)) as tf:
+        boundary = tf.getmembers()[-1].offset  # a cut between two members: tarfile alone ends quietly
+    gz = zlib.compressobj(wbits=31)  # gzip format; a full flush ends the data exactly at the cut
+    cut_gz = tmp_path / "cut.tar.gz"
+    cut_gz.write_bytes(gz.compress(whole[:boundary]) + gz.flush(zlib.Z_FULL_FLUSH))
+    cut_tar = tmp_path / "cut.tar"
+    cut_tar.write_bytes(whole[:boundary])
+    for path, why in ((cut_gz, "archive is truncated or corrupt"), (cut_tar, "archive is truncated")):
+        line = one_error_line(run("import", "--name", "cut", "--tar", str(path), "--config", str(cfg)))
+        assert line.startswith(f"imgbuilder: error: unable to import image 'cut' from {path}: {why}"), line
+    assert os.listdir(tmp_path / "data" / "images") == []  # nothing half-imported under the name
+    line = one_error_line(run("import", "--name", "dir", "--tar", str(tmp_path), "--config", str(cfg)))
+    assert line.endswith(f"from {tmp_path}: it is a directory, not a tar archive")
+    # a pipe is not a regular file but imports fine: `--tar <(docker export c)`
+    r = subprocess.run(["bash", "-c", f'"$0" import --name piped --tar <(cat "$1") --config "$2"',
+                        str(IMGBUILDER), str(shell_tar), str(cfg)], capture_output=True, text=True)
+    assert r.returncode == 0 and "imported image piped" in r.stdout, r.stderr
+
+
 def test_unknown_image(cfg):
     line = one_error_line(run("validate", "ghost", "--config", str(cfg)))
     assert "image 'ghost' not found" in line

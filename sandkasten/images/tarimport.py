@@ -19,7 +19,10 @@ A refused member raises ImageInvalid naming it; the store's staging dir is then 
 
 from __future__ import annotations
 
+import bz2
 import errno
+import gzip
+import lzma
 import os
 import shutil
 import stat
@@ -48,21 +51,64 @@ def import_tar(store: ImageStore, name: str, tar_path: str | os.PathLike,
         source, fileobj = "tar:-", sys.stdin.buffer
     else:
         path = Path(tar_path).absolute()
-        if not path.is_file():
+        if path.is_dir():
+            raise InvalidRequest(f"unable to import image {name!r} from {path}: it is a directory, not a tar "
+                                 "archive", image=name)
+        if not path.exists():  # a pipe (`--tar <(docker export c)`) is fine: it is read once, in order
             raise InvalidRequest(f"unable to import image {name!r} from {path}: no such file", image=name)
         source, fileobj = f"tar:{path}", None
-    with store.staging(name, source, replace=replace) as rootfs:
+    where = f"unable to import image {name!r} from {'stdin' if fileobj is not None else path}"
+    with (open(path, "rb") if fileobj is None else nullcontext(fileobj)) as raw, \
+            store.staging(name, source, replace=replace) as rootfs:
         try:
-            with (open(path, "rb") if fileobj is None else nullcontext(fileobj)) as f, \
-                    tarfile.open(fileobj=f, mode="r|*") as tf:
-                _Extractor(rootfs, name, progress).run(tf)
+            with _decompressed(raw) as data:
+                counted = _Counted(data)
+                with tarfile.open(fileobj=counted, mode="r|") as tf:
+                    _Extractor(rootfs, name, progress).run(tf)
+                    end = tf.offset
+                counted.drain()  # to the end: a compressed stream checks its own end marker
         except tarfile.TarError as e:
-            raise ImageInvalid(f"unable to import image {name!r} from {source[4:]}: "
-                               f"not a readable tar archive ({e})", image=name) from None
-        except (EOFError, zlib.error) as e:
-            raise ImageInvalid(f"unable to import image {name!r} from {source[4:]}: "
-                               f"archive is truncated or corrupt ({e})", image=name) from None
+            raise ImageInvalid(f"{where}: not a readable tar archive ({e})", image=name) from None
+        except (EOFError, zlib.error, lzma.LZMAError, OSError) as e:
+            # OSError: gzip.BadGzipFile, bz2's "Invalid data stream" (the extractor turns its own
+            # write errors into SandkastenError, and the file was opened above)
+            raise ImageInvalid(f"{where}: archive is truncated or corrupt ({e})", image=name) from None
+        if counted.count - end < tarfile.BLOCKSIZE:
+            # tarfile ends quietly at a missing or partial header; a whole archive ends with zero blocks
+            raise ImageInvalid(f"{where}: archive is truncated (it ends inside or right after member data, "
+                               "without the end-of-archive blocks)", image=name)
     return store.get(name)
+
+
+class _Counted:
+    """A read-only stream that counts what was read (tarfile's stream mode reads it in order)."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+        self.count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.count += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def _decompressed(raw):
+    """RAW, decompressed by its magic bytes (gzip, bzip2, xz, lzma) or as it is. The stdlib
+    decompressors raise EOFError on a stream cut short; tarfile's own "r|*" decompression
+    stops silently at the cut if it falls between members."""
+    head = raw.peek(6)[:6] if hasattr(raw, "peek") else b""
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if head.startswith(b"BZh"):
+        return bz2.BZ2File(raw, "rb")
+    if head.startswith((b"\xfd7zXZ\x00", b"\x5d\x00\x00")):
+        return lzma.LZMAFile(raw, "rb")
+    return nullcontext(raw)
 
 
 class _Extractor:
