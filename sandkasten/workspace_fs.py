@@ -13,47 +13,31 @@ API clients own the paths. So nothing here trusts a path string after it leaves 
 - after the lookup every change is one name relative to a directory descriptor (mkdirat,
   renameat, unlinkat, fchown), and none of those follows a final symlink.
 
+The lookups and the tree walks live in `sandkasten.beneath`; this module adds the API's rules
+(paths, sizes, what may be read or replaced) on top.
+
 Foreign exceptions (OSError) are translated into `sandkasten.errors` at one boundary,
 `_failures`; messages show /workspace/..., never the host directory.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import secrets
 import stat
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
+from sandkasten.beneath import MAX_SYMLINKS, RESOLVERS, oserror, openat2_available, remove_tree, walk_tree
 from sandkasten.errors import FileNotFound, InvalidRequest, PathRefused, SandkastenError, TooLarge
 
 MOUNT_POINT = "/workspace"
 MAX_PATH_BYTES = 4096
 MAX_NAME_BYTES = 255
-_MAX_SYMLINKS = 40            # the kernel's own limit per lookup
-_DELETE_DEPTH = 32            # open descriptors while walking or deleting a tree, however deep
 _DIR_MODE = 0o755
-
-# openat2(2): the same number on x86_64 and aarch64 (new syscalls share one table since 5.1).
-_SYS_OPENAT2 = 437
-_RESOLVE_NO_MAGICLINKS = 0x02
-_RESOLVE_NO_SYMLINKS = 0x04
-_RESOLVE_BENEATH = 0x08
-_AT_FDCWD = -100
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 
 
 @dataclass(frozen=True)
@@ -72,101 +56,6 @@ class _Refused(Exception):
     def __init__(self, error: type[SandkastenError], why: str) -> None:
         super().__init__(why)
         self.error, self.why = error, why
-
-
-def _oserror(code: int) -> OSError:
-    return OSError(code, os.strerror(code))
-
-
-# --- resolving a path beneath the root: two implementations of one contract -----------------
-
-def _open_openat2(dir_fd: int, rel: str, flags: int, no_symlinks: bool) -> int:
-    """openat2(dir_fd, rel) that never leaves dir_fd; symlinks inside are followed unless
-    no_symlinks (then any symlink is ELOOP); the final one is not followed with O_NOFOLLOW."""
-    resolve = _RESOLVE_BENEATH | _RESOLVE_NO_MAGICLINKS | (_RESOLVE_NO_SYMLINKS if no_symlinks else 0)
-    how = _OpenHow(flags | os.O_CLOEXEC, 0, resolve)
-    path = os.fsencode(rel or ".")
-    for _ in range(16):   # EAGAIN: a concurrent rename raced a '..' lookup; the kernel asks to retry
-        fd = _libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dir_fd), ctypes.c_char_p(path),
-                           ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
-        if fd >= 0:
-            return fd
-        code = ctypes.get_errno()
-        if code not in (errno.EAGAIN, errno.EINTR):
-            break
-    raise _oserror(code)
-
-
-def _is_symlink(name: str, dir_fd: int) -> bool:
-    try:
-        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
-    except OSError:
-        return False
-
-
-def _open_walking(dir_fd: int, rel: str, flags: int, no_symlinks: bool) -> int:
-    """The contract of `_open_openat2` (for the flags used here) without openat2."""
-    follow_final = not (no_symlinks or flags & os.O_NOFOLLOW)
-    pending = deque(p for p in rel.split("/") if p not in ("", "."))
-    stack: list[int] = []          # descriptors of the directories below dir_fd we are in
-    links = 0
-    try:
-        while True:
-            here = stack[-1] if stack else dir_fd
-            if not pending:
-                return os.open(".", flags | os.O_CLOEXEC, dir_fd=here)
-            name = pending.popleft()
-            if name == "..":
-                if not stack:
-                    raise _oserror(errno.EXDEV)
-                os.close(stack.pop())
-                continue
-            last = not pending
-            step = (flags if last else os.O_PATH | os.O_DIRECTORY) | os.O_NOFOLLOW | os.O_CLOEXEC
-            try:
-                fd = os.open(name, step, dir_fd=here)
-            except OSError as e:
-                if e.errno not in (errno.ELOOP, errno.ENOTDIR) or not _is_symlink(name, here):
-                    raise
-                fd = -1
-            else:
-                if step & os.O_PATH and stat.S_ISLNK(os.fstat(fd).st_mode):
-                    os.close(fd)
-                    fd = -1
-            if fd >= 0:
-                if last:
-                    return fd
-                stack.append(fd)
-                continue
-            links += 1                      # `name` is a symlink: expand it ourselves
-            if no_symlinks or (last and not follow_final) or links > _MAX_SYMLINKS:
-                raise _oserror(errno.ELOOP)
-            try:
-                target = os.readlink(name, dir_fd=here)
-            except OSError as e:
-                if e.errno not in (errno.EINVAL, errno.ENOENT):
-                    raise
-                pending.appendleft(name)    # no longer a symlink (raced): look at it again
-                continue
-            if target.startswith("/"):
-                raise _oserror(errno.EXDEV)
-            pending.extendleft(reversed([p for p in target.split("/") if p not in ("", ".")]))
-    finally:
-        for fd in stack:
-            os.close(fd)
-
-
-@cache
-def openat2_available() -> bool:
-    """False on kernels before 5.6 (ENOSYS) or where a seccomp policy hides openat2."""
-    try:
-        os.close(_open_openat2(_AT_FDCWD, ".", os.O_PATH | os.O_DIRECTORY, False))
-    except OSError:
-        return False
-    return True
-
-
-_RESOLVERS = {"openat2": _open_openat2, "walk": _open_walking}
 
 
 # --- small pure pieces -------------------------------------------------------------------------
@@ -205,11 +94,11 @@ def _relative_to_root(root_fd: int, fd: int) -> str:
     root = os.readlink(f"/proc/self/fd/{root_fd}").rstrip("/")
     here = os.readlink(f"/proc/self/fd/{fd}")
     if here.endswith(" (deleted)"):
-        raise _oserror(errno.ENOENT)
+        raise oserror(errno.ENOENT)
     if here == root or here == root + "/":
         return ""
     if not here.startswith(root + "/"):
-        raise _oserror(errno.EXDEV)
+        raise oserror(errno.EXDEV)
     return here[len(root) + 1:]
 
 
@@ -218,7 +107,7 @@ def _follow_lexically(base: str, target: str) -> str:
     for p in target.split("/"):
         if p == "..":
             if not parts:
-                raise _oserror(errno.EXDEV)
+                raise oserror(errno.EXDEV)
             parts.pop()
         elif p not in ("", "."):
             parts.append(p)
@@ -248,12 +137,12 @@ class WorkspaceFS:
         kernel has it)."""
         if resolver == "auto":
             resolver = "openat2" if openat2_available() else "walk"
-        if resolver not in _RESOLVERS:
+        if resolver not in RESOLVERS:
             raise ValueError(f"unknown resolver {resolver!r}")
         self.root = Path(root)
         self.uid, self.gid, self.max_file_bytes = uid, gid, max_file_bytes
         self.resolver = resolver
-        self._open = _RESOLVERS[resolver]
+        self._open = RESOLVERS[resolver]
 
     # --- paths -------------------------------------------------------------------------------
 
@@ -365,7 +254,7 @@ class WorkspaceFS:
                 return self._open(start, sub, os.O_RDONLY | os.O_DIRECTORY, True)
 
             try:
-                _walk_tree(start, visit, reopen, lambda: len(found) >= limit)
+                walk_tree(start, visit, reopen, lambda: len(found) >= limit)
             finally:
                 os.close(start)
         return found
@@ -382,7 +271,7 @@ class WorkspaceFS:
             raise TooLarge(f"unable to write '{_shown(MOUNT_POINT + '/' + rel)}': {len(data)} bytes is above "
                            f"the limit of {self.max_file_bytes}", limit=self.max_file_bytes)
         with self._failures("write", rel) as root_fd:
-            for _ in range(_MAX_SYMLINKS + 1):
+            for _ in range(MAX_SYMLINKS + 1):
                 parent, name = _split(rel)
                 parent_fd = self._open_parent(root_fd, parent, make_parents)
                 try:
@@ -393,7 +282,7 @@ class WorkspaceFS:
                     if st is None or stat.S_ISREG(st.st_mode):
                         return self._replace(parent_fd, name, rel, data, mode)
                     if stat.S_ISDIR(st.st_mode):
-                        raise _oserror(errno.EISDIR)
+                        raise oserror(errno.EISDIR)
                     if not stat.S_ISLNK(st.st_mode):
                         raise _Refused(PathRefused, f"the existing entry is {_describe(st.st_mode)}")
                     try:
@@ -403,13 +292,13 @@ class WorkspaceFS:
                             continue        # no longer a symlink (raced): look at it again
                         raise
                     if target.startswith("/"):
-                        raise _oserror(errno.EXDEV)
+                        raise oserror(errno.EXDEV)
                     rel = _follow_lexically(_relative_to_root(root_fd, parent_fd), target)
                     if not rel:
-                        raise _oserror(errno.EISDIR)
+                        raise oserror(errno.EISDIR)
                 finally:
                     os.close(parent_fd)
-            raise _oserror(errno.ELOOP)
+            raise oserror(errno.ELOOP)
 
     def delete(self, path: str, recursive: bool = False) -> None:
         """Remove one entry; a symlink is removed itself, never its target."""
@@ -427,7 +316,7 @@ class WorkspaceFS:
                 elif not recursive:
                     raise _Refused(InvalidRequest, "is a directory (delete it recursively to remove its contents)")
                 else:
-                    _remove_tree(parent_fd, name)
+                    remove_tree(parent_fd, name)
             finally:
                 os.close(parent_fd)
 
@@ -463,7 +352,7 @@ class WorkspaceFS:
         try:
             fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
         except OSError as e:
-            raise _oserror(errno.ENOTDIR if e.errno == errno.ELOOP else e.errno) from None
+            raise oserror(errno.ENOTDIR if e.errno == errno.ELOOP else e.errno) from None
         if created:
             os.fchown(fd, self.uid, self.gid)
             os.fchmod(fd, _DIR_MODE)
@@ -500,7 +389,7 @@ _READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY   # O_NONBLOCK: a fifo m
 
 def _check_readable(st: os.stat_result) -> None:
     if stat.S_ISDIR(st.st_mode):
-        raise _oserror(errno.EISDIR)
+        raise oserror(errno.EISDIR)
     if not stat.S_ISREG(st.st_mode):
         raise _Refused(PathRefused, f"not a regular file ({_describe(st.st_mode)[2:]})")
     if st.st_nlink > 1:
@@ -525,85 +414,3 @@ def _reopen_for_reading(probe: int, open_again) -> int:
         os.close(fd)
         raise
     return fd
-
-
-def _scan(fd: int) -> list[tuple[str, os.stat_result]]:
-    """(name, lstat) of a directory's entries, sorted; entries vanishing meanwhile are skipped."""
-    out = []
-    with os.scandir(fd) as it:
-        for e in it:
-            with suppress(FileNotFoundError):
-                out.append((e.name, e.stat(follow_symlinks=False)))
-    return sorted(out, key=lambda item: item[0])
-
-
-def _walk_tree(start: int, visit, reopen, done) -> None:
-    """Depth-first over the directories below `start`, opening each child by its single name
-    with O_NOFOLLOW. visit(sub, name, lstat) -> descend?; done() -> stop?. Only the deepest
-    _DELETE_DEPTH directories keep a descriptor; a shallower one that still has subdirectories
-    to visit is reopened by its path below `start` (reopen(sub), no symlinks allowed)."""
-    stack: list[list] = [[os.dup(start), "", None]]   # [fd | None, sub, subdirs still to visit]
-    try:
-        while stack and not done():
-            frame = stack[-1]
-            fd, sub, todo = frame
-            if todo is None:
-                todo = frame[2] = deque()
-                for child, st in _scan(fd):
-                    if done():
-                        return
-                    if visit(sub, child, st):
-                        todo.append(child)
-            if not todo:
-                stack.pop()
-                if fd is not None:
-                    os.close(fd)
-                continue
-            child = todo.popleft()
-            try:
-                if fd is None:
-                    fd = frame[0] = reopen(sub)
-                child_fd = os.open(child, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            except OSError:
-                continue      # replaced by a symlink, removed or too deep meanwhile: skip it
-            stack.append([child_fd, _join(sub, child), None])
-            if len(stack) > _DELETE_DEPTH and stack[-_DELETE_DEPTH - 1][0] is not None:
-                os.close(stack[-_DELETE_DEPTH - 1][0])
-                stack[-_DELETE_DEPTH - 1][0] = None
-    finally:
-        for fd, _, _ in stack:
-            if fd is not None:
-                os.close(fd)
-
-
-def _remove_tree(parent_fd: int, name: str) -> None:
-    """rm -r without following symlinks, without recursion, and with at most _DELETE_DEPTH open
-    descriptors however deep the tree: deeper directories are first moved up into the top one."""
-    top = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
-    stack: list[tuple[int, str]] = [(top, name)]
-    try:
-        while stack:
-            fd = stack[-1][0]
-            subdir = None
-            with os.scandir(fd) as it:
-                for e in it:
-                    if e.is_dir(follow_symlinks=False):
-                        subdir = e.name
-                        break
-                    with suppress(FileNotFoundError):
-                        os.unlink(e.name, dir_fd=fd)
-            if subdir is None:
-                os.close(fd)
-                _, done = stack.pop()
-                if stack:
-                    os.rmdir(done, dir_fd=stack[-1][0])
-            elif len(stack) >= _DELETE_DEPTH:
-                with suppress(FileExistsError, FileNotFoundError):
-                    os.rename(subdir, f".sk-delete-{secrets.token_hex(8)}", src_dir_fd=fd, dst_dir_fd=top)
-            else:
-                stack.append((os.open(subdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                      dir_fd=fd), subdir))
-        os.rmdir(name, dir_fd=parent_fd)
-    finally:
-        for fd, _ in stack:
-            os.close(fd)
