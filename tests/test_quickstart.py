@@ -12,6 +12,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -214,6 +215,65 @@ def test_interactive_agent_sales_csv_system_report_and_errors_as_text(model, py_
     assert "cwd: /tmp/scratch" in cd_out  # the persistent shell, as the model sees it
     assert "/workspace/make_sales.py" in listed
     assert no_live_sessions(py_daemon)
+
+
+# ------------------------------------------------------------------ when something is wrong: one clear line
+def run_failing(script: str, *args: str, env: dict) -> subprocess.CompletedProcess:
+    proc = subprocess.run([PYTHON, script, *args], cwd=AGENT_DIR, env=env, text=True, capture_output=True,
+                          timeout=240)
+    assert proc.returncode == 1, f"{script} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+def test_agents_name_a_daemon_they_cannot_reach_or_a_malformed_url_in_one_line(model):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SANDKASTEN_"))}
+    env.update(OPENAI_BASE_URL=model.base_url, OPENAI_API_KEY="test", SANDKASTEN_API_KEY=API_KEY)
+    closed = f"http://127.0.0.1:{free_port()}"
+    for script in ("coding_agent.py", "interactive_agent.py", "enhanced_agent.py"):
+        err = run_failing(script, env={**env, "SANDKASTEN_URL": closed}).stderr
+        assert f"error: unable to reach the Sandkasten daemon at {closed}" in err  # as README's troubleshooting
+        assert "sandkasten daemon -d" in err
+    err = run_failing("coding_agent.py", env={**env, "SANDKASTEN_URL": "http://[::1"}).stderr
+    assert err.startswith("error: invalid Sandkasten daemon URL 'http://[::1' (from SANDKASTEN_URL)")
+    assert not model.requests
+
+
+def test_coding_agent_reports_a_model_it_cannot_reach_and_destroys_its_session(daemon):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SANDKASTEN_"))}
+    nowhere = f"http://127.0.0.1:{free_port()}/v1"
+    env.update(OPENAI_BASE_URL=nowhere, OPENAI_API_KEY="test", SANDKASTEN_URL=daemon.url,
+               SANDKASTEN_API_KEY=API_KEY)
+    err = run_failing("coding_agent.py", env=env).stderr
+    assert f"error: the agent run failed: unable to reach the model at {nowhere}" in err
+    assert no_live_sessions(daemon)
+
+
+def start_interactive(env: dict) -> subprocess.Popen:
+    return subprocess.Popen([PYTHON, "interactive_agent.py"], cwd=AGENT_DIR, env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_ready(proc: subprocess.Popen) -> None:
+    line = proc.stdout.readline()
+    assert " ready." in line, line or proc.stderr.read()
+
+
+def test_interactive_agent_ends_on_ctrl_c_and_survives_a_daemon_gone_before_exit(model, daemon):
+    env = agent_env(model, daemon)
+    with start_interactive(env) as proc:  # Ctrl-C at the prompt: ends now, not at the next Enter
+        wait_ready(proc)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip() == "interrupted", err
+    assert no_live_sessions(daemon)  # the session was destroyed on the way out
+
+    with start_interactive(env) as proc:  # the daemon vanishes: a warning on exit, no traceback
+        wait_ready(proc)
+        daemon.kill()
+        out, err = proc.communicate("exit\n", timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert "warning: unable to destroy sandbox session s-" in err and ".venv/bin/sandkasten rm s-" in err
 
 
 # ------------------------------------------------------------------ the enhanced agent in a terminal

@@ -12,17 +12,17 @@ and SANDKASTEN_API_KEY (see quickstart/README.md).
 from __future__ import annotations
 
 import argparse
-import asyncio
+import sys
 
 from agents import Runner
 
-from sandbox_tools import build_agent, configure_model_access, open_sandbox
+from sandbox_tools import MODEL_ERRORS, build_agent, configure_model_access, model_failure, open_sandbox, run_main
 
 TASK = ("Write a Python script fibonacci.py that writes the first 20 Fibonacci numbers "
         "(starting 0, 1) to fibonacci.txt, one per line. Run it and show me the content of fibonacci.txt.")
 
 
-async def main() -> None:
+async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("task", nargs="?", default=TASK, help="what the agent should do")
     parser.add_argument("--workspace", help="persistent workspace id (files outlive the session)")
@@ -33,9 +33,16 @@ async def main() -> None:
         print(f"sandbox session {sandbox.id} (image {sandbox.info.image}"
               + (f", workspace {args.workspace})" if args.workspace else ")"))
         print(f"task: {args.task}\n")
-        result = await Runner.run(build_agent(sandbox), args.task, max_turns=20)
-        print(result.final_output)
+        try:
+            result = await Runner.run(build_agent(sandbox), args.task, max_turns=20)
+        except MODEL_ERRORS as e:
+            failure = model_failure(e)
+        else:
+            print(result.final_output)
+            return 0
+    print(f"error: the agent run failed: {failure}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run_main(main)

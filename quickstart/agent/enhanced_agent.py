@@ -12,7 +12,6 @@ Needs OPENAI_API_KEY, SANDKASTEN_URL, SANDKASTEN_API_KEY (see quickstart/README.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import secrets
 from pathlib import Path
@@ -24,7 +23,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from sandbox_tools import build_agent, configure_model_access, open_sandbox
+from sandbox_tools import build_agent, configure_model_access, model_failure, open_sandbox, read_line, run_main
 
 console = Console(highlight=False)
 HELP = """[bold]/help[/]     this help
@@ -140,7 +139,7 @@ async def main() -> int:
                 title="Sandkasten coding agent", border_style="green"))
             while True:
                 try:
-                    prompt = (await asyncio.to_thread(console.input, "\n[bold green]you ›[/] ")).strip()
+                    prompt = (await read_line(console.input, "\n[bold green]you ›[/] ")).strip()
                 except EOFError:
                     break
                 if prompt in ("/quit", "/exit"):
@@ -158,7 +157,7 @@ async def main() -> int:
                     try:
                         await answer(agent, prompt, history)
                     except Exception as e:  # noqa: BLE001 - a failed turn must not end the session
-                        console.print(Panel(escape(f"{type(e).__name__}: {e}"), title="this turn failed",
+                        console.print(Panel(escape(model_failure(e)), title="this turn failed",
                                             border_style="red"))
     finally:
         history.close()
@@ -167,4 +166,4 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(asyncio.run(main()))
+    run_main(main)

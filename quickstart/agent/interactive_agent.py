@@ -10,11 +10,10 @@ is kept). Needs OPENAI_API_KEY, SANDKASTEN_URL, SANDKASTEN_API_KEY (see quicksta
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 from agents import Runner, SQLiteSession
 
-from sandbox_tools import build_agent, configure_model_access, open_sandbox
+from sandbox_tools import build_agent, configure_model_access, model_failure, open_sandbox, read_line, run_main
 
 
 async def main() -> None:
@@ -29,7 +28,7 @@ async def main() -> None:
         print(f"sandbox session {sandbox.id} ready. Ask for something; 'exit' or Ctrl-D to leave.")
         while True:
             try:
-                prompt = (await asyncio.to_thread(input, "\nyou> ")).strip()
+                prompt = (await read_line(input, "\nyou> ")).strip()
             except EOFError:
                 print()
                 break
@@ -40,11 +39,11 @@ async def main() -> None:
             try:
                 result = await Runner.run(agent, prompt, session=memory, max_turns=20)
             except Exception as e:  # noqa: BLE001 - a failed turn (model unreachable, …) must not end the loop
-                print(f"agent> (this turn failed: {type(e).__name__}: {e})")
+                print(f"agent> (this turn failed: {model_failure(e)})")
                 continue
             print(f"agent> {result.final_output}")
     memory.close()
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run_main(main)

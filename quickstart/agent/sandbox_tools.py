@@ -12,16 +12,22 @@ SANDKASTEN_URL (default http://127.0.0.1:8080), SANDKASTEN_API_KEY.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
+import threading
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn
 
+import openai
 from agents import Agent, FunctionTool, function_tool, set_tracing_disabled
+from agents.exceptions import AgentsException
 
-from sandkasten.client import AsyncClient, AsyncSandbox, SandkastenError
+from sandkasten.client import AsyncClient, AsyncSandbox, InvalidURL, SandkastenError
 
 MAX_TOOL_OUTPUT = 20_000  # characters of command output handed to the model
+EXIT_RETRY_S = 10.0  # how long the final destroy waits for a daemon that is away (restarting)
+MODEL_ERRORS = (openai.OpenAIError, AgentsException)  # a failed run: reported, never a traceback
 INSTRUCTIONS = """You are a careful coding agent. You have a real Linux sandbox (Debian with
 python3, no network) and these tools: run_command (a persistent bash-like shell: cd and
 variables persist), write_file, read_file and list_files. Files live in /workspace, where the
@@ -42,19 +48,79 @@ def configure_model_access() -> None:
 async def open_sandbox(workspace_id: str | None = None, image: str | None = None) -> AsyncIterator[AsyncSandbox]:
     """A fresh Sandkasten session, destroyed on exit. With a `workspace_id`, /workspace is that
     persistent workspace: its files outlive the session."""
-    async with AsyncClient(retry_for=2.0) as probe:  # fail fast when nothing listens
-        try:
+    try:
+        async with AsyncClient(retry_for=2.0) as probe:  # fail fast when nothing listens
             await probe.health()
-        except SandkastenError as e:
-            sys.exit(f"error: {e.message}\n(start it: .venv/bin/sandkasten daemon -d --config "
-                     "quickstart/sandkasten.yaml, or set SANDKASTEN_URL)")
+    except InvalidURL as e:
+        sys.exit(f"error: {e.message}")
+    except SandkastenError as e:
+        sys.exit(f"error: {e.message}\n(start it: .venv/bin/sandkasten daemon -d --config "
+                 "quickstart/sandkasten.yaml, or set SANDKASTEN_URL)")
     async with AsyncClient() as client:
         try:
             sandbox = await client.session(image, workspace_id=workspace_id).start()
         except SandkastenError as e:
             sys.exit(f"error: unable to create a sandbox session: {e}")
-        async with sandbox:
+        try:
             yield sandbox
+        finally:
+            await close_sandbox(sandbox)
+
+
+async def close_sandbox(sandbox: AsyncSandbox) -> None:
+    """Destroy the session on the way out; a daemon that is gone by then gets a short wait and
+    a warning, not a traceback over the agent's answer."""
+    try:
+        async with AsyncClient(retry_for=EXIT_RETRY_S) as client:
+            await AsyncSandbox(client, sandbox.info).destroy()
+    except SandkastenError as e:
+        print(f"warning: unable to destroy sandbox session {sandbox.id}: {e}\n(it ends when its TTL runs "
+              f"out; or remove it: .venv/bin/sandkasten rm {sandbox.id})", file=sys.stderr)
+
+
+def run_main(main: Callable[[], Awaitable[int | None]]) -> NoReturn:
+    """`asyncio.run` for the agents' `main`: Ctrl-C ends with a line, not a traceback (the
+    sandbox session is destroyed on the way out, as on any exit)."""
+    try:
+        code = asyncio.run(main())
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    raise SystemExit(code or 0)
+
+
+async def read_line(prompt: Callable[..., str], *args: Any) -> str:
+    """`prompt(*args)` (e.g. `input`) without blocking the event loop, in a daemon thread:
+    `asyncio.to_thread` would use the loop's executor, whose thread keeps the process alive
+    after Ctrl-C until Enter is pressed."""
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[str] = loop.create_future()
+
+    def deliver(ok: bool, value: Any) -> None:
+        if not answer.done():
+            answer.set_result(value) if ok else answer.set_exception(value)
+
+    def read() -> None:
+        try:
+            value = prompt(*args)
+        except BaseException as e:  # noqa: BLE001 - EOFError and the like belong to the caller
+            loop.call_soon_threadsafe(deliver, False, e)
+        else:
+            loop.call_soon_threadsafe(deliver, True, value)
+
+    threading.Thread(target=read, name="read-line", daemon=True).start()
+    return await answer
+
+
+def model_failure(e: Exception) -> str:
+    """One line for a failed agent run: the model unreachable or refusing, or the SDK giving up."""
+    where = os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+    if isinstance(e, openai.APIConnectionError):
+        return f"unable to reach the model at {where}: {e} (check OPENAI_BASE_URL)"
+    if isinstance(e, openai.APIStatusError):
+        return f"the model endpoint {where} refused the request: HTTP {e.status_code}: {e.message} " \
+               "(check OPENAI_API_KEY, OPENAI_DEFAULT_MODEL)"
+    return f"{type(e).__name__}: {e}"
 
 
 def _problem(e: SandkastenError) -> str:
