@@ -78,12 +78,22 @@ def test_runner_death_is_noticed_and_next_exec_fails_clearly(daemon):
     finally:
         runtime.close()
     assert pid["status"] == "running"
+    running = []
+    t = threading.Thread(target=lambda: running.append(
+        daemon.client.post(f"/v1/sessions/{sid}/exec", json={"cmd": "sleep 30"}, timeout=60)))
+    t.start()
+    wait_for(lambda: daemon.client.get(f"/v1/sessions/{sid}/execs").json())
     os.kill(runner_pid, signal.SIGKILL)
     status = wait_for(lambda: (s := daemon.client.get(f"/v1/sessions/{sid}").json()["status"]) != "running" and s,
                       timeout=5)
     assert status in ("lost", "failed")
+    t.join()
+    assert running[0].status_code == 410 and running[0].json()["error_code"] == "SANDBOX_LOST", running[0].text
     r = daemon.client.post(f"/v1/sessions/{sid}/exec", json={"cmd": "true"}, timeout=10)
     assert r.status_code in (409, 410) and r.json()["error_code"] in ("SANDBOX_LOST", "SESSION_ENDED")
+    shown = (r.text + running[0].text + daemon.client.get(f"/v1/sessions/{sid}").text
+             + daemon.client.get(f"/v1/sessions/{sid}/execs").text + daemon.cli("logs", sid).stdout)
+    assert str(daemon.data_dir) not in shown, "a host path reached the API or the journal"
 
 
 def test_a_zombie_counts_as_a_dead_process():

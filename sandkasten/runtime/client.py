@@ -14,6 +14,16 @@ from sandkasten.errors import SandboxGone
 CONNECT_TIMEOUT = 2.0
 
 
+def _runner(sock_path: Path) -> str:
+    """Named by its session (run/<sid>/runner.sock): messages reach API clients and the
+    journal, which have no business with host paths."""
+    return f"the runner of sandbox {Path(sock_path).parent.name}"
+
+
+def _why(e: BaseException) -> str:
+    return getattr(e, "strerror", None) or str(e) or type(e).__name__
+
+
 def call(sock_path: Path, msg: dict, timeout: float | None = 10.0) -> dict:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -21,14 +31,14 @@ def call(sock_path: Path, msg: dict, timeout: float | None = 10.0) -> dict:
         try:
             s.connect(str(sock_path))
         except (FileNotFoundError, ConnectionRefusedError, socket.timeout) as e:
-            raise SandboxGone(f"unable to reach runner at {sock_path}: {e}") from None
+            raise SandboxGone(f"unable to reach {_runner(sock_path)}: {_why(e)}") from None
         s.settimeout(timeout)
         s.sendall(protocol.encode(msg))
         buf = b""
         while not buf.endswith(b"\n"):
             chunk = s.recv(1 << 16)
             if not chunk:
-                raise SandboxGone(f"runner at {sock_path} closed the connection (sandbox died?)")
+                raise SandboxGone(f"{_runner(sock_path)} closed the connection (sandbox died?)")
             buf += chunk
         return protocol.decode(buf)
     finally:
@@ -42,20 +52,20 @@ async def acall(sock_path: Path, msg: dict, timeout: float | None = 10.0, on_run
         reader, writer = await asyncio.wait_for(
             asyncio.open_unix_connection(str(sock_path), limit=protocol.MAX_LINE), CONNECT_TIMEOUT)
     except (FileNotFoundError, ConnectionRefusedError, asyncio.TimeoutError, OSError) as e:
-        raise SandboxGone(f"unable to reach runner at {sock_path}: {e}") from None
+        raise SandboxGone(f"unable to reach {_runner(sock_path)}: {_why(e)}") from None
     try:
         writer.write(protocol.encode(msg))
         await writer.drain()
         while True:
             line = await asyncio.wait_for(reader.readline(), timeout)
             if not line:
-                raise SandboxGone(f"runner at {sock_path} closed the connection (sandbox died?)")
+                raise SandboxGone(f"{_runner(sock_path)} closed the connection (sandbox died?)")
             reply = protocol.decode(line)
             if on_running is None or reply.get("state") != "running":
                 return reply
             await on_running(reply)
             on_running = None
     except (ConnectionResetError, BrokenPipeError) as e:
-        raise SandboxGone(f"runner at {sock_path} went away: {e}") from None
+        raise SandboxGone(f"{_runner(sock_path)} went away: {_why(e)}") from None
     finally:
         writer.close()
