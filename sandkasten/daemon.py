@@ -167,6 +167,11 @@ def start_background(cfg: Config, config_path: str | None, wait_s: float = 30.0)
     if other is not None:
         print(f"sandkasten: already running (pid {other})")
         return 0
+    if _listening(cfg.host, cfg.port):
+        # its /healthz would answer for ours: `daemon -d` said "started" while ours failed to bind
+        print(f"sandkasten: unable to start the daemon: {cfg.listen} is already in use by another process",
+              file=sys.stderr)
+        return 1
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     logfile = cfg.run_dir / "daemon.log"
     args = [sys.executable, "-m", "sandkasten.cli"] + (["--config", config_path] if config_path else [])
@@ -179,7 +184,7 @@ def start_background(cfg: Config, config_path: str | None, wait_s: float = 30.0)
             print(f"sandkasten: the daemon exited with code {proc.returncode}; see {logfile}", file=sys.stderr)
             return 1
         try:
-            if httpx.get(url, timeout=1).status_code == 200:
+            if httpx.get(url, timeout=1).status_code == 200 and running_pid(cfg) == proc.pid:
                 print(f"sandkasten: daemon started (pid {proc.pid}), log {logfile}")
                 return 0
         except httpx.HTTPError:
@@ -187,6 +192,17 @@ def start_background(cfg: Config, config_path: str | None, wait_s: float = 30.0)
         time.sleep(0.1)
     print(f"sandkasten: the daemon did not answer on {url} within {wait_s:.0f}s; see {logfile}", file=sys.stderr)
     return 1
+
+
+def _listening(host: str, port: int) -> bool:
+    """Whether something already accepts connections on host:port."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def stop_background(cfg: Config, wait_s: float = 20.0) -> int:

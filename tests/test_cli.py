@@ -501,6 +501,19 @@ def test_rm_without_daemon_requests_destroy_and_lists_unknown_ids(seeded):
     assert json.loads(seeded.run("rm", LIVE, "--json").stdout) == [{"id": LIVE, "status": "destroying", "error": None}]
 
 
+def test_daemon_d_on_a_port_in_use_fails_instead_of_reporting_the_other_process(env):
+    with socket.socket() as other:  # e.g. a daemon of another data_dir answering /healthz
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        env.config.write_text(f"data_dir: {env.data}\nlisten: 127.0.0.1:{port}\n")
+        out = env.run("daemon", "-d")
+    assert (out.returncode, out.stdout) == (1, "")
+    assert out.stderr == f"sandkasten: unable to start the daemon: 127.0.0.1:{port} is already in use by " \
+                         "another process\n"
+    assert env.run("stop").stdout == "sandkasten: no daemon is running for this data_dir\n"
+
+
 # ---------------------------------------------------------------- with a real daemon
 
 @pytest.fixture
