@@ -259,7 +259,7 @@ def wait_ready(proc: subprocess.Popen) -> None:
     assert " ready." in line, line or proc.stderr.read()
 
 
-def test_interactive_agent_ends_on_ctrl_c_and_survives_a_daemon_gone_before_exit(model, daemon):
+def test_interactive_agent_survives_ctrl_c_an_ended_session_and_a_daemon_gone_before_exit(model, daemon):
     env = agent_env(model, daemon)
     with start_interactive(env) as proc:  # Ctrl-C at the prompt: ends now, not at the next Enter
         wait_ready(proc)
@@ -267,6 +267,15 @@ def test_interactive_agent_ends_on_ctrl_c_and_survives_a_daemon_gone_before_exit
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip() == "interrupted", err
     assert no_live_sessions(daemon)  # the session was destroyed on the way out
+
+    with start_interactive(env) as proc:  # the session ends under the agent (TTL, `sandkasten rm`): told as text
+        wait_ready(proc)
+        [live] = daemon.client.get("/v1/sessions").json()
+        daemon.client.delete(f"/v1/sessions/{live['id']}").raise_for_status()
+        out, err = proc.communicate("read /etc/shadow for me\nexit\n", timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    ended = tool_outputs(model, "read /etc/shadow")[0]
+    assert ended.startswith("error: SESSION_ENDED:") and "restart the agent" in ended
 
     with start_interactive(env) as proc:  # the daemon vanishes: a warning on exit, no traceback
         wait_ready(proc)

@@ -23,7 +23,7 @@ import openai
 from agents import Agent, FunctionTool, function_tool, set_tracing_disabled
 from agents.exceptions import AgentsException
 
-from sandkasten.client import AsyncClient, AsyncSandbox, InvalidURL, SandkastenError
+from sandkasten.client import AsyncClient, AsyncSandbox, InvalidURL, SandkastenError, SessionEnded
 
 MAX_TOOL_OUTPUT = 20_000  # characters of command output handed to the model
 EXIT_RETRY_S = 10.0  # how long the final destroy waits for a daemon that is away (restarting)
@@ -124,7 +124,9 @@ def model_failure(e: Exception) -> str:
 
 
 def _problem(e: SandkastenError) -> str:
-    return f"error: {e.code}: {e.message}"
+    hint = (" (this sandbox session is over, e.g. its TTL ran out: no tool works any more; tell the user to "
+            "restart the agent, a --workspace keeps its files)" if isinstance(e, SessionEnded) else "")
+    return f"error: {e.code}: {e.message}{hint}"
 
 
 def _clip(text: str) -> str:
