@@ -179,7 +179,9 @@ class Cli:
         from sandkasten import exec_feed
         from sandkasten.runtime.layout import Layout
 
-        print(render.exec_header(row), flush=True)
+        # a daemon is about to pick up a requested exec: it is not "waiting for the daemon"
+        shown = {**row, "status": "running"} if self.daemon_pid() is not None else row
+        print(render.exec_header(shown), flush=True)
         final = row
 
         async def settled() -> bool:

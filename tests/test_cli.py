@@ -539,6 +539,20 @@ def test_daemon_runs_what_the_cli_asks(daemon_env):
     assert (second.returncode, second.stdout, second.stderr) == (4, "/tmp\n1\n", "oops\n")
     assert env.run("exec", sid, "--", "echo", "123").stdout == "123\n"
     assert "exit 4" in env.run("logs", sid).stdout
+    # --follow shows a command while it runs: its header says running, not "waiting for the daemon"
+    gate = env.data / "sessions" / sid / "workspace" / "go"
+    with env.popen("logs", sid, "--follow") as follow, \
+            env.popen("exec", sid, "while [ ! -e /workspace/go ]; do sleep 0.1; done; echo released") as running:
+        try:
+            header = read_until(follow, b"echo released").splitlines()[-1]
+            assert header.endswith(b"(running)"), header
+            gate.write_text("")
+            assert read_until(follow, b"finished)")
+            assert running.wait(timeout=60) == 0
+        finally:
+            for proc in (follow, running):
+                if proc.poll() is None:
+                    proc.kill()
     out = env.run("rm", sid)
     assert (out.returncode, out.stdout.strip()) == (0, sid), out.stderr
     rows = {r["id"]: r["status"] for r in json.loads(env.run("ps", "--all", "--json").stdout)}
