@@ -35,6 +35,7 @@ class Daemon:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.ready = False
+        self.stopping = False
         self.readiness: dict = {"phase": "starting"}
         self.tasks: list[asyncio.Task] = []
         self.journal: Journal
@@ -69,7 +70,14 @@ class Daemon:
         self.readiness = {"phase": "ready", "reconcile": stats}
         self.ready = True
 
-    async def stop(self) -> None:
+    async def begin_stop(self) -> None:
+        """First half of a stop, while connections still drain: the background loops and the
+        executor's tasks end (a command keeps running in its sandbox; the next daemon journals
+        its result), requests in flight answer 503 NOT_READY, which clients retry with the same
+        Idempotency-Key, and new ones get the same answer (see api.app)."""
+        self.stopping = True
+        self.ready = False
+        self.readiness = {"phase": "stopping"}
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -77,6 +85,11 @@ class Daemon:
         for t in pending:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+
+    async def stop(self) -> None:
+        """Second half, once no request is left: release the runtime and the journal."""
+        if not self.stopping:
+            await self.begin_stop()
         await asyncio.to_thread(self.runtime.close)
         await asyncio.to_thread(self.runtime.cgroups.release_parent)  # no trace when no sandbox is left
         await self.journal.close()
@@ -143,6 +156,10 @@ def serve(cfg: Config) -> int:
         log.info("sandkasten listening on http://%s:%d (data_dir %s)", cfg.host, cfg.port, cfg.data_dir)
 
     @app.before_server_stop
+    async def _begin_stop(app: Sanic) -> None:
+        await daemon.begin_stop()
+
+    @app.after_server_stop
     async def _stop(app: Sanic) -> None:
         await daemon.stop()
         if running_pid(cfg) == os.getpid():

@@ -232,3 +232,40 @@ def test_crash_between_kernel_and_event_converges(daemon):
         assert runtime.host_sessions() == {sid}
     finally:
         runtime.close()
+
+
+def test_a_graceful_stop_answers_requests_in_flight_with_a_retryable_503(daemon):
+    """`sandkasten stop` (SIGTERM) under load: an exec in flight gets 503 NOT_READY at once (not a
+    500, not a 15 s wait), an open stream ends without a final event (clients resume), the command
+    runs on, and the retry with its Idempotency-Key after the restart gets its one result."""
+    sid = create(daemon)
+    cmd = "echo ran >> /workspace/count; sleep 2; echo finished"
+    headers = {**daemon.client.headers, "Idempotency-Key": "k-stop"}
+    answers, streamed = [], []
+
+    def exec_once():
+        answers.append(httpx.post(f"{daemon.url}/v1/sessions/{sid}/exec", json={"cmd": cmd}, headers=headers,
+                                  timeout=60))
+
+    def stream_once():
+        with httpx.stream("POST", f"{daemon.url}/v1/sessions/{sid}/exec/stream", json={"cmd": "sleep 3"},
+                          headers=daemon.client.headers, timeout=60) as r:
+            streamed.extend(r.iter_lines())
+
+    threads = [threading.Thread(target=exec_once), threading.Thread(target=stream_once)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(daemon.client.get(f"/v1/sessions/{sid}/execs").json()) == 2)
+    daemon.kill(signal.SIGTERM)
+    for t in threads:
+        t.join(timeout=30)
+    [r] = answers
+    assert r.status_code == 503 and r.json()["error_code"] == "NOT_READY", r.text
+    assert "Idempotency-Key" in r.json()["message"]
+    assert not any(line.startswith(("event: done", "event: error")) for line in streamed), streamed
+    assert "Traceback" not in daemon.read_log()
+    daemon.start()
+    again = exec_with_retry(daemon, sid, cmd, "k-stop")
+    assert again.status_code == 200 and again.json()["stdout"] == "finished\n", again.text
+    count = daemon.client.post(f"/v1/sessions/{sid}/exec", json={"cmd": "wc -l < /workspace/count"}).json()
+    assert count["stdout"] == "1\n"

@@ -33,6 +33,7 @@ def create_app(daemon) -> Sanic:
     app.config.REQUEST_TIMEOUT = 60
     app.config.RESPONSE_TIMEOUT = cfg.defaults.max_exec_timeout_ms / 1000 + 60
     app.config.KEEP_ALIVE_TIMEOUT = 30
+    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = 5   # requests in flight answer 503 at once on a stop (daemon.begin_stop)
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.ctx.daemon = daemon
     key = cfg.api_key.encode()
@@ -46,14 +47,17 @@ def create_app(daemon) -> Sanic:
         if given_id is not None and request.ctx.request_id != given_id:   # it is journaled and echoed
             return errors.body("INVALID_REQUEST", "invalid X-Request-ID header: expected 1-200 printable "
                                "ASCII characters", {"header": "X-Request-ID"})
-        if not key or request.path in OPEN_PATHS or unparsed(request):
+        if unparsed(request):
             return None
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        # headers are read as latin-1/surrogates: a byte that is no UTF-8 must compare, not raise
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("utf-8", "surrogateescape"),
-                                                                 key):
-            return errors.body("UNAUTHORIZED", "missing or wrong API key: send 'Authorization: Bearer <api_key>'")
+        if key and request.path not in OPEN_PATHS:
+            given = request.headers.get("authorization", "")
+            scheme, _, token = given.partition(" ")
+            # headers are read as latin-1/surrogates: a byte that is no UTF-8 must compare, not raise
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                    token.strip().encode("utf-8", "surrogateescape"), key):
+                return errors.body("UNAUTHORIZED", "missing or wrong API key: send 'Authorization: Bearer <api_key>'")
+        if daemon.stopping:   # connections still draining; sandboxes and their commands carry on
+            return errors.body("NOT_READY", "the daemon is stopping: retry in a moment")
         return None
 
     @app.on_response

@@ -17,6 +17,7 @@ from sandkasten.errors import (
     ExecNotFound,
     IllegalTransition,
     InvalidRequest,
+    NotReady,
     SandboxError,
     SandboxGone,
     SessionEnded,
@@ -85,7 +86,8 @@ async def create_session(request: Request):
     sid = intake.new_session_id()
     await d.journal.execute(sid, cmd, actor=request.ctx.actor, request_id=request.ctx.request_id)
     try:
-        await d.executor.ensure_session(sid)
+        await settle(d, d.executor.ensure_session(sid), f"session {sid} is created once the daemon is back "
+                     f"(GET /v1/sessions/{sid})")
     except (SandboxError, SandboxGone) as e:
         raise SandboxError(f"unable to create session {sid}: {e.message}", session_id=sid) from None
     return json(session_view(await session_row(d, sid)), status=201)
@@ -116,7 +118,7 @@ async def delete_session(request: Request, sid: str):
             if (await session_row(d, sid))["status"] not in ("destroyed", "destroying"):
                 raise
             # a concurrent DELETE got there first: deleting is idempotent, wait for the same end
-    await d.executor.ensure_destroyed(sid)
+    await settle(d, d.executor.ensure_destroyed(sid), f"session {sid} is destroyed once the daemon is back")
     return json({"ok": True})
 
 
@@ -155,7 +157,7 @@ async def exec_command(request: Request, sid: str):
         return await _await_exec(d, sid, exec_id, body)
     req = ExecRequest(exec_id=exec_id, cmd=requested.payload["cmd"], timeout_ms=requested.payload["timeout_ms"])
     try:
-        finished = await asyncio.shield(d.executor.ensure_exec(sid, exec_id, req))
+        finished = await executed(d, sid, exec_id, req)
     except SandboxGone:
         finished = None  # journaled as exec.lost; the row says so
     if finished is None:
@@ -201,9 +203,27 @@ def _check_retry(prior: dict | None, cmd: c.RequestExec, body: dict) -> None:
             exec_id=prior["id"], fields=differs)
 
 
+async def settle(d, task: asyncio.Task, on_stop: str):
+    """Await an executor task without owning it: a client that goes away cancels only its
+    handler, never the work. A stop of the daemon cancels the task (the sandbox and its command
+    carry on; the next daemon finishes the job from the journal): a 503 saying `on_stop`."""
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if d.stopping and not asyncio.current_task().cancelling():
+            raise NotReady(f"the daemon is stopping: {on_stop}") from None
+        raise
+
+
+async def executed(d, sid: str, exec_id: str, req: ExecRequest | None = None):
+    return await settle(d, d.executor.ensure_exec(sid, exec_id, req),
+                        f"exec {exec_id} runs on in its sandbox; repeat the request with the same Idempotency-Key "
+                        f"or GET /v1/sessions/{sid}/execs/{exec_id} for its result once the daemon is back")
+
+
 async def _await_exec(d, sid: str, exec_id: str, body) -> object:
     try:
-        await asyncio.shield(d.executor.ensure_exec(sid, exec_id))
+        await executed(d, sid, exec_id)
     except SandboxGone:
         pass  # journaled as exec.lost; the row below says so
     row = await d.journal.exec(exec_id)

@@ -33,6 +33,10 @@ HEARTBEAT_S = 10.0
 SETTLED = ("finished", "lost")
 
 
+class _Stopping(Exception):
+    """The daemon began to stop while a stream was open."""
+
+
 def resume_cursor(request: Request) -> Cursor:
     text = request.headers.get("last-event-id") or request.args.get("last_event_id")
     try:
@@ -81,6 +85,8 @@ async def _stream(request: Request, sid: str, exec_id: str, cursor: Cursor, raw:
         raise InvalidRequest(f"unable to resume exec {exec_id}: {e}") from None
 
     async def settled() -> bool:
+        if d.stopping:   # end without a final event: the client resumes from its last id
+            raise _Stopping
         row = await d.journal.exec(exec_id)
         return row is None or row["status"] in SETTLED
 
@@ -105,6 +111,8 @@ async def _stream(request: Request, sid: str, exec_id: str, cursor: Cursor, raw:
                 data["chunk_base64"] = ""
             await response.send(event("chunk", data, text.cursor(offset).format()))
         await response.send(await _outcome(d, sid, exec_id, offset))
+    except _Stopping:
+        pass
     except (SandkastenError, FeedError, OSError) as e:
         code = e.code if isinstance(e, SandkastenError) else SandboxError.code
         message = e.message if isinstance(e, SandkastenError) else f"unable to read the log of exec {exec_id}: {e}"

@@ -21,7 +21,7 @@ from sanic import Blueprint, Request, json
 from sandkasten import intake
 from sandkasten.api import params
 from sandkasten.api.files import parse_uploads, present_entry, write_request, write_uploads
-from sandkasten.api.sessions import json_body
+from sandkasten.api.sessions import json_body, settle
 from sandkasten.domain import commands as c
 from sandkasten.domain.events import workspace_stream
 from sandkasten.domain.workspace import ACTIVE, WorkspaceState
@@ -121,7 +121,8 @@ async def delete_workspace(request: Request, wid: str):
                                         actor=request.ctx.actor, request_id=request.ctx.request_id)
             except IllegalTransition:
                 pass   # it ended meanwhile
-        await asyncio.shield(d.executor.ensure_destroyed(s["id"]))
+        await settle(d, d.executor.ensure_destroyed(s["id"]),
+                     f"session {s['id']} is destroyed once the daemon is back; repeat the DELETE to finish")
     await d.journal.execute(workspace_stream(wid), c.DeleteWorkspace(workspace_id=wid),
                             actor=request.ctx.actor, request_id=request.ctx.request_id)
     await asyncio.to_thread(remove_dir, d.cfg.workspaces_dir, wid)
