@@ -15,7 +15,9 @@ adopted after a restart, reaped and swept like any other. Only its `pool` marker
   A member counts from the moment it is requested, so a creation in flight is counted and
   the pool never overshoots; one coroutine does all refilling, and claims only lower the count.
 - **trim** (at start): idle members beyond the configured target (a smaller `pool.images`,
-  a dropped image, `pool.enabled: false`) are destroyed.
+  a dropped image, `pool.enabled: false`) are destroyed, and so are members made under other
+  defaults (`defaults.network_mode`, `defaults.readonly_rootfs` changed between restarts):
+  a claim would hand them out as if they were what the client asked for.
 
 A request the pool cannot serve exactly gets a cold sandbox: every `RequestSession` field
 that a claim cannot change (image, network mode, read-only root, and any field added later)
@@ -79,6 +81,13 @@ class Pool:
         return all(getattr(cmd, f.name) == getattr(made, f.name)
                    for f in dataclasses.fields(c.RequestSession) if f.name not in ADJUSTABLE)
 
+    def fits(self, row: dict) -> bool:
+        """An idle member (a `sessions` row) is what the current config would make: a member
+        made before a restart under other defaults is not (e.g. a writable root where
+        `defaults.readonly_rootfs` is now true)."""
+        made = self.template(row["image"])
+        return (row["network_mode"], bool(row["readonly_rootfs"])) == (made.network_mode, made.readonly_rootfs)
+
     # ------------------------------------------------------------------ claim
     async def claim(self, cmd: c.RequestSession, actor: str, request_id: str | None = None) -> str | None:
         """The id of a pool member now configured as `cmd` asks, or None (create a cold one)."""
@@ -90,7 +99,7 @@ class Pool:
             workspace_id=cmd.workspace_id)
         try:
             for row in await self.journal.idle_pool():
-                if row["image"] != cmd.image or row["status"] != RUNNING:
+                if row["image"] != cmd.image or row["status"] != RUNNING or not self.fits(row):
                     continue
                 try:
                     [claimed] = await self.journal.execute(row["id"], claim, actor=actor, request_id=request_id)
@@ -175,20 +184,23 @@ class Pool:
 
     # ------------------------------------------------------------------ trim
     async def trim(self) -> int:
-        """Destroy idle members beyond the configured targets; running ones are kept first."""
+        """Destroy idle members that no longer fit the config and those beyond the configured
+        targets; running ones are kept first."""
         by_image: dict[str, list[dict]] = defaultdict(list)
+        extra: list[dict] = []
         for row in await self.journal.idle_pool():
-            by_image[row["image"]].append(row)
-        removed = 0
+            (by_image[row["image"]] if self.fits(row) else extra).append(row)
         for image, rows in by_image.items():
             rows.sort(key=lambda r: r["status"] != RUNNING)  # stable: oldest running first
-            extra = rows[self.targets.get(image, 0):]
-            creating = [t for r in extra if (t := self.executor.tasks.get(f"create:{r['id']}"))]
-            await asyncio.gather(*creating, return_exceptions=True)  # never tear down mid-create
-            for row in extra:
-                if await self.executor.record(row["id"], c.RequestDestroy(reason="pool_trim"), actor=ACTOR):
-                    self.executor.ensure_destroyed(row["id"])
-                    removed += 1
+            extra += rows[self.targets.get(image, 0):]
+        creating = [t for r in extra if (t := self.executor.tasks.get(f"create:{r['id']}"))]
+        await asyncio.gather(*creating, return_exceptions=True)  # never tear down mid-create
+        removed = 0
+        for row in extra:
+            if await self.executor.record(row["id"], c.RequestDestroy(reason="pool_trim"), actor=ACTOR):
+                self.executor.ensure_destroyed(row["id"])
+                removed += 1
         if removed:
-            log.info("pool: removed %d idle sandbox(es) beyond the configured targets", removed)
+            log.info("pool: removed %d idle sandbox(es) beyond the configured targets or made under "
+                     "other defaults", removed)
         return removed
