@@ -387,12 +387,20 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("invalid config key defaults.pids_limit: above limits.max_pids_limit")
     if d.exec_timeout_ms > d.max_exec_timeout_ms:
         raise ConfigError("invalid config key defaults.exec_timeout_ms: above defaults.max_exec_timeout_ms")
+    if cfg.session_ttl_seconds > cfg.limits.max_ttl_seconds:
+        raise ConfigError(f"invalid config key session_ttl_seconds: above limits.max_ttl_seconds "
+                          f"({cfg.session_ttl_seconds} > {cfg.limits.max_ttl_seconds})")
     if not cfg.cgroup_parent or "/" in cfg.cgroup_parent.strip("/") and ".." in cfg.cgroup_parent:
         raise ConfigError(f"invalid config key cgroup_parent: {cfg.cgroup_parent!r}")
     _validate_network(cfg.network)
     if cfg.allowed_images and cfg.default_image not in cfg.allowed_images:
         raise ConfigError(
             f"invalid config key default_image: {cfg.default_image!r} is not in allowed_images")
+    unusable = [name for name, count in cfg.pool.images.items()
+                if count and cfg.allowed_images and name not in cfg.allowed_images]
+    if cfg.pool.enabled and unusable:  # its members could never be handed out
+        raise ConfigError(f"invalid config key pool.images: {', '.join(map(repr, unusable))} "
+                          f"not in allowed_images")
     if not cfg.api_key and not _is_loopback(cfg.host):
         raise ConfigError(
             f"invalid config key api_key: an empty api_key is refused on the non-loopback address {cfg.host}")
