@@ -15,9 +15,10 @@ adopted after a restart, reaped and swept like any other. Only its `pool` marker
   A member counts from the moment it is requested, so a creation in flight is counted and
   the pool never overshoots; one coroutine does all refilling, and claims only lower the count.
 - **trim** (at start): idle members beyond the configured target (a smaller `pool.images`,
-  a dropped image, `pool.enabled: false`) are destroyed, and so are members made under other
-  defaults (`defaults.network_mode`, `defaults.readonly_rootfs` changed between restarts):
-  a claim would hand them out as if they were what the client asked for.
+  a dropped image, `pool.enabled: false`) are destroyed, and so are members made under another
+  config: other `defaults.network_mode` or `defaults.readonly_rootfs` (their journaled fields
+  say so), or another `security` or `network` section (`run/pool-shape.json` keeps the one
+  in force when they were made). A claim would hand them out as what the client asked for.
 
 A request the pool cannot serve exactly gets a cold sandbox: every `RequestSession` field
 that a claim cannot change (image, network mode, read-only root, and any field added later)
@@ -31,7 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
+import os
 import time
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta, timezone
@@ -87,6 +90,31 @@ class Pool:
         `defaults.readonly_rootfs` is now true)."""
         made = self.template(row["image"])
         return (row["network_mode"], bool(row["readonly_rootfs"])) == (made.network_mode, made.readonly_rootfs)
+
+    def shape(self) -> str:
+        """What makes a member besides its journaled fields: the sandbox's seccomp profile and
+        user, the bridge and its egress allow-list (changing any needs a restart)."""
+        sec = self.cfg.security
+        return json.dumps({"seccomp": sec.seccomp, "uid": sec.run_as_uid, "gid": sec.run_as_gid,
+                           "network": dataclasses.asdict(self.cfg.network)}, sort_keys=True)
+
+    @property
+    def shape_path(self):
+        return self.cfg.run_dir / "pool-shape.json"
+
+    def _made_under_this_shape(self) -> bool:
+        try:
+            return self.shape_path.read_text() == self.shape()
+        except OSError:  # unknown (first start, or lost): idle members are remade to be sure
+            return False
+
+    def _save_shape(self) -> None:
+        self.cfg.run_dir.mkdir(parents=True, mode=0o700, exist_ok=True)
+        tmp = self.shape_path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.shape())
+        os.replace(tmp, self.shape_path)
 
     # ------------------------------------------------------------------ claim
     async def claim(self, cmd: c.RequestSession, actor: str, request_id: str | None = None) -> str | None:
@@ -188,8 +216,9 @@ class Pool:
         targets; running ones are kept first."""
         by_image: dict[str, list[dict]] = defaultdict(list)
         extra: list[dict] = []
+        same_shape = self._made_under_this_shape()
         for row in await self.journal.idle_pool():
-            (by_image[row["image"]] if self.fits(row) else extra).append(row)
+            (by_image[row["image"]] if same_shape and self.fits(row) else extra).append(row)
         for image, rows in by_image.items():
             rows.sort(key=lambda r: r["status"] != RUNNING)  # stable: oldest running first
             extra += rows[self.targets.get(image, 0):]
@@ -200,7 +229,12 @@ class Pool:
             if await self.executor.record(row["id"], c.RequestDestroy(reason="pool_trim"), actor=ACTOR):
                 self.executor.ensure_destroyed(row["id"])
                 removed += 1
+        try:  # after the destroys are journaled: a crash before this line trims again, harmlessly
+            self._save_shape()
+        except OSError as e:
+            log.warning("unable to write %s: %s (idle pool members will be remade at the next start)",
+                        self.shape_path, e)
         if removed:
             log.info("pool: removed %d idle sandbox(es) beyond the configured targets or made under "
-                     "other defaults", removed)
+                     "another config", removed)
         return removed

@@ -330,18 +330,24 @@ def test_nothing_leaks_and_a_smaller_pool_is_trimmed(daemon_factory):
     assert s["pooled"] is True
 
 
-def test_members_made_under_other_defaults_are_replaced_not_handed_out(daemon_factory):
-    # defaults.readonly_rootfs turned on between restarts: an idle member made before has a
-    # writable root, and a create that asks for the (new) default must never get it
+@pytest.mark.parametrize("change", ["defaults:\n  readonly_rootfs: true\n", "security:\n  seccomp: strict\n"])
+def test_members_made_under_another_config_are_replaced_not_handed_out(daemon_factory, change):
+    # a config change between restarts (a read-only root by default, a stricter seccomp
+    # profile): an idle member made before is not what a create now asks for, so it is
+    # destroyed at start and never handed out
     d = daemon_factory(pool={"enabled": True, "images": {"base": 1}}).start()
     [old] = full(d, 1)
     d.kill()
-    d.config_path.write_text(d.config_path.read_text() + "defaults:\n  readonly_rootfs: true\n")
+    d.start()  # the same config again: the member is kept (adopted, not remade)
+    assert [m["id"] for m in full(d, 1)] == [old["id"]]
+    d.kill()
+    d.config_path.write_text(d.config_path.read_text() + change)
     d.start()
     wait_for("the old member destroyed", lambda: old["id"] not in {m["id"] for m in idle(d, running_only=False)})
-    [new] = full(d, 1)
+    full(d, 1)
     s = create(d)
     assert s["id"] != old["id"]
-    assert run(d, s["id"], "touch /x 2>/dev/null || echo ro")["stdout"] == "ro\n"
+    if "readonly" in change:
+        assert run(d, s["id"], "touch /x 2>/dev/null || echo ro")["stdout"] == "ro\n"
     ended = d.client.get(f"/v1/sessions/{old['id']}").json()
     assert ended["status"] in ("destroying", "destroyed") and ended["end_reason"] == "pool_trim"
