@@ -95,8 +95,10 @@ class Pool:
         """What makes a member besides its journaled fields: the sandbox's seccomp profile and
         user, the bridge and its egress allow-list (changing any needs a restart)."""
         sec = self.cfg.security
+        network = dataclasses.asdict(self.cfg.network)
+        del network["session_egress_within"]  # bounds what clients ask for, not what a member is
         return json.dumps({"seccomp": sec.seccomp, "uid": sec.run_as_uid, "gid": sec.run_as_gid,
-                           "network": dataclasses.asdict(self.cfg.network)}, sort_keys=True)
+                           "network": network}, sort_keys=True)
 
     @property
     def shape_path(self):
