@@ -207,6 +207,19 @@ def test_config_in_cwd_is_the_default(cfg, shell_tar):
     assert (cfg.parent / "data" / "images" / "cwd").is_dir()
 
 
+def test_config_from_environment_comes_before_the_cwd_file(cfg, shell_tar, tmp_path):
+    other = tmp_path / "other.yaml"
+    other.write_text(f"data_dir: {tmp_path / 'otherdata'}\n")
+    env = {"SANDKASTEN_CONFIG": str(other)}  # as `sandkasten` reads it, and as the usage says
+    assert run("import", "--name", "env", "--tar", str(shell_tar), cwd=cfg.parent, env=env).returncode == 0
+    assert (tmp_path / "otherdata" / "images" / "env").is_dir()
+    assert "$SANDKASTEN_CONFIG, else ./sandkasten.yaml" in run("--help").stdout
+    env = {"SANDKASTEN_CONFIG": ""}  # empty is unset, not a config named ""
+    assert [i["name"] for i in json.loads(run("list", "--json", cwd=cfg.parent, env=env).stdout)] == []
+    r = run("build", "--default", cwd=cfg.parent, env={"SANDKASTEN_CONFIG": str(other)})
+    assert r.returncode == 0 and (tmp_path / "otherdata" / "images" / "base").is_dir(), r.stderr
+
+
 def test_build_base_then_cached(cfg):
     r = run("build", "base", "--config", str(cfg))
     assert r.returncode == 0, r.stderr

@@ -2,7 +2,8 @@
 
 Who runs this: an operator on the daemon's host. import/build/delete write under
 `data_dir/images` and keep uids, setuid bits and device-free trees as root made them, so they
-need root; list and validate only read. Errors are one line on stderr and exit code 1.
+need root; list and validate only read. Errors are one line on stderr and exit code 1 (2 for
+a wrong command line), never a traceback.
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ import json as jsonlib
 import os
 import sys
 import time
-from pathlib import Path
 
 from sandkasten import config as config_mod
-from sandkasten.cli_args import Usage, call_args, show_help, wants_help
+from sandkasten.cli_args import Usage, call_args, config_path, show_help, wants_help
 from sandkasten.errors import SandkastenError
 from sandkasten.images.build import build as build_image
 from sandkasten.images.store import ImageInfo, ImageStore, check_name
@@ -32,8 +32,8 @@ usage:
   imgbuilder validate NAME                            check that a sandbox can start on NAME
   imgbuilder delete NAME                              remove an image
 
-every command takes --config PATH (default: ./sandkasten.yaml if present, else
-$SANDKASTEN_CONFIG, else built-in defaults; SANDKASTEN_DATA_DIR overrides data_dir).
+every command takes --config PATH (default: $SANDKASTEN_CONFIG, else ./sandkasten.yaml if
+present, else built-in defaults; SANDKASTEN_DATA_DIR overrides data_dir).
 import, build and delete need root.
 """
 
@@ -42,12 +42,13 @@ class Failed(Exception):
     """A one-line error for the user (exit 1)."""
 
 
-def _store(config: str) -> ImageStore:
-    path = config or os.environ.get("SANDKASTEN_CONFIG")
-    if path is None and Path("sandkasten.yaml").is_file():
-        path = "sandkasten.yaml"
-    cfg = config_mod.load(str(path) if path is not None else None)
-    return ImageStore(cfg.images_dir)
+def _config(config: object) -> config_mod.Config:
+    """--config, else $SANDKASTEN_CONFIG, else ./sandkasten.yaml if present (as `sandkasten` reads it)."""
+    return config_mod.load(config_path(str(config) if config else None))
+
+
+def _store(config: object) -> ImageStore:
+    return ImageStore(_config(config).images_dir)
 
 
 def _need_root(verb: str) -> None:
@@ -142,10 +143,7 @@ def build(which: str = "", force: bool = False, config: str = "", default: bool 
       default: build the config's default_image if it is missing (what `make run` does)
     """
     if default:
-        path = config or os.environ.get("SANDKASTEN_CONFIG")
-        if not path and Path("sandkasten.yaml").is_file():
-            path = "sandkasten.yaml"
-        cfg = config_mod.load(path or None)
+        cfg = _config(config)
         which = cfg.default_image
         if ImageStore(cfg.images_dir).exists(which):
             print(f"default image {which} is present")
