@@ -274,8 +274,12 @@ class Cli:
         pid = self.daemon_pid()
 
         async def work(journal) -> dict | None:
-            if await journal.session(session) is None:
+            row = await journal.session(session)
+            if row is None:
                 raise SessionNotFound(f"unable to exec in session {session!r}: no such session")
+            if row["status"] == "requested" and pid is None:
+                raise Failed(f"unable to exec in session {session}: its sandbox has not started yet, and no "
+                             "daemon is running to start it (sandkasten daemon -d)")
             await journal.execute(session, request, actor="cli")
             if pid is None:
                 return None

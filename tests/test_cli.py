@@ -462,8 +462,10 @@ def test_create_without_daemon_is_queued(data_dir, tmp_path):
     assert out.returncode == 1 and "nope" in out.stderr
     out = env.run("create", "--ttl", "abc")
     assert out.returncode == 1 and "ttl_seconds" in out.stderr
-    out = env.run("exec", sid, "ls")  # not started yet: refused, not queued
-    assert out.returncode == 1 and sid in out.stderr
+    out = env.run("exec", sid, "ls")  # not started yet: refused, not queued, and says why
+    assert (out.returncode, out.stderr) == (1, f"sandkasten: unable to exec in session {sid}: its sandbox has not "
+                                               "started yet, and no daemon is running to start it "
+                                               "(sandkasten daemon -d)\n")
 
 
 def test_exec_without_daemon_is_queued_and_exits_3(seeded):
