@@ -149,7 +149,8 @@ class Executor:
         """`export` the claim's env and `cd` into the (new) /workspace, in the persistent shell.
         An internal command: not a journaled exec (it is part of `sandbox.configured`)."""
         await self.runtime.aset_env(sid, dict(env))  # a restarted shell keeps them too
-        lines = [f"export {name}={_sh_quote(value)}" for name, value in env.items()]
+        # IFS: a shell started with it in its environment resets it, so a fresh sandbox ignores it too
+        lines = [f"export {name}={_sh_quote(value)}" for name, value in env.items() if name != "IFS"]
         script = "\n".join([*lines, "cd /workspace"])
         req = ExecRequest(exec_id="claim-" + secrets.token_hex(6), cmd=script, timeout_ms=10_000)
         result = await self.runtime.aexec(sid, req)

@@ -50,3 +50,6 @@ def test_ttl_caps_the_lease_even_with_activity(daemon_factory):
         time.sleep(0.3)
     assert wait_ended(d, sid) == "destroyed"
     assert expired_reason(d, sid) == ["ttl"]
+    r = d.client.post(f"/v1/sessions/{sid}/exec", json={"cmd": "true"})
+    assert r.status_code == 410 and r.json()["error_code"] == "SESSION_ENDED"
+    assert "(reason: ttl)" in r.json()["message"], r.text

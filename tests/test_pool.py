@@ -230,6 +230,12 @@ def test_claimed_sandbox_gets_workspace_env_and_limits(daemon_factory):
     assert (ws / "out.txt").read_text() == "written\n"
     for name, value in env.items():
         assert run(d, s["id"], f'printf %s "${name}"')["stdout"] == value
+    # like a fresh shell, which resets an IFS from its environment: word splitting stays the default
+    full(d)
+    u = create(d, env={"IFS": ":"})
+    assert u["pooled"] is True
+    assert run(d, u["id"], 'x="a:b:c d"; set -- $x; echo $#')["stdout"] == "2\n"  # IFS=":" gives 3
+
     stats = d.client.get(f"/v1/sessions/{s['id']}/stats").json()
     assert stats["memory_limit"] == 300 * 1024 * 1024
     row = d.client.get(f"/v1/sessions/{s['id']}").json()

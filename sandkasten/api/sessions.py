@@ -136,8 +136,9 @@ async def session_stats(request: Request, sid: str):
 def require_running(row: dict, verb: str) -> None:
     status = row["status"]
     if status in ENDED or status == "destroying":
-        raise SessionEnded(f"unable to {verb} in session {row['id']}: the session is {status}",
-                           status=status)
+        why = f" (reason: {row['end_reason']})" if row.get("end_reason") else ""
+        raise SessionEnded(f"unable to {verb} in session {row['id']}: the session is {status}{why}",
+                           status=status, reason=row.get("end_reason"))
     if status == "lost":
         raise SandboxGone(f"unable to {verb} in session {row['id']}: its sandbox was lost "
                           f"({row['lost_reason']})", status=status)
