@@ -201,7 +201,9 @@ class ImageStore:
         if pids:
             raise InvalidRequest(
                 f"unable to {verb} image {name!r}: in use as an overlay lower dir by running sandboxes "
-                f"(pids {', '.join(map(str, pids[:10]))})", image=name)
+                f"(pids {', '.join(map(str, pids[:10]))}); destroy their sessions first (`sandkasten ps --all` "
+                "lists them, idle pool members too: drop the image from pool.images and restart the daemon)",
+                image=name)
 
 
 # ---------------------------------------------------------------- inspecting a rootfs
