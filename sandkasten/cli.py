@@ -432,12 +432,24 @@ class Cli:
         if not result.ok:
             raise Exit(1)
 
-    def journal_rebuild(self) -> None:
-        """Empty the read tables (sessions, execs, workspaces) and replay every event into them."""
+    def journal_rebuild(self, force: bool = False) -> None:
+        """Empty the read tables (sessions, execs, workspaces) and replay every event into them.
+
+        Args:
+          force: rebuild even when the hash chain is broken (the tables then show tampered events)
+        """
+        from sandkasten.store import audit
+
         pid = self.daemon_pid()
         if pid is not None:
             raise Failed(f"unable to rebuild the journal: the daemon (pid {pid}) is running; "
                          "stop it first (sandkasten stop)")
+        checked = self.journal(audit.verify)
+        if not checked.ok and not force:
+            why = re.sub(r"^event \d+: ", "", checked.reason)
+            raise Failed(f"unable to rebuild the journal: its hash chain breaks at event {checked.first_bad_seq} "
+                         f"({why}), so the read tables would show what was tampered with; see "
+                         "sandkasten audit verify, or pass --force to rebuild anyway")
         count = self.journal(lambda j: j.rebuild())
         print(f"rebuilt the read tables from {count} event{'s' * (count != 1)}")
 

@@ -31,7 +31,8 @@ usage:
   sandkasten audit export [--format jsonl|csv] [--since 1h|2d|ISO-TIME] [--session ID] [--output FILE]
                                                  every command ever run (who, when, cmd, exit code, sha256)
   sandkasten audit verify [--json]               recompute the journal's hash chain
-  sandkasten journal rebuild                     rebuild the read tables from the events (daemon stopped)
+  sandkasten journal rebuild [--force]           rebuild the read tables from the events (daemon stopped;
+                                                 refused on a broken hash chain unless --force)
   sandkasten doctor [--json]                     drift between the journal and the kernel (exit 1 if any)
   sandkasten security [--json]                   what confines a sandbox: namespaces, privileges, seccomp
   sandkasten version [--json]

@@ -442,6 +442,10 @@ def test_audit_verify_ok_then_tampered(seeded):
     assert out.returncode == 1
     assert out.stdout.startswith(f"journal tampered: first bad event seq={seq} (")
     assert json.loads(seeded.run("audit", "verify", "--json").stdout)["first_bad_seq"] == seq
+    out = seeded.run("journal", "rebuild")  # would carry the tampered command into the read tables
+    assert out.returncode == 1 and f"hash chain breaks at event {seq}" in out.stderr and "--force" in out.stderr
+    out = seeded.run("journal", "rebuild", "--force")
+    assert (out.returncode, out.stdout) == (0, "rebuilt the read tables from 15 events\n"), out.stderr
 
 
 def test_journal_rebuild_replays_every_event(seeded):
