@@ -81,10 +81,7 @@ class Daemon:
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        pending = list(self.executor.tasks.values())
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        await self.executor.stop()
 
     async def stop(self) -> None:
         """Second half, once no request is left: release the runtime and the journal."""

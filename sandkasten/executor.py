@@ -38,17 +38,32 @@ class Executor:
         self.journal = journal
         self.runtime = runtime
         self.tasks: dict[str, asyncio.Task] = {}
+        self.stopped = False
         self.session_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._seen_seq = -1
 
     # ------------------------------------------------------------------ keyed work
-    def _once(self, key: str, make: Callable[[], Awaitable[Any]]) -> asyncio.Task:
+    def _once(self, key: str, make: Callable[[], Awaitable[Any]]) -> asyncio.Future:
+        if self.stopped:  # no new work once a stop began: a cancelled future, as if it had been running
+            refused = asyncio.get_running_loop().create_future()
+            refused.cancel()
+            return refused
         task = self.tasks.get(key)
         if task is None or task.done():
             task = asyncio.ensure_future(make())
             self.tasks[key] = task
             task.add_done_callback(lambda t, k=key: self._done(k, t))
         return task
+
+    async def stop(self) -> None:
+        """Cancel the work in flight and take no more (the daemon is stopping). The kernel side
+        carries on: a command keeps running in its sandbox, and the next daemon converges
+        from the journal as after a crash."""
+        self.stopped = True
+        pending = list(self.tasks.values())
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     def _done(self, key: str, task: asyncio.Task) -> None:
         if self.tasks.get(key) is task:
@@ -58,16 +73,16 @@ class Executor:
             if not isinstance(exc, SandkastenError):
                 log.error("work %s failed", key, exc_info=exc)
 
-    def ensure_session(self, sid: str) -> asyncio.Task:
+    def ensure_session(self, sid: str) -> asyncio.Future:
         return self._once(f"create:{sid}", lambda: self._create(sid))
 
-    def ensure_claimed(self, sid: str) -> asyncio.Task:
+    def ensure_claimed(self, sid: str) -> asyncio.Future:
         return self._once(f"claim:{sid}", lambda: self._configure(sid))
 
-    def ensure_exec(self, sid: str, exec_id: str, req: ExecRequest | None = None) -> asyncio.Task:
+    def ensure_exec(self, sid: str, exec_id: str, req: ExecRequest | None = None) -> asyncio.Future:
         return self._once(f"exec:{exec_id}", lambda: self._exec(sid, exec_id, req))
 
-    def ensure_destroyed(self, sid: str) -> asyncio.Task:
+    def ensure_destroyed(self, sid: str) -> asyncio.Future:
         return self._once(f"destroy:{sid}", lambda: self._destroy(sid))
 
     def busy(self, sid: str) -> bool:

@@ -204,7 +204,7 @@ def _check_retry(prior: dict | None, cmd: c.RequestExec, body: dict) -> None:
             exec_id=prior["id"], fields=differs)
 
 
-async def settle(d, task: asyncio.Task, on_stop: str):
+async def settle(d, task: asyncio.Future, on_stop: str):
     """Await an executor task without owning it: a client that goes away cancels only its
     handler, never the work. A stop of the daemon cancels the task (the sandbox and its command
     carry on; the next daemon finishes the job from the journal): a 503 saying `on_stop`."""
