@@ -11,6 +11,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from sandkasten.config import yes_no
+
 
 USAGE = """\
 sandkasten: event-sourced Linux sandboxes for AI agents
@@ -268,9 +270,9 @@ def call_args(fn: Callable[..., Any], args: list[str],
         if name not in params:
             raise Usage(f"unknown option {a.partition('=')[0]}" + (f" (known: {known})" if known else ""))
         if isinstance(params[name].default, bool):
-            if eq and value.lower() not in ("true", "false", "yes", "no", "1", "0"):
+            if eq and yes_no(value) is None:
                 raise Usage(f"--{name} takes no value, or true or false (got {value!r})")
-            kwargs[name] = not eq or value.lower() in ("true", "yes", "1")
+            kwargs[name] = not eq or bool(yes_no(value))
             continue
         if not eq:
             if i >= len(args) or args[i].startswith("--"):

@@ -276,14 +276,20 @@ def _section(name: str, cls: type, value: Any) -> Any:
     return cls(**kwargs)
 
 
+def yes_no(text: str) -> bool | None:
+    """A yes/no word as configs, query strings and command lines spell it: true/false, yes/no,
+    1/0 (any case); None for anything else."""
+    return {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
+
+
 def _coerce(key: str, typ: Any, value: Any) -> Any:
     t = str(typ)
     try:
         if t == "bool":
             if isinstance(value, bool):
                 return value
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-                return value.lower() in ("true", "yes", "1")
+            if isinstance(value, str) and (answer := yes_no(value)) is not None:
+                return answer
             raise ValueError("expected true or false")
         if t == "int":
             if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):

@@ -20,7 +20,7 @@ from sandkasten.runtime import network as network_mod
 from sandkasten.runtime.cgroups import MIN_CPU
 
 WORKSPACE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
+TOKEN = re.compile(r"^[\x21-\x7e]{1,200}$")   # Idempotency-Key, X-Request-ID: journaled and echoed
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SESSION_FIELDS = {"image", "ttl_seconds", "workspace_id", "cpu_limit", "mem_limit_mb", "pids_limit",
                   "network_mode", "egress_allow", "env", "readonly_rootfs"}
@@ -171,7 +171,7 @@ def exec_command(cfg: Config, body: Mapping[str, Any] | None, idempotency_key: s
     timeout = _number(body, "timeout_ms", d.exec_timeout_ms, int, d.max_exec_timeout_ms)
     output_limit(cfg, body)  # refused before anything runs, not after
     _flag(body, "raw_output", False)
-    if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
+    if idempotency_key is not None and not TOKEN.match(idempotency_key):
         raise InvalidRequest("invalid Idempotency-Key: expected 1-200 printable ASCII characters")
     return c.RequestExec(exec_id=new_exec_id(), cmd=cmd, timeout_ms=timeout, idempotency_key=idempotency_key)
 

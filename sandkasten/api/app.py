@@ -5,18 +5,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import re
 import secrets
 
 from sanic import Request, Sanic
 from sanic.exceptions import BadRequest, PayloadTooLarge, SanicException
 
+from sandkasten import intake
 from sandkasten.api import errors, files, sessions, stream, system, workspaces
 from sandkasten.errors import SandkastenError
 
 log = logging.getLogger("sandkasten.api")
 OPEN_PATHS = ("/healthz",)
-REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
 
 
 def unparsed(request: Request) -> bool:
@@ -42,7 +41,7 @@ def create_app(daemon) -> Sanic:
     @app.on_request
     async def authenticate(request: Request):
         given_id = request.headers.get("x-request-id")
-        request.ctx.request_id = given_id if given_id and REQUEST_ID.match(given_id) else secrets.token_hex(8)
+        request.ctx.request_id = given_id if given_id and intake.TOKEN.match(given_id) else secrets.token_hex(8)
         request.ctx.actor = key_id
         if given_id is not None and request.ctx.request_id != given_id:   # it is journaled and echoed
             return errors.body("INVALID_REQUEST", "invalid X-Request-ID header: expected 1-200 printable "

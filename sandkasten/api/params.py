@@ -4,25 +4,19 @@ from __future__ import annotations
 
 from sanic import Request
 
+from sandkasten.config import yes_no
 from sandkasten.errors import InvalidRequest
-
-TRUE = ("1", "true", "yes")
-FALSE = ("0", "false", "no")
-
-
-def truthy(value) -> bool:
-    """A flag from a query string or a JSON body: true, 1, yes (any case)."""
-    return value is True or str(value).lower() in TRUE
 
 
 def flag(request: Request, name: str) -> bool:
     """A query flag: true/1/yes or false/0/no (any case); absent is false, anything else a 400."""
     value = request.args.get(name)
-    if value is None or value.lower() in FALSE:
+    if value is None:
         return False
-    if value.lower() in TRUE:
-        return True
-    raise InvalidRequest(f"invalid query parameter {name}={value!r}: use true or false", parameter=name)
+    answer = yes_no(value)
+    if answer is None:
+        raise InvalidRequest(f"invalid query parameter {name}={value!r}: use true or false", parameter=name)
+    return answer
 
 
 def required(request: Request, name: str, verb: str) -> str:

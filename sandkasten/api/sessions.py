@@ -133,11 +133,14 @@ async def session_stats(request: Request, sid: str):
                  "cpu_usage_usec": stats.cpu_usage_usec, "pids": stats.pids, "oom_kills": stats.oom_kills})
 
 
+def _reason(session: dict) -> str:
+    return f" (reason: {session['end_reason']})" if session.get("end_reason") else ""
+
+
 def require_running(row: dict, verb: str) -> None:
     status = row["status"]
     if status in ENDED or status == "destroying":
-        why = f" (reason: {row['end_reason']})" if row.get("end_reason") else ""
-        raise SessionEnded(f"unable to {verb} in session {row['id']}: the session is {status}{why}",
+        raise SessionEnded(f"unable to {verb} in session {row['id']}: the session is {status}{_reason(row)}",
                            status=status, reason=row.get("end_reason"))
     if status == "lost":
         raise SandboxGone(f"unable to {verb} in session {row['id']}: its sandbox was lost "
@@ -240,8 +243,8 @@ async def lost_exec(d, sid: str, exec_id: str, reason: str | None) -> SessionEnd
     destroyed meanwhile (a DELETE, a TTL, a deleted workspace), else 410 SANDBOX_LOST."""
     session = await d.journal.session(sid)
     if session is not None and session["status"] in ("destroying", "destroyed"):
-        why = f" (reason: {session['end_reason']})" if session["end_reason"] else ""
-        return SessionEnded(f"exec {exec_id} did not finish: session {sid} was destroyed while it ran{why}",
+        return SessionEnded(f"exec {exec_id} did not finish: session {sid} was destroyed while it ran"
+                            f"{_reason(session)}",
                             exec_id=exec_id, status=session["status"])
     return SandboxGone(f"exec {exec_id} in session {sid} was lost: {reason}", exec_id=exec_id)
 

@@ -53,7 +53,7 @@ async def exec_stream(request: Request, sid: str):
     if requested is not None:
         cursor = Cursor()   # a Last-Event-ID cannot name a point in an exec that did not exist: send it all
     d.executor.ensure_exec(sid, exec_id)   # not awaited: the command must outlive this connection
-    await _stream(request, sid, exec_id, cursor, raw=params.truthy(body.get("raw_output", False)))
+    await _stream(request, sid, exec_id, cursor, raw=bool(body.get("raw_output")))
 
 
 @bp.get("/sessions/<sid>/execs/<exec_id>/stream")
