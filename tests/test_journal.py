@@ -169,6 +169,21 @@ async def test_a_workspace_made_for_a_session_names_it(journal):
     assert await journal.snapshot_read_tables() == live
 
 
+async def test_a_refused_write_never_makes_a_concurrent_read_lose_the_stream(journal):
+    """A refused append clears the state cache on the writer thread; a read folding events onto
+    the cache at that moment once saw no state at all (the executor then skipped a destroy)."""
+    await start_session(journal, "s-1")
+    await journal.execute("s-1", RequestDestroy(), actor="api")
+
+    async def refused() -> None:
+        with pytest.raises(IllegalTransition):
+            await journal.execute("s-1", RecordSandboxStarted(pid=1, start_time=1, cgroup="x"), actor="api")
+
+    for _ in range(150):
+        results = await asyncio.gather(*(journal.state("s-1") for _ in range(4)), refused(), refused())
+        assert [s.status for s in results[:4]] == ["destroying"] * 4
+
+
 async def test_chain_links_every_event(journal):
     await start_session(journal, "s-1")
     await run_exec(journal, "s-1", "e-1")

@@ -250,8 +250,8 @@ class Journal:
     def _append(self, conn: sa.Connection, stream_id: str, command: c.Command, actor: str,
                 request_id: str | None) -> list[RecordedEvent]:
         """On the writer thread, inside BEGIN IMMEDIATE: load, decide, append, project."""
-        query, params = self._catch_up_query(stream_id, head=True)
-        state, seq, prev_hash = self._fold(stream_id, fastpath.execute(conn, query, params))
+        query, params, base = self._catch_up_query(stream_id, head=True)
+        state, seq, prev_hash = self._fold(stream_id, base, fastpath.execute(conn, query, params))
         prior = self._prior_execs(conn, stream_id, command)
         new_events = decide(state, command, prior=prior, stream_id=stream_id)
         version = state.version if state else 0
@@ -287,17 +287,19 @@ class Journal:
 
     async def _load(self, conn: AsyncConnection, stream_id: str) -> State | None:
         """The cached state of a stream, caught up on events newer than the cached version."""
-        rows = (await conn.execute(*self._catch_up_query(stream_id, head=False))).all()
-        return self._fold(stream_id, rows)[0]
+        query, params, base = self._catch_up_query(stream_id, head=False)
+        return self._fold(stream_id, base, (await conn.execute(query, params)).all())[0]
 
-    def _catch_up_query(self, stream_id: str, head: bool) -> tuple[sa.Executable, dict[str, Any]]:
-        """The stream's events newer than the cached state and (with `head`, in the same
-        query) the journal's last event, whose seq and hash the next append chains to."""
-        state = self._states.get(stream_id)
-        return (_CATCH_UP_WITH_HEAD if head else _CATCH_UP), {"sid": stream_id, "v": state.version if state else 0}
+    def _catch_up_query(self, stream_id: str, head: bool) -> tuple[sa.Executable, dict[str, Any], State | None]:
+        """The stream's events newer than its cached state (returned too: the base to fold them
+        onto, whatever another thread does to the cache meanwhile) and, with `head`, in the
+        same query, the journal's last event, whose seq and hash the next append chains to."""
+        base = self._states.get(stream_id)
+        stmt = _CATCH_UP_WITH_HEAD if head else _CATCH_UP
+        return stmt, {"sid": stream_id, "v": base.version if base else 0}, base
 
-    def _fold(self, stream_id: str, rows: Iterable[Any]) -> tuple[State | None, int, str]:
-        state = self._states.get(stream_id)
+    def _fold(self, stream_id: str, base: State | None, rows: Iterable[Any]) -> tuple[State | None, int, str]:
+        state = base
         seq, prev_hash, seen = 0, GENESIS_HASH, set()
         for row in rows:
             seq, prev_hash = max((seq, prev_hash), (row.seq, row.hash))
@@ -309,7 +311,9 @@ class Journal:
         return state, seq, prev_hash
 
     def _remember(self, stream_id: str, state: State) -> None:
-        self._states[stream_id] = state
+        cached = self._states.get(stream_id)
+        if cached is None or cached.version <= state.version:  # a slower reader never rolls it back
+            self._states[stream_id] = state
         self._states.move_to_end(stream_id)
         while len(self._states) > _STATE_CACHE_SIZE:
             self._states.popitem(last=False)
