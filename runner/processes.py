@@ -76,7 +76,8 @@ class Proc:
         if self.result is not None:
             return self.result
         return {"ok": True, "id": self.id, "state": "running", "pid": self.pid, "started_at": self.started,
-                "pty": {"rows": self.rows, "cols": self.cols} if self.pty else None, **self._counts()}
+                "pty": {"rows": self.rows, "cols": self.cols} if self.pty else None,
+                "output_sha256": self.sha.copy().hexdigest(), **self._counts()}
 
     def _counts(self) -> dict:
         return {"stdout_bytes": self.out, "stderr_bytes": self.err, "log_bytes": self.log_bytes,
