@@ -106,8 +106,14 @@ def check_offset(path: Path, offset: int) -> None:
         raise FeedError(f"invalid resume offset {offset}: the exec has no output yet") from None
     if offset > size:
         raise FeedError(f"invalid resume offset {offset}: the log has only {size} bytes")
-    if offset < size and len(head) == FRAME.size and head[0] != 0:   # zeros: a dropped (punched) part
+    if offset < size and len(head) == FRAME.size and not _dropped(path, offset):
         _unpack(head, offset)
+
+
+def _dropped(path: Path, offset: int) -> bool:
+    """Is `offset` inside the punched-out start of a bounded log (see `data_start`)?"""
+    first = data_start(path, 0)
+    return first is not None and offset < first
 
 
 def _unpack(head: bytes, offset: int) -> tuple[int, int, float]:
