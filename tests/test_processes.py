@@ -371,3 +371,123 @@ def test_unauthenticated_process_routes_are_refused(daemon):
     sid = create(daemon)
     r = httpx.post(f"{daemon.url}/v1/sessions/{sid}/processes", json={"cmd": "true"})
     assert r.status_code == 401
+
+
+# ------------------------------------------------------------------ the CLI: ps, logs, audit, attach
+def test_cli_ps_logs_and_audit_show_processes_in_order_with_the_commands(daemon):
+    sid = create(daemon)
+    daemon.client.post(f"/v1/sessions/{sid}/exec", json={"cmd": "echo first"})
+    pid = start(daemon, sid, "read a; echo typed:$a; sleep 30")["process_id"]
+    stdin(daemon, sid, pid, "hello there\n")
+    Output(daemon, sid, pid).until(b"typed:hello there")
+    daemon.client.post(f"/v1/sessions/{sid}/exec", json={"cmd": "echo second"})
+    ps = daemon.cli("ps", sid, "--processes")
+    assert ps.returncode == 0, ps.stderr
+    assert pid in ps.stdout and "running" in ps.stdout and "read a" in ps.stdout
+    daemon.client.delete(f"/v1/sessions/{sid}/processes/{pid}")
+    assert "no running processes" in daemon.cli("ps", sid).stdout
+    ended = daemon.cli("ps", sid, "--all", "--json")
+    [row] = json.loads(ended.stdout)
+    assert row["process_id"] == pid and row["signal"] == "SIGKILL" and row["input_bytes"] == 12
+    logs = daemon.cli("logs", sid).stdout
+    order = [logs.index(s) for s in ("$ echo first", f"{pid} & read a", f"{pid} < 'hello there\\n'",
+                                     "$ echo second", f"{pid} sent SIGKILL", f"{pid} ended (killed by SIGKILL")]
+    assert order == sorted(order), logs
+    assert "typed:hello there" in logs
+    audit = [json.loads(line) for line in daemon.cli("audit", "export", "--session", sid).stdout.splitlines()]
+    kinds = [(r["kind"], r["exec_id"] if r["kind"] != "exec" else r["cmd"]) for r in audit]
+    assert kinds == [("exec", "echo first"), ("process", pid), ("input", pid), ("exec", "echo second"),
+                     ("input", pid)]
+    assert audit[2]["input"] == "hello there\n" and audit[1]["exit_code"] == "SIGKILL"
+    assert daemon.cli("ps", "--processes").returncode == 2
+
+
+def _attach(daemon, sid, pid, size=(24, 80)):
+    """`sandkasten attach` on a pseudo-terminal of our own; (child pid, our end of its terminal)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    child, fd = pty.fork()
+    if child == 0:
+        os.execv(sys_executable(), [sys_executable(), "-m", "sandkasten.cli", "--config", str(daemon.config_path), "attach", sid, pid])
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", *size, 0, 0))
+    return child, fd
+
+
+def sys_executable() -> str:
+    from tests.daemons import BIN
+    return str(BIN / "python")
+
+
+def _read_until(fd, needle: bytes, seen: bytearray, timeout=20.0) -> bytes:
+    import select
+    deadline = time.monotonic() + timeout
+    while needle not in seen:
+        assert time.monotonic() < deadline, f"{needle!r} not on the terminal: {bytes(seen[-1500:])!r}"
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            try:
+                seen += os.read(fd, 65536)
+            except OSError:
+                break
+    return bytes(seen)
+
+
+def test_attach_is_a_real_terminal_with_resize_and_detach(daemon, python_image):
+    import fcntl
+    import struct
+    import termios
+
+    sid = create(daemon, image=python_image)
+    daemon.client.post(f"/v1/sessions/{sid}/fs/write", json={"path": "screen.py", "text": FULL_SCREEN})
+    pid = start(daemon, sid, "python3 -i -q", pty={"rows": 10, "cols": 40})["process_id"]
+    child, fd = _attach(daemon, sid, pid, size=(30, 100))
+    seen = bytearray()
+    try:
+        _read_until(fd, b">>> ", seen)
+        assert wait_resized(daemon, sid, pid, {"rows": 30, "cols": 100})   # took our terminal's size
+        os.write(fd, b"print(6 * 7)\r")
+        _read_until(fd, b"42", seen)
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 120, 0, 0))   # SIGWINCH to attach
+        assert wait_resized(daemon, sid, pid, {"rows": 50, "cols": 120})
+        os.write(fd, b"import shutil; shutil.get_terminal_size()\r")
+        _read_until(fd, b"columns=120, lines=50", seen)
+        os.write(fd, b"\x1d")   # Ctrl-]: detach
+        _, status = os.waitpid(child, 0)
+        child = 0
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        if child:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+        os.close(fd)
+    assert get(daemon, sid, pid)["status"] == "running"   # detached, not ended
+    typed = [e["payload"] for e in journal_events(daemon, sid) if e["type"] == "process.input"
+             and e["payload"]["kind"] == "stdin"]
+    assert b"print(6 * 7)\r" in b"".join(base64.b64decode(t["data_base64"]) for t in typed)
+    # attach again and end it: attach exits with the process's code
+    child, fd = _attach(daemon, sid, pid)
+    try:
+        _read_until(fd, b"columns=120", bytearray())   # the replay of what it printed before
+        os.write(fd, b"raise SystemExit(3)\r")
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 3
+    finally:
+        os.close(fd)
+
+
+def wait_resized(daemon, sid, pid, size, timeout=10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if get(daemon, sid, pid)["pty"] == size:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_attach_refuses_an_unknown_process_with_one_line(daemon):
+    sid = create(daemon)
+    r = daemon.cli("attach", sid, "p-000000000000")
+    assert r.returncode == 1 and "unable to attach" in r.stderr and "Traceback" not in r.stderr
