@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+from dataclasses import replace
 
 from sanic import Blueprint, Request, json
 
@@ -138,17 +139,28 @@ async def _journal_input(request: Request, sid: str, *commands: c.RecordProcessI
 async def write_stdin(request: Request, sid: str, process_id: str):
     d = request.app.ctx.daemon
     data, eof = intake.stdin_data(json_body(request))
+    key = request.headers.get("idempotency-key")
+    if key is not None and not intake.TOKEN.match(key):
+        raise InvalidRequest("invalid Idempotency-Key: expected 1-200 printable ASCII characters")
     await _running(d, sid, process_id, "write to stdin")
     inputs = []
     if data:
         recorded = base64.b64encode(data).decode() if d.cfg.audit.record_input else None
         inputs.append(c.RecordProcessInput(process_id=process_id, kind="stdin", size=len(data),
-                                           sha256=hashlib.sha256(data).hexdigest(), data_base64=recorded))
+                                           sha256=hashlib.sha256(data).hexdigest(), data_base64=recorded,
+                                           idempotency_key=key))
     if eof:
-        inputs.append(c.RecordProcessInput(process_id=process_id, kind="eof"))
-    await _journal_input(request, sid, *inputs)
-    await d.processes.send(sid, process_id, {"op": "proc_write", "data_base64": base64.b64encode(data).decode(),
-                                             "eof": eof})
+        inputs.append(c.RecordProcessInput(process_id=process_id, kind="eof",
+                                           idempotency_key=None if data else key))
+    try:
+        events = await d.journal.execute_all(sid, inputs, actor=request.ctx.actor, request_id=request.ctx.request_id)
+    except DuplicateIdempotencyKey:   # a retry of input already journaled: make sure it arrived, once
+        await d.processes.deliver_pending(sid, process_id)
+        return json({"ok": True, "bytes": len(data), "duplicate": True})
+    if not d.cfg.audit.record_input:   # the journal has no bytes to send: hand over these ones
+        events = [replace(e, payload={**e.payload, "data_base64": base64.b64encode(data).decode()})
+                  if e.payload["kind"] == "stdin" else e for e in events]
+    await d.processes.deliver(sid, process_id, events)
     return json({"ok": True, "bytes": len(data)})
 
 
