@@ -296,8 +296,10 @@ def test_destroying_the_session_kills_every_process(daemon):
     sid = create(daemon)
     pids = [start(daemon, sid, "sleep 300")["process_id"] for _ in range(3)]
     assert daemon.client.get(f"/v1/sessions/{sid}/stats").json()["pids"] >= 5   # runner, shell, 3 sleeps
-    sleeps = _host_processes_of(sid, b"sleep\x00300")
-    assert len(sleeps) == 3
+    deadline = time.monotonic() + 10
+    while len(sleeps := _host_processes_of(sid, b"sleep\x00300")) < 3:   # each `sh -c` has to exec first
+        assert time.monotonic() < deadline, sleeps
+        time.sleep(0.05)
     assert daemon.client.delete(f"/v1/sessions/{sid}").status_code == 200
     from sandkasten.runtime.procfs import proc_start_time
     assert [p for p, st in sleeps if proc_start_time(p) == st] == []
