@@ -11,7 +11,7 @@ the API client owns the tar being unpacked, so neither is trusted:
   Member names are relative to /workspace (`src/app.py`), as the SDK's portable tars are.
 - unpack: refuses absolute names, `..`, NUL; symlinks whose target leaves /workspace; hard
   links to anything but an earlier member of the same tar; devices and fifos; files above
-  `max_file_bytes`. A member's parent is looked up beneath the root with *no* symlinks allowed
+  `max_file_bytes` (symlinks out are allowed on request: `unpack`). A member's parent is looked up beneath the root with *no* symlinks allowed
   (RESOLVE_NO_SYMLINKS), so a symlink — one the tar made a moment ago, or one already in the
   workspace — is never followed on the host. Files are written next to their final name and
   renamed over it (renameat replaces an entry, never writes through it), owned by the sandbox
@@ -106,8 +106,11 @@ class WorkspaceArchive(WorkspaceFS):
 
     # --- unpack ------------------------------------------------------------------------------
 
-    def unpack(self, source: BinaryIO) -> int:
-        """Extract a tar stream into the workspace; returns the number of members written."""
+    def unpack(self, source: BinaryIO, external_symlinks: bool = False) -> int:
+        """Extract a tar stream into the workspace; returns the number of members written.
+        external_symlinks: also make symlinks pointing outside /workspace (a venv's
+        `bin/python -> /usr/bin/python3`). Nothing here ever follows one, and the sandbox user
+        can make them with `ln -s` anyway; refused by default all the same."""
         count = 0
         files: set[str] = set()
         with self._failures("extract into", "") as root_fd:
@@ -121,7 +124,7 @@ class WorkspaceArchive(WorkspaceFS):
                         rel = self._member_name(member.name)
                         if rel is None:
                             continue
-                        self._unpack_member(tar, root_fd, member, rel, files)
+                        self._unpack_member(tar, root_fd, member, rel, files, external_symlinks)
                         count += 1
                 except tarfile.TarError as e:
                     raise InvalidRequest(f"unable to extract the archive after {count} members: "
@@ -145,7 +148,7 @@ class WorkspaceArchive(WorkspaceFS):
         return "/".join(parts) or None
 
     def _unpack_member(self, tar: tarfile.TarFile, root_fd: int, member: tarfile.TarInfo, rel: str,
-                       files: set[str]) -> None:
+                       files: set[str], external_symlinks: bool) -> None:
         shown = f"{MOUNT_POINT}/{rel}"
 
         def refuse(error, why: str):
@@ -154,7 +157,7 @@ class WorkspaceArchive(WorkspaceFS):
         if member.isdev() or member.isfifo():
             raise refuse(PathRefused, "device nodes and fifos are refused")
         if member.issym():
-            _check_symlink_target(rel, member.linkname, refuse)
+            _check_symlink_target(rel, member.linkname, refuse, external_symlinks)
         elif member.islnk():
             try:
                 source = self._member_name(member.linkname)
@@ -273,11 +276,13 @@ class _Exactly:
         return len(data)
 
 
-def _check_symlink_target(rel: str, target: str, refuse) -> None:
+def _check_symlink_target(rel: str, target: str, refuse, external: bool) -> None:
     """A symlink may point anywhere inside /workspace (absolute /workspace/... or relative
-    without climbing out), never elsewhere: the tar must not smuggle a way out."""
+    without climbing out); elsewhere only when `external` was asked for."""
     if not target or "\0" in target:
         raise refuse(PathRefused, "a symlink needs a target without NUL bytes")
+    if external:
+        return
     if target.startswith("/"):
         if target != MOUNT_POINT and not target.startswith(MOUNT_POINT + "/"):
             raise refuse(PathRefused, f"the symlink points outside {MOUNT_POINT} (to '{_shown(target)}')")

@@ -2,8 +2,9 @@
 persist_workspace / hydrate_workspace):
 
 - `GET  /v1/sessions/{id}/fs/archive` → `application/x-tar`, streamed while it is packed;
-- `POST /v1/sessions/{id}/fs/archive` (body: a tar, optionally gzip/bz2/xz) → `{ok, members}`,
-  extracted while it arrives (at most `limits.max_archive_bytes`).
+- `POST /v1/sessions/{id}/fs/archive[?external_symlinks=true]` (body: a tar, optionally
+  gzip/bz2/xz) → `{ok, members}`, extracted while it arrives (at most
+  `limits.max_archive_bytes`); symlinks pointing out of /workspace only on request.
 
 The tar is made and read host-side by `sandkasten.workspace_archive` (confined like the file
 API) in a worker thread; an OS pipe joins that thread to the response or the request body, so
@@ -21,6 +22,7 @@ from contextlib import suppress
 from sanic import Blueprint, Request, json
 from sanic.exceptions import PayloadTooLarge
 
+from sandkasten.api import params
 from sandkasten.api.files import session_fs
 from sandkasten.api.sessions import require_running, session_row
 from sandkasten.errors import SandkastenError, TooLarge
@@ -75,6 +77,7 @@ async def download_archive(request: Request, sid: str):
 async def upload_archive(request: Request, sid: str):
     d = request.app.ctx.daemon
     archive = await _archive(request, sid, "extract an archive")
+    external = params.flag(request, "external_symlinks")
     limit = d.cfg.limits.max_archive_bytes
     request.stream.request_max_size = limit
     loop = asyncio.get_running_loop()
@@ -85,7 +88,7 @@ async def upload_archive(request: Request, sid: str):
 
     def unpack() -> int:
         with os.fdopen(rfd, "rb") as source:
-            return archive.unpack(source)
+            return archive.unpack(source, external_symlinks=external)
 
     unpacking = asyncio.ensure_future(asyncio.to_thread(unpack))
     too_large = False
