@@ -11,7 +11,7 @@ from sanic import Request, Sanic
 from sanic.exceptions import BadRequest, PayloadTooLarge, SanicException
 
 from sandkasten import intake
-from sandkasten.api import archive, errors, files, sessions, stream, system, workspaces
+from sandkasten.api import archive, errors, files, processes, sessions, stream, system, workspaces
 from sandkasten.errors import SandkastenError
 
 log = logging.getLogger("sandkasten.api")
@@ -92,5 +92,6 @@ def create_app(daemon) -> Sanic:
     app.blueprint(files.bp)
     app.blueprint(archive.bp)
     app.blueprint(stream.bp)
+    app.blueprint(processes.bp)
     app.blueprint(workspaces.bp)
     return app
