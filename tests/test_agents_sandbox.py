@@ -87,6 +87,11 @@ def wait_for(check, what: str, timeout: float = 90):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def ended_well(row: dict) -> bool:
+    """A command (exec) or process that ran to its end with exit code 0."""
+    return row["status"] in ("finished", "exited") and row["exit_code"] == 0
+
+
 def next_step(steps: queue.Queue, index: int) -> None:
     while True:
         if steps.get(timeout=90) == index:
@@ -148,8 +153,70 @@ def test_sandbox_agent_survives_a_daemon_sigkill_and_its_own_kill_and_is_audited
     cmds = [r["cmd"] for r in run_rows]
     assert any(THROUGH_DAEMON_KILL in c for c in cmds) and any(FINAL in c for c in cmds)
     killed = [r for r in run_rows if THROUGH_AGENT_KILL in r["cmd"]]
-    assert len(killed) == 2 and all(r["status"] == "finished" and r["exit_code"] == 0 for r in killed)
+    assert len(killed) == 2 and all(ended_well(r) for r in killed)
     # (the first ran on to its end after its agent died; the resumed run asked for it once more)
-    daemon_killed = next(r for r in run_rows if THROUGH_DAEMON_KILL in r["cmd"])
-    assert daemon_killed["status"] == "finished" and daemon_killed["exit_code"] == 0
+    assert ended_well(next(r for r in run_rows if THROUGH_DAEMON_KILL in r["cmd"]))
+    # exec_command's commands ran as processes beside the shell (the SDK's PTY path)
+    assert all(r["kind"] == "process" for r in run_rows if "wordfreq.py sample.txt" in r["cmd"])
+    assert {"exec_command", "write_stdin", "apply_patch"} <= set(read_conversation(model.requests[0]).tools)
     assert all(r["actor"].startswith("api:") for r in rows)
+
+
+# ------------------------------------------------------------------ an interactive process outlives its agent
+def session_number(conv) -> int:
+    """The process number exec_command gave the model ("Process running with session ID N")."""
+    return int(re.search(r"session ID (\d+)", "\n".join(conv.outputs)).group(1))
+
+
+REPL_PROMPT = "keep a python REPL open and compute with it"
+REPL_SCRIPT = [Turn(REPL_PROMPT, [
+    [Call("exec_command", {"cmd": "python3 -i -q", "tty": True, "yield_time_ms": 1500})],
+    lambda conv: [Call("write_stdin", {"session_id": session_number(conv), "chars": "x = 41\n",
+                                       "yield_time_ms": 500})],
+    # the agent is SIGKILLed while the REPL sleeps; resumed, the model sends it once more
+    lambda conv: [Call("write_stdin", {"session_id": session_number(conv), "yield_time_ms": 8000,
+                                       "chars": "import time; time.sleep(2); print('slept', x)\n"})],
+    lambda conv: [Call("write_stdin", {"session_id": session_number(conv), "chars": "print(x + 1)\n",
+                                       "yield_time_ms": 1000})],
+    lambda conv: Say("the REPL still knows x:\n" + conv.last_output),
+])]
+
+
+def test_an_interactive_process_and_its_state_outlive_the_agent_that_started_it(py_daemon, tmp_path):
+    steps: queue.Queue = queue.Queue()
+    state, log = tmp_path / "state", tmp_path / "agent.log"
+    with ScriptedOpenAI(REPL_SCRIPT, on_step=lambda prompt, index: steps.put(index)) as model:
+        env = agent_env(model, py_daemon)
+        cmd = [str(BIN / "python"), "sandbox_agent.py", "--state-dir", str(state), REPL_PROMPT]
+        with open(log, "ab") as out:
+            agent = subprocess.Popen(cmd, cwd=AGENT_DIR, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            next_step(steps, 2)
+            [live] = py_daemon.client.get("/v1/sessions").json()
+            sid = live["id"]
+            wait_for(lambda: any(p["status"] == "running" and p["input_bytes"] > 7 for p in
+                                 py_daemon.client.get(f"/v1/sessions/{sid}/processes").json()),
+                     "the sleep typed into the REPL")
+            agent.kill()
+            assert agent.wait(timeout=30) == -9
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait()
+        [repl] = py_daemon.client.get(f"/v1/sessions/{sid}/processes").json()
+        assert repl["status"] == "running" and repl["pty"] is not None   # nothing killed it
+        resumed = subprocess.run(cmd, cwd=AGENT_DIR, env=env, capture_output=True, text=True, timeout=240)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert not model.errors, model.errors
+    out = resumed.stdout
+    assert f"sandbox {sid} (reattached)" in out and "resuming the unfinished request" in out
+    last = [read_conversation(r) for r in model.requests][-1]
+    assert "42" in last.last_output and "slept 41" in "\n".join(last.outputs)
+    # one REPL all along: the resumed agent found it by its number and typed into it
+    rows = [json.loads(line) for line in py_daemon.cli("audit", "export", "--session", sid).stdout.splitlines()]
+    repls = [r for r in rows if r["kind"] == "process" and "python3 -i -q" in r["cmd"]]
+    typed = [r["input"] for r in rows if r["kind"] == "input" and r["status"] == "stdin"
+             and r["exec_id"] == repl["process_id"]]
+    sleep = "import time; time.sleep(2); print('slept', x)\n"   # sent again: its answer died with the agent
+    assert len(repls) == 1 and typed == ["x = 41\n", sleep, sleep, "print(x + 1)\n"], typed
+    assert repls[0]["actor"].endswith("/run:" + re.search(r"run (trace_[0-9a-f]{32})", out).group(1))

@@ -15,13 +15,12 @@ daemon serves the process API."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import shlex
+import signal as signals
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from agents.sandbox.errors import ExecTransportError, PtySessionNotFoundError
 from agents.sandbox.session.pty_types import (
@@ -36,7 +35,7 @@ from agents.sandbox.types import User
 
 from sandkasten.client import errors as client_errors
 
-PTY_SIZE = {"rows": 24, "cols": 80}
+PTY_SIZE = (24, 80)
 FINISHED = ("exited", "lost")
 POLL_FIRST_S, POLL_MAX_S = 0.02, 0.25
 
@@ -47,11 +46,14 @@ def model_id(process_id: str) -> int:
     return PTY_PROCESS_ID_MIN + int(hashlib.sha256(process_id.encode()).hexdigest()[:12], 16) % span
 
 
-def field_of(obj: Any, name: str, default: Any = None) -> Any:
-    """A field of the client's answer (a model object or a plain JSON dict)."""
-    if isinstance(obj, dict):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
+def exit_status(exit_code: int | None, signal: str | None) -> int | None:
+    """The exit code, or 128 + the number of the signal that ended it (as a shell says)."""
+    if exit_code is not None or not signal:
+        return exit_code
+    try:
+        return 128 + signals.Signals[signal if signal.startswith("SIG") else "SIG" + signal].value
+    except KeyError:
+        return None
 
 
 @dataclass
@@ -70,12 +72,8 @@ class ProcessTable:
         return self._process_api
 
     async def _probe_processes(self) -> None:
-        api = self._connection().api
-        if not hasattr(api, "list_processes"):
-            self._process_api = False
-            return
         try:
-            await api.list_processes(self.sandbox_id)
+            await self._connection().api.list_processes(self.sandbox_id)
         except client_errors.SandkastenError:
             self._process_api = False      # a daemon without the process API: one-shot exec only
         else:
@@ -89,14 +87,14 @@ class ProcessTable:
         timeout_ms = None if timeout is None else max(1, int(timeout * 1000))
         try:
             started = await self._connection().api.start_process(
-                self.sandbox_id, line, cwd=self.state.manifest.root, pty=dict(PTY_SIZE) if tty else None,
+                self.sandbox_id, line, cwd=self.state.manifest.root, pty=PTY_SIZE if tty else None,
                 timeout_ms=timeout_ms)
         except client_errors.SandkastenError as e:
             raise ExecTransportError(command=command, cause=e, context={
                 "error_code": e.code, "message": e.message, "backend": "sandkasten"},
                 message=f"unable to start the process in Sandkasten session {self.sandbox_id}: {e.message}") from e
-        number = model_id(field_of(started, "process_id"))
-        self._processes[number] = _Process(field_of(started, "process_id"))
+        number = model_id(started.process_id)
+        self._processes[number] = _Process(started.process_id)
         yield_ms = clamp_pty_yield_time_ms(10_000 if yield_time_s is None else int(yield_time_s * 1000))
         return await self._collect(number, yield_ms, max_output_tokens)
 
@@ -106,8 +104,12 @@ class ProcessTable:
         if chars:
             try:
                 await self._connection().api.write_stdin(self.sandbox_id, process.process_id, chars)
-            except client_errors.Conflict:
-                pass                       # it exited meanwhile: its end is reported below
+            except client_errors.ProcessExited:
+                pass                       # it ended meanwhile: its end is reported below
+            except client_errors.SandkastenError as e:
+                raise ExecTransportError(command=("write_stdin", str(session_id)), cause=e, context={
+                    "error_code": e.code, "message": e.message, "backend": "sandkasten"},
+                    message=f"unable to write to process {session_id}: {e.message}") from e
         yield_ms = resolve_pty_write_yield_time_ms(
             yield_time_ms=250 if yield_time_s is None else int(yield_time_s * 1000), input_empty=chars == "")
         return await self._collect(session_id, yield_ms, max_output_tokens)
@@ -127,9 +129,9 @@ class ProcessTable:
         if known is not None:
             return known
         if self._process_api:             # started by an agent process before this one
-            for listed in await self._connection().api.list_processes(self.sandbox_id, all=True):
-                if model_id(field_of(listed, "process_id")) == number:
-                    self._processes[number] = _Process(field_of(listed, "process_id"))
+            for listed in await self._connection().api.list_processes(self.sandbox_id, include_ended=True):
+                if model_id(listed.process_id) == number:
+                    self._processes[number] = _Process(listed.process_id)
                     return self._processes[number]
         raise PtySessionNotFoundError(session_id=number)
 
@@ -141,11 +143,16 @@ class ProcessTable:
         output = bytearray()
         pause = POLL_FIRST_S
         while True:
-            answer = await api.process_output(self.sandbox_id, process.process_id, offset=process.offset)
-            output += base64.b64decode(field_of(answer, "output_base64") or "")
-            process.offset = field_of(answer, "next_offset", process.offset)
-            status = field_of(answer, "status")
-            if status in FINISHED and field_of(answer, "eof", True):
+            try:
+                answer = await api.process_output(self.sandbox_id, process.process_id, offset=process.offset)
+            except client_errors.SandkastenError as e:
+                raise ExecTransportError(command=("process", process.process_id), cause=e, context={
+                    "error_code": e.code, "message": e.message, "backend": "sandkasten"},
+                    message=f"unable to read the output of process {number}: {e.message}") from e
+            output += answer.output
+            process.offset = answer.next_offset
+            status = answer.status
+            if status in FINISHED and answer.eof:
                 break
             left = deadline - time.monotonic()
             if left <= 0:
@@ -161,5 +168,5 @@ class ProcessTable:
             return PtyExecUpdate(process_id=number, output=text.encode(), exit_code=None,
                                  original_token_count=original_tokens)
         self._processes.pop(number, None)
-        return PtyExecUpdate(process_id=None, output=text.encode(), exit_code=field_of(answer, "exit_code"),
-                             original_token_count=original_tokens)
+        return PtyExecUpdate(process_id=None, output=text.encode(),
+                             exit_code=exit_status(answer.exit_code, answer.signal), original_token_count=original_tokens)
