@@ -7,12 +7,14 @@ bridge. The whole agent (SandboxAgent, scripted model, kills) is in test_agents_
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import io
 import json
 import os
 import tarfile
 from pathlib import Path
 
+import httpx
 import pytest
 from agents import set_trace_processors, trace
 from agents.sandbox import LocalSnapshotSpec, Manifest, SandboxPathGrant
@@ -236,3 +238,79 @@ def test_a_daemon_down_at_resume_is_one_clear_error(daemon_factory, python_image
 
     with pytest.raises(DaemonUnreachable, match=f"unable to reach the Sandkasten daemon at {url}"):
         asyncio.run(main())   # translated: never a bare httpx exception
+
+
+def test_pty_processes_on_the_process_api_and_found_again_after_resume(py_daemon):
+    from agents.sandbox.errors import PtySessionNotFoundError
+
+    async def first(client):
+        session = await client.create(options=SandkastenSandboxClientOptions())
+        await session.start()
+        assert session.supports_pty()
+        quick = await session.pty_exec_start("echo out; echo err >&2; exit 7", yield_time_s=5)
+        assert (quick.process_id, quick.exit_code) == (None, 7) and b"out" in quick.output and b"err" in quick.output
+        repl = await session.pty_exec_start("sh -i", tty=True, yield_time_s=0.5)
+        assert repl.process_id is not None and repl.exit_code is None
+        update = await session.pty_write_stdin(session_id=repl.process_id, chars="V=shell-state\n", yield_time_s=0.5)
+        assert update.process_id == repl.process_id
+        doomed = await session.pty_exec_start("sleep 300", yield_time_s=0.3)
+        with pytest.raises(PtySessionNotFoundError):
+            await session.pty_write_stdin(session_id=99, chars="x")
+        return client.serialize_session_state(session.state), repl.process_id, doomed.process_id
+
+    payload, repl_number, doomed_number = drive(py_daemon, first)
+
+    async def second(client):   # a new agent process: nothing but the serialized state
+        session = await client.resume(client.deserialize_session_state(dict(payload)))
+        await session.start()
+        seen = await session.pty_write_stdin(session_id=repl_number, chars="echo $V\n", yield_time_s=1)
+        await session.pty_terminate_all()          # the processes this session touched are killed ...
+        sid = session.state.sandbox_id
+        await client.delete(session)
+        return seen, sid
+
+    seen, sid = drive(py_daemon, second)
+    assert b"shell-state" in seen.output and seen.process_id == repl_number
+    procs = {p["cmd"]: p for p in py_daemon.client.get(f"/v1/sessions/{sid}/processes?all=true").json()}
+    assert procs["sh -lc 'sh -i'"]["status"] == "exited"          # ... by terminate_all
+    assert procs["sh -lc 'sleep 300'"]["status"] in ("exited", "lost")   # ... and the rest with the sandbox
+    assert doomed_number != repl_number
+
+
+def test_an_exposed_port_on_the_bridge_is_reachable_from_the_host(daemon_factory, python_image, monkeypatch):
+    """Bridge networking of its own (test-only bridge, subnet and nft tables named after this
+    pid, removed at the end, also on failure): a server in the sandbox answers the host."""
+    from sandkasten.runtime import network
+
+    monkeypatch.setenv("SANDKASTEN_API_KEY", API_KEY)
+    set_trace_processors([])
+    pid = os.getpid()
+    settings = network.Settings(bridge=f"ska{pid % 100000}", subnet=f"10.{150 + pid % 50}.{pid // 50 % 256}.0/24")
+    try:
+        daemon = daemon_factory(default_image=python_image,
+                                network={"bridge": settings.bridge, "subnet": settings.subnet}).start()
+
+        async def body(client):
+            session = await client.create(options=SandkastenSandboxClientOptions(
+                network_mode="bridge", exposed_ports=(8000,)))
+            await session.start()
+            await session.exec("echo served-from-the-sandbox > hello.txt")
+            server = await session.pty_exec_start("python3 -m http.server 8000 --bind 0.0.0.0", yield_time_s=1)
+            assert server.process_id is not None, server.output
+            endpoint = await session.resolve_exposed_port(8000)
+            async with httpx.AsyncClient(timeout=5) as http:
+                for _ in range(50):
+                    try:
+                        answer = await http.get(f"http://{endpoint.host}:{endpoint.port}/hello.txt")
+                        break
+                    except httpx.TransportError:
+                        await asyncio.sleep(0.1)
+            await session.aclose()
+            return endpoint, answer
+
+        endpoint, answer = drive(daemon, body)
+        assert ipaddress.IPv4Address(endpoint.host) in settings.network and not endpoint.tls
+        assert answer.status_code == 200 and answer.text == "served-from-the-sandbox\n"
+        daemon.close()
+    finally:
+        network.remove_host(settings)
