@@ -11,6 +11,7 @@ import ipaddress
 import io
 import json
 import os
+import re
 import tarfile
 from pathlib import Path
 
@@ -314,3 +315,71 @@ def test_an_exposed_port_on_the_bridge_is_reachable_from_the_host(daemon_factory
         daemon.close()
     finally:
         network.remove_host(settings)
+
+
+def test_a_runner_owned_sandbox_tags_commands_with_the_runs_trace_and_snapshots_on_cleanup(py_daemon, tmp_path):
+    """The SDK's usual path: Runner creates the sandbox from options, tags its trace id on every
+    request, persists the workspace to the run's snapshot at cleanup and deletes the sandbox."""
+    from agents import Runner, set_default_openai_client
+    from agents.run import RunConfig
+    from agents.sandbox import SandboxAgent, SandboxRunConfig
+    from openai import AsyncOpenAI
+
+    from tests.scripted_openai import Call, CustomCall, Say, ScriptedOpenAI, Turn
+
+    patch = "*** Begin Patch\n*** Add File: hi.py\n+print('hi from', __name__)\n*** End Patch"
+    script = [Turn("say hi", [[CustomCall("apply_patch", patch)],
+                              [Call("exec_command", {"cmd": "python3 hi.py", "yield_time_ms": 20_000})],
+                              lambda conv: Say(conv.last_output.rsplit("Output:\n", 1)[-1])])]
+    run_id = "trace_" + "7e" * 16
+
+    async def body(client):
+        async with AsyncOpenAI(base_url=model.base_url, api_key="test") as oai:
+            set_default_openai_client(oai)
+            agent = SandboxAgent(name="hi", instructions="be brief")
+            config = RunConfig(trace_id=run_id, sandbox=SandboxRunConfig(
+                client=client, options=SandkastenSandboxClientOptions(),
+                snapshot=LocalSnapshotSpec(base_path=tmp_path / "snaps")))
+            result = await Runner.run(agent, "say hi", run_config=config)
+        return result.final_output
+
+    with ScriptedOpenAI(script) as model:
+        answer = drive(py_daemon, body)
+    assert not model.errors and answer.strip() == "hi from __main__"
+    [session] = py_daemon.client.get("/v1/sessions?all=true").json()
+    assert session["status"] == "destroyed" and re.fullmatch(rf"api:[0-9a-f]{{8}}/run:{run_id}", session["actor"])
+    rows = [r for r in audit(py_daemon) if r["session"] == session["id"]]
+    assert rows and all(r["actor"].endswith(f"/run:{run_id}") for r in rows)
+    assert any(r["cmd"] == "sh -lc 'python3 hi.py'" and r["exit_code"] == 0 for r in rows)
+    [tar] = (tmp_path / "snaps").glob("*.tar")
+    with tarfile.open(tar) as t:
+        assert t.extractfile("hi.py").read() == b"print('hi from', __name__)"   # (as the SDK's Add File writes it)
+
+
+def test_persist_leaves_out_the_paths_the_sdk_marks_as_not_durable(py_daemon):
+    async def body(client):
+        session = await client.create(options=SandkastenSandboxClientOptions())
+        await session.start()
+        await session.exec("mkdir -p cache/deep keep && echo a > cache/deep/x && echo b > keep/y && echo c > cache.txt")
+        session.register_persist_workspace_skip_path("cache")
+        tar = await session.persist_workspace()
+        with tar, tarfile.open(fileobj=tar) as t:
+            names = sorted(t.getnames())
+        await session.aclose()
+        return names
+
+    assert drive(py_daemon, body) == ["cache.txt", "keep", "keep/y"]
+
+
+def test_process_numbers_and_exit_statuses():
+    from agents.sandbox.session.pty_types import PTY_PROCESS_ID_MAX_EXCLUSIVE, PTY_PROCESS_ID_MIN
+
+    from sandkasten.agents.pty import exit_status, model_id
+
+    ids = [f"p-{i:012x}" for i in range(2000)]
+    numbers = [model_id(i) for i in ids]
+    assert numbers == [model_id(i) for i in ids]   # a function of the id alone: a new process finds it
+    assert all(PTY_PROCESS_ID_MIN <= n < PTY_PROCESS_ID_MAX_EXCLUSIVE for n in numbers)
+    assert len(set(numbers)) > 1950
+    assert (exit_status(3, None), exit_status(None, "SIGKILL"), exit_status(None, "TERM"),
+            exit_status(None, None), exit_status(None, "SIGNOPE")) == (3, 137, 143, None, None)
