@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agents.sandbox.errors import ExecTransportError, PtySessionNotFoundError
+from agents.sandbox.errors import PtySessionNotFoundError
 from agents.sandbox.session.pty_types import (
     PTY_PROCESS_ID_MAX_EXCLUSIVE,
     PTY_PROCESS_ID_MIN,
@@ -33,6 +33,7 @@ from agents.sandbox.session.pty_types import (
 )
 from agents.sandbox.types import User
 
+from sandkasten.agents.faults import transport_error
 from sandkasten.client import errors as client_errors
 
 PTY_SIZE = (24, 80)
@@ -90,9 +91,7 @@ class ProcessTable:
                 self.sandbox_id, line, cwd=self.state.manifest.root, pty=PTY_SIZE if tty else None,
                 timeout_ms=timeout_ms)
         except client_errors.SandkastenError as e:
-            raise ExecTransportError(command=command, cause=e, context={
-                "error_code": e.code, "message": e.message, "backend": "sandkasten"},
-                message=f"unable to start the process in Sandkasten session {self.sandbox_id}: {e.message}") from e
+            raise transport_error(command, e, f"start the process in Sandkasten session {self.sandbox_id}") from e
         number = model_id(started.process_id)
         self._processes[number] = _Process(started.process_id)
         yield_ms = clamp_pty_yield_time_ms(10_000 if yield_time_s is None else int(yield_time_s * 1000))
@@ -107,9 +106,7 @@ class ProcessTable:
             except client_errors.ProcessExited:
                 pass                       # it ended meanwhile: its end is reported below
             except client_errors.SandkastenError as e:
-                raise ExecTransportError(command=("write_stdin", str(session_id)), cause=e, context={
-                    "error_code": e.code, "message": e.message, "backend": "sandkasten"},
-                    message=f"unable to write to process {session_id}: {e.message}") from e
+                raise transport_error(("write_stdin", str(session_id)), e, f"write to process {session_id}") from e
         yield_ms = resolve_pty_write_yield_time_ms(
             yield_time_ms=250 if yield_time_s is None else int(yield_time_s * 1000), input_empty=chars == "")
         return await self._collect(session_id, yield_ms, max_output_tokens)
@@ -146,9 +143,7 @@ class ProcessTable:
             try:
                 answer = await api.process_output(self.sandbox_id, process.process_id, offset=process.offset)
             except client_errors.SandkastenError as e:
-                raise ExecTransportError(command=("process", process.process_id), cause=e, context={
-                    "error_code": e.code, "message": e.message, "backend": "sandkasten"},
-                    message=f"unable to read the output of process {number}: {e.message}") from e
+                raise transport_error(("process", process.process_id), e, f"read the output of process {number}") from e
             output += answer.output
             process.offset = answer.next_offset
             status = answer.status

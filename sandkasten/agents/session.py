@@ -1,8 +1,9 @@
 """`SandkastenSandboxSession`: the Agents SDK's `BaseSandboxSession` on one Sandkasten session.
 
 How each part of the SDK's contract maps onto the daemon:
-- exec: one `POST /exec` in the session's persistent shell, the SDK's argv quoted into one
-  command line (it is journaled and exported by `sandkasten audit export` exactly so); the
+- exec (the SDK's own commands: mkdir, ls, rm, probes; and exec_command on a daemon without
+  the process API): one `POST /exec` in the session's persistent shell, the SDK's argv quoted
+  into one command line (journaled and exported by `sandkasten audit export` exactly so); the
   daemon interrupts it at `timeout` and keeps the session usable.
 - read / write under /workspace: the file API, confined on the host by the daemon
   (openat2 RESOLVE_BENEATH); elsewhere (extra path grants) through exec.
@@ -11,12 +12,11 @@ How each part of the SDK's contract maps onto the daemon:
   /workspace (`GET/POST /fs/archive`).
 - running: the session's status in the journal. shutdown: the session is destroyed (a
   persistent `workspace_id` keeps its files).
-- PTY (exec_command's background/interactive processes, write_stdin): `sandkasten.agents.pty`.
+- exec_command and write_stdin: processes beside the shell, `sandkasten.agents.pty`.
 - exposed ports: bridge networking only; the endpoint is the sandbox's own address, which the
   daemon's host can reach.
 
-Errors from the daemon become the SDK's own error types here, with the daemon's error code and
-message kept in their context."""
+Errors from the daemon become the SDK's own error types (`sandkasten.agents.faults`)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ from agents.sandbox.session.workspace_payloads import coerce_write_payload
 from agents.sandbox.types import ExecResult, ExposedPortEndpoint, User
 from agents.sandbox.workspace_paths import sandbox_path_str
 
+from sandkasten.agents.faults import reason_of, transport_error
 from sandkasten.agents.pty import ProcessTable
 from sandkasten.agents.state import SandkastenSandboxSessionState
 from sandkasten.client import errors as client_errors
@@ -59,10 +60,6 @@ OUTSIDE_WRITE_MAX = 256 << 10  # files outside /workspace travel inside a comman
 
 def inside_workspace(path: str) -> bool:
     return path == WORKSPACE or path.startswith(WORKSPACE + "/")
-
-
-def reason_of(error: client_errors.SandkastenError) -> dict[str, object]:
-    return {"error_code": error.code, "message": error.message, "backend": "sandkasten"}
 
 
 class SandkastenSandboxSession(ProcessTable, BaseSandboxSession):
@@ -108,9 +105,7 @@ class SandkastenSandboxSession(ProcessTable, BaseSandboxSession):
         try:
             result = await self._connection().api.exec(self.sandbox_id, line, timeout_ms)
         except client_errors.SandkastenError as e:
-            raise ExecTransportError(command=command, context=reason_of(e), cause=e,
-                                     message=f"unable to run the command in Sandkasten session "
-                                             f"{self.sandbox_id}: {e.message}") from e
+            raise transport_error(command, e, f"run the command in Sandkasten session {self.sandbox_id}") from e
         if result.timed_out:
             raise ExecTimeoutError(command=command, timeout_s=timeout,
                                    context={"exec_id": result.exec_id, "backend": "sandkasten"})
