@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sandkasten.errors import PathRefused
 from tests.test_api import assert_error, create, run
 
 
@@ -177,3 +178,51 @@ def test_a_client_leaving_mid_download_stops_the_packer_and_leaks_nothing(daemon
     while fds() > before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert fds() <= before
+
+
+# ------------------------------------------------------------------ the same, in-process, with both resolvers
+@pytest.fixture(params=["openat2", "walk"])
+def archive_pair(request, tmp_path):
+    from sandkasten import workspace_fs
+    from sandkasten.workspace_archive import WorkspaceArchive
+    from tests.test_workspace_fs import open_fds, snapshot
+
+    if request.param == "openat2" and not workspace_fs.openat2_available():
+        pytest.skip("kernel without openat2")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "canary").write_bytes(b"host secret\n")
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    before_fds, before_outside = open_fds(), snapshot(outside)
+    uid, gid = os.getuid(), os.getgid()
+    yield (WorkspaceArchive(src, uid=uid, gid=gid, resolver=request.param),
+           WorkspaceArchive(dst, uid=uid, gid=gid, resolver=request.param), outside)
+    assert open_fds() == before_fds, "descriptor leak"
+    assert snapshot(outside) == before_outside, "a file outside the workspace changed"
+
+
+def test_pack_never_follows_a_symlink_and_unpack_never_writes_through_one(archive_pair):
+    src, dst, outside = archive_pair
+    (src.root / "d").mkdir()
+    (src.root / "d" / "f.bin").write_bytes(b"\x00\xff" * 1000)
+    (src.root / "out").symlink_to(outside)             # into the host's directory: packed as a link
+    (src.root / "d" / "up").symlink_to("../../outside")
+    buf = io.BytesIO()
+    assert src.pack(buf) == 4
+    with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as t:
+        names = {m.name: m for m in t}
+    assert set(names) == {"d", "d/f.bin", "d/up", "out"} and names["out"].linkname == str(outside)
+    assert b"host secret" not in buf.getvalue()
+
+    with pytest.raises(PathRefused):                    # a link out, refused by default
+        dst.unpack(io.BytesIO(buf.getvalue()))
+    assert dst.unpack(io.BytesIO(buf.getvalue()), external_symlinks=True) == 4
+    assert os.readlink(dst.root / "out") == str(outside) and (dst.root / "d" / "f.bin").read_bytes() == b"\x00\xff" * 1000
+    hostile = tar_of((entry("out/canary"), b"overwritten"), (entry("d/up/canary"), b"overwritten"))
+    with pytest.raises(PathRefused, match="symlink"):
+        dst.unpack(io.BytesIO(hostile), external_symlinks=True)
+    (dst.root / "d" / "up").unlink()
+    with pytest.raises(PathRefused, match="symlink"):
+        dst.unpack(io.BytesIO(tar_of((entry("out/new"), b"x"))), external_symlinks=True)
