@@ -182,7 +182,7 @@ REPL_SCRIPT = [Turn(REPL_PROMPT, [
 ])]
 
 
-def test_an_interactive_process_and_its_state_outlive_the_agent_that_started_it(py_daemon, tmp_path):
+def test_an_interactive_process_and_its_state_outlive_the_agent_and_the_daemon(py_daemon, tmp_path):
     steps: queue.Queue = queue.Queue()
     state, log = tmp_path / "state", tmp_path / "agent.log"
     with ScriptedOpenAI(REPL_SCRIPT, on_step=lambda prompt, index: steps.put(index)) as model:
@@ -203,6 +203,8 @@ def test_an_interactive_process_and_its_state_outlive_the_agent_that_started_it(
             if agent.poll() is None:
                 agent.kill()
                 agent.wait()
+        py_daemon.kill()                                       # and the daemon too, while no agent is there
+        py_daemon.start()
         [repl] = py_daemon.client.get(f"/v1/sessions/{sid}/processes").json()
         assert repl["status"] == "running" and repl["pty"] is not None   # nothing killed it
         resumed = subprocess.run(cmd, cwd=AGENT_DIR, env=env, capture_output=True, text=True, timeout=240)

@@ -9,9 +9,15 @@ the daemon's journal, tagged with the agent run's trace id (`sandkasten audit ex
 sandbox is resumed — files, processes, shell — after the agent process or the daemon died.
 See `sandkasten.agents.client` for resume and quickstart/agent/sandbox_agent.py for a whole agent."""
 
-from sandkasten.agents.client import SandkastenSandboxClient
-from sandkasten.agents.session import SandkastenSandboxSession
-from sandkasten.agents.state import SandkastenSandboxClientOptions, SandkastenSandboxSessionState
+try:
+    import agents.sandbox  # noqa: F401 - the SDK's sandbox support (openai-agents 0.24+)
+except ImportError as e:  # pragma: no cover - depends on the installation
+    raise ImportError("sandkasten.agents needs the OpenAI Agents SDK with sandbox support (openai-agents "
+                      ">= 0.24): pip install 'sandkasten[agents]'") from e
+
+from sandkasten.agents.client import SandkastenSandboxClient  # noqa: E402
+from sandkasten.agents.session import SandkastenSandboxSession  # noqa: E402
+from sandkasten.agents.state import SandkastenSandboxClientOptions, SandkastenSandboxSessionState  # noqa: E402
 
 __all__ = ["SandkastenSandboxClient", "SandkastenSandboxClientOptions", "SandkastenSandboxSession",
            "SandkastenSandboxSessionState"]
