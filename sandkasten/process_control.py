@@ -170,6 +170,9 @@ class ProcessControl:
         error = reply.get("error")
         if error == "gap":   # see `deliver`
             return reply
+        taken = (reply.get("result") or {}).get("input_seq") or 0
+        if error == "exited" and msg.get("seq") and taken >= msg["seq"]:
+            return {"ok": True, "duplicate": True}   # it took this input (sent twice at once), then ended
         if error in ("exited", "unknown"):
             if error == "exited" and reply.get("result"):
                 self.ensure_watched(sid, process_id)   # its exit is journaled by the watch

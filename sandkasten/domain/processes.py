@@ -15,7 +15,7 @@ from typing import Any
 
 from sandkasten.domain import commands as c
 from sandkasten.domain import events as ev
-from sandkasten.errors import IllegalTransition, ProcessExited, TooManyProcesses
+from sandkasten.errors import IllegalTransition, InvalidRequest, ProcessExited, TooManyProcesses
 
 PROCESS_REQUESTED = "requested"
 PROCESS_RUNNING = "running"
@@ -81,8 +81,8 @@ def input_(state: Any, cmd: c.RecordProcessInput, prior: Any, verb: str,
     if cmd.kind not in INPUT_KINDS:
         raise ValueError(f"unknown process input kind {cmd.kind!r}")
     if cmd.kind == "resize" and not proc.pty:
-        raise IllegalTransition(f"unable to {verb} {state.session_id}: process {cmd.process_id} has no terminal "
-                                f"to resize (start it with pty)", process_id=cmd.process_id)
+        raise InvalidRequest(f"unable to {verb} {state.session_id}: process {cmd.process_id} has no terminal "
+                             f"to resize (start it with pty)", process_id=cmd.process_id)
     payload: dict[str, Any] = {"process_id": cmd.process_id, "kind": cmd.kind}
     if cmd.kind in DELIVERED_IN_ORDER:
         payload["seq"] = proc.inputs + 1
