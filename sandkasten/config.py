@@ -50,6 +50,7 @@ class Limits:
     max_ttl_seconds: int = 86_400
     max_body_bytes: int = 16 * 1024 * 1024
     max_file_bytes: int = 64 * 1024 * 1024
+    max_archive_bytes: int = 1024 * 1024 * 1024   # a whole /workspace as one tar (fs/archive)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from sandkasten.runtime.cgroups import MIN_CPU
 
 WORKSPACE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 TOKEN = re.compile(r"^[\x21-\x7e]{1,200}$")   # Idempotency-Key, X-Request-ID: journaled and echoed
+AGENT_RUN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")   # X-Agent-Run: part of the journaled actor
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SESSION_FIELDS = {"image", "ttl_seconds", "workspace_id", "cpu_limit", "mem_limit_mb", "pids_limit",
                   "network_mode", "egress_allow", "env", "readonly_rootfs"}

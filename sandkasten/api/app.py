@@ -11,7 +11,7 @@ from sanic import Request, Sanic
 from sanic.exceptions import BadRequest, PayloadTooLarge, SanicException
 
 from sandkasten import intake
-from sandkasten.api import errors, files, processes, sessions, stream, system, workspaces
+from sandkasten.api import archive, errors, files, processes, sessions, stream, system, workspaces
 from sandkasten.errors import SandkastenError
 
 log = logging.getLogger("sandkasten.api")
@@ -42,10 +42,16 @@ def create_app(daemon) -> Sanic:
     async def authenticate(request: Request):
         given_id = request.headers.get("x-request-id")
         request.ctx.request_id = given_id if given_id and intake.TOKEN.match(given_id) else secrets.token_hex(8)
-        request.ctx.actor = key_id
+        # An agent run (e.g. an Agents SDK trace id) acting through this key: journaled in the
+        # actor of every event the request appends, so the audit ties each command to its run.
+        run = request.headers.get("x-agent-run")
+        request.ctx.actor = key_id if run is None else f"{key_id}/run:{run}"
         if given_id is not None and request.ctx.request_id != given_id:   # it is journaled and echoed
             return errors.body("INVALID_REQUEST", "invalid X-Request-ID header: expected 1-200 printable "
                                "ASCII characters", {"header": "X-Request-ID"})
+        if run is not None and not intake.AGENT_RUN.match(run):
+            return errors.body("INVALID_REQUEST", "invalid X-Agent-Run header: expected 1-128 letters, digits, "
+                               "'_', '.', ':' or '-' (e.g. an Agents SDK trace id)", {"header": "X-Agent-Run"})
         if unparsed(request):
             return None
         if key and request.path not in OPEN_PATHS:
@@ -84,6 +90,7 @@ def create_app(daemon) -> Sanic:
     app.blueprint(system.bp)
     app.blueprint(sessions.bp)
     app.blueprint(files.bp)
+    app.blueprint(archive.bp)
     app.blueprint(stream.bp)
     app.blueprint(processes.bp)
     app.blueprint(workspaces.bp)

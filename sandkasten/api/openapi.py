@@ -21,6 +21,16 @@ def _op(summary: str, ok: int = 200, body: str | None = None, params: list | Non
     return op
 
 
+def _tar(op: dict, answer: bool) -> dict:
+    """An operation whose answer (or body) is a tar stream instead of JSON."""
+    tar = {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}
+    if answer:
+        op["responses"]["200"]["content"] = tar
+    else:
+        op["requestBody"] = {"required": True, "content": tar}
+    return op
+
+
 def _q(name: str, typ: str = "string", required: bool = False) -> dict:
     return {"name": name, "in": "query", "required": required, "schema": {"type": typ}}
 
@@ -184,6 +194,13 @@ def document() -> dict:
             "/v1/sessions/{sid}/fs/upload": {"post": _upload("upload files (multipart) into /workspace", [SID])},
             "/v1/sessions/{sid}/fs/read": {"get": _op("read a file in /workspace", params=[
                 SID, _q("path", required=True), _q("max_bytes", "integer")])},
+            "/v1/sessions/{sid}/fs/archive": {
+                "get": _tar(_op("the whole /workspace as one tar, streamed (symlinks stay symlinks)",
+                                params=[SID], errors=(401, 404, 409, 410)), answer=True),
+                "post": _tar(_op("extract a tar into /workspace (absolute names, '..', links out, devices refused)",
+                                 params=[SID, _q("external_symlinks", "boolean")],
+                                 errors=(400, 401, 404, 409, 410, 413)), answer=False),
+            },
             "/v1/sessions/{sid}/fs": {
                 "get": _op("list files", params=[SID, _q("path"), _q("recursive", "boolean")]),
                 "delete": _op("delete a file or directory", params=[SID, _q("path", required=True),
