@@ -97,6 +97,15 @@ class Reconcile:
 
 
 @dataclass(frozen=True)
+class Console:
+    """The web console under /console (sandkasten.console): on by default, off with enabled: false.
+    `key` is a separate login key for the console; empty means log in with the API key."""
+
+    enabled: bool = True
+    key: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     listen: str = "127.0.0.1:8080"
     api_key: str = ""
@@ -114,6 +123,7 @@ class Config:
     network: Network = field(default_factory=Network)
     journal: Journal = field(default_factory=Journal)
     reconcile: Reconcile = field(default_factory=Reconcile)
+    console: Console = field(default_factory=Console)
     cgroup_parent: str = "sandkasten"
 
     # -- derived paths (one place names every directory under data_dir) --
@@ -160,6 +170,7 @@ _SECTIONS = {
     "network": Network,
     "journal": Journal,
     "reconcile": Reconcile,
+    "console": Console,
 }
 
 
@@ -236,7 +247,7 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
             sect = out.setdefault(section, {})
             if not isinstance(sect, dict):
                 raise ConfigError(f"invalid config key {section}: must be a mapping")
-            sect[sub] = parsed
+            sect[sub] = value if (section, sub) == ("console", "key") else parsed   # a key is text as given
     return out
 
 
