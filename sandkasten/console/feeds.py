@@ -41,8 +41,10 @@ def sse(kind: str, data: dict, event_id: int | None = None) -> str:
 
 
 async def open_stream(request: Request):
-    return await request.respond(content_type="text/event-stream; charset=utf-8",
-                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+    response = await request.respond(content_type="text/event-stream; charset=utf-8",
+                                     headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+    await response.send(": connected\n\n")   # the headers go out now: the page shows it is live
+    return response
 
 
 def sample(daemon, sids: list[str]) -> dict[str, dict]:

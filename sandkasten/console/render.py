@@ -38,7 +38,7 @@ def secure_headers(request: Request, response: HTTPResponse) -> None:
     response.headers["content-security-policy"] = policy(getattr(request.ctx, "csp_nonce", None))
     response.headers["x-content-type-options"] = "nosniff"
     response.headers["x-frame-options"] = "DENY"
-    response.headers["referrer-policy"] = "no-referrer"
+    response.headers["referrer-policy"] = "same-origin"   # no-referrer would make form posts say Origin: null
     response.headers.setdefault("cache-control", "no-store")
 
 
