@@ -73,6 +73,12 @@ def short_time(value: str | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "—"
 
 
+def epoch_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
 def duration(ms: float | int | None) -> str:
     if ms is None:
         return "—"
@@ -99,4 +105,4 @@ def size(n: int | None) -> str:
     return f"{n} B"
 
 
-ENV.filters.update(short_time=short_time, duration=duration, size=size)
+ENV.filters.update(short_time=short_time, epoch_time=epoch_time, duration=duration, size=size)
