@@ -91,6 +91,19 @@ class Journal:
 
 
 @dataclass(frozen=True)
+class Processes:
+    """Background processes and terminals beside a session's shell."""
+
+    max_per_session: int = 16              # running at once
+    max_log_bytes: int = 64 * 1024 * 1024  # output kept per process (the oldest is dropped past it)
+
+
+@dataclass(frozen=True)
+class Audit:
+    record_input: bool = True   # process.input events carry the bytes typed (always: size and sha256)
+
+
+@dataclass(frozen=True)
 class Reconcile:
     lost_sandbox_policy: str = "fail"
     resync_seconds: float = 15.0
@@ -123,6 +136,8 @@ class Config:
     network: Network = field(default_factory=Network)
     journal: Journal = field(default_factory=Journal)
     reconcile: Reconcile = field(default_factory=Reconcile)
+    processes: Processes = field(default_factory=Processes)
+    audit: Audit = field(default_factory=Audit)
     console: Console = field(default_factory=Console)
     cgroup_parent: str = "sandkasten"
 
@@ -170,6 +185,8 @@ _SECTIONS = {
     "network": Network,
     "journal": Journal,
     "reconcile": Reconcile,
+    "processes": Processes,
+    "audit": Audit,
     "console": Console,
 }
 
@@ -396,6 +413,9 @@ def _validate(cfg: Config) -> None:
     _one_of("reconcile.lost_sandbox_policy", cfg.reconcile.lost_sandbox_policy, LOST_SANDBOX_POLICIES)
     _positive("reconcile.resync_seconds", cfg.reconcile.resync_seconds)
     _positive("journal.busy_timeout_s", cfg.journal.busy_timeout_s)
+    _positive("processes.max_per_session", cfg.processes.max_per_session)
+    if cfg.processes.max_log_bytes < 64 * 1024:
+        raise ConfigError("invalid config key processes.max_log_bytes: at least 65536 (64 KiB)")
     if d.cpu_limit > cfg.limits.max_cpu_limit:
         raise ConfigError("invalid config key defaults.cpu_limit: above limits.max_cpu_limit")
     if d.mem_limit_mb > cfg.limits.max_mem_limit_mb:

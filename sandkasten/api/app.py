@@ -11,7 +11,7 @@ from sanic import Request, Sanic
 from sanic.exceptions import BadRequest, PayloadTooLarge, SanicException
 
 from sandkasten import intake
-from sandkasten.api import errors, files, sessions, stream, system, workspaces
+from sandkasten.api import errors, files, processes, sessions, stream, system, workspaces
 from sandkasten.errors import SandkastenError
 
 log = logging.getLogger("sandkasten.api")
@@ -97,5 +97,6 @@ def create_app(daemon) -> Sanic:
     app.blueprint(sessions.bp)
     app.blueprint(files.bp)
     app.blueprint(stream.bp)
+    app.blueprint(processes.bp)
     app.blueprint(workspaces.bp)
     return app

@@ -23,7 +23,7 @@ from sanic import Blueprint, Request
 from sandkasten.api import params
 from sandkasten.api.sessions import session_row
 from sandkasten.console import timeline
-from sandkasten.console.pages import exec_context, outputs
+from sandkasten.console.pages import entry_context, outputs
 from sandkasten.console.render import fragment
 from sandkasten.errors import SandkastenError
 from sandkasten.views import session_view
@@ -99,25 +99,23 @@ async def session_feed(request: Request, sid: str):
     d = request.app.ctx.daemon
     await session_row(d, sid)   # 404 before the stream opens
     after = resume_after(request)
-    execs: dict[str, timeline.ExecEntry] = {}
+    replay = timeline.Replay()
     cursor = 0
     response = await open_stream(request)
     last_beat = time.monotonic()
     while not d.stopping:
         batch = await d.journal.events(after_seq=cursor, stream_id=sid, limit=1000)
-        changed: dict[str, object] = {}
+        changed: dict[str, timeline.Entry] = {}
         for event in batch:
-            entry = timeline.apply(execs, event)
-            entry = entry or execs.get(event.payload.get("exec_id", ""))
+            entry, _ = replay.apply(event)
             if entry is not None and event.seq > after:
-                changed[entry.exec_id if entry.kind == "exec" else f"f{entry.seq}"] = entry
+                changed[entry.key] = entry
         if batch:
             cursor = batch[-1].seq
         if changed:
             shown = await asyncio.to_thread(outputs, d, sid, list(changed.values()))
             for key, entry in changed.items():
-                context = exec_context(sid, entry, shown.get(key)) if entry.kind == "exec" else {"e": entry}
-                html = fragment("_entry.html", item=context)
+                html = fragment("_entry.html", item=entry_context(sid, entry, shown.get(key)))
                 await response.send(sse("entry", {"key": key, "html": html}, cursor))
             row = await d.journal.session(sid)
             if row is not None:

@@ -63,7 +63,8 @@ def outputs(daemon, sid: str, entries: list) -> dict[str, Output]:
     return shown
 
 
-def exec_context(sid: str, entry, output: Output | None) -> dict:
+def entry_context(sid: str, entry, output: Output | None = None) -> dict:
+    """What _entry.html needs to draw one timeline entry."""
     return {"sid": sid, "e": entry, "out": output, "limit": PAGE_OUTPUT_BYTES}
 
 
@@ -78,8 +79,7 @@ async def session_page(request: Request, sid: str):
     entries = entries[hidden:]
     shown = await asyncio.to_thread(outputs, d, sid, entries)
     return page(request, "session.html", section="sessions", s=session_view(row),
-                entries=[exec_context(sid, e, shown.get(e.exec_id)) if e.kind == "exec" else {"e": e}
-                         for e in entries],
+                entries=[entry_context(sid, e, shown.get(e.key)) for e in entries],
                 hidden=hidden, after=events[-1].seq if events else 0)
 
 

@@ -113,7 +113,42 @@ workspaces = sa.Table(
     sa.Column("last_session_id", sa.String, nullable=True),
 )
 
-READ_TABLES = (execs, sessions, workspaces)  # delete order (execs reference sessions)
+processes = sa.Table(
+    "processes",
+    metadata,
+    sa.Column("id", sa.String, primary_key=True),
+    sa.Column("session_id", sa.String, sa.ForeignKey("sessions.id"), nullable=False),
+    sa.Column("cmd", sa.Text, nullable=False),
+    sa.Column("cwd", sa.String, nullable=True),
+    sa.Column("env", sa.JSON, nullable=False),
+    sa.Column("pty_rows", sa.Integer, nullable=True),
+    sa.Column("pty_cols", sa.Integer, nullable=True),
+    sa.Column("timeout_ms", sa.Integer, nullable=True),
+    sa.Column("status", sa.String, nullable=False),
+    sa.Column("pid", sa.Integer, nullable=True),
+    sa.Column("actor", sa.String, nullable=False),
+    sa.Column("request_id", sa.String, nullable=True),
+    sa.Column("idempotency_key", sa.String, nullable=True),
+    sa.Column("requested_at", sa.String, nullable=False),
+    sa.Column("started_at", sa.String, nullable=True),
+    sa.Column("exited_at", sa.String, nullable=True),
+    sa.Column("exit_code", sa.Integer, nullable=True),
+    sa.Column("signal", sa.String, nullable=True),
+    sa.Column("timed_out", sa.Boolean, nullable=True),
+    sa.Column("duration_ms", sa.Float, nullable=True),
+    sa.Column("stdout_bytes", sa.Integer, nullable=True),
+    sa.Column("stderr_bytes", sa.Integer, nullable=True),
+    sa.Column("output_sha256", sa.String, nullable=True),
+    sa.Column("dropped_bytes", sa.Integer, nullable=True),
+    sa.Column("input_bytes", sa.Integer, nullable=False),
+    sa.Column("input_count", sa.Integer, nullable=False),
+    sa.Column("lost_reason", sa.String, nullable=True),
+    sa.UniqueConstraint("session_id", "idempotency_key", name="uq_processes_idempotency_key"),
+)
+sa.Index("ix_processes_session", processes.c.session_id, processes.c.requested_at)
+sa.Index("ix_processes_status", processes.c.status)
+
+READ_TABLES = (processes, execs, sessions, workspaces)  # delete order (processes, execs reference sessions)
 
 # The append-only guarantee lives in the database, so no writer (ours or a stray sqlite3
 # shell) can rewrite history without first dropping these triggers.
@@ -151,7 +186,7 @@ def alembic_config(url: str) -> "alembic.config.Config":
 
 
 # The newest migration's revision id; tests/test_migrations.py checks it equals alembic's head.
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
 
 
 def current_revision(db_path: Path) -> str | None:
