@@ -14,18 +14,18 @@ from dataclasses import dataclass
 from sanic import Blueprint, Request
 from sanic.response import raw
 
+from sandkasten.api.processes import process_row
 from sandkasten.api.sessions import session_row
 from sandkasten.api.workspaces import listing as workspace_listing
 from sandkasten.console import assets, timeline
 from sandkasten.console.render import page
-from sandkasten.errors import ExecNotFound, InvalidRequest
+from sandkasten.errors import ExecNotFound
 from sandkasten.runtime.spec import EXEC_ID
 from sandkasten.views import session_view
 
 bp = Blueprint("console_pages", url_prefix="/console")
 PAGE_OUTPUT_BYTES = 64 * 1024   # output shown inline per command; the rest is a download away
 TIMELINE_ENTRIES = 300          # newest entries shown unless ?all=true
-PROCESS_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
 
 
 @dataclass(frozen=True)
@@ -100,8 +100,7 @@ async def exec_output(request: Request, sid: str, exec_id: str):
 async def terminal_page(request: Request, sid: str, process_id: str):
     d = request.app.ctx.daemon
     row = await session_row(d, sid)
-    if not (process_id.startswith("p-") and len(process_id) <= 64 and set(process_id) <= PROCESS_ID_CHARS):
-        raise InvalidRequest(f"invalid process id {process_id!r}: expected p-<hex>")
+    await process_row(d, sid, process_id)   # 404 for a process this session never had
     return page(request, "terminal.html", section="sessions", s=session_view(row), process_id=process_id,
                 missing=assets.missing(), hint=assets.INSTALL_HINT)
 
