@@ -142,7 +142,7 @@ class Gate:
 
 def safe_next(target: str | None) -> str:
     """Where a login may send the browser: only a console path, never another site."""
-    if (not target or not target.startswith(PREFIX) or "//" in target or "\\" in target
+    if (not target or not Gate.owns(target.split("?", 1)[0]) or "//" in target or "\\" in target
             or not target.isascii() or not target.isprintable() or target.startswith(LOGIN)):
         return PREFIX
     return target
