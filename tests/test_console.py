@@ -329,10 +329,16 @@ def test_terminal_is_read_only_until_input_is_allowed(console):
     console.wait(lambda: console.els(f'#process-rows tr[data-process="{pid}"]'), "the process in the list")
     assert "running" in console.text(f'#process-rows tr[data-process="{pid}"]')
     entry = f"#entry-{pid}"
-    assert "hel''lo-from-the-browser" in console.text(f"{entry} .input-list")   # what was typed, from the journal
+    typed = "".join(c.get_attribute("textContent") for c in console.els(f"{entry} .input-list code"))
+    assert "echo hel''lo-from-the-browser" in typed   # what was typed (one POST per burst), from the journal
     console.el(f'#process-rows tr[data-process="{pid}"] button.danger').click()
     console.accept_confirm()
     console.wait(lambda: console.els(f'{entry}[data-status="exited"]'), "the killed process in the timeline")
+    console.open(f"/console/audit?session={sid}")
+    typed = "".join(c.get_attribute("textContent") for c in reversed(console.els("#audit-rows code.typed")))
+    assert "echo hel''lo-from-the-browser" in typed   # what was typed, for the auditor (newest row first)
+    kinds = {row.find_element("css selector", "td:nth-child(4)").text for row in console.els("#audit-rows tbody tr")}
+    assert kinds == {"process", "input"}
     console.assert_clean_console()
 
 

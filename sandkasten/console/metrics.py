@@ -18,7 +18,7 @@ bp = Blueprint("console_metrics", url_prefix="/console")
 async def metrics_page(request: Request):
     d = request.app.ctx.daemon
     now = datetime.now(timezone.utc)
-    execs = await trail.collect(d.journal, None, None)
+    execs = [r for r in await trail.collect(d.journal, None, None) if r.get("kind", "exec") == "exec"]
     finished = [r for r in execs if r["status"] == "finished"]
     sessions = await d.journal.sessions(include_ended=True, include_pool=True)
     spans = [(parse_time(s["created_at"]) or now, parse_time(s["ended_at"])) for s in sessions]
