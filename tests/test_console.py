@@ -399,18 +399,25 @@ def test_audit_filters_export_and_the_broken_chain(console):
     console.assert_clean_console()
 
 
-def test_metrics_and_workspaces_pages(console):
+def test_metrics_and_workspaces_pages(browser, daemon_factory):
+    console = Console(browser, daemon_factory(pool={"enabled": True, "images": {"base": 2}}).start())
     sid = console.create(workspace_id="console-ws")
     for cmd in ("true", "sleep 0.2", "false"):
         console.d.client.post(f"/v1/sessions/{sid}/exec", json={"cmd": cmd})
     console.login(then="/console/metrics")
     assert console.text("#latency-summary").startswith("3 finished commands: p50")
-    bars = console.els("#latency-chart rect.bar")
-    assert len(bars) == 16
+    assert len(console.els("#latency-chart rect.bar")) == 16
     counts = [int(t.get_attribute("textContent")) for t in console.els("#latency-chart text.count")]
     assert sum(counts) == 3
-    assert console.text("#alive-summary").startswith("1 alive now")
-    assert "1" in console.text("#numbers") and "non-zero exits" in console.text("#numbers")
+    assert "3 commands" in console.text("#numbers") and "1 non-zero exits" in console.text("#numbers")
+
+    def pool_full():
+        console.open("/console/metrics")
+        return console.text('#pool tr[data-image="base"] .idle') == "2"
+    console.wait(pool_full, "the warm pool's two idle members")
+    assert console.text('#pool tr[data-image="base"] .target') == "2"
+    alive = [s for s in console.d.client.get("/v1/sessions?all=true").json() if s["status"] == "running"]
+    assert console.text("#alive-summary").startswith(f"{len(alive)} alive now")
     console.shot("metrics")
     console.open("/console/workspaces")
     row = '#workspaces tr[data-id="console-ws"]'

@@ -49,7 +49,7 @@ def histogram(durations_ms: Iterable[float], width: float = 600, height: float =
     counts = [0] * (len(BUCKETS_MS) + 1)
     for v in values:
         counts[next((i for i, bound in enumerate(BUCKETS_MS) if v <= bound), len(BUCKETS_MS))] += 1
-    labels = [f"≤{_label(b)}" for b in BUCKETS_MS] + [f">{_label(BUCKETS_MS[-1])}"]
+    labels = [_label(b) for b in BUCKETS_MS] + [f">{_label(BUCKETS_MS[-1])}"]   # each bar: up to its label
     peak = max(counts) if values else 0
     slot = width / len(counts)
     bars = []
