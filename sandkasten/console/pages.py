@@ -24,7 +24,7 @@ from sandkasten.runtime.spec import EXEC_ID
 from sandkasten.views import session_view
 
 bp = Blueprint("console_pages", url_prefix="/console")
-PAGE_OUTPUT_BYTES = 64 * 1024   # output shown inline per command; the rest is a download away
+PAGE_OUTPUT_BYTES = 32 * 1024   # output shown inline per command; the rest is a download away
 TIMELINE_ENTRIES = 300          # newest entries shown unless ?all=true
 
 
@@ -85,13 +85,13 @@ async def session_page(request: Request, sid: str):
 
 @bp.get("/sessions/<sid>/execs/<exec_id>/output")
 async def exec_output(request: Request, sid: str, exec_id: str):
-    """The whole output of one command as a text download."""
+    """The output of one command as a text download (up to limits.max_file_bytes)."""
     d = request.app.ctx.daemon
     await session_row(d, sid)
     row = await d.journal.exec(exec_id) if EXEC_ID.match(exec_id) else None
     if row is None or row["session_id"] != sid:
         raise ExecNotFound(f"unable to find exec {exec_id!r} in session {sid}")
-    _, _, both, _ = await asyncio.to_thread(d.runtime.read_output, sid, exec_id, None)
+    _, _, both, _ = await asyncio.to_thread(d.runtime.read_output, sid, exec_id, d.cfg.limits.max_file_bytes)
     return raw(both, content_type="text/plain; charset=utf-8",
                headers={"content-disposition": f'attachment; filename="{sid}-{exec_id}.log"'})
 

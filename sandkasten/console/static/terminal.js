@@ -81,6 +81,7 @@
     document.getElementById("process-pty").textContent = p.pty ? `${p.pty.cols}×${p.pty.rows}` : "none (pipes)";
     statusBox.textContent = p.status + (p.status === "exited"
       ? ` (${p.exit_code == null ? "signal " + p.signal : "exit " + p.exit_code})` : "");
+    if (term) term.options.convertEol = !p.pty;   // pipes send bare newlines; a PTY sends CR LF itself
     if (term && p.pty && !(allow && allow.checked)) term.resize(p.pty.cols, p.pty.rows);
     if (term && !p.pty) fit.fit();
   }
