@@ -10,7 +10,6 @@ from datetime import datetime, timedelta, timezone
 from typing import Iterator
 
 import httpx
-import pytest
 
 from tests.daemons import API_KEY
 
