@@ -237,7 +237,7 @@ def test_command_output_arrives_live_and_is_shown_as_text(console):
     console.live()
     results = {}
     slow = threading.Thread(target=lambda: results.update(console.run(
-        sid, "for i in 1 2 3 4 5 6; do echo tick$i; sleep 0.5; done")))
+        sid, "for i in 1 2 3 4 5 6 7 8; do echo tick$i; sleep 0.5; done")))
     slow.start()
     try:
         entry = console.wait(lambda: console.els("li.exec[data-status=running]"), "the running command")[0]
@@ -249,7 +249,7 @@ def test_command_output_arrives_live_and_is_shown_as_text(console):
     assert results["exit_code"] == 0
     console.wait(lambda: console.els(f'#entry-{key}[data-status="finished"]'), "the finished command")
     assert console.text(f"#entry-{key} .exit") == "exit 0"
-    assert console.text(f"#entry-{key} pre.out").split() == [f"tick{i}" for i in range(1, 7)]
+    assert console.text(f"#entry-{key} pre.out").split() == [f"tick{i}" for i in range(1, 9)]
 
     # typed into the console's own form: markup prints as text, colours are drawn
     xss = "printf '<script>window.__xss=1</script><img src=x onerror=\"window.__xss=2\">\\n'; " \

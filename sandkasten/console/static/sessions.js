@@ -73,7 +73,7 @@
   }
 
   function render(now) {
-    const shown = sessions.filter(matches);
+    const shown = sessions.filter(matches).reverse();   // newest first
     const fresh = document.createDocumentFragment();
     for (const s of shown) {
       const tr = document.createElement("tr");
