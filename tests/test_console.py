@@ -65,7 +65,8 @@ class Console:
     def __init__(self, driver, daemon):
         self.b = driver
         self.d = daemon
-        self.b.delete_all_cookies()
+        self.b.get("about:blank")   # the last test's page stops polling its (gone) daemon
+        self.b.execute_cdp_cmd("Network.clearBrowserCookies", {})   # every daemon is 127.0.0.1: one cookie jar
         self.b.get_log("browser")   # forget what earlier tests left
 
     # --- browsing ---------------------------------------------------------------------
