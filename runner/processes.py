@@ -50,7 +50,7 @@ def set_winsize(fd: int, rows: int, cols: int) -> None:
 class Proc:
     __slots__ = ("id", "pid", "pty", "rows", "cols", "stdin", "outputs", "log_fd", "log_bytes",
                  "marks", "dropped_log", "dropped", "out", "err", "sha", "pending", "eof_pending",
-                 "input_bytes", "started", "deadline", "stage", "result", "waiters", "max_log")
+                 "input_bytes", "input_seq", "started", "deadline", "stage", "result", "waiters", "max_log")
 
     def __init__(self, proc_id: str, pid: int, log_fd: int, max_log: int):
         self.id, self.pid, self.log_fd, self.max_log = proc_id, pid, log_fd, max_log
@@ -62,7 +62,7 @@ class Proc:
         self.marks: list[tuple[int, int]] = []  # (log offset of a frame start, output bytes before it)
         self.dropped_log = 0                   # log bytes punched away at the start
         self.dropped = 0                       # output bytes they held
-        self.out = self.err = self.input_bytes = 0
+        self.out = self.err = self.input_bytes = self.input_seq = 0
         self.sha = hashlib.sha256()
         self.pending = bytearray()
         self.eof_pending = False
@@ -81,7 +81,8 @@ class Proc:
 
     def _counts(self) -> dict:
         return {"stdout_bytes": self.out, "stderr_bytes": self.err, "log_bytes": self.log_bytes,
-                "dropped_bytes": self.dropped, "log_start": self.dropped_log, "input_bytes": self.input_bytes}
+                "dropped_bytes": self.dropped, "log_start": self.dropped_log, "input_bytes": self.input_bytes,
+                "input_seq": self.input_seq}
 
 
 class Processes:
@@ -192,19 +193,30 @@ class Processes:
         return proc
 
     # ------------------------------------------------------------------ input
-    def write(self, proc_id: str, data: bytes, eof: bool) -> dict:
+    def write(self, proc_id: str, data: bytes, eof: bool, seq: int | None = None) -> dict:
+        """Queue stdin bytes (and/or EOF). A numbered write (`seq`, the journal's count of inputs)
+        is taken once: a repeat of one already taken is acknowledged and dropped, so a daemon
+        that re-sends what it journaled after a crash never types anything twice."""
         proc = self.live.get(proc_id)
         if proc is None:
             return self._not_running(proc_id)
+        if seq is not None:
+            if seq <= proc.input_seq:
+                return {"ok": True, "bytes": 0, "duplicate": True, "input_seq": proc.input_seq}
+            if seq > proc.input_seq + 1:   # an earlier input has not arrived: the daemon sends it first
+                return {"ok": False, "error": "gap", "input_seq": proc.input_seq,
+                        "message": f"input {seq} of process {proc_id} came before input {proc.input_seq + 1}"}
         if len(proc.pending) + len(data) > MAX_STDIN_PENDING:
             return {"ok": False, "error": "stdin_full", "message": f"process {proc_id} has not read "
                     f"{len(proc.pending)} bytes of its stdin yet; retry when it has"}
         proc.pending += data
         proc.input_bytes += len(data)
+        if seq is not None:
+            proc.input_seq = seq
         if eof:
             proc.eof_pending = True
         self._flush(proc)
-        return {"ok": True, "bytes": len(data)}
+        return {"ok": True, "bytes": len(data), "input_seq": proc.input_seq}
 
     def _flush(self, proc: Proc) -> None:
         while proc.pending and proc.stdin >= 0:

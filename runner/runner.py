@@ -438,7 +438,10 @@ class Runner:
             return self.procs.start(msg)
         if op == "proc_write":
             data = base64.b64decode(msg.get("data_base64") or "", validate=True)
-            return self.procs.write(proc_id, data, bool(msg.get("eof")))
+            seq = msg.get("seq")
+            if seq is not None and (not isinstance(seq, int) or seq < 1):
+                raise ValueError("seq must be a positive number")
+            return self.procs.write(proc_id, data, bool(msg.get("eof")), seq)
         if op == "proc_resize":
             return self.procs.resize(proc_id, _bounded(msg["rows"]), _bounded(msg["cols"]))
         if op == "proc_signal":

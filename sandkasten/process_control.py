@@ -35,6 +35,11 @@ def exited_command(process_id: str, result: dict) -> c.RecordProcessExited:
         duration_ms=round((ended - started) * 1000, 3) if started and ended else 0.0)
 
 
+def _write_message(payload: dict) -> dict:
+    return {"op": "proc_write", "seq": payload["seq"], "data_base64": payload.get("data_base64") or "",
+            "eof": payload["kind"] == "eof"}
+
+
 class ProcessControl:
     def __init__(self, executor: Any) -> None:
         self.executor = executor
@@ -84,7 +89,12 @@ class ProcessControl:
                                                         reason=reply.get("reason") or f"runner says {state}"))
 
     async def _watch(self, sid: str, process_id: str) -> None:
-        """Wait on the runner for the exit; a runner gone away is the reconciler's to settle."""
+        """Wait on the runner for the exit; a runner gone away is the reconciler's to settle.
+        First, what was typed while no daemon was there to deliver it reaches the process."""
+        try:
+            await self.deliver_pending(sid, process_id)
+        except SandkastenError as e:
+            log.warning("unable to deliver pending input to process %s: %s", process_id, e.message)
         try:
             reply = await self.runtime.aprocess(sid, {"op": "proc_wait", "id": process_id}, timeout=None)
         except SandboxGone:
@@ -117,12 +127,52 @@ class ProcessControl:
                                                             reason="the sandbox died while it ran"))
 
     # ------------------------------------------------------------------ input (intent journaled by the caller)
+    async def deliver(self, sid: str, process_id: str, inputs: list) -> None:
+        """Hand journaled stdin/EOF inputs (`process.input` events, numbered by `seq`) to the
+        runner, which takes each number once and in order. Should the runner miss an earlier one
+        (the daemon died between journaling and sending it), everything missing is re-sent
+        from the journal first."""
+        for event in inputs:
+            if "seq" not in event.payload:
+                continue
+            reply = await self.send(sid, process_id, _write_message(event.payload))
+            if reply.get("error") == "gap":
+                await self.deliver_pending(sid, process_id)
+                return
+
+    async def deliver_pending(self, sid: str, process_id: str) -> int:
+        """Re-send the journaled inputs the runner has not taken yet; how many were sent."""
+        from sandkasten.domain import events as ev
+
+        status = await self.runtime.aprocess(sid, {"op": "proc_status", "id": process_id})
+        if status.get("state") != "running":
+            return 0
+        taken = int(status.get("input_seq") or 0)
+        missing, after = [], 0
+        while True:
+            batch = await self.journal.events(after_seq=after, stream_id=sid, limit=5_000, types=[ev.PROCESS_INPUT])
+            if not batch:
+                break
+            missing += [e for e in batch if e.payload["process_id"] == process_id and e.payload.get("seq", 0) > taken]
+            after = batch[-1].seq
+        for event in missing:
+            if event.payload["kind"] == "stdin" and event.payload.get("data_base64") is None:
+                log.warning("input %s of process %s was journaled without its bytes (audit.record_input: false) "
+                            "and never reached it", event.payload["seq"], process_id)
+            await self.send(sid, process_id, _write_message(event.payload))
+        return len(missing)
+
     async def send(self, sid: str, process_id: str, msg: dict) -> dict:
         """One op on a running process; PROCESS_EXITED when the runner says it is gone."""
         reply = await self.runtime.aprocess(sid, {**msg, "id": process_id})
         if reply.get("ok"):
             return reply
         error = reply.get("error")
+        if error == "gap":   # see `deliver`
+            return reply
+        taken = (reply.get("result") or {}).get("input_seq") or 0
+        if error == "exited" and msg.get("seq") and taken >= msg["seq"]:
+            return {"ok": True, "duplicate": True}   # it took this input (sent twice at once), then ended
         if error in ("exited", "unknown"):
             if error == "exited" and reply.get("result"):
                 self.ensure_watched(sid, process_id)   # its exit is journaled by the watch

@@ -491,3 +491,36 @@ def test_attach_refuses_an_unknown_process_with_one_line(daemon):
     sid = create(daemon)
     r = daemon.cli("attach", sid, "p-000000000000")
     assert r.returncode == 1 and "unable to attach" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_stdin_retries_type_once_and_input_journaled_before_a_crash_still_arrives(daemon):
+    import asyncio
+
+    from sandkasten.domain import commands as c
+    from sandkasten.store.journal import Journal
+
+    sid = create(daemon)
+    pid = start(daemon, sid, "cat")["process_id"]
+    for _ in range(3):   # a client retrying the same write
+        r = daemon.client.post(f"/v1/sessions/{sid}/processes/{pid}/stdin", json={"data": "once\n"},
+                               headers={"Idempotency-Key": "w-1"})
+        assert r.status_code == 200, r.text
+    out = Output(daemon, sid, pid)
+    out.until(b"once\n")
+    daemon.kill()
+
+    async def journal_only():   # what a daemon that died right after journaling leaves behind
+        journal = await Journal.open(daemon.data_dir / "sandkasten.db")
+        try:
+            data = b"typed while the daemon died\n"
+            await journal.execute(sid, c.RecordProcessInput(
+                process_id=pid, kind="stdin", size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                data_base64=base64.b64encode(data).decode()), actor="test")
+        finally:
+            await journal.close()
+
+    asyncio.run(journal_only())
+    daemon.start()
+    stdin(daemon, sid, pid, "after\n", eof=True)
+    out.to_end()
+    assert out.data == b"once\ntyped while the daemon died\nafter\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+from dataclasses import replace
 
 from sanic import Blueprint, Request, json
 
@@ -20,8 +21,8 @@ from sandkasten.api.sessions import json_body, require_running, session_row, set
 from sandkasten.api.stream import event, resume_cursor, send_feed
 from sandkasten.domain import commands as c
 from sandkasten.domain.session import DuplicateIdempotencyKey
-from sandkasten.errors import (InvalidRequest, ProcessExited, ProcessNotFound, SandboxError, SandboxGone,
-                               SandkastenError, SessionEnded)
+from sandkasten.errors import (IllegalTransition, InvalidRequest, ProcessExited, ProcessNotFound, SandboxError,
+                               SandboxGone, SandkastenError, SessionEnded, SessionNotFound)
 from sandkasten.runtime.spec import EXEC_ID
 from sandkasten.views import process_view
 
@@ -129,26 +130,51 @@ def _ending(row: dict) -> str:
     return f"signal {row['signal']}" if row["signal"] else f"exit code {row['exit_code']}"
 
 
-async def _journal_input(request: Request, sid: str, *commands: c.RecordProcessInput) -> None:
+async def _journal_input(request: Request, sid: str, process_id: str, verb: str, *commands: c.RecordProcessInput):
+    """Journal input to a process. `decide` checks that the session runs and the process has not
+    ended, on the journal's cached state: no read on a keystroke's way. Only a refusal reads the
+    rows, to say precisely why (no such session, session ended, process exited with …)."""
     d = request.app.ctx.daemon
-    await d.journal.execute_all(sid, list(commands), actor=request.ctx.actor, request_id=request.ctx.request_id)
+
+    async def append():
+        return await d.journal.execute_all(sid, list(commands), actor=request.ctx.actor,
+                                           request_id=request.ctx.request_id)
+    try:
+        return await append()
+    except DuplicateIdempotencyKey:
+        raise
+    except (IllegalTransition, SessionNotFound, InvalidRequest) as e:
+        if isinstance(e, InvalidRequest) and "no terminal" in e.message:
+            raise
+        await _running(d, sid, process_id, verb)   # raises the precise error ...
+        return await append()                      # ... or the process has started meanwhile
 
 
 @bp.post("/sessions/<sid>/processes/<process_id>/stdin")
 async def write_stdin(request: Request, sid: str, process_id: str):
     d = request.app.ctx.daemon
     data, eof = intake.stdin_data(json_body(request))
-    await _running(d, sid, process_id, "write to stdin")
+    key = request.headers.get("idempotency-key")
+    if key is not None and not intake.TOKEN.match(key):
+        raise InvalidRequest("invalid Idempotency-Key: expected 1-200 printable ASCII characters")
     inputs = []
     if data:
         recorded = base64.b64encode(data).decode() if d.cfg.audit.record_input else None
         inputs.append(c.RecordProcessInput(process_id=process_id, kind="stdin", size=len(data),
-                                           sha256=hashlib.sha256(data).hexdigest(), data_base64=recorded))
+                                           sha256=hashlib.sha256(data).hexdigest(), data_base64=recorded,
+                                           idempotency_key=key))
     if eof:
-        inputs.append(c.RecordProcessInput(process_id=process_id, kind="eof"))
-    await _journal_input(request, sid, *inputs)
-    await d.processes.send(sid, process_id, {"op": "proc_write", "data_base64": base64.b64encode(data).decode(),
-                                             "eof": eof})
+        inputs.append(c.RecordProcessInput(process_id=process_id, kind="eof",
+                                           idempotency_key=None if data else key))
+    try:
+        events = await _journal_input(request, sid, process_id, "write to stdin", *inputs)
+    except DuplicateIdempotencyKey:   # a retry of input already journaled: make sure it arrived, once
+        await d.processes.deliver_pending(sid, process_id)
+        return json({"ok": True, "bytes": len(data), "duplicate": True})
+    if not d.cfg.audit.record_input:   # the journal has no bytes to send: hand over these ones
+        events = [replace(e, payload={**e.payload, "data_base64": base64.b64encode(data).decode()})
+                  if e.payload["kind"] == "stdin" else e for e in events]
+    await d.processes.deliver(sid, process_id, events)
     return json({"ok": True, "bytes": len(data)})
 
 
@@ -160,12 +186,8 @@ async def resize(request: Request, sid: str, process_id: str):
         raise InvalidRequest("invalid resize request: the body must be a JSON object with 'rows' and 'cols'")
     intake.refuse_unknown(body, {"rows", "cols"}, "resize")
     rows, cols = intake.terminal_size(body, "resize")
-    row = await _running(d, sid, process_id, "resize")
-    if not row["pty_rows"]:
-        raise InvalidRequest(f"unable to resize process {process_id}: it has no terminal (start it with pty)",
-                             process_id=process_id)
-    await _journal_input(request, sid, c.RecordProcessInput(process_id=process_id, kind="resize", rows=rows,
-                                                            cols=cols))
+    await _journal_input(request, sid, process_id, "resize",
+                         c.RecordProcessInput(process_id=process_id, kind="resize", rows=rows, cols=cols))
     await d.processes.send(sid, process_id, {"op": "proc_resize", "rows": rows, "cols": cols})
     return json({"ok": True, "rows": rows, "cols": cols})
 
@@ -174,8 +196,8 @@ async def resize(request: Request, sid: str, process_id: str):
 async def send_signal(request: Request, sid: str, process_id: str):
     d = request.app.ctx.daemon
     number, name = intake.signal_number(json_body(request))
-    await _running(d, sid, process_id, f"send {name}")
-    await _journal_input(request, sid, c.RecordProcessInput(process_id=process_id, kind="signal", signal=name))
+    await _journal_input(request, sid, process_id, f"send {name}",
+                         c.RecordProcessInput(process_id=process_id, kind="signal", signal=name))
     await d.processes.send(sid, process_id, {"op": "proc_signal", "signal": number})
     return json({"ok": True, "signal": name})
 
@@ -188,9 +210,8 @@ async def kill_process(request: Request, sid: str, process_id: str):
     row = await process_row(d, sid, process_id)
     if row["status"] not in ENDED:
         try:
-            await _running(d, sid, process_id, "kill")
-            await _journal_input(request, sid, c.RecordProcessInput(process_id=process_id, kind="signal",
-                                                                    signal="SIGKILL"))
+            await _journal_input(request, sid, process_id, "kill",
+                                 c.RecordProcessInput(process_id=process_id, kind="signal", signal="SIGKILL"))
             await d.processes.send(sid, process_id, {"op": "proc_signal", "signal": 9})
             await asyncio.wait_for(settle(d, d.processes.ensure_watched(sid, process_id), "the process was "
                                           "killed; its exit is journaled once the daemon is back"), KILL_WAIT_S)

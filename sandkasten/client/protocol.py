@@ -176,14 +176,15 @@ def get_process(session_id: str, process_id: str) -> Call[models.Process]:
     return Call("GET", _proc(session_id, process_id), models.Process.from_json)
 
 
-def write_stdin(session_id: str, process_id: str, data: str | bytes, eof: bool = False) -> Call[int]:
-    """Not idempotent: a retry after the bytes went out would type them twice."""
+def write_stdin(session_id: str, process_id: str, data: str | bytes, eof: bool = False,
+                idempotency_key: str | None = None) -> Call[int]:
+    """One Idempotency-Key per call: a retry after a dropped connection types nothing twice."""
     import base64
     body: dict[str, Any] = {"data": data} if isinstance(data, str) else {"data_base64": base64.b64encode(data).decode()}
     if eof:
         body["eof"] = True
     return Call("POST", _proc(session_id, process_id) + "/stdin", lambda b: int(b.get("bytes", 0)), json=body,
-                idempotent=False)
+                headers={"Idempotency-Key": idempotency_key or new_idempotency_key()})
 
 
 def resize(session_id: str, process_id: str, rows: int, cols: int) -> Call[None]:

@@ -157,6 +157,7 @@ class RecordProcessInput:
     rows: int | None = None
     cols: int | None = None
     signal: str | None = None
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True)

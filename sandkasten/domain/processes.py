@@ -10,12 +10,12 @@ this idempotency key?) come from the store as `PriorExecs`, as for execs. No I/O
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sandkasten.domain import commands as c
 from sandkasten.domain import events as ev
-from sandkasten.errors import IllegalTransition, ProcessExited, TooManyProcesses
+from sandkasten.errors import IllegalTransition, InvalidRequest, ProcessExited, TooManyProcesses
 
 PROCESS_REQUESTED = "requested"
 PROCESS_RUNNING = "running"
@@ -23,6 +23,8 @@ PROCESS_EXITED = "exited"
 PROCESS_LOST = "lost"
 PROCESS_ENDED = frozenset({PROCESS_EXITED, PROCESS_LOST})
 INPUT_KINDS = frozenset({"stdin", "eof", "resize", "signal"})
+DELIVERED_IN_ORDER = frozenset({"stdin", "eof"})   # numbered (`seq`): the runner takes each once
+KEEP_KEYS = 64   # idempotency keys of recent inputs a process remembers
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,8 @@ class ProcessState:
     status: str  # "requested" | "running" (ended processes leave the state)
     pty: bool = False
     idempotency_key: str | None = None
+    inputs: int = 0                  # stdin and eof inputs so far (the last one's `seq`)
+    input_keys: tuple[str, ...] = ()  # Idempotency-Keys of the latest inputs
 
 
 def request(state: Any, cmd: c.RequestProcess, prior: Any, verb: str,
@@ -67,14 +71,23 @@ def started(state: Any, cmd: c.RecordProcessStarted, prior: Any, verb: str) -> l
     return [ev.NewEvent(ev.PROCESS_STARTED, {"process_id": cmd.process_id, "pid": cmd.pid})]
 
 
-def input_(state: Any, cmd: c.RecordProcessInput, prior: Any, verb: str) -> list[ev.NewEvent]:
+def input_(state: Any, cmd: c.RecordProcessInput, prior: Any, verb: str,
+           duplicate_key: type[IllegalTransition] = IllegalTransition) -> list[ev.NewEvent]:
     proc = _pending(state, cmd.process_id, verb)
+    if cmd.idempotency_key is not None and cmd.idempotency_key in proc.input_keys:
+        raise duplicate_key(f"unable to {verb} {state.session_id}: input with idempotency key "
+                            f"{cmd.idempotency_key!r} already sent to process {cmd.process_id}",
+                            exec_id=cmd.process_id, session_id=state.session_id)
     if cmd.kind not in INPUT_KINDS:
         raise ValueError(f"unknown process input kind {cmd.kind!r}")
     if cmd.kind == "resize" and not proc.pty:
-        raise IllegalTransition(f"unable to {verb} {state.session_id}: process {cmd.process_id} has no terminal "
-                                f"to resize (start it with pty)", process_id=cmd.process_id)
+        raise InvalidRequest(f"unable to {verb} {state.session_id}: process {cmd.process_id} has no terminal "
+                             f"to resize (start it with pty)", process_id=cmd.process_id)
     payload: dict[str, Any] = {"process_id": cmd.process_id, "kind": cmd.kind}
+    if cmd.kind in DELIVERED_IN_ORDER:
+        payload["seq"] = proc.inputs + 1
+    if cmd.idempotency_key is not None:
+        payload["idempotency_key"] = cmd.idempotency_key
     if cmd.kind == "stdin":
         payload.update(size=cmd.size, sha256=cmd.sha256)
         if cmd.data_base64 is not None:
@@ -112,7 +125,12 @@ def evolve(processes: dict[str, ProcessState], event: Any) -> dict[str, ProcessS
     if event.type == ev.PROCESS_REQUESTED:
         return {**processes, pid: ProcessState(PROCESS_REQUESTED, bool(p.get("pty")), p.get("idempotency_key"))}
     if event.type == ev.PROCESS_STARTED:
-        return {**processes, pid: ProcessState(PROCESS_RUNNING, processes[pid].pty, processes[pid].idempotency_key)}
+        return {**processes, pid: replace(processes[pid], status=PROCESS_RUNNING)}
+    if event.type == ev.PROCESS_INPUT and pid in processes:
+        proc = processes[pid]
+        key = p.get("idempotency_key")
+        return {**processes, pid: replace(proc, inputs=p.get("seq") or proc.inputs,
+                                          input_keys=(*proc.input_keys, key)[-KEEP_KEYS:] if key else proc.input_keys)}
     if event.type in (ev.PROCESS_EXITED, ev.PROCESS_LOST):
         return {k: v for k, v in processes.items() if k != pid}
     return processes   # process.input changes nothing decide needs

@@ -322,6 +322,10 @@ def _request_process(state: SessionState, cmd: c.RequestProcess, prior: PriorExe
     return proc.request(state, cmd, prior, verb, DuplicateIdempotencyKey)
 
 
+def _process_input(state: SessionState, cmd: c.RecordProcessInput, prior: PriorExecs, verb: str) -> list[ev.NewEvent]:
+    return proc.input_(state, cmd, prior, verb, DuplicateIdempotencyKey)
+
+
 def _pending_exec(state: SessionState, exec_id: str, verb: str) -> ExecState:
     found = state.execs.get(exec_id)
     if found is None:
@@ -369,7 +373,7 @@ _DECIDERS: dict[type, Any] = {
     c.RecordExecLost: _exec_lost,
     c.RequestProcess: _request_process,
     c.RecordProcessStarted: proc.started,
-    c.RecordProcessInput: proc.input_,
+    c.RecordProcessInput: _process_input,
     c.RecordProcessExited: proc.exited,
     c.RecordProcessLost: proc.lost,
 }
