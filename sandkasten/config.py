@@ -111,6 +111,15 @@ class Reconcile:
 
 
 @dataclass(frozen=True)
+class Console:
+    """The web console under /console (sandkasten.console): on by default, off with enabled: false.
+    `key` is a separate login key for the console; empty means log in with the API key."""
+
+    enabled: bool = True
+    key: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     listen: str = "127.0.0.1:8080"
     api_key: str = ""
@@ -130,6 +139,7 @@ class Config:
     reconcile: Reconcile = field(default_factory=Reconcile)
     processes: Processes = field(default_factory=Processes)
     audit: Audit = field(default_factory=Audit)
+    console: Console = field(default_factory=Console)
     cgroup_parent: str = "sandkasten"
 
     # -- derived paths (one place names every directory under data_dir) --
@@ -178,6 +188,7 @@ _SECTIONS = {
     "reconcile": Reconcile,
     "processes": Processes,
     "audit": Audit,
+    "console": Console,
 }
 
 
@@ -254,7 +265,7 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
             sect = out.setdefault(section, {})
             if not isinstance(sect, dict):
                 raise ConfigError(f"invalid config key {section}: must be a mapping")
-            sect[sub] = parsed
+            sect[sub] = value if (section, sub) == ("console", "key") else parsed   # a key is text as given
     return out
 
 

@@ -37,6 +37,10 @@ def create_app(daemon) -> Sanic:
     app.ctx.daemon = daemon
     key = cfg.api_key.encode()
     key_id = "api:" + hashlib.sha256(key).hexdigest()[:8] if key else "api:anonymous"
+    gate = None
+    if cfg.console.enabled:   # the web console: its pages use a login cookie (sandkasten.console.auth)
+        from sandkasten import console
+        gate = console.install(app, daemon)
 
     @app.on_request
     async def authenticate(request: Request):
@@ -54,13 +58,21 @@ def create_app(daemon) -> Sanic:
                                "'_', '.', ':' or '-' (e.g. an Agents SDK trace id)", {"header": "X-Agent-Run"})
         if unparsed(request):
             return None
-        if key and request.path not in OPEN_PATHS:
+        if gate is not None and gate.owns(request.path):
+            refused = gate.check_page(request)   # no cookie: a redirect to the login page
+            if refused is not None:
+                return refused
+        elif key and request.path not in OPEN_PATHS:
             given = request.headers.get("authorization", "")
             scheme, _, token = given.partition(" ")
             # headers are read as latin-1/surrogates: a byte that is no UTF-8 must compare, not raise
             if scheme.lower() != "bearer" or not hmac.compare_digest(
                     token.strip().encode("utf-8", "surrogateescape"), key):
-                return errors.body("UNAUTHORIZED", "missing or wrong API key: send 'Authorization: Bearer <api_key>'")
+                admitted, refused = gate.check_api(request) if gate is not None else (False, None)
+                if not admitted:   # the console's scripts call the API with its cookie + CSRF header
+                    return errors.body("UNAUTHORIZED", "missing or wrong API key: send 'Authorization: Bearer <api_key>'")
+                if refused is not None:
+                    return refused
         if daemon.stopping:   # connections still draining; sandboxes and their commands carry on
             return errors.body("NOT_READY", "the daemon is stopping: retry in a moment")
         return None

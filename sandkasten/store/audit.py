@@ -37,8 +37,12 @@ async def export(
     since: datetime | None = None,
     session: str | None = None,
     out: TextIO | None = None,
+    *,
+    until: datetime | None = None,
+    actor: str | None = None,
 ) -> int:
-    """Write one row per exec requested at or after `since` (in `session`, if given) to `out`.
+    """Write one row per exec requested at or after `since` (and before `until`, in `session`,
+    by `actor`, each if given) to `out`.
 
     Returns the number of rows written. Rows come in the order the execs were requested.
     """
@@ -47,7 +51,8 @@ async def export(
     if out is None:
         raise InvalidRequest("unable to export audit trail: no output stream")
     since_iso = _iso(since) if since is not None else None
-    rows = await collect(journal, since_iso, session)
+    rows = await collect(journal, since_iso, session, until_iso=_iso(until) if until is not None else None,
+                         actor=actor)
     if fmt == "jsonl":
         for row in rows:
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -59,14 +64,17 @@ async def export(
     return len(rows)
 
 
-async def collect(journal: Journal, since_iso: str | None, session: str | None) -> list[dict[str, Any]]:
+async def collect(journal: Journal, since_iso: str | None, session: str | None, *,
+                  until_iso: str | None = None, actor: str | None = None) -> list[dict[str, Any]]:
     """Fold the exec events into one dict per exec (in request order)."""
     rows: dict[str, dict[str, Any]] = {}
     after = 0
     while True:
         batch = await journal.events(after_seq=after, stream_id=session, limit=_PAGE, types=AUDITED_TYPES)
         if not batch:
-            return list(rows.values())
+            return [row for row in rows.values()
+                    if (actor is None or row["actor"] == actor)
+                    and (until_iso is None or row["requested_at"] < until_iso)]
         for event in batch:
             _fold(rows, event, since_iso)
         after = batch[-1].seq
