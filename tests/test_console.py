@@ -298,7 +298,8 @@ def test_timeline_after_a_daemon_sigkill_and_restart(browser, daemon_factory):
     assert facts == ["session.requested", "sandbox.started", "sandbox.adopted"]
     console.run(sid, "echo after-the-restart")
     console.wait(lambda: "after-the-restart" in console.text("#timeline"), "a new command after the restart")
-    console.assert_clean_console(allowed=("net::ERR_CONNECTION_",))   # requests in flight at the kill
+    # requests in flight at the kill: refused, or an open feed cut mid-stream
+    console.assert_clean_console(allowed=("net::ERR_CONNECTION_", "net::ERR_INCOMPLETE_CHUNKED_ENCODING"))
 
 
 def test_terminal_is_read_only_until_input_is_allowed(console):
