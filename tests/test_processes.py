@@ -526,3 +526,26 @@ def test_stdin_retries_type_once_and_input_journaled_before_a_crash_still_arrive
     stdin(daemon, sid, pid, "after\n", eof=True)
     out.to_end()
     assert out.data == b"once\ntyped while the daemon died\nafter\n"
+
+
+def test_async_client_drives_a_terminal(daemon, python_image):
+    import asyncio
+
+    from sandkasten.client import AsyncClient, ExecChunk, ProcessDone
+
+    async def scenario():
+        async with AsyncClient(daemon.url, api_key="test-key-123") as client:
+            sid = (await client.create_session("python")).id
+            proc = await client.start_process(sid, "python3 -i -q", pty=(24, 80))
+            assert proc.pty == {"rows": 24, "cols": 80} and proc.running
+            await client.write_stdin(sid, proc.process_id, "print(6 * 7)\n")
+            await client.resize(sid, proc.process_id, 30, 100)
+            await client.write_stdin(sid, proc.process_id, "raise SystemExit(4)\n")
+            seen = [e async for e in client.process_stream(sid, proc.process_id)]
+            assert isinstance(seen[-1], ProcessDone) and seen[-1].exit_code == 4
+            assert "42" in "".join(e.chunk for e in seen if isinstance(e, ExecChunk))
+            [ended] = await client.list_processes(sid, include_ended=True)
+            assert ended.status == "exited" and ended.exit_code == 4
+            await client.destroy_session(sid)
+
+    asyncio.run(scenario())
