@@ -20,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import hashlib
-import json
 import os
 import select
 import signal
@@ -88,14 +87,14 @@ class Proc:
 class Processes:
     """The runner's table of processes: start, feed, resize, signal, reap."""
 
-    def __init__(self, logs_fd: int, poll: select.poll, shell) -> None:
+    def __init__(self, logs_fd: int, poll: select.poll, shell, results) -> None:
         self.logs_fd = logs_fd
+        self.results = results                 # runner.results.Results: shared with the execs
         self.poll = poll
         self.shell = shell                     # its env and its privilege drop are the processes' too
         self.live: dict[str, Proc] = {}
         self.by_fd: dict[int, Proc] = {}
         self.by_pid: dict[int, Proc] = {}
-        self.ended: dict[str, dict] = {}
 
     # ------------------------------------------------------------------ start
     def start(self, msg: dict) -> dict:
@@ -121,12 +120,11 @@ class Processes:
                                int(msg.get("max_log_bytes") or protocol.MAX_PROCESS_LOG))
         except OSError as e:
             os.close(log_fd)
-            self._store({"ok": True, "id": proc_id, "state": "exited", "exit_code": 127, "signal": None,
+            self.results.store({"ok": True, "id": proc_id, "state": "exited", "exit_code": 127, "signal": None,
                          "started_at": time.time(), "exited_at": time.time(), "pid": None,
                          "error": f"unable to start: {e.strerror or e}", "stdout_bytes": 0, "stderr_bytes": 0,
                          "log_bytes": 0, "dropped_bytes": 0, "log_start": 0, "input_bytes": 0,
                          "output_sha256": hashlib.sha256().hexdigest()})
-            return self.ended[proc_id]
         timeout_ms = msg.get("timeout_ms")
         if timeout_ms:
             proc.deadline = time.monotonic() + int(timeout_ms) / 1000
@@ -384,7 +382,7 @@ class Processes:
                   "started_at": proc.started, "exited_at": now,
                   "pty": {"rows": proc.rows, "cols": proc.cols} if proc.pty else None,
                   "output_sha256": proc.sha.hexdigest(), **proc._counts()}
-        self._store(result)
+        self.results.store(result)
         for conn in proc.waiters:
             self.reply(conn, result)
         return True
@@ -409,38 +407,10 @@ class Processes:
     # ------------------------------------------------------------------ results
     def lookup(self, proc_id: str) -> dict | None:
         proc = self.live.get(proc_id)
-        if proc is not None:
-            return proc.view()
-        if proc_id in self.ended:
-            return self.ended[proc_id]
-        try:
-            fd = os.open(proc_id + ".json", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.logs_fd)
-        except OSError:
-            return None
-        try:
-            return json.loads(os.read(fd, 1 << 20))
-        except ValueError:
-            return None
-        finally:
-            os.close(fd)
+        return proc.view() if proc is not None else self.results.lookup(proc_id)
 
     def listing(self) -> list[dict]:
         return [p.view() for p in self.live.values()]
-
-    def _store(self, result: dict) -> None:
-        tmp = result["id"] + ".json.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=self.logs_fd)
-            try:
-                os.write(fd, json.dumps(result).encode())
-            finally:
-                os.close(fd)
-            os.rename(tmp, result["id"] + ".json", src_dir_fd=self.logs_fd, dst_dir_fd=self.logs_fd)
-        except OSError:
-            pass   # disk full: the result still lives in memory
-        self.ended[result["id"]] = result
-        if len(self.ended) > 512:
-            self.ended.pop(next(iter(self.ended)))
 
     reply = None   # set by the runner: reply(conn, msg)
 

@@ -27,12 +27,12 @@ from typing import Callable
 
 from runner import protocol
 from runner.processes import Processes
+from runner.results import Results
 from runner.shell import Shell
 
 INTERRUPT_GRACE = 1.0     # SIGINT → SIGKILL of the command's new processes
 KILL_GRACE = 1.0          # → kill and restart the whole shell
 MAX_LOG_BYTES = 256 * 1024 * 1024
-KEEP_RESULTS = 512
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -60,12 +60,12 @@ class Runner:
         self.logs_fd = logs_fd
         self.shell = Shell(env, before_exec)
         self.current: Exec | None = None
-        self.results: dict[str, dict] = {}
+        self.results = Results(logs_fd)
         self.clients: dict[int, tuple[socket.socket, bytearray]] = {}
         self.cwd = "/workspace"
         self.shell_restarts = 0
         self.poll = select.poll()
-        self.procs = Processes(logs_fd, self.poll, self.shell)
+        self.procs = Processes(logs_fd, self.poll, self.shell, self.results)
         self.procs.reply = self._reply
 
     # ------------------------------------------------------------------ main loop
@@ -255,40 +255,14 @@ class Runner:
             "output_sha256": cur.sha.hexdigest(), "timed_out": cur.stage > 0,
             "truncated": cur.truncated, "shell_restarted": shell_restarted,
         }
-        self._store(result)
+        self.results.store(result)
         for client in cur.waiters:
             self._reply(client, result)
-
-    def _store(self, result: dict) -> None:
-        tmp = result["id"] + ".json.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=self.logs_fd)
-            try:
-                os.write(fd, json.dumps(result).encode())
-            finally:
-                os.close(fd)
-            os.rename(tmp, result["id"] + ".json", src_dir_fd=self.logs_fd, dst_dir_fd=self.logs_fd)
-        except OSError:
-            pass  # disk full: the result still lives in memory below
-        self.results[result["id"]] = result
-        if len(self.results) > KEEP_RESULTS:
-            self.results.pop(next(iter(self.results)))
 
     def _lookup(self, exec_id: str) -> dict | None:
         if self.current is not None and self.current.id == exec_id:
             return {"ok": True, "id": exec_id, "state": "running"}
-        if exec_id in self.results:
-            return self.results[exec_id]
-        try:
-            fd = os.open(exec_id + ".json", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.logs_fd)
-        except OSError:
-            return None
-        try:
-            return json.loads(os.read(fd, 1 << 20))
-        except ValueError:
-            return None
-        finally:
-            os.close(fd)
+        return self.results.lookup(exec_id)
 
     def _check_deadline(self) -> None:
         """Timeout: SIGINT the shell's process group (the shell traps it; background jobs
