@@ -70,12 +70,13 @@ class Cli(AdminCommands):
         from sandkasten.store.journal import Journal
 
         cfg = self.cfg
-        if not create and not cfg.database_path.exists():
-            raise Failed(f"unable to open the journal {cfg.database_path}: no such file (neither the daemon nor "
+        target = cfg.journal_target
+        if not create and not cfg.shared_journal and not target.exists():
+            raise Failed(f"unable to open the journal {target}: no such file (neither the daemon nor "
                          f"`sandkasten create` has used data_dir {cfg.data_dir}; is --config right?)")
 
         async def run() -> T:
-            journal = await Journal.open(cfg.database_path, cfg.journal.durability)
+            journal = await Journal.open(target, cfg.journal.durability)
             try:
                 return await work(journal)
             finally:

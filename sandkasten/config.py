@@ -88,6 +88,9 @@ class Network:
 class Journal:
     durability: str = "normal"
     busy_timeout_s: float = 10.0   # how long a write waits for another writer's lock
+    # "" (the SQLite file db_path), sqlite:///PATH, or postgresql+psycopg|asyncpg://… (a
+    # journal shared by several hosts; see docs/cluster.md)
+    url: str = ""
 
 
 @dataclass(frozen=True)
@@ -115,11 +118,26 @@ class Config:
     journal: Journal = field(default_factory=Journal)
     reconcile: Reconcile = field(default_factory=Reconcile)
     cgroup_parent: str = "sandkasten"
+    database_url: str = ""  # the same as journal.url (DESIGN.md's name for it)
 
     # -- derived paths (one place names every directory under data_dir) --
     @property
     def database_path(self) -> Path:
         return self.db_path or self.data_dir / "sandkasten.db"
+
+    @property
+    def journal_target(self) -> Path | str:
+        """Where the journal lives: the SQLite file, or the PostgreSQL URL of a shared journal."""
+        url = self.journal.url or self.database_url
+        if not url:
+            return self.database_path
+        if url.startswith("sqlite:///"):
+            return Path(url[len("sqlite:///"):]).expanduser().absolute()
+        return url
+
+    @property
+    def shared_journal(self) -> bool:
+        return isinstance(self.journal_target, str)
 
     @property
     def images_dir(self) -> Path:
@@ -385,6 +403,12 @@ def _validate(cfg: Config) -> None:
     _one_of("reconcile.lost_sandbox_policy", cfg.reconcile.lost_sandbox_policy, LOST_SANDBOX_POLICIES)
     _positive("reconcile.resync_seconds", cfg.reconcile.resync_seconds)
     _positive("journal.busy_timeout_s", cfg.journal.busy_timeout_s)
+    for key, url in (("journal.url", cfg.journal.url), ("database_url", cfg.database_url)):
+        if url and not re.match(r"^(sqlite:///.+|postgres(ql)?(\+(psycopg|asyncpg))?://.+)$", url):
+            raise ConfigError(f"invalid config key {key}: expected sqlite:///PATH or "
+                              f"postgresql+psycopg://… / postgresql+asyncpg://… (got {_redact(url)!r})")
+    if cfg.journal.url and cfg.database_url and cfg.journal.url != cfg.database_url:
+        raise ConfigError("invalid config key database_url: differs from journal.url (set one of them)")
     if d.cpu_limit > cfg.limits.max_cpu_limit:
         raise ConfigError("invalid config key defaults.cpu_limit: above limits.max_cpu_limit")
     if d.mem_limit_mb > cfg.limits.max_mem_limit_mb:
@@ -410,6 +434,11 @@ def _validate(cfg: Config) -> None:
     if not cfg.api_key and not _is_loopback(cfg.host):
         raise ConfigError(
             f"invalid config key api_key: an empty api_key is refused on the non-loopback address {cfg.host}")
+
+
+def _redact(url: str) -> str:
+    """A URL as shown in messages: its password replaced by ***."""
+    return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", url)
 
 
 def _validate_network(n: Network) -> None:

@@ -46,7 +46,7 @@ class Daemon:
 
     async def start(self) -> None:
         cfg = self.cfg
-        self.journal = await Journal.open(cfg.database_path, cfg.journal.durability,
+        self.journal = await Journal.open(cfg.journal_target, cfg.journal.durability,
                                           busy_timeout_s=cfg.journal.busy_timeout_s)
         self.runtime = Runtime.detect(cfg.data_dir, cgroup_parent=cfg.cgroup_parent,
                                       network=network.from_config(cfg.network))
@@ -120,7 +120,7 @@ def preflight(cfg: Config) -> None:
             os.chmod(d, 0o700)
         except OSError as e:
             raise SandkastenError(f"unable to create directory {d}: {e.strerror}") from None
-    Journal.check(cfg.database_path, cfg.journal.busy_timeout_s)
+    Journal.check(cfg.journal_target, cfg.journal.busy_timeout_s)
     cgroups.detect(parent=cfg.cgroup_parent)
 
 

@@ -33,7 +33,7 @@ from sandkasten.domain import events as ev
 from sandkasten.domain.events import RecordedEvent
 from sandkasten.domain.session import (DESTROYING, ENDED_STATUSES, POOL_IDLE, UNCLAIMED, PriorExecs, State, decide, evolve)
 from sandkasten.errors import ConcurrencyConflict, InvalidRequest, JournalError, SandkastenError
-from sandkasten.store import fastpath, projections, schema
+from sandkasten.store import fastpath, postgres, projections, schema
 from sandkasten.store.schema import events, execs, sessions, workspaces
 
 T = TypeVar("T")
@@ -98,6 +98,7 @@ class Journal:
     def __init__(self, db_path: Path, engine: AsyncEngine, writer: sa.Engine, reader: sa.Engine,
                  durability: str, busy_timeout_s: float) -> None:
         self.path = db_path
+        self.url: str | None = None        # the PostgreSQL URL of a shared journal; None on SQLite
         self.durability = durability
         self.busy_timeout_s = busy_timeout_s
         self._engine = engine              # reads: async (aiosqlite), several at once under WAL
@@ -113,8 +114,11 @@ class Journal:
     # --- lifecycle ------------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, db_path: Path, durability: str = "normal", *, busy_timeout_s: float = 10.0) -> "Journal":
-        """Create the parent dir, migrate (alembic, in a thread), open one small async engine."""
+    async def open(cls, db_path: Path | str, durability: str = "normal", *, busy_timeout_s: float = 10.0) -> "Journal":
+        """Create the parent dir, migrate (alembic, in a thread), open one small async engine.
+        A `postgresql…://` URL instead of a path opens the shared journal of a cluster."""
+        if postgres.is_url(db_path):
+            return await cls._open_postgres(str(db_path), durability, busy_timeout_s)
         db_path = Path(db_path).absolute()
         if durability not in DURABILITIES:
             raise JournalError(f"unable to open journal {db_path}: durability {durability!r} is not normal|full")
@@ -148,9 +152,31 @@ class Journal:
         return cls(db_path, engine, writer, reader, durability, busy_timeout_s)
 
     @classmethod
-    def check(cls, db_path: Path, busy_timeout_s: float = 10.0) -> None:
+    async def _open_postgres(cls, url: str, durability: str, busy_timeout_s: float) -> "Journal":
+        """The same journal on PostgreSQL: appends serialised by an advisory lock (see
+        store/postgres.py); durability is the server's (synchronous_commit)."""
+        where = postgres.label(url)
+        if durability not in DURABILITIES:
+            raise JournalError(f"unable to open journal {where}: durability {durability!r} is not normal|full")
+        async with _Guard(where, busy_timeout_s)("migrate"):
+            await asyncio.to_thread(postgres.upgrade, url)
+        engine, writer, reader = postgres.engines(url)
+        journal = cls(where, engine, writer, reader, durability, busy_timeout_s)  # type: ignore[arg-type]
+        journal.url = url
+        return journal
+
+    @classmethod
+    def check(cls, db_path: Path | str, busy_timeout_s: float = 10.0) -> None:
         """Blocking preflight for the daemon: migrate the file and read its schema once, so a
         corrupt, locked or unwritable journal stops the start with one clear line."""
+        if postgres.is_url(db_path):
+            try:
+                postgres.check(str(db_path))
+            except (sa.exc.SQLAlchemyError, OSError) as exc:
+                where = postgres.label(str(db_path))
+                raise JournalError(f"unable to open journal {where}: {_Guard(where, busy_timeout_s)._cause(exc)}",
+                                   path=where) from None
+            return
         db_path = Path(db_path).absolute()
         try:
             db_path.parent.mkdir(parents=True, exist_ok=True)
