@@ -94,6 +94,18 @@ class Journal:
 
 
 @dataclass(frozen=True)
+class Cluster:
+    """Several hosts on one shared journal (journal.url = postgresql…; docs/cluster.md)."""
+
+    host_id: str = ""                 # default: the machine's hostname
+    advertise_address: str = ""       # what other nodes forward to; default http://<listen>
+    max_sessions: int = 100           # placement puts no more sessions on this host
+    heartbeat_seconds: float = 2.0
+    host_timeout_seconds: float = 15.0  # no heartbeat for this long: the host is lost
+    forward_timeout_seconds: float = 900.0
+
+
+@dataclass(frozen=True)
 class Reconcile:
     lost_sandbox_policy: str = "fail"
     resync_seconds: float = 15.0
@@ -117,6 +129,7 @@ class Config:
     network: Network = field(default_factory=Network)
     journal: Journal = field(default_factory=Journal)
     reconcile: Reconcile = field(default_factory=Reconcile)
+    cluster: Cluster = field(default_factory=Cluster)
     cgroup_parent: str = "sandkasten"
     database_url: str = ""  # the same as journal.url (DESIGN.md's name for it)
 
@@ -137,7 +150,18 @@ class Config:
 
     @property
     def shared_journal(self) -> bool:
+        """A journal in PostgreSQL: this daemon is one host of a cluster."""
         return isinstance(self.journal_target, str)
+
+    @property
+    def host_id(self) -> str:
+        import socket
+
+        return self.cluster.host_id or socket.gethostname()
+
+    @property
+    def advertise_address(self) -> str:
+        return (self.cluster.advertise_address or f"http://{self.listen}").rstrip("/")
 
     @property
     def images_dir(self) -> Path:
@@ -178,6 +202,7 @@ _SECTIONS = {
     "network": Network,
     "journal": Journal,
     "reconcile": Reconcile,
+    "cluster": Cluster,
 }
 
 
@@ -407,6 +432,20 @@ def _validate(cfg: Config) -> None:
         if url and not re.match(r"^(sqlite:///.+|postgres(ql)?(\+(psycopg|asyncpg))?://.+)$", url):
             raise ConfigError(f"invalid config key {key}: expected sqlite:///PATH or "
                               f"postgresql+psycopg://… / postgresql+asyncpg://… (got {_redact(url)!r})")
+    cl = cfg.cluster
+    for key in ("max_sessions", "heartbeat_seconds", "host_timeout_seconds", "forward_timeout_seconds"):
+        _positive(f"cluster.{key}", getattr(cl, key))
+    if cl.host_timeout_seconds < 2 * cl.heartbeat_seconds:
+        raise ConfigError("invalid config key cluster.host_timeout_seconds: must be at least twice "
+                          "cluster.heartbeat_seconds (a late heartbeat is not a dead host)")
+    if cl.host_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", cl.host_id):
+        raise ConfigError(f"invalid config key cluster.host_id: expected 1-63 of [A-Za-z0-9_.-] (got {cl.host_id!r})")
+    if cl.advertise_address and not re.fullmatch(r"https?://[^/\s]+/?", cl.advertise_address):
+        raise ConfigError(f"invalid config key cluster.advertise_address: expected http://HOST:PORT "
+                          f"(got {cl.advertise_address!r})")
+    if cfg.pool.enabled and cfg.shared_journal:
+        raise ConfigError("invalid config key pool.enabled: the pre-warmed pool is not supported on a shared "
+                          "journal (several hosts) yet; turn it off or use a SQLite journal")
     if cfg.journal.url and cfg.database_url and cfg.journal.url != cfg.database_url:
         raise ConfigError("invalid config key database_url: differs from journal.url (set one of them)")
     if d.cpu_limit > cfg.limits.max_cpu_limit:

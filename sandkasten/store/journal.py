@@ -30,6 +30,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 
 from sandkasten.domain import commands as c
 from sandkasten.domain import events as ev
+from sandkasten.domain import host
 from sandkasten.domain.events import RecordedEvent
 from sandkasten.domain.session import (DESTROYING, ENDED_STATUSES, POOL_IDLE, UNCLAIMED, PriorExecs, State, decide, evolve)
 from sandkasten.errors import ConcurrencyConflict, InvalidRequest, JournalError, SandkastenError
@@ -99,6 +100,9 @@ class Journal:
                  durability: str, busy_timeout_s: float) -> None:
         self.path = db_path
         self.url: str | None = None        # the PostgreSQL URL of a shared journal; None on SQLite
+        # cluster: (host_id, epoch) of the daemon appending; sandbox observations on sessions
+        # placed elsewhere are refused (domain.host.fenced). None on a single host.
+        self.fence: tuple[str, int] | None = None
         self.durability = durability
         self.busy_timeout_s = busy_timeout_s
         self._engine = engine              # reads: async (aiosqlite), several at once under WAL
@@ -279,6 +283,10 @@ class Journal:
         query, params, base = self._catch_up_query(stream_id, head=True)
         state, seq, prev_hash = self._fold(stream_id, base, fastpath.execute(conn, query, params))
         prior = self._prior_execs(conn, stream_id, command)
+        refusal = host.fenced(state, command, self.fence)
+        if refusal is not None:
+            raise host.HostFenced(f"unable to record {type(command).__name__} for {stream_id}: {refusal}",
+                                  session_id=stream_id)
         new_events = decide(state, command, prior=prior, stream_id=stream_id)
         version = state.version if state else 0
         created_at = _now()
@@ -499,6 +507,9 @@ def _restrict(db_path: Path) -> None:
 def _check_stream(stream_id: str, command: c.Command) -> None:
     if isinstance(command, c.RequestSession) and command.session_id != stream_id:
         raise InvalidRequest(f"unable to request session {command.session_id}: stream id is {stream_id}")
+    if isinstance(command, host.HOST_COMMANDS) != stream_id.startswith(host.HOST_STREAM_PREFIX):
+        raise InvalidRequest(f"unable to apply {type(command).__name__} to stream {stream_id}: host commands "
+                             f"go to {host.HOST_STREAM_PREFIX}<host_id> streams, and only they")
     if isinstance(command, (c.CreateWorkspace, c.DeleteWorkspace)) and stream_id != ev.workspace_stream(command.workspace_id):
         raise InvalidRequest(
             f"unable to change workspace {command.workspace_id}: stream must be {ev.workspace_stream(command.workspace_id)}"

@@ -1,0 +1,61 @@
+"""Follow the shared journal without polling: LISTEN/NOTIFY on PostgreSQL.
+
+Who runs this: the daemon of a cluster host, instead of the executor's polling `follow`.
+Every committed append NOTIFYs (store/postgres.py); on a wake-up (or every FALLBACK_S, in
+case a notification was lost with a dropped connection) this host starts the work the
+journal asks of it: the executor's own catch-up (sessions placed here), sessions nobody has
+placed yet (created by a CLI on the journal), and sessions re-placed here after their host was
+lost (policy `recreate`). Waiters for a remote create are woken too (`Membership.tick`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from sandkasten.cluster.membership import Membership
+from sandkasten.errors import SandkastenError
+from sandkasten.store import postgres
+
+log = logging.getLogger("sandkasten.cluster")
+FALLBACK_S = 5.0
+RETRY_S = 1.0
+
+
+class Follower:
+    def __init__(self, membership: Membership):
+        self.membership = membership
+        self.executor = membership.executor
+        self.journal = membership.journal
+        self.seen = -1
+
+    async def run(self) -> None:
+        while True:
+            try:
+                async with postgres.notifications(self.journal.url) as wait:
+                    while True:
+                        await self.pass_once()
+                        await wait(FALLBACK_S)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a dropped connection: listen again
+                log.warning("follow: %s", getattr(e, "message", None) or e)
+                await asyncio.sleep(RETRY_S)
+
+    async def pass_once(self) -> None:
+        try:
+            seq = await self.journal.last_seq()
+            if seq == self.seen:
+                return
+            self.seen = seq
+            self.membership.tick.bump()
+            await self.executor.catch_up()
+            recreate = self.membership.cfg.reconcile.lost_sandbox_policy == "recreate"
+            for row in await self.journal.sessions():
+                if row["status"] == "requested" and row["host_id"] is None:
+                    self.executor.ensure_session(row["id"])   # places it (one node wins), see Membership.create
+                elif recreate and row["status"] == "lost" and self.membership.owns(row) \
+                        and row["host_epoch"] == self.membership.epoch:
+                    self.executor.ensure_session(row["id"])   # re-placed here after its host was lost
+        except SandkastenError as e:
+            log.warning("follow: %s", e.message)
