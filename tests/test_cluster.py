@@ -112,3 +112,84 @@ def _host_sessions(node: DaemonProc) -> set[str]:
         return set(rt.host_sessions())
     finally:
         rt.close()
+
+
+def _events(node: DaemonProc, sid: str) -> list[dict]:
+    r = node.cli("logs", sid, "--json") if False else None  # noqa: F841 - the journal is read below
+    import asyncio
+
+    from sandkasten.store.journal import Journal
+
+    async def read():
+        j = await Journal.open(node_url(node))
+        try:
+            return [{"type": e.type, "payload": dict(e.payload), "actor": e.actor}
+                    for e in await j.events(stream_id=sid, limit=10_000)]
+        finally:
+            await j.close()
+
+    return asyncio.run(read())
+
+
+def node_url(node: DaemonProc) -> str:
+    import yaml
+
+    return yaml.safe_load(node.config_path.read_text())["journal"]["url"]
+
+
+def session(node: DaemonProc, sid: str) -> dict:
+    return node.client.get(f"/v1/sessions/{sid}").json()
+
+
+def test_a_killed_host_is_declared_lost_its_sessions_recreated_and_fenced_when_back(cluster):
+    c = cluster(reconcile={"lost_sandbox_policy": "recreate"})
+    sid = place_on(c, "a", "b")
+    # a command that is running on b when b dies: it must not run a second time elsewhere
+    with httpx.Client(base_url=c["c"].url, headers=dict(c["c"].client.headers), timeout=30) as client:
+        with client.stream("POST", f"/v1/sessions/{sid}/exec/stream",
+                           json={"cmd": "echo ran >> /workspace/marker; echo started; sleep 60"}) as stream:
+            for line in stream.iter_lines():
+                if "started" in line:
+                    break
+            c["b"].kill(signal.SIGKILL)  # mid-exec; its sandbox outlives it, as any daemon's does
+    assert sid in _host_sessions(c["b"])
+
+    row = wait_until(lambda: (s := session(c["a"], sid))["status"] == "running" and s["host_id"] != "b" and s,
+                     timeout=60, what="the session recreated on a live host")
+    new_host = row["host_id"]
+    assert new_host in ("a", "c")
+    types = [e["type"] for e in _events(c["a"], sid)]
+    assert "sandbox.lost" in types and types.count("exec.started") <= 1 and types.count("exec.requested") == 1
+    [lost_exec] = [e for e in _events(c["a"], sid) if e["type"] == "exec.lost"]
+    assert "host b was lost" in lost_exec["payload"]["reason"]
+    # the recreated sandbox never ran the command: no marker in its (new) workspace
+    r = c["a"].client.post(f"/v1/sessions/{sid}/exec", json={"cmd": "cat /workspace/marker 2>&1; echo rc=$?"})
+    assert r.status_code == 200, r.text
+    assert "rc=1" in r.json()["output"] and r.headers.get("x-sandkasten-host", "a") == new_host
+
+    # b comes back: a new epoch; its old copy of the session is removed, not run alongside
+    c["b"].start()
+    assert sid not in _host_sessions(c["b"])
+    hosts = _hosts(c["b"])
+    assert hosts["b"]["status"] == "live" and hosts["b"]["epoch"] == 2
+    assert session(c["b"], sid)["host_id"] == new_host
+    r = c["b"].client.post(f"/v1/sessions/{sid}/exec", json={"cmd": "echo via b"})
+    assert r.status_code == 200 and r.json()["output"].strip() == "via b", r.text
+
+
+def _hosts(node: DaemonProc) -> dict[str, dict]:
+    import asyncio
+
+    import sqlalchemy as sa
+
+    from sandkasten.store.journal import Journal
+    from sandkasten.store.schema import hosts
+
+    async def read():
+        j = await Journal.open(node_url(node))
+        try:
+            return {r["id"]: r for r in await j._rows(sa.select(hosts))}
+        finally:
+            await j.close()
+
+    return asyncio.run(read())
