@@ -145,6 +145,7 @@ class Cli(AdminCommands):
         shown: set[str] = set()
         collected: list[dict] = []
         seen_seq = -1
+        self._remote = await _owner_address(journal, self.cfg, sid)  # a cluster: output on another host
         while True:
             seq = await journal.last_seq()
             if seq != seen_seq:
@@ -208,6 +209,10 @@ class Cli(AdminCommands):
 
         if row["status"] == "requested":
             return None
+        if getattr(self, "_remote", None):  # the session runs on another host of the cluster
+            from sandkasten.cluster import remote
+
+            return render.Output(*remote.exec_output(self.cfg, self._remote, sid, row["id"]))
         try:
             path = Layout(self.cfg.data_dir).of(sid).logs / f"{row['id']}.log"
             return render.Output(*protocol.read_output(path, limit))
@@ -281,7 +286,8 @@ class Cli(AdminCommands):
                 raise Failed(f"unable to exec in session {session}: its sandbox has not started yet, and no "
                              "daemon is running to start it (sandkasten daemon -d)")
             await journal.execute(session, request, actor="cli")
-            if pid is None:
+            self._remote = await _owner_address(journal, self.cfg, session)
+            if pid is None and not self._remote:
                 return None
             return await self._await_exec(journal, request.exec_id)
 
@@ -369,7 +375,7 @@ class Cli(AdminCommands):
                 return row
             if time.monotonic() - checked > 1.0:
                 checked = time.monotonic()
-                if self.daemon_pid() is None:
+                if self.daemon_pid() is None and not getattr(self, "_remote", None):
                     return row
             await asyncio.sleep(0.05)
 
@@ -451,3 +457,11 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+async def _owner_address(journal, cfg, sid: str) -> str | None:
+    if not cfg.shared_journal:
+        return None
+    from sandkasten.cluster import remote
+
+    return await remote.owner_address(journal, cfg, sid)

@@ -193,3 +193,65 @@ def _hosts(node: DaemonProc) -> dict[str, dict]:
             await j.close()
 
     return asyncio.run(read())
+
+
+def test_cli_on_one_host_shows_the_whole_cluster(cluster):
+    """ps, logs, exec and audit export on host a, for a session that runs on host b."""
+    import json
+
+    c = cluster()
+    sid = place_on(c, "c", "b")
+    r = c["c"].client.post(f"/v1/sessions/{sid}/exec", json={"cmd": "echo out-from-b; echo err-from-b >&2"})
+    assert r.status_code == 200, r.text
+    ps = c["a"].cli("ps", "--json")
+    assert ps.returncode == 0, ps.stderr
+    [row] = [s for s in json.loads(ps.stdout) if s["id"] == sid]
+    assert row["host_id"] == "b"
+    logs = c["a"].cli("logs", sid)
+    assert logs.returncode == 0, logs.stderr
+    assert "echo out-from-b" in logs.stdout and "out-from-b\n" in logs.stdout and "err-from-b" in logs.stdout
+    run = c["a"].cli("exec", sid, "echo run-by-cli-on-a-in-$(hostname)")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == f"run-by-cli-on-a-in-{sid}"
+    audit = c["a"].cli("audit", "export")
+    assert audit.returncode == 0, audit.stderr
+    cmds = [json.loads(line)["cmd"] for line in audit.stdout.splitlines() if json.loads(line)["session"] == sid]
+    assert cmds == ["echo out-from-b; echo err-from-b >&2", "echo run-by-cli-on-a-in-$(hostname)"]
+    verify = c["a"].cli("audit", "verify")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_a_restarted_host_keeps_its_sandboxes_under_a_new_epoch(cluster):
+    c = cluster(names=("a", "b"))
+    sid = place_on(c, "a", "b")
+    assert c["a"].client.post(f"/v1/sessions/{sid}/exec", json={"cmd": "export KEEP=yes"}).status_code == 200
+    c["b"].kill(signal.SIGTERM)
+    c["b"].start()
+    assert _hosts(c["a"])["b"]["epoch"] == 2
+    s = session(c["a"], sid)
+    assert (s["status"], s["host_id"]) == ("running", "b")
+    r = c["a"].client.post(f"/v1/sessions/{sid}/exec", json={"cmd": "echo $KEEP"})
+    assert r.status_code == 200 and r.json()["output"].strip() == "yes", r.text  # the same shell: adopted
+    types = [e["type"] for e in _events(c["a"], sid)]
+    assert "sandbox.adopted" in types and "sandbox.lost" not in types
+    assert [e["payload"]["reason"] for e in _events(c["a"], sid) if e["type"] == "session.placed"] == ["create", "restart"]
+
+
+def test_a_paused_host_that_was_declared_lost_learns_it_and_removes_its_copy(cluster):
+    """SIGSTOP (a hung host, a network partition): the others declare it lost and recreate its
+    session; once it runs again its heartbeat is refused (fenced), it joins under a new epoch
+    and removes its own copy of the session instead of running a second one."""
+    c = cluster(reconcile={"lost_sandbox_policy": "recreate"})
+    sid = place_on(c, "a", "b")
+    c["b"].proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: (s := session(c["a"], sid))["host_id"] != "b" and s["status"] == "running",
+                   timeout=60, what="the session recreated elsewhere")
+    finally:
+        c["b"].proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: _hosts(c["a"])["b"]["epoch"] == 2 and _hosts(c["a"])["b"]["status"] == "live",
+               timeout=30, what="b joining again")
+    wait_until(lambda: sid not in _host_sessions(c["b"]), timeout=30, what="b removing its fenced copy")
+    new_host = session(c["a"], sid)["host_id"]
+    assert new_host != "b" and sid in _host_sessions(c[new_host])
+    assert "host b was fenced" in c["b"].read_log()
