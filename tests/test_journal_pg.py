@@ -14,7 +14,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from sandkasten.domain import RecordSandboxStarted, RequestExec, RequestSession
-from sandkasten.errors import JournalError
+from sandkasten.domain.host import PlaceSession
+from sandkasten.errors import IllegalTransition, JournalError
 from sandkasten.store import postgres, schema
 from sandkasten.store.journal import Journal
 from tests.pg import free_port
@@ -78,8 +79,9 @@ async def test_asyncpg_url_reads_what_psycopg_wrote(pg_server):
         await j.close()
 
 
-async def test_an_append_wakes_a_listener(pg_database):
+async def test_an_append_wakes_a_listener_saying_who_appended_and_whose_work_it_is(pg_database):
     j = await Journal.open(pg_database)
+    seen: list[str] = []
     try:
         async with postgres.notifications(pg_database) as wait:
             assert await wait(0.2) is False  # nothing committed yet
@@ -87,8 +89,15 @@ async def test_an_append_wakes_a_listener(pg_database):
             await asyncio.sleep(0.1)
             await j.execute("s-1", RequestSession(image="busybox", expires_at=EXPIRES), actor="api")
             assert await asyncio.wait_for(task, 10) is True
+            j.fence = ("b", 1)  # a cluster host's journal
+            await j.execute("s-1", PlaceSession(host_id="c", epoch=2), actor="host:b")
+            assert await wait(10, lambda p: seen.append(p) or p.startswith("b|")) is True
+            with pytest.raises(IllegalTransition):  # refused: rolled back, nobody is woken
+                await j.execute("s-1", PlaceSession(host_id="d", epoch=2), actor="host:b")
+            assert await wait(0.3) is False
     finally:
         await j.close()
+    assert seen == ["b|c"]  # appended by b, a session placed on c: c's executor acts on it
 
 
 async def test_a_held_append_lock_makes_writers_wait_not_fork_the_chain(pg_database):

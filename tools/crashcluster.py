@@ -178,11 +178,13 @@ def run(args) -> int:
             print(f"  round {rnd + 1}/{args.rounds}: killed {victim.name}; {len(results)} execs answered",
                   flush=True)
         failures += errors
-        failures += check(client, sids, results, url)
+        runs = {sid: client.request("POST", f"/v1/sessions/{sid}/exec", json={"cmd": "cat /workspace/runs"})
+                .json().get("stdout", "").split() for sid in sids}
         for sid in sids:
             client.request("DELETE", f"/v1/sessions/{sid}")
-        for node in nodes:
+        for node in nodes:  # stopped before the journal checks: heartbeats would change it meanwhile
             node.signal(signal.SIGTERM)
+        failures += check(runs, results, url)
         for node in nodes:
             failures += [f"leaked: {x}" for x in node.cleanup()]
     finally:
@@ -198,7 +200,7 @@ def run(args) -> int:
     return 1 if failures else 0
 
 
-def check(client: Client, sids: list[str], results: list[dict], url: str) -> list[str]:
+def check(runs: dict[str, list[str]], results: list[dict], url: str) -> list[str]:
     """Exactly one terminal event per exec; no marker twice in a workspace; every finished
     exec's marker there; the chain intact and the read tables a replay of the journal."""
     import asyncio
@@ -218,7 +220,16 @@ def check(client: Client, sids: list[str], results: list[dict], url: str) -> lis
             await j.rebuild()
             stats = {"hosts_lost": hosts_lost, "recreated": placed.count("recreate"),
                      "carried_over": placed.count("restart")}
-            return terminal, ok, live == await j.snapshot_read_tables(), stats
+            replayed = await j.snapshot_read_tables()
+            for table, rows in live.items():
+                again = [r for r in replayed[table]]
+                for row in rows:
+                    if row not in again:
+                        other = next((r for r in replayed[table] if r.get("id") == row.get("id")), None)
+                        diff = {k: (v, other.get(k) if other else None) for k, v in row.items()
+                                if other is None or other.get(k) != v}
+                        print(f"replay differs in {table} {row.get('id')}: live vs replay {diff}", flush=True)
+            return terminal, ok, live == replayed, stats
         finally:
             await j.close()
 
@@ -228,25 +239,25 @@ def check(client: Client, sids: list[str], results: list[dict], url: str) -> lis
         failures.append("read tables differ from a replay of the journal")
     finished = lost = dup = 0
     for r in results:
-        eid = r["body"].get("exec_id")
+        eid = r["body"].get("exec_id") or (r["body"].get("details") or {}).get("exec_id")
         if eid is None:
             continue
+        r["exec_id"] = eid
         kinds = terminal.get(eid, [])
         if len(kinds) != 1:
             failures.append(f"{r['key']} ({eid}): {len(kinds)} terminal events {kinds}")
         finished += kinds == ["exec.finished"]
         lost += kinds == ["exec.lost"]
-    for w, sid in enumerate(sids):
-        body = client.request("POST", f"/v1/sessions/{sid}/exec", json={"cmd": "cat /workspace/runs"}).json()
+    for sid, lines in runs.items():
         seen: dict[str, int] = {}
-        for line in body.get("stdout", "").split():
+        for line in lines:
             seen[line] = seen.get(line, 0) + 1
         for m, n in seen.items():
             if n > 1:
                 dup += 1
                 failures.append(f"command {m} ran {n} times")
         for r in results:
-            if r["sid"] == sid and terminal.get(r["body"].get("exec_id")) == ["exec.finished"] \
+            if r["sid"] == sid and terminal.get(r.get("exec_id")) == ["exec.finished"] \
                     and r["marker"] not in seen:
                 failures.append(f"command {r['marker']} reported finished but never ran")
     print(json.dumps({"execs": len(results), "finished": finished, "lost": lost, "duplicated": dup, **stats}))

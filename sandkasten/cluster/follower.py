@@ -35,12 +35,21 @@ class Follower:
                 async with postgres.notifications(self.journal.url) as wait:
                     while True:
                         await self.pass_once()
-                        await wait(FALLBACK_S)
+                        await wait(FALLBACK_S, self.wanted)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - a dropped connection: listen again
                 log.warning("follow: %s", getattr(e, "message", None) or e)
                 await asyncio.sleep(RETRY_S)
+
+    def wanted(self, payload: str) -> bool:
+        """Every append wakes the waiters of a remote create; the executor's catch-up runs only
+        for what another process appended on a session placed here or on one nobody placed
+        (what this host appended itself it acted on already; other hosts' sessions are theirs)."""
+        self.membership.tick.bump()
+        appender, _, owner = payload.partition("|")
+        me = self.membership.host_id
+        return appender != me and owner in (me, "")
 
     async def pass_once(self) -> None:
         try:

@@ -156,7 +156,9 @@ class Membership:
             except placement.NoHostAvailable as e:
                 log.warning("unable to recreate %s: %s", sid, e.message)
                 return
-            await self._place(sid, target["id"], target["epoch"], expected, "recreate")
+            placed = await self._place(sid, target["id"], target["epoch"], expected, "recreate")
+            if placed and target["id"] == self.host_id:  # our follower skips our own appends
+                self.executor.ensure_session(sid)
         else:
             await self.executor.record(sid, c.RecordSandboxFailed(reason=f"{reason}; policy is fail"),
                                        actor=self.actor)

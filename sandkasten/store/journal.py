@@ -306,6 +306,8 @@ class Journal:
             recorded.append(event)
         if state is not None:
             self._remember(stream_id, state)
+        if self.url is not None and recorded:  # PostgreSQL: wake the other hosts' followers at commit
+            postgres.notify(conn, self.fence[0] if self.fence else "", _owner(state))
         return recorded
 
     def _insert(self, conn: sa.Connection, row: dict[str, Any]) -> None:
@@ -502,6 +504,13 @@ def _restrict(db_path: Path) -> None:
             os.chmod(path, 0o600)
         except (FileNotFoundError, PermissionError):  # not there yet; or not ours to change
             pass
+
+
+def _owner(state: State | None) -> str:
+    """Whose executor a change of this stream may concern (the NOTIFY payload, see postgres.notify)."""
+    if state is None or not hasattr(state, "session_id"):
+        return "-"
+    return getattr(state, "host_id", None) or ""
 
 
 def _check_stream(stream_id: str, command: c.Command) -> None:

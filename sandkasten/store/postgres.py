@@ -19,6 +19,7 @@ what differs lives here:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Any, AsyncIterator, Callable
@@ -68,10 +69,20 @@ def engines(target: str) -> tuple[Any, sa.Engine, sa.Engine]:
 
 
 def _serialise_appends(conn: sa.Connection) -> None:
-    """First statements of every write transaction: wait for the journal's one append lock
-    (released by commit or rollback), and have the commit wake every follower."""
+    """First statement of every write transaction: wait for the journal's one append lock
+    (released by commit or rollback)."""
     conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({APPEND_LOCK})")
-    conn.exec_driver_sql(f"NOTIFY {CHANNEL}")
+
+
+_NOTIFY = sa.text("SELECT pg_notify(:channel, :payload)")
+
+
+def notify(conn: sa.Connection, appender: str, owner: str) -> None:
+    """Inside an append's transaction: wake the followers when (and only if) it commits.
+    The payload says who appended (a host id; "" for a CLI) and whose work it may be: the host
+    the stream's session is placed on, "" for a session nobody has placed yet, "-" for streams
+    no executor acts on (hosts, workspaces). Identical payloads in one transaction collapse."""
+    conn.execute(_NOTIFY, {"channel": CHANNEL, "payload": f"{appender}|{owner}"})
 
 
 def upgrade(target: str) -> None:
@@ -119,10 +130,11 @@ def check(target: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def notifications(target: str) -> AsyncIterator[Callable[[float], Any]]:
-    """LISTEN on the journal's channel; yields `wait(timeout) -> bool` (True when an append
-    committed since the last call). The caller re-reads the journal on True: a notification
-    carries no data, so a missed one costs only latency until the next timeout."""
+async def notifications(target: str) -> AsyncIterator[Callable[..., Any]]:
+    """LISTEN on the journal's channel; yields `wait(timeout, wanted=None) -> bool`: True once
+    an append committed whose payload ("appender|owner", see `notify`) `wanted` accepts (any,
+    without it), False at the timeout. The caller re-reads the journal on True: a missed
+    notification costs only latency until the next timeout."""
     import psycopg
 
     dsn = make_url(urls(target)[0]).set(drivername="postgresql")
@@ -130,9 +142,13 @@ async def notifications(target: str) -> AsyncIterator[Callable[[float], Any]]:
     try:
         await conn.execute(f"LISTEN {CHANNEL}")
 
-        async def wait(timeout: float) -> bool:
-            async for _ in conn.notifies(timeout=timeout, stop_after=1):
-                return True
+        async def wait(timeout: float, wanted: Callable[[str], bool] | None = None) -> bool:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while (left := deadline - loop.time()) > 0:
+                async for note in conn.notifies(timeout=left, stop_after=1):
+                    if wanted is None or wanted(note.payload):
+                        return True
             return False
 
         yield wait
