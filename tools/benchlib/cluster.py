@@ -69,6 +69,11 @@ def _delete(hosts: list[BenchDaemon], ids: list) -> None:
 
 
 def cluster(report: Report, fleet: Fleet, n_exec: int, n_create: int) -> None:
+    lite = fleet.daemon("cluster-sqlite")  # the embedded default, measured the same way
+    lite.start()
+    rate0, lat0, ids = _create_rate([lite], n_create)
+    _delete([lite], ids)
+    lite.kill()
     server = _server(fleet)
     one = _hosts(fleet, server.database(), "solo", ("a",))
     rate1, lat1, ids = _create_rate(one, n_create)
@@ -101,9 +106,12 @@ def cluster(report: Report, fleet: Fleet, n_exec: int, n_create: int) -> None:
     _delete(three, _all_ids(three))
     rate3, lat3, ids = _create_rate(three, n_create)
     _delete(three, ids)
-    report.add(SECTION, "cluster.create.rate.1", "create throughput, 1 host (6 clients)", value=rate1, unit="/s")
+    report.add(SECTION, "cluster.create.rate.sqlite", "create throughput, 1 host on SQLite (6 clients)",
+               value=rate0, unit="/s")
+    report.add(SECTION, "cluster.create.rate.1", "create throughput, 1 host on PostgreSQL", value=rate1, unit="/s")
     report.add(SECTION, "cluster.create.rate.3", "create throughput, 3 hosts (6 clients over 3 APIs)",
                value=rate3, unit="/s")
+    report.add(SECTION, "cluster.create.sqlite", "  POST /v1/sessions latency, 1 host on SQLite", lat0)
     report.add(SECTION, "cluster.create.1", "  POST /v1/sessions latency, 1 host", lat1)
     report.add(SECTION, "cluster.create.3", "  POST /v1/sessions latency, 3 hosts", lat3)
     for d in three:
@@ -122,3 +130,4 @@ def ratios(report: Report) -> None:
     report.ratio("exec through a non-owning host / on the owner", "cluster.exec.forwarded", "cluster.exec.owner")
     report.ratio("exec on the owner, 3 hosts / one host on PostgreSQL", "cluster.exec.owner", "cluster.exec.solo")
     report.ratio("create throughput 3 hosts / 1 host", "cluster.create.rate.3", "cluster.create.rate.1")
+    report.ratio("create throughput 1 host: PostgreSQL / SQLite", "cluster.create.rate.1", "cluster.create.rate.sqlite")
