@@ -4,6 +4,7 @@ dead host's sessions, fencing when it comes back."""
 
 from __future__ import annotations
 
+import base64
 import signal
 import time
 
@@ -94,6 +95,16 @@ def test_create_on_a_lands_on_b_exec_through_c(cluster):
     assert r.headers.get("x-sandkasten-host") == "b"
     r = c["a"].client.post(f"/v1/sessions/{sid}/exec", json={"cmd": "pwd"})
     assert r.json()["cwd"] == "/tmp" and r.json()["output"].strip() == "/tmp"
+    # files: written through a, read through c, both on b's sandbox; query strings pass through
+    r = c["a"].client.post(f"/v1/sessions/{sid}/fs/write", json={"path": "notes/x.txt", "text": "from a"})
+    assert r.status_code == 200, r.text
+    r = c["c"].client.get(f"/v1/sessions/{sid}/fs/read", params={"path": "notes/x.txt"})
+    assert r.status_code == 200 and base64.b64decode(r.json()["content_base64"]) == b"from a", r.text
+    r = c["c"].client.get(f"/v1/sessions/{sid}/fs/read", params={"path": "../../etc/passwd"})
+    assert r.status_code == 400 and r.json()["error_code"] == "PATH_REFUSED", r.text  # b's checks, relayed
+    # a session id that does not exist: answered where asked, as on one host
+    r = c["c"].client.post("/v1/sessions/s-000000000000/exec", json={"cmd": "true"})
+    assert r.status_code == 404 and r.json()["error_code"] == "SESSION_NOT_FOUND"
     # the sandbox is on b only
     assert sid in _host_sessions(c["b"]) and sid not in _host_sessions(c["a"]) | _host_sessions(c["c"])
     # every node lists the whole cluster
@@ -219,6 +230,26 @@ def test_cli_on_one_host_shows_the_whole_cluster(cluster):
     assert cmds == ["echo out-from-b; echo err-from-b >&2", "echo run-by-cli-on-a-in-$(hostname)"]
     verify = c["a"].cli("audit", "verify")
     assert verify.returncode == 0, verify.stdout + verify.stderr
+    # a session requested by the CLI straight into the journal is placed by the daemons
+    made = c["a"].cli("create", "--json")
+    assert made.returncode == 0, made.stderr
+    new = json.loads(made.stdout)
+    assert new["status"] == "running" and new["host_id"] in "abc"
+    assert new["id"] in _host_sessions(c[new["host_id"]])
+    rm = c["c"].cli("rm", new["id"])
+    assert rm.returncode == 0, rm.stderr
+    wait_until(lambda: new["id"] not in _host_sessions(c[new["host_id"]]), what="the CLI's rm carried out")
+
+
+def test_a_create_no_host_can_take_fails_saying_why(cluster):
+    c = cluster(names=("a", "b"), limits={"max_mem_limit_mb": 10_000_000})
+    r = c["a"].client.post("/v1/sessions", json={"mem_limit_mb": 9_000_000})
+    assert r.status_code == 503, r.text
+    body = r.json()
+    assert body["error_code"] == "NO_HOST_AVAILABLE"
+    assert "not enough memory" in body["message"] and set(body["details"]["hosts"]) == {"a", "b"}
+    [s] = [s for s in c["b"].client.get("/v1/sessions?all=true").json() if s["mem_limit_mb"] == 9_000_000]
+    assert s["status"] == "failed" and "no live host has room" in s["end_reason"]
 
 
 def test_a_restarted_host_keeps_its_sandboxes_under_a_new_epoch(cluster):
@@ -255,3 +286,18 @@ def test_a_paused_host_that_was_declared_lost_learns_it_and_removes_its_copy(clu
     new_host = session(c["a"], sid)["host_id"]
     assert new_host != "b" and sid in _host_sessions(c[new_host])
     assert "host b was fenced" in c["b"].read_log()
+
+
+def test_crashtool_cluster_short_run():
+    """tools/crashtest --cluster: SIGKILL a random host per round under load; its own checks
+    (one terminal event per exec, no command twice across hosts, chain, replay, no leaks)."""
+    import subprocess
+    import sys
+
+    from tests.daemons import REPO
+
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "crashtest"), "--cluster", "3", "--rounds", "2",
+                        "--sessions", "3", "--execs-per-round", "3", "--seed", "7"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert '"duplicated": 0' in r.stdout and "crashtest cluster: ok" in r.stdout

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import datetime, timezone
 
 from sandkasten.cluster.membership import Membership
 from sandkasten.errors import SandkastenError
@@ -20,6 +21,16 @@ from sandkasten.store import postgres
 log = logging.getLogger("sandkasten.cluster")
 FALLBACK_S = 5.0
 RETRY_S = 1.0
+API_PLACES_WITHIN_S = 10.0
+
+
+def _orphaned(row: dict, now: datetime) -> bool:
+    """An unplaced session the followers place: one the CLI requested straight into the
+    journal, or one whose API node did not place it in time (it died). An API node places its
+    own creates (and answers the client with the outcome), the followers leave those alone."""
+    if not str(row["actor"]).startswith("api:"):
+        return True
+    return (now - datetime.fromisoformat(row["created_at"])).total_seconds() > API_PLACES_WITHIN_S
 
 
 class Follower:
@@ -60,9 +71,16 @@ class Follower:
             self.membership.tick.bump()
             await self.executor.catch_up()
             recreate = self.membership.cfg.reconcile.lost_sandbox_policy == "recreate"
+            now = datetime.now(timezone.utc)
             for row in await self.journal.sessions():
-                if row["status"] == "requested" and row["host_id"] is None:
-                    self.executor.ensure_session(row["id"])   # places it (one node wins), see Membership.create
+                if row["status"] == "requested" and row["host_id"] is None and _orphaned(row, now):
+                    try:
+                        placed = await self.membership.place(row["id"])  # one node wins
+                    except SandkastenError as e:
+                        log.warning("unable to place %s: %s", row["id"], e.message)
+                        continue
+                    if placed is not None and self.membership.owns(placed):
+                        self.executor.ensure_session(row["id"])
                 elif recreate and row["status"] == "lost" and self.membership.owns(row) \
                         and row["host_epoch"] == self.membership.epoch:
                     self.executor.ensure_session(row["id"])   # re-placed here after its host was lost

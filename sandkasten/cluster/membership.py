@@ -190,15 +190,32 @@ class Membership:
             log.info("not placed: %s", e.message)
             return False
 
-    async def create(self, sid: str) -> None:
+    async def place(self, sid: str) -> dict | None:
+        """Place a requested session nobody has placed yet (one node wins the compare-and-set);
+        the session's row after. With no host able to take it the session fails, saying why
+        (it would wait for ever otherwise), and NoHostAvailable is raised."""
         row = await self.journal.session(sid)
-        if row is None or row["status"] in ENDED:
-            return
-        if row["host_id"] is None:
+        if row is None or row["status"] != "requested" or row["host_id"] is not None:
+            return row
+        try:
             target = await self.choose(row)
-            await self._place(sid, target["id"], target["epoch"], (None, None), "create")
-            row = await self.journal.session(sid)
-        if row is not None and self.owns(row):
+        except placement.NoHostAvailable as e:
+            await self.executor.record(sid, c.RecordSandboxFailed(reason=e.message), actor=self.actor)
+            raise
+        await self._place(sid, target["id"], target["epoch"], (None, None), "create")
+        return await self.journal.session(sid)
+
+    async def create(self, sid: str) -> None:
+        row = await self.place(sid)
+        if row is None:
+            return
+        if row["status"] == "failed":
+            from sandkasten.errors import SandboxError
+
+            raise SandboxError(f"the session failed: {row['end_reason']}", session_id=sid)
+        if row["status"] in ENDED:
+            return
+        if self.owns(row):
             await self.executor._create(sid)
             return
         await self.wait_for(sid, lambda r: r is None or r["status"] != "requested" or r["host_id"] is None,
