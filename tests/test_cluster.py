@@ -126,7 +126,6 @@ def _host_sessions(node: DaemonProc) -> set[str]:
 
 
 def _events(node: DaemonProc, sid: str) -> list[dict]:
-    r = node.cli("logs", sid, "--json") if False else None  # noqa: F841 - the journal is read below
     import asyncio
 
     from sandkasten.store.journal import Journal
@@ -191,15 +190,12 @@ def test_a_killed_host_is_declared_lost_its_sessions_recreated_and_fenced_when_b
 def _hosts(node: DaemonProc) -> dict[str, dict]:
     import asyncio
 
-    import sqlalchemy as sa
-
     from sandkasten.store.journal import Journal
-    from sandkasten.store.schema import hosts
 
     async def read():
         j = await Journal.open(node_url(node))
         try:
-            return {r["id"]: r for r in await j._rows(sa.select(hosts))}
+            return {r["id"]: r for r in await j.hosts()}
         finally:
             await j.close()
 

@@ -2,15 +2,16 @@
 forwarded over HTTP to that host's advertised address, and its answer (a JSON body, a file, or
 an SSE stream, chunk by chunk) goes back to the client unchanged.
 
-Who runs this: the Sanic app of a cluster host, as a request middleware after authentication.
+Who runs this: the Sanic app of a cluster host: a wrapper around the per-session route
+handlers (authentication has run before it).
 Forwarded: everything under /v1/sessions/{sid}/… (exec, streams, execs, files, processes,
 stats) and DELETE /v1/sessions/{sid} (the owner tears its sandbox down). Answered locally from
 the journal: the session itself (GET) and lists. A forwarded request carries
 `X-Sandkasten-Forwarded-By`; a node never forwards such a request again (no loops while a
-placement changes), it answers it itself. Why forwarding and not "the owner follows the
-journal": exec output, files and process streams live on the owner's disk and runner socket,
-never in the journal (DESIGN.md §2: large output never goes inside events) — see
-docs/cluster.md.
+placement changes) and answers it only for a session placed on itself: otherwise 503, retry.
+Why forwarding and not "the owner follows the journal": exec output, files and process
+streams live on the owner's disk and runner socket, never in the journal (DESIGN.md §2: large
+output never goes inside events) — see docs/cluster.md.
 """
 
 from __future__ import annotations
@@ -30,13 +31,11 @@ FORWARDED_BY = "x-sandkasten-forwarded-by"
 _SESSION_PATH = re.compile(r"^/v1/sessions/(?P<sid>[^/]+)(?P<rest>/.*)?$")
 _PASS_HEADERS = ("authorization", "content-type", "accept", "idempotency-key", "last-event-id", "x-request-id")
 _HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "server",
-                "date"}
+                "date", "content-type"}  # content-type goes in as respond()'s own argument
 
 
 def forwarded_session(request: Request) -> str | None:
     """The session id whose owner should answer this request, or None (answer here)."""
-    if request.headers.get(FORWARDED_BY):
-        return None
     m = _SESSION_PATH.match(request.path)
     if m is None:
         return None
@@ -92,6 +91,9 @@ async def _maybe_forward(request: Request, daemon, client_for):
     row = await daemon.journal.session(sid)
     if row is None or row["host_id"] is None or row["host_id"] == membership.host_id:
         return _HERE
+    if request.headers.get(FORWARDED_BY):  # never forward twice; never touch a sandbox that is not ours
+        return errors.body("HOST_UNREACHABLE", f"unable to answer for session {sid} here: it moved to host "
+                           f"{row['host_id']} while the request was forwarded; retry", {"host_id": row["host_id"]})
     hosts = {r["id"]: r for r in await membership.hosts()}
     target = hosts.get(row["host_id"])
     if target is None or target["status"] != h.LIVE:

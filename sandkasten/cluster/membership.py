@@ -165,11 +165,7 @@ class Membership:
 
     # ------------------------------------------------------------------ placement and create
     async def hosts(self) -> list[dict]:
-        from sandkasten.store.schema import hosts
-
-        import sqlalchemy as sa
-
-        return await self.journal._rows(sa.select(hosts).order_by(hosts.c.id))
+        return await self.journal.hosts()
 
     async def choose(self, row: dict, exclude: tuple[str, ...] = ()) -> dict:
         loads: dict[str, placement.Load] = {}

@@ -11,8 +11,6 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-import sqlalchemy as sa
-
 from sandkasten.config import Config
 from sandkasten.errors import SandkastenError
 
@@ -23,15 +21,13 @@ class OutputUnavailable(SandkastenError):
 
 async def owner_address(journal: Any, cfg: Config, sid: str) -> str | None:
     """Base URL of the host that runs `sid` when that is another host; None: read it here."""
-    from sandkasten.store.schema import hosts
-
     if not cfg.shared_journal:
         return None
     row = await journal.session(sid)
     if row is None or row.get("host_id") in (None, cfg.host_id):
         return None
-    found = await journal._rows(sa.select(hosts.c.address).where(hosts.c.id == row["host_id"]))
-    return found[0]["address"] if found else None
+    found = [h["address"] for h in await journal.hosts() if h["id"] == row["host_id"]]
+    return found[0] if found else None
 
 
 def exec_output(cfg: Config, address: str, sid: str, exec_id: str) -> tuple[bytes, bytes, bytes, bool]:

@@ -453,6 +453,10 @@ class Journal:
                  .order_by(execs.c.requested_at, execs.c.session_id, execs.c.seq_no))
         return await self._rows(query)
 
+    async def hosts(self) -> list[dict[str, Any]]:
+        """The hosts of a cluster (shared journal), by id; empty on a single host."""
+        return await self._rows(sa.select(schema.hosts).order_by(schema.hosts.c.id))
+
     async def workspaces(self) -> list[dict[str, Any]]:
         return await self._rows(sa.select(workspaces).order_by(workspaces.c.created_at, workspaces.c.id))
 
