@@ -10,11 +10,12 @@ Who runs this: the daemon, on its event loop, when the journal is shared (Postgr
 - `beat()` every `cluster.heartbeat_seconds`: `host.heartbeat`; a refused heartbeat means this
   host was declared lost (fenced): it joins again under a new epoch, and the reconciler's
   orphan sweep removes the sandboxes of sessions now placed elsewhere. The same pass looks at
-  the peers: a live host whose heartbeat is older than `cluster.host_timeout_seconds` is
-  journaled `host.lost` (compare-and-set on its epoch: one node wins), and every node then
-  recovers the sessions still placed on lost hosts, level-based: `sandbox.lost`, pending execs
-  `exec.lost` (their fate cannot be known: nothing is run twice), then the policy —
-  `recreate` places them on a live host (whose executor creates them), `fail` ends them.
+  the peers (once this host has itself beaten for a whole timeout): a live host whose
+  heartbeat is older than `cluster.host_timeout_seconds` is journaled `host.lost`
+  (compare-and-set on its epoch: one node wins), and every node then recovers the sessions
+  still placed on lost hosts, level-based: `sandbox.lost`, pending execs `exec.lost` (their
+  fate cannot be known: nothing is run twice), then the policy — `recreate` places them on
+  a live host (whose executor creates them), `fail` ends them.
 - `create(sid)` (the executor's keyed create in a cluster): place the session if it is not
   yet (least loaded live host with room, `placement.choose`), create it here if it landed
   here, else wait until its host has started it.
@@ -64,6 +65,7 @@ class Membership:
         self.epoch: int | None = None
         self.tick = Tick()            # bumped by the follower on every append it is told of
         self.reconciler: Any = None   # set by the daemon: a fenced host reconciles again after rejoining
+        self.beating_since: datetime | None = None  # first of this host's unbroken run of heartbeats
         self.actor = f"host:{self.host_id}"
 
     # ------------------------------------------------------------------ joining
@@ -94,6 +96,7 @@ class Membership:
             try:
                 await self.beat()
             except SandkastenError as e:
+                self.beating_since = None
                 log.warning("heartbeat: %s", e.message)
 
     async def beat(self) -> None:
@@ -104,14 +107,23 @@ class Membership:
                 epoch=self.epoch or 0, at=_now().isoformat(), sessions=mine), actor=self.actor)
         except h.HostFenced as e:
             log.warning("host %s was fenced (%s): joining again", self.host_id, e.message)
+            self.beating_since = None
             await self.join()
             if self.reconciler is not None:  # adopt what is still ours, remove copies placed elsewhere
                 await self.reconciler.startup()
+        if self.beating_since is None:
+            self.beating_since = _now()
         await self.check_peers()
 
     async def check_peers(self) -> None:
         now = _now()
         timeout = self.cfg.cluster.host_timeout_seconds
+        # Only a host that has itself been beating for a whole timeout judges the others: after
+        # an outage of the journal (or of this host) every heartbeat is stale at once, and the
+        # others need a timeout's time to beat again before anyone is declared lost.
+        if self.beating_since is None or (now - self.beating_since).total_seconds() < timeout:
+            await self.recover()
+            return
         for host in await self.hosts():
             if host["id"] == self.host_id or host["status"] != h.LIVE:
                 continue
