@@ -297,3 +297,37 @@ def test_crashtool_cluster_short_run():
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert '"duplicated": 0' in r.stdout and "crashtest cluster: ok" in r.stdout
+
+
+def test_an_outage_of_the_journal_declares_no_host_lost(cluster, pg_server):
+    """The PostgreSQL server stalls for longer than the host timeout (all its processes
+    stopped): every heartbeat is stale at once when it is back, yet no host is declared lost
+    (a host judges its peers only after beating itself for a whole timeout)."""
+    import os
+
+    c = cluster()
+    sid = place_on(c, "a", "b")
+    postmaster = int((pg_server.data / "postmaster.pid").read_text().split()[0])
+    pids = [postmaster] + [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == postmaster]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(TIMEOUT + 2)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    time.sleep(TIMEOUT + 2 * HEARTBEAT)  # long enough for a wrong verdict to be journaled
+    hosts = _hosts(c["a"])
+    assert {h: (r["status"], r["epoch"]) for h, r in hosts.items()} == {h: ("live", 1) for h in "abc"}
+    assert "host.lost" not in {e["type"] for e in _events(c["a"], "host:b")}
+    r = c["c"].client.post(f"/v1/sessions/{sid}/exec", json={"cmd": "echo still here"})
+    assert r.status_code == 200 and r.json()["output"].strip() == "still here", r.text
+
+
+def _ppid(pid: int) -> int | None:
+    from pathlib import Path
+
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None

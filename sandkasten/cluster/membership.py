@@ -66,6 +66,7 @@ class Membership:
         self.tick = Tick()            # bumped by the follower on every append it is told of
         self.reconciler: Any = None   # set by the daemon: a fenced host reconciles again after rejoining
         self.beating_since: datetime | None = None  # first of this host's unbroken run of heartbeats
+        self.last_beat: datetime | None = None
         self.actor = f"host:{self.host_id}"
 
     # ------------------------------------------------------------------ joining
@@ -111,16 +112,19 @@ class Membership:
             await self.join()
             if self.reconciler is not None:  # adopt what is still ours, remove copies placed elsewhere
                 await self.reconciler.startup()
-        if self.beating_since is None:
-            self.beating_since = _now()
+        now = _now()
+        if self.beating_since is None or self.last_beat is None \
+                or (now - self.last_beat).total_seconds() > self.cfg.cluster.host_timeout_seconds / 2:
+            self.beating_since = now  # a first beat, or one after a gap: the journal (or we) stalled
+        self.last_beat = now
         await self.check_peers()
 
     async def check_peers(self) -> None:
         now = _now()
         timeout = self.cfg.cluster.host_timeout_seconds
-        # Only a host that has itself been beating for a whole timeout judges the others: after
-        # an outage of the journal (or of this host) every heartbeat is stale at once, and the
-        # others need a timeout's time to beat again before anyone is declared lost.
+        # Only a host that has itself been beating, without a gap, for a whole timeout judges the
+        # others: after a stall of the journal (or of this host) every heartbeat is stale at
+        # once, and the others need a timeout's time to beat again before anyone is declared lost.
         if self.beating_since is None or (now - self.beating_since).total_seconds() < timeout:
             await self.recover()
             return
