@@ -226,6 +226,11 @@ def test_cli_on_one_host_shows_the_whole_cluster(cluster):
     assert cmds == ["echo out-from-b; echo err-from-b >&2", "echo run-by-cli-on-a-in-$(hostname)"]
     verify = c["a"].cli("audit", "verify")
     assert verify.returncode == 0, verify.stdout + verify.stderr
+    for name in "ab":  # each host checks its own sessions: b's sandbox is no drift on a
+        doctor = c[name].cli("doctor", "--json")
+        assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+        assert json.loads(doctor.stdout)["drift"] == []
+    assert json.loads(c["b"].cli("doctor", "--json").stdout)["checked"] >= 1
     # a session requested by the CLI straight into the journal is placed by the daemons
     made = c["a"].cli("create", "--json")
     assert made.returncode == 0, made.stderr
@@ -331,3 +336,26 @@ def _ppid(pid: int) -> int | None:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def test_bench_cluster_rows():
+    """tools/bench --only cluster runs and prints its rows (no timing asserted), and leaves no
+    cgroup parent behind."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.daemons import REPO
+
+    proc = subprocess.Popen([sys.executable, str(REPO / "tools" / "bench"), "--quick", "--only", "cluster"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    for row in ("## cluster (three hosts on one PostgreSQL journal", "HTTP exec `:` through a non-owning host",
+                "HTTP exec `:` on the owning host", "create throughput, 3 hosts", "create throughput, 1 host on",
+                "exec through a non-owning host / on the owner", "create throughput 3 hosts / 1 host"):
+        assert row in stdout, f"missing {row!r} in:\n{stdout}"
+    assert "n/a (failed" not in stdout
+    leftovers = [p for h in ("unified", "memory", "pids", "cpu")
+                 for p in Path("/sys/fs/cgroup", h).glob(f"sandkasten-bench-{proc.pid}-*")]
+    assert leftovers == []
