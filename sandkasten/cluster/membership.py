@@ -107,6 +107,9 @@ class Membership:
             await self.journal.execute(h.host_stream(self.host_id), h.RecordHeartbeat(
                 epoch=self.epoch or 0, at=_now().isoformat(), sessions=mine), actor=self.actor)
         except h.HostFenced as e:
+            if e.details.get("status") == h.LIVE:  # not declared lost: a newer registration of our id
+                log.error("host %s: another daemon registered with the same host_id (epoch %s); give each "
+                          "daemon its own cluster.host_id", self.host_id, e.details.get("epoch"))
             log.warning("host %s was fenced (%s): joining again", self.host_id, e.message)
             self.beating_since = None
             await self.join()
