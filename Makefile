@@ -5,16 +5,19 @@ CONFIG ?= sandkasten.yaml
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test install deps images bench clean
+.PHONY: run test install deps assets images bench clean
 
 $(BIN)/.installed: pyproject.toml
 	tools/bootstrap
 	@touch $@
 
-install: $(BIN)/.installed deps
+install: $(BIN)/.installed deps assets
 
 deps:
 	@tools/debian-deps
+
+assets: deps
+	@tools/console-assets
 
 images: install
 	$(BIN)/imgbuilder build --config $(CONFIG) --default
@@ -29,4 +32,4 @@ bench: images
 	$(BIN)/python tools/bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .cache
+	rm -rf $(VENV) .cache sandkasten/console/node_modules

@@ -17,6 +17,7 @@ FRAME = struct.Struct("<BId")
 STDOUT, STDERR = 1, 2
 STREAM_NAMES = {STDOUT: "stdout", STDERR: "stderr"}
 MAX_LINE = 64 * 1024 * 1024
+MAX_PROCESS_LOG = 64 * 1024 * 1024   # a process's log keeps its newest output up to this
 
 
 def encode(msg: dict) -> bytes:

@@ -15,6 +15,7 @@ time (the image may have no Python). It
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ import time
 from typing import Callable
 
 from runner import protocol
+from runner.processes import Processes
 from runner.shell import Shell
 
 INTERRUPT_GRACE = 1.0     # SIGINT → SIGKILL of the command's new processes
@@ -63,6 +65,8 @@ class Runner:
         self.cwd = "/workspace"
         self.shell_restarts = 0
         self.poll = select.poll()
+        self.procs = Processes(logs_fd, self.poll, self.shell)
+        self.procs.reply = self._reply
 
     # ------------------------------------------------------------------ main loop
     def serve(self) -> None:
@@ -98,14 +102,19 @@ class Runner:
                     self._on_status(mask)
                 elif fd in self.clients:
                     self._on_client(fd, mask)
+                elif self.procs.owns(fd):
+                    self.procs.on_event(fd, mask)
             self._check_deadline()
+            self.procs.check_deadlines()
+        self.procs.kill_all()
         self.shell.kill()
 
     def _poll_timeout(self) -> int:
-        cur = self.current
-        if cur is None:
+        deadlines = [d for d in (self.current.deadline if self.current else None, self.procs.next_deadline())
+                     if d is not None]
+        if not deadlines:
             return -1
-        return max(0, int((cur.deadline - time.monotonic()) * 1000) + 1)
+        return max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
 
     def _register_shell_stdin(self) -> None:
         if self.shell.pending and self.shell.stdin >= 0:
@@ -142,6 +151,8 @@ class Runner:
                 return
             if pid == self.shell.pid:
                 self._on_shell_death(os.waitstatus_to_exitcode(status))
+            else:
+                self.procs.on_exit(pid, status)
 
     def _on_shell_death(self, code: int) -> None:
         """The shell exited (`exit 3` in a command, a crash, or our own kill): finish the
@@ -354,6 +365,9 @@ class Runner:
             pass
         if self.current is not None and conn in self.current.waiters:
             self.current.waiters.remove(conn)
+        for proc in self.procs.live.values():
+            if conn in proc.waiters:
+                proc.waiters.remove(conn)
         conn.close()
 
     def _reply(self, conn: socket.socket, msg: dict) -> None:
@@ -399,6 +413,10 @@ class Runner:
                     raise ValueError("env needs an object of string names and values")
                 self.shell.env.update(values)
                 reply = {"ok": True}
+            elif op in _PROC_OPS:
+                reply = self._process_op(conn, op, msg)
+                if reply is None:   # a wait on a running process: answered when it exits
+                    return
             elif op == "interrupt":
                 if self.current is not None:
                     self.current.deadline = time.monotonic()
@@ -408,6 +426,44 @@ class Runner:
         except (ValueError, KeyError, TypeError) as e:
             reply = {"ok": False, "error": "bad_request", "message": str(e)}
         self._reply(conn, reply)
+
+
+    def _process_op(self, conn: socket.socket, op: str, msg: dict) -> dict | None:
+        if op == "proc_list":
+            return {"ok": True, "processes": self.procs.listing()}
+        proc_id = msg["id"]
+        if not _valid_id(proc_id):
+            raise ValueError("a process op needs a valid id")
+        if op == "proc_start":
+            return self.procs.start(msg)
+        if op == "proc_write":
+            data = base64.b64decode(msg.get("data_base64") or "", validate=True)
+            seq = msg.get("seq")
+            if seq is not None and (not isinstance(seq, int) or seq < 1):
+                raise ValueError("seq must be a positive number")
+            return self.procs.write(proc_id, data, bool(msg.get("eof")), seq)
+        if op == "proc_resize":
+            return self.procs.resize(proc_id, _bounded(msg["rows"]), _bounded(msg["cols"]))
+        if op == "proc_signal":
+            signum = msg["signal"]
+            if not isinstance(signum, int) or not 0 < signum < 65:
+                raise ValueError("signal must be a number 1-64")
+            return self.procs.signal(proc_id, signum)
+        reply = self.procs.lookup(proc_id) or {"ok": True, "id": proc_id, "state": "unknown"}
+        if op == "proc_wait" and reply["state"] == "running":
+            self.procs.live[proc_id].waiters.append(conn)
+            return None
+        return reply
+
+
+_PROC_OPS = frozenset({"proc_start", "proc_write", "proc_resize", "proc_signal", "proc_status", "proc_wait",
+                       "proc_list"})
+
+
+def _bounded(n) -> int:
+    if not isinstance(n, int) or not 1 <= n <= 10_000:
+        raise ValueError("rows and cols must be numbers 1-10000")
+    return n
 
 
 def _valid_id(exec_id) -> bool:

@@ -46,6 +46,7 @@ from sandkasten.views import session_view
 T = TypeVar("T")
 ENDED = ("destroyed", "failed")
 NO_DAEMON_EXIT = 3
+POSITIONAL = {"ps": ("session",)}   # words a command takes beyond its required ones
 WAIT_S = 30.0
 
 # ---------------------------------------------------------------- the commands
@@ -109,22 +110,47 @@ class Cli(AdminCommands):
 
     # -- reading -----------------------------------------------------------------------
 
-    def ps(self, all: bool = False, json: bool = False) -> None:  # noqa: A002 - the flag is --all
-        """List sessions like `docker ps`: id, image, status, created, expires, execs, cwd, workspace.
+    def ps(self, session: Any = None, all: bool = False, json: bool = False,  # noqa: A002 - the flag is --all
+           processes: bool = False) -> None:
+        """List sessions like `docker ps`: id, image, status, created, expires, execs, cwd, workspace;
+        with SESSION (or --processes), that session's processes beside the shell.
 
         Args:
-          all: also list ended sessions (destroyed, failed) and idle pool sandboxes
-          json: print a JSON array (the HTTP API's session objects)
+          session: list this session's processes (id, pid, status, terminal, output, input, command)
+          all: also list ended sessions (destroyed, failed) and idle pool sandboxes; with SESSION,
+            also processes that have ended
+          json: print a JSON array (the HTTP API's session or process objects)
+          processes: list processes (needs SESSION)
         """
+        if processes or session is not None:
+            if session is None:
+                raise Usage("ps --processes needs a SESSION")
+            self._ps_processes(text(session, "SESSION"), bool(all), bool(json))
+            return
         rows = self.journal(lambda j: j.sessions(include_ended=bool(all), include_pool=bool(all)))
         if json:
             render.print_json([session_view(r) for r in rows])
         else:
             render.sessions_table(rows, datetime.now(timezone.utc), bool(all))
 
+    def _ps_processes(self, sid: str, include_ended: bool, as_json: bool) -> None:
+        from sandkasten.views import process_view
+
+        async def work(journal) -> list[dict]:
+            if await journal.session(sid) is None:
+                raise SessionNotFound(f"unable to list processes of session {sid!r}: no such session")
+            return await journal.processes(sid, include_ended=include_ended)
+
+        rows = self.journal(work)
+        if as_json:
+            render.print_json([process_view(r) for r in rows])
+        else:
+            render.processes_table(rows, datetime.now(timezone.utc), include_ended)
+
     def logs(self, session: str, follow: bool = False, json: bool = False) -> None:
         """Replay every command of SESSION in order: a header (time, exec id, $ cmd, exit code,
-        duration, cwd, status), then its output.
+        duration, cwd, status), then its output; in between, processes started beside the shell
+        (`&`), every input sent to them (`<`, resizes, signals) and how they ended, with their output.
 
         Args:
           session: session id
@@ -146,12 +172,17 @@ class Cli(AdminCommands):
         collected: list[dict] = []
         seen_seq = -1
         self._remote = await _owner_address(journal, self.cfg, sid)  # a cluster: output on another host
+        process_seq = 0   # process events up to here are shown
         while True:
             seq = await journal.last_seq()
             if seq != seen_seq:
                 seen_seq = seq
                 ended = (await journal.session(sid))["status"] in ENDED
-                for row in await journal.execs(sid):
+                for row in await self._timeline(journal, sid, process_seq):
+                    if not isinstance(row, dict):   # a process event
+                        process_seq = row.seq
+                        self._show_process_event(sid, row, as_json, follow, collected)
+                        continue
                     if row["id"] in shown:
                         continue
                     if follow and not ended and row["status"] in ("requested", "running"):
@@ -174,6 +205,38 @@ class Cli(AdminCommands):
         if as_json and not follow:
             render.print_json(collected)
 
+    async def _timeline(self, journal, sid: str, after_seq: int) -> list:
+        """Exec rows and process events (after `after_seq`) of a session, in the order they happened."""
+        from sandkasten.domain import events as ev
+
+        execs = await journal.execs(sid)
+        procs = await journal.events(after_seq=after_seq, stream_id=sid, limit=100_000,
+                                     types=ev.PROCESS_EVENT_TYPES)
+        items = [(r["requested_at"], 0, r) for r in execs] + [(e.created_at, 1, e) for e in procs]
+        return [item for _, _, item in sorted(items, key=lambda t: (t[0], t[1]))]
+
+    def _show_process_event(self, sid: str, event, as_json: bool, follow: bool, collected: list) -> None:
+        from runner import protocol
+        from sandkasten.runtime.layout import Layout
+
+        output = None
+        if event.type in ("process.exited", "process.lost"):
+            try:
+                path = Layout(self.cfg.data_dir).of(sid).logs / f"{event.payload['process_id']}.log"
+                output = protocol.read_output(path, self.cfg.defaults.max_output_bytes)[2]
+            except (FileNotFoundError, SandkastenError):
+                output = b""
+        if as_json:
+            item = {"event": event.type, "at": event.created_at, "actor": event.actor, **event.payload}
+            if output is not None:
+                item["output"] = output.decode("utf-8", "replace")
+            render.print_json_line(item) if follow else collected.append(item)
+            return
+        print(render.process_event_line(event), flush=True)
+        if output:
+            sys.stdout.buffer.write(output if output.endswith(b"\n") else output + b"\n")
+            sys.stdout.buffer.flush()
+
     async def _stream(self, journal, sid: str, row: dict) -> dict:
         """A running exec as it runs: its header, its output from the same feed as the SSE
         stream (the runner's log), then how it ended. Returns the final row."""
@@ -193,6 +256,8 @@ class Cli(AdminCommands):
         path = Layout(self.cfg.data_dir).of(sid).logs / f"{row['id']}.log"
         tail = b""
         async for frame in exec_feed.follow(path, 0, settled):
+            if not isinstance(frame, exec_feed.Frame):
+                continue
             sys.stdout.buffer.write(frame.data)
             sys.stdout.buffer.flush()
             tail = frame.data[-1:] or tail
@@ -220,6 +285,21 @@ class Cli(AdminCommands):
             return render.Output()
         except SandkastenError:  # an id that cannot name a file: nothing was written for it
             return render.Output()
+
+    def attach(self, session: str, process: str, detach_key: str = "ctrl-]") -> None:
+        """Attach this terminal to a process running beside the session's shell: its output so far,
+        then live; what you type goes to it (journaled); resizing this terminal resizes its PTY.
+        The detach key leaves it running. Exits with the process's exit code when it ends.
+
+        Args:
+          session: session id
+          process: process id (sandkasten ps SESSION lists them)
+          detach_key: ctrl-] (default), ctrl-\\, ctrl-q or ctrl-p
+        """
+        from sandkasten.cli_attach import attach
+
+        raise Exit(attach(self.cfg, text(session, "SESSION"), text(process, "PROCESS"),
+                          text(detach_key, "--detach-key")))
 
     # -- writing -----------------------------------------------------------------------
 
@@ -380,7 +460,7 @@ class Cli(AdminCommands):
             await asyncio.sleep(0.05)
 
     def fire_commands(self) -> dict[str, Any]:
-        return {"ps": self.ps, "logs": self.logs, "create": self.create, "rm": self.rm,
+        return {"ps": self.ps, "logs": self.logs, "attach": self.attach, "create": self.create, "rm": self.rm,
                 "audit": {"export": self.audit_export, "verify": self.audit_verify},
                 "journal": {"rebuild": self.journal_rebuild}, "version": self.version, "doctor": self.doctor,
                 "security": self.security}
@@ -416,7 +496,7 @@ def dispatch(cli: Cli, args: list[str]) -> int:
         show_help(cli.fire_commands(), path, "sandkasten")
         return 0
     try:
-        words, kwargs = call_args(fn, fn_args)
+        words, kwargs = call_args(fn, fn_args, POSITIONAL.get(fn.__name__))
     except Usage as e:
         raise Usage(f"{' '.join(path)}: {e}") from None
     fn(*words, **kwargs)

@@ -23,6 +23,10 @@ usage:
   sandkasten stop                                stop the background daemon (sandboxes keep running)
 
   sandkasten ps [--all] [--json]                 list live sessions (--all: also ended ones)
+  sandkasten ps SESSION [--processes] [--all] [--json]
+                                                 the session's processes beside its shell
+  sandkasten attach SESSION PROCESS [--detach-key ctrl-]]
+                                                 this terminal becomes the process's terminal
   sandkasten logs SESSION [--follow] [--json]    replay every command of a session with its output
   sandkasten create [--image NAME] [--ttl SECONDS] [--workspace ID] [--json]
                                                  request a session and print its id
@@ -64,7 +68,7 @@ never stops sandboxes: the next start adopts them.
 """
 
 GROUPS = {"audit": ("export", "verify"), "journal": ("rebuild",)}
-FIRE_COMMANDS = ("ps", "logs", "create", "rm", "version", "doctor", "security", *GROUPS)
+FIRE_COMMANDS = ("ps", "logs", "attach", "create", "rm", "version", "doctor", "security", *GROUPS)
 COMMANDS = ("daemon", "stop", "exec", *FIRE_COMMANDS)
 _RELATIVE = re.compile(r"^(\d+)\s*([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}

@@ -180,3 +180,59 @@ def write_exec(row: dict[str, Any], output: Output | None) -> None:
     elif row["truncated"] or (output is not None and output.cut):
         print("(output truncated)")
     sys.stdout.flush()
+
+
+# ---------------------------------------------------------------- processes
+
+PROCESS_HEADER = ("PROCESS ID", "PID", "STATUS", "TTY", "STARTED", "OUTPUT", "INPUT", "COMMAND")
+
+
+def process_status(row: dict[str, Any]) -> str:
+    if row["status"] == "exited":
+        return f"killed by {row['signal']}" if row["signal"] else f"exited {row['exit_code']}"
+    return row["status"]
+
+
+def process_cells(row: dict[str, Any], now: datetime) -> tuple[str, ...]:
+    out = (row.get("stdout_bytes") or 0) + (row.get("stderr_bytes") or 0)
+    cmd = row["cmd"].replace("\n", " ")
+    return (row["id"], str(row["pid"] or "-"), process_status(row),
+            f"{row['pty_rows']}x{row['pty_cols']}" if row["pty_rows"] else "-",
+            humanize(row["started_at"] or row["requested_at"], now), f"{out} B" if row["status"] != "running" else "-",
+            f"{row['input_bytes']} B", cmd if len(cmd) <= 60 else cmd[:57] + "...")
+
+
+def processes_table(rows: list[dict[str, Any]], now: datetime, include_ended: bool) -> None:
+    if not rows:
+        print("no processes" if include_ended else "no running processes (--all shows ended ones)")
+        return
+    table(PROCESS_HEADER, [process_cells(r, now) for r in rows])
+
+
+def process_event_line(event: Any) -> str:
+    """One line of `sandkasten logs` for a process event (start, input, exit)."""
+    p = event.payload
+    pid = p["process_id"]
+    head = f"[{stamp(event.created_at)}] {pid}"
+    if event.type == "process.requested":
+        tty = f"  (pty {p['pty']['rows']}x{p['pty']['cols']})" if p.get("pty") else ""
+        return f"{head} & {p['cmd']}{tty}"
+    if event.type == "process.started":
+        return f"{head} started (pid {p['pid']})"
+    if event.type == "process.input":
+        kind = p["kind"]
+        if kind == "stdin":
+            if p.get("data_base64") is None:
+                return f"{head} < ({p['size']} bytes, sha256 {p['sha256'][:12]}, not recorded)"
+            import base64
+            return f"{head} < {base64.b64decode(p['data_base64']).decode('utf-8', 'replace')!r}"
+        if kind == "resize":
+            return f"{head} resized to {p['rows']}x{p['cols']}"
+        if kind == "signal":
+            return f"{head} sent {p['signal']}"
+        return f"{head} < EOF"
+    if event.type == "process.exited":
+        how = f"killed by {p['signal']}" if p.get("signal") else f"exit {p['exit_code']}"
+        dropped = f", oldest {p['dropped_bytes']} bytes dropped" if p.get("dropped_bytes") else ""
+        return f"{head} ended ({how}, {duration(p.get('duration_ms'))}{dropped})"
+    return f"{head} lost ({p.get('reason')})"

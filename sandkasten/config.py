@@ -50,6 +50,7 @@ class Limits:
     max_ttl_seconds: int = 86_400
     max_body_bytes: int = 16 * 1024 * 1024
     max_file_bytes: int = 64 * 1024 * 1024
+    max_archive_bytes: int = 1024 * 1024 * 1024   # a whole /workspace as one tar (fs/archive)
 
 
 @dataclass(frozen=True)
@@ -106,9 +107,31 @@ class Cluster:
 
 
 @dataclass(frozen=True)
+class Processes:
+    """Background processes and terminals beside a session's shell."""
+
+    max_per_session: int = 16              # running at once
+    max_log_bytes: int = 64 * 1024 * 1024  # output kept per process (the oldest is dropped past it)
+
+
+@dataclass(frozen=True)
+class Audit:
+    record_input: bool = True   # process.input events carry the bytes typed (always: size and sha256)
+
+
+@dataclass(frozen=True)
 class Reconcile:
     lost_sandbox_policy: str = "fail"
     resync_seconds: float = 15.0
+
+
+@dataclass(frozen=True)
+class Console:
+    """The web console under /console (sandkasten.console): on by default, off with enabled: false.
+    `key` is a separate login key for the console; empty means log in with the API key."""
+
+    enabled: bool = True
+    key: str = ""
 
 
 @dataclass(frozen=True)
@@ -130,6 +153,9 @@ class Config:
     journal: Journal = field(default_factory=Journal)
     reconcile: Reconcile = field(default_factory=Reconcile)
     cluster: Cluster = field(default_factory=Cluster)
+    processes: Processes = field(default_factory=Processes)
+    audit: Audit = field(default_factory=Audit)
+    console: Console = field(default_factory=Console)
     cgroup_parent: str = "sandkasten"
     database_url: str = ""  # the same as journal.url (DESIGN.md's name for it)
 
@@ -203,6 +229,9 @@ _SECTIONS = {
     "journal": Journal,
     "reconcile": Reconcile,
     "cluster": Cluster,
+    "processes": Processes,
+    "audit": Audit,
+    "console": Console,
 }
 
 
@@ -279,7 +308,7 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
             sect = out.setdefault(section, {})
             if not isinstance(sect, dict):
                 raise ConfigError(f"invalid config key {section}: must be a mapping")
-            sect[sub] = parsed
+            sect[sub] = value if (section, sub) == ("console", "key") else parsed   # a key is text as given
     return out
 
 
@@ -448,6 +477,9 @@ def _validate(cfg: Config) -> None:
                           "journal (several hosts) yet; turn it off or use a SQLite journal")
     if cfg.journal.url and cfg.database_url and cfg.journal.url != cfg.database_url:
         raise ConfigError("invalid config key database_url: differs from journal.url (set one of them)")
+    _positive("processes.max_per_session", cfg.processes.max_per_session)
+    if cfg.processes.max_log_bytes < 64 * 1024:
+        raise ConfigError("invalid config key processes.max_log_bytes: at least 65536 (64 KiB)")
     if d.cpu_limit > cfg.limits.max_cpu_limit:
         raise ConfigError("invalid config key defaults.cpu_limit: above limits.max_cpu_limit")
     if d.mem_limit_mb > cfg.limits.max_mem_limit_mb:

@@ -20,7 +20,9 @@ from pathlib import Path
 from sandkasten.config import Config
 from sandkasten.errors import SandkastenError
 from sandkasten.executor import Executor
+from sandkasten.log_watch import LogWatch
 from sandkasten.pool import Pool
+from sandkasten.process_control import ProcessControl
 from sandkasten.reconciler import Reconciler
 from sandkasten.runtime import network
 from sandkasten.runtime.layout import Layout
@@ -44,6 +46,8 @@ class Daemon:
         self.reconciler: Reconciler
         self.pool: Pool
         self.cluster = None  # sandkasten.cluster.membership.Membership when the journal is shared
+        self.processes: ProcessControl
+        self.log_watch = LogWatch()
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -53,7 +57,8 @@ class Daemon:
                                       network=network.from_config(cfg.network))
         await asyncio.to_thread(self.runtime.cgroups.ensure_parent)
         self.executor = Executor(cfg, self.journal, self.runtime)
-        self.reconciler = Reconciler(cfg, self.executor)
+        self.processes = ProcessControl(self.executor)
+        self.reconciler = Reconciler(cfg, self.executor, self.processes)
         self.pool = Pool(cfg, self.executor)
         if cfg.shared_journal:  # one host of several on a journal in PostgreSQL (docs/cluster.md)
             from sandkasten.cluster.membership import Membership
@@ -104,6 +109,7 @@ class Daemon:
         await asyncio.to_thread(self.runtime.close)
         await asyncio.to_thread(self.runtime.cgroups.release_parent)  # no trace when no sandbox is left
         await self.journal.close()
+        self.log_watch.close()
 
 
 def pidfile(cfg: Config) -> Path:

@@ -63,12 +63,26 @@ class ExecNotFound(SandkastenError):
     code = "EXEC_NOT_FOUND"
 
 
-class CommandTimeout(SandkastenError):
-    code = "COMMAND_TIMEOUT"
-
-
 class IllegalTransition(SandkastenError):
     code = "ILLEGAL_TRANSITION"
+
+
+class ProcessNotFound(SandkastenError):
+    code = "PROCESS_NOT_FOUND"
+
+
+class ProcessExited(IllegalTransition):
+    """stdin, resize or a signal for a process that is no longer running."""
+
+    code = "PROCESS_EXITED"
+
+
+class TooManyProcesses(IllegalTransition):
+    code = "TOO_MANY_PROCESSES"
+
+
+class CommandTimeout(SandkastenError):
+    code = "COMMAND_TIMEOUT"
 
 
 class ConcurrencyConflict(SandkastenError):

@@ -106,8 +106,14 @@ def check_offset(path: Path, offset: int) -> None:
         raise FeedError(f"invalid resume offset {offset}: the exec has no output yet") from None
     if offset > size:
         raise FeedError(f"invalid resume offset {offset}: the log has only {size} bytes")
-    if offset < size and len(head) == FRAME.size:
+    if offset < size and len(head) == FRAME.size and not _dropped(path, offset):
         _unpack(head, offset)
+
+
+def _dropped(path: Path, offset: int) -> bool:
+    """Is `offset` inside the punched-out start of a bounded log (see `data_start`)?"""
+    first = data_start(path, 0)
+    return first is not None and offset < first
 
 
 def _unpack(head: bytes, offset: int) -> tuple[int, int, float]:
@@ -131,13 +137,46 @@ def parse_frames(buf: bytes | bytearray, offset: int) -> tuple[list[Frame], int]
     return frames, pos
 
 
+@dataclass(frozen=True)
+class Gap:
+    """The oldest output of a bounded (process) log was dropped: reading resumes at `offset`."""
+
+    skipped_from: int
+    offset: int
+
+
+def data_start(path: Path, at: int) -> int | None:
+    """The offset of the first frame at or after `at` past a punched hole (the runner drops a
+    process's oldest output by punching it out: it reads back as zeros, and a frame header
+    never starts with a zero byte). None when nothing follows yet."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            pos = os.lseek(fd, at, os.SEEK_DATA)
+        except OSError:   # ENXIO: no data after `at`
+            return None
+        while True:
+            block = os.pread(fd, 65536, pos)
+            if not block:
+                return None
+            stripped = block.lstrip(b"\0")
+            if stripped:
+                return pos + len(block) - len(stripped)
+            pos += len(block)
+    finally:
+        os.close(fd)
+
+
 async def follow(path: Path, offset: int, is_done: Callable[[], Awaitable[bool]],
-                 heartbeat_s: float | None = None) -> AsyncIterator[Frame | None]:
+                 heartbeat_s: float | None = None, watch=None) -> AsyncIterator[Frame | Gap | None]:
     """Frames of the log from `offset` (a frame boundary) on, as the runner appends them, until
     `is_done()` says the exec is settled and the file has been read to its end after that answer.
     A missing file is an empty one (the runner creates it when the command starts). With
     `heartbeat_s`, yields None after that long without a frame, so a caller can keep a
-    connection alive. The file is reopened on each poll: its descriptor is never held while idle.
+    connection alive. A `Gap` says the oldest output was dropped (process logs are bounded).
+    With `watch` (a `log_watch.LogWatch`) a write wakes the reader at once; without it, or for
+    telling when the exec is settled, the file is polled. The file is reopened on each read:
+    its descriptor is never held while idle.
     """
     buf = bytearray()
     read_at = offset          # file position of the end of `buf`
@@ -145,28 +184,57 @@ async def follow(path: Path, offset: int, is_done: Callable[[], Awaitable[bool]]
     sleep_s = POLL_MIN_S
     loop = asyncio.get_running_loop()
     quiet_since = loop.time()
-    while True:
-        chunk = _read(path, read_at)
-        if chunk:
-            buf += chunk
-            read_at += len(chunk)
-            frames, used = parse_frames(buf, read_at - len(buf))
-            del buf[:used]
-            for frame in frames:
-                yield frame
-            if frames:
-                quiet_since, sleep_s = loop.time(), POLL_MIN_S
-            continue   # read on until the file's end before asking whether the exec is done
-        if settled:
-            return     # done was seen before this empty read: everything it wrote has been read
-        if await is_done():
-            settled = True
-            continue
-        if heartbeat_s is not None and loop.time() - quiet_since >= heartbeat_s:
-            yield None
-            quiet_since = loop.time()
-        await asyncio.sleep(sleep_s)
-        sleep_s = min(sleep_s * 2, POLL_MAX_S)
+    ticket = None
+    try:
+        while True:
+            ticket = watch.arm(path) if watch is not None and not settled else None
+            chunk = _read(path, read_at)
+            if chunk:
+                ticket = _closed(ticket)
+                buf += chunk
+                read_at += len(chunk)
+                if buf[0] == 0:   # at a frame boundary inside a punched hole
+                    begin = read_at - len(buf)
+                    start = data_start(path, begin)
+                    buf.clear()
+                    if start is None:
+                        read_at = begin
+                    else:
+                        read_at = start
+                        yield Gap(begin, start)
+                        continue
+                frames, used = parse_frames(buf, read_at - len(buf))
+                del buf[:used]
+                for frame in frames:
+                    yield frame
+                if frames:
+                    quiet_since, sleep_s = loop.time(), POLL_MIN_S
+                continue   # read on until the file's end before asking whether the exec is done
+            if settled:
+                return     # done was seen before this empty read: everything it wrote has been read
+            if await is_done():
+                settled = True
+                ticket = _closed(ticket)
+                continue
+            if heartbeat_s is not None and loop.time() - quiet_since >= heartbeat_s:
+                ticket = _closed(ticket)
+                yield None
+                quiet_since = loop.time()
+                continue
+            if ticket is not None:
+                await ticket.wait(sleep_s)
+                ticket = None
+            else:
+                await asyncio.sleep(sleep_s)
+            sleep_s = min(sleep_s * 2, POLL_MAX_S)
+    finally:
+        _closed(ticket)
+
+
+def _closed(ticket) -> None:
+    if ticket is not None:
+        ticket.close()
+    return None
 
 
 def _read(path: Path, at: int) -> bytes:
@@ -188,5 +256,5 @@ async def read_all(path: Path, offset: int = 0) -> AsyncIterator[Frame]:
         return True
 
     async for frame in follow(path, offset, done):
-        if frame is not None:
+        if isinstance(frame, Frame):
             yield frame

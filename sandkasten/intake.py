@@ -14,13 +14,14 @@ from typing import Any, Mapping
 
 from sandkasten.config import NETWORK_MODES, Config
 from sandkasten.domain import commands as c
-from sandkasten.errors import ImageNotAllowed, InvalidRequest
+from sandkasten.errors import ImageNotAllowed, InvalidRequest, TooLarge
 from sandkasten.images.store import ImageStore
 from sandkasten.runtime import network as network_mod
 from sandkasten.runtime.cgroups import MIN_CPU
 
 WORKSPACE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 TOKEN = re.compile(r"^[\x21-\x7e]{1,200}$")   # Idempotency-Key, X-Request-ID: journaled and echoed
+AGENT_RUN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")   # X-Agent-Run: part of the journaled actor
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SESSION_FIELDS = {"image", "ttl_seconds", "workspace_id", "cpu_limit", "mem_limit_mb", "pids_limit",
                   "network_mode", "egress_allow", "env", "readonly_rootfs"}
@@ -180,3 +181,108 @@ def output_limit(cfg: Config, body: Mapping[str, Any]) -> int:
     """How much output an exec response carries: `max_output_bytes` (at most
     limits.max_file_bytes) or defaults.max_output_bytes. The full log stays on disk."""
     return _number(body, "max_output_bytes", cfg.defaults.max_output_bytes, int, cfg.limits.max_file_bytes)
+
+
+# ---------------------------------------------------------------- processes
+PROCESS_FIELDS = {"cmd", "cwd", "env", "pty", "timeout_ms"}
+MAX_TERMINAL = 1000          # rows and cols of a PTY
+MAX_STDIN_BYTES = 1 << 20    # one stdin write (the runner queues at most this much unread)
+
+
+def new_process_id() -> str:
+    return "p-" + secrets.token_hex(6)
+
+
+def _object(body: Any, what: str, needs: str) -> Mapping[str, Any]:
+    if not isinstance(body, Mapping):
+        raise InvalidRequest(f"invalid {what} request: the body must be a JSON object{needs}")
+    return body
+
+
+def terminal_size(body: Mapping[str, Any], what: str) -> tuple[int, int]:
+    for key in ("rows", "cols"):
+        if body.get(key) is None:
+            raise InvalidRequest(f"invalid {what}: '{key}' is required", field=key)
+    return (_number(body, "rows", None, int, MAX_TERMINAL), _number(body, "cols", None, int, MAX_TERMINAL))
+
+
+def process_command(cfg: Config, body: Any, idempotency_key: str | None = None) -> c.RequestProcess:
+    body = _object(body, "process", " with a 'cmd'")
+    refuse_unknown(body, PROCESS_FIELDS, "process")
+    cmd = body.get("cmd")
+    if not isinstance(cmd, str) or not cmd.strip():
+        raise InvalidRequest("invalid process request: 'cmd' must be a non-empty string", field="cmd")
+    if "\0" in cmd:
+        raise InvalidRequest("invalid cmd: contains a NUL byte", field="cmd")
+    cwd = body.get("cwd")
+    if cwd is not None and (not isinstance(cwd, str) or not cwd.startswith("/") or "\0" in cwd or len(cwd) > 4096):
+        raise InvalidRequest(f"invalid cwd {cwd!r}: expected an absolute path in the sandbox", field="cwd")
+    pty = body.get("pty")
+    if pty is not None:
+        if pty is True:
+            pty = {"rows": 24, "cols": 80}
+        if not isinstance(pty, Mapping):
+            raise InvalidRequest("invalid pty: expected {\"rows\": N, \"cols\": N} or true", field="pty")
+        refuse_unknown(pty, {"rows", "cols"}, "pty")
+        pty = terminal_size({"rows": 24, "cols": 80, **{k: v for k, v in pty.items() if v is not None}}, "pty")
+    timeout = _number(body, "timeout_ms", None, int, cfg.limits.max_ttl_seconds * 1000)
+    if idempotency_key is not None and not TOKEN.match(idempotency_key):
+        raise InvalidRequest("invalid Idempotency-Key: expected 1-200 printable ASCII characters")
+    return c.RequestProcess(process_id=new_process_id(), cmd=cmd, cwd=cwd, env=_env(_given(body, "env", {})),
+                            pty=pty, timeout_ms=timeout, idempotency_key=idempotency_key,
+                            max_live=cfg.processes.max_per_session)
+
+
+def stdin_data(body: Any) -> tuple[bytes, bool]:
+    """(bytes, eof) of a stdin request: `data` (text) or `data_base64`, and/or `eof: true`."""
+    import base64
+    import binascii
+
+    body = _object(body, "stdin", " with 'data', 'data_base64' or 'eof'")
+    refuse_unknown(body, {"data", "data_base64", "eof"}, "stdin")
+    eof = _flag(body, "eof", False)
+    text, b64 = body.get("data"), body.get("data_base64")
+    if text is not None and b64 is not None:
+        raise InvalidRequest("invalid stdin request: give 'data' or 'data_base64', not both")
+    if text is not None:
+        if not isinstance(text, str):
+            raise InvalidRequest("invalid data: expected a string (or use data_base64 for bytes)", field="data")
+        data = text.encode()
+    elif b64 is not None:
+        try:
+            data = base64.b64decode(b64, validate=True) if isinstance(b64, str) else None
+        except (binascii.Error, ValueError):
+            data = None
+        if data is None:
+            raise InvalidRequest("invalid data_base64: expected base64 text", field="data_base64")
+    elif not eof:
+        raise InvalidRequest("invalid stdin request: nothing to send (give 'data', 'data_base64' or 'eof': true)")
+    else:
+        data = b""
+    if len(data) > MAX_STDIN_BYTES:
+        raise TooLarge(f"stdin write too large: {len(data)} bytes, at most {MAX_STDIN_BYTES} per request",
+                       limit=MAX_STDIN_BYTES)
+    return data, eof
+
+
+def signal_number(body: Any) -> tuple[int, str]:
+    """(number, name) of `{"signal": "SIGTERM" | "TERM" | 15}`."""
+    import signal as signal_mod
+
+    body = _object(body, "signal", " with a 'signal'")
+    refuse_unknown(body, {"signal"}, "signal")
+    value = body.get("signal")
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, int):
+            sig = signal_mod.Signals(value)
+        elif isinstance(value, str):
+            name = value.strip().upper()
+            sig = signal_mod.Signals[name if name.startswith("SIG") else "SIG" + name]
+        else:
+            raise ValueError
+    except (ValueError, KeyError):
+        raise InvalidRequest(f"invalid signal {value!r}: expected a name like SIGTERM, TERM or INT, or its number",
+                             field="signal") from None
+    return int(sig), sig.name

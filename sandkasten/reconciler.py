@@ -35,9 +35,10 @@ ENDED = ("destroyed", "failed")
 
 
 class Reconciler:
-    def __init__(self, cfg: Config, executor: Executor):
+    def __init__(self, cfg: Config, executor: Executor, processes=None):
         self.cfg = cfg
         self.executor = executor
+        self.processes = processes
         self.journal = executor.journal
         self.runtime = executor.runtime
         self.stats: dict[str, float] = {}
@@ -71,6 +72,8 @@ class Reconciler:
         for e in await self.journal.pending_execs():
             if e["session_id"] in observed:
                 self.executor.ensure_exec(e["session_id"], e["id"])
+        if self.processes is not None:   # still running in their sandboxes: follow them again
+            await self.processes.resume_all(None if self.executor.cluster is None else set(observed))
         wanted = {r["id"] for r in live}
         orphans = sorted(self.runtime.host_sessions() - wanted)
         for sid in orphans:
@@ -88,6 +91,8 @@ class Reconciler:
         apply the policy."""
         await self.executor.record(sid, c.RecordSandboxLost(reason=reason), actor=ACTOR)
         await self.settle_execs(sid)
+        if self.processes is not None:
+            await self.processes.settle(sid)
         await self.apply_policy(sid)
 
     async def settle_execs(self, sid: str) -> None:

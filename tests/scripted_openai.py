@@ -8,8 +8,10 @@ How a reply is chosen: the conversation sent by the SDK is read back into its la
 and the tool calls/outputs that followed it. The first `Turn` whose `prompt` occurs in that user
 message answers; its `steps` are played in order, one per model call, advancing by how many tool
 calls the model already made since that user message. A step is a `Say` (text, streamed in
-small deltas) or `Call`s (function calls), or a function of the `Conversation` returning one —
-so a final answer can quote what the sandbox really printed.
+small deltas) or a list of `Call`s (function calls) and `CustomCall`s (free-form custom tool
+calls, as the SDK's sandbox `apply_patch` takes), or a function of the `Conversation` returning
+one — so a final answer can quote what the sandbox really printed. `on_step` (optional) is
+called with (prompt, step index) as each step is served, so a test can act at a chosen moment.
 
 Every event and response is validated against the `openai` package's own types before it is
 sent: what this server emits is exactly what the SDK parses."""
@@ -45,7 +47,14 @@ class Call:
     arguments: dict[str, Any]
 
 
-Reply = Union[Say, list[Call]]
+@dataclass(frozen=True)
+class CustomCall:
+    """A custom tool call: `input` is the tool's raw text (e.g. an apply_patch patch)."""
+    name: str
+    input: str
+
+
+Reply = Union[Say, list[Union[Call, CustomCall]]]
 Step = Union[Reply, Callable[["Conversation"], Reply]]
 
 
@@ -83,9 +92,9 @@ def read_conversation(body: dict) -> Conversation:
             conv.user = _text(item.get("content"))
             conv.users.append(conv.user)
             conv.calls, conv.outputs = [], []
-        elif kind == "function_call":
+        elif kind in ("function_call", "custom_tool_call"):
             conv.calls.append(item)
-        elif kind == "function_call_output":
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             out = item.get("output")
             conv.outputs.append(out if isinstance(out, str) else _text(out))
     return conv
@@ -99,7 +108,8 @@ def _text(content: Any) -> str:
     return ""
 
 
-def choose(script: list[Turn], conv: Conversation) -> Reply:
+def choose(script: list[Turn], conv: Conversation) -> tuple[Reply, Turn | None, int]:
+    """The reply, with the turn and the index of the step it comes from."""
     for turn in script:
         if turn.prompt.lower() in conv.user.lower():
             made, index = 0, 0
@@ -111,8 +121,8 @@ def choose(script: list[Turn], conv: Conversation) -> Reply:
             else:
                 index = len(turn.steps) - 1
             step = turn.steps[index]
-            return step(conv) if callable(step) else step
-    return Say(f"(scripted model: no turn for {conv.user[:80]!r})")
+            return (step(conv) if callable(step) else step), turn, index
+    return Say(f"(scripted model: no turn for {conv.user[:80]!r})"), None, 0
 
 
 # ------------------------------------------------------------------ Responses API objects
@@ -150,10 +160,20 @@ def _function_call(call: Call, status: str = "completed", item_id: str | None = 
             "arguments": json.dumps(call.arguments) if arguments is None else arguments}
 
 
+def _custom_call(call: CustomCall, item_id: str | None = None, call_id: str | None = None,
+                 text: str | None = None) -> dict:
+    return {"type": "custom_tool_call", "id": item_id or _id("ctc"), "call_id": call_id or _id("call"),
+            "name": call.name, "input": call.input if text is None else text}
+
+
+def _tool_call(call: Call | CustomCall) -> dict:
+    return _custom_call(call) if isinstance(call, CustomCall) else _function_call(call)
+
+
 def output_items(reply: Reply) -> list[dict]:
     if isinstance(reply, Say):
         return [_message(reply.text)]
-    return [_function_call(c) for c in reply]
+    return [_tool_call(c) for c in reply]
 
 
 def stream_events(body: dict, reply: Reply, chunk: int = 7) -> list[dict]:
@@ -180,6 +200,18 @@ def stream_events(body: dict, reply: Reply, chunk: int = 7) -> list[dict]:
         done_items.append(item)
     else:
         for index, call in enumerate(reply):
+            if isinstance(call, CustomCall):
+                item = _custom_call(call)
+                events.append({"type": "response.output_item.added", "output_index": index,
+                               "item": _custom_call(call, item["id"], item["call_id"], "")})
+                for i in range(0, len(call.input), chunk * 4):
+                    events.append({"type": "response.custom_tool_call_input.delta", "item_id": item["id"],
+                                   "output_index": index, "delta": call.input[i:i + chunk * 4]})
+                events.append({"type": "response.custom_tool_call_input.done", "item_id": item["id"],
+                               "output_index": index, "input": call.input})
+                events.append({"type": "response.output_item.done", "output_index": index, "item": item})
+                done_items.append(item)
+                continue
             item = _function_call(call)
             args = item["arguments"]
             events.append({"type": "response.output_item.added", "output_index": index,
@@ -207,10 +239,12 @@ def full_response(body: dict, reply: Reply) -> dict:
 # ------------------------------------------------------------------ the HTTP server
 class ScriptedOpenAI:
     """`with ScriptedOpenAI(script) as model:` → `model.base_url` for OPENAI_BASE_URL;
-    `model.requests` holds every request body received (for assertions)."""
+    `model.requests` holds every request body received (for assertions); `on_step(prompt, index)`
+is called as each scripted step is served."""
 
-    def __init__(self, script: list[Turn]) -> None:
+    def __init__(self, script: list[Turn], on_step: Callable[[str, int], None] | None = None) -> None:
         self.script = script
+        self.on_step = on_step
         self.requests: list[dict] = []
         self.errors: list[str] = []
         self._lock = threading.Lock()
@@ -234,7 +268,10 @@ class ScriptedOpenAI:
     def answer(self, body: dict) -> Reply:
         with self._lock:
             self.requests.append(body)
-        return choose(self.script, read_conversation(body))
+        reply, turn, index = choose(self.script, read_conversation(body))
+        if turn is not None and self.on_step is not None:
+            self.on_step(turn.prompt, index)
+        return reply
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         owner = self

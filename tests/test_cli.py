@@ -487,7 +487,7 @@ def test_unknown_flag_is_refused_before_anything_runs(seeded):
     out = seeded.run("rm", LIVE, "--jsno")
     assert out.returncode == 2 and "--jsno" in out.stderr
     assert json.loads(seeded.run("ps", "--json").stdout)[0]["status"] == "running"
-    out = seeded.run("ps", "extra")  # was `ps --all`
+    out = seeded.run("ps", LIVE, "extra")  # a word beyond SESSION (a bare `ps extra` was `ps --all` once)
     assert (out.returncode, out.stdout, out.stderr) == (2, "", "sandkasten: ps: unexpected argument 'extra'\n")
     out = seeded.run("logs", "--follow")
     assert (out.returncode, out.stderr) == (2, "sandkasten: logs: missing SESSION\n")

@@ -211,9 +211,11 @@ def test_crash_between_intent_and_kernel_converges(daemon):
 
 def test_crashtool_short_run():
     r = subprocess.run([sys.executable, str(REPO / "tools" / "crashtest"), "--rounds", "3", "--sessions", "3",
-                        "--execs-per-round", "4", "--seed", "7"], capture_output=True, text=True, timeout=600)
+                        "--execs-per-round", "4", "--seed", "7", "--processes"], capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "duplicated=0" in r.stdout and "leaked=0" in r.stdout and "crashtest: ok" in r.stdout
+    assert "processes=3 typed=36 exact=3 lost=0 duplicated=0 mismatched=0" in r.stdout
 
 
 def test_crash_between_kernel_and_event_converges(daemon):

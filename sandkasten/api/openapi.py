@@ -21,11 +21,25 @@ def _op(summary: str, ok: int = 200, body: str | None = None, params: list | Non
     return op
 
 
+def _tar(op: dict, answer: bool) -> dict:
+    """An operation whose answer (or body) is a tar stream instead of JSON."""
+    tar = {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}
+    if answer:
+        op["responses"]["200"]["content"] = tar
+    else:
+        op["requestBody"] = {"required": True, "content": tar}
+    return op
+
+
 def _q(name: str, typ: str = "string", required: bool = False) -> dict:
     return {"name": name, "in": "query", "required": required, "schema": {"type": typ}}
 
 
 SID = {"name": "sid", "in": "path", "required": True, "schema": {"type": "string"}}
+PID = {"name": "process_id", "in": "path", "required": True, "schema": {"type": "string"}}
+IDEMPOTENCY_KEY = {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"}}
+TERMINAL = {"type": "object", "additionalProperties": False, "properties": {
+    "rows": {"type": "integer", "minimum": 1, "maximum": 1000}, "cols": {"type": "integer", "minimum": 1, "maximum": 1000}}}
 EID = {"name": "exec_id", "in": "path", "required": True, "schema": {"type": "string"}}
 WID = {"name": "wid", "in": "path", "required": True,
        "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"}}
@@ -58,6 +72,7 @@ def _upload(summary: str, params: list) -> dict:
 
 def document() -> dict:
     session = {"$ref": "#/components/schemas/Session"}
+    process = {"$ref": "#/components/schemas/Process"}
     return {
         "openapi": "3.1.0",
         "info": {"title": "Sandkasten", "version": __version__,
@@ -91,6 +106,30 @@ def document() -> dict:
                     "output": {"type": "string"}, "stdout": {"type": "string"}, "stderr": {"type": "string"},
                     "truncated": {"type": "boolean"}, "duration_ms": {"type": "number"},
                     "timed_out": {"type": "boolean"}}},
+                "StartProcess": {"type": "object", "required": ["cmd"], "additionalProperties": False, "properties": {
+                    "cmd": {"type": "string", "minLength": 1, "description": "run by sh -c beside the shell"},
+                    "cwd": {"type": "string", "description": "absolute path in the sandbox (default /workspace)"},
+                    "env": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "pty": {"description": "a terminal of this size (true: 24x80); output is then one stream",
+                            "oneOf": [TERMINAL, {"type": "boolean"}]},
+                    "timeout_ms": {"type": "integer", "minimum": 1,
+                                   "description": "SIGTERM to its process group after this long, SIGKILL 2 s later"}}},
+                "Process": {"type": "object", "properties": {
+                    "process_id": {"type": "string"}, "session_id": {"type": "string"}, "cmd": {"type": "string"},
+                    "status": {"type": "string", "enum": ["requested", "running", "exited", "lost"]},
+                    "pid": {"type": ["integer", "null"]}, "exit_code": {"type": ["integer", "null"]},
+                    "signal": {"type": ["string", "null"], "description": "the signal that ended it"},
+                    "pty": {"oneOf": [TERMINAL, {"type": "null"}]}, "started_at": {"type": ["string", "null"]},
+                    "exited_at": {"type": ["string", "null"]}, "stdout_bytes": {"type": "integer"},
+                    "stderr_bytes": {"type": "integer"}, "output_bytes": {"type": "integer"},
+                    "output_sha256": {"type": ["string", "null"]}, "dropped_bytes": {"type": "integer"},
+                    "input_bytes": {"type": "integer"}}},
+                "Stdin": {"type": "object", "additionalProperties": False, "properties": {
+                    "data": {"type": "string"}, "data_base64": {"type": "string"}, "eof": {"type": "boolean"}}},
+                "Resize": {**TERMINAL, "required": ["rows", "cols"]},
+                "Signal": {"type": "object", "required": ["signal"], "additionalProperties": False, "properties": {
+                    "signal": {"oneOf": [{"type": "string"}, {"type": "integer"}],
+                               "description": "SIGTERM, TERM, term or 15"}}},
                 "WriteFile": {"type": "object", "required": ["path"], "properties": {
                     "path": {"type": "string"}, "text": {"type": "string"},
                     "content_base64": {"type": "string"}}},
@@ -123,11 +162,45 @@ def document() -> dict:
                     SID, EID, LAST_EVENT_ID, _q("last_event_id"), _q("raw_output", "boolean")])},
             "/v1/sessions/{sid}/execs": {"get": _op("exec history", params=[SID])},
             "/v1/sessions/{sid}/execs/{exec_id}": {"get": _op("one exec with output", params=[SID, EID])},
+            "/v1/sessions/{sid}/processes": {
+                "post": _op("start a process beside the persistent shell (with a PTY if asked)", 201,
+                            "StartProcess", params=[SID, IDEMPOTENCY_KEY], result=process,
+                            errors=(400, 401, 404, 409, 410)),
+                "get": _op("processes of the session (running ones, or all)", params=[SID, _q("all", "boolean")],
+                           result={"type": "array", "items": process}),
+            },
+            "/v1/sessions/{sid}/processes/{process_id}": {
+                "get": _op("one process: status, exit code or signal, byte counts, output hash",
+                           params=[SID, PID], result=process),
+                "delete": _op("kill a process (SIGKILL to its process group)", params=[SID, PID]),
+            },
+            "/v1/sessions/{sid}/processes/{process_id}/stdin": {"post": _op(
+                "write to a process's stdin (journaled: size, sha256 and the bytes)", body="Stdin",
+                params=[SID, PID], errors=(400, 401, 404, 409, 410, 413))},
+            "/v1/sessions/{sid}/processes/{process_id}/resize": {"post": _op(
+                "resize a process's terminal", body="Resize", params=[SID, PID], errors=(400, 401, 404, 409, 410))},
+            "/v1/sessions/{sid}/processes/{process_id}/signal": {"post": _op(
+                "send a signal to a process's group", body="Signal", params=[SID, PID],
+                errors=(400, 401, 404, 409, 410))},
+            "/v1/sessions/{sid}/processes/{process_id}/stream": {"get": _sse(
+                "a process's output as Server-Sent Events (same frames as exec streams; `done` has exit_code "
+                "and signal; `dropped` says the oldest output of a long log is gone)",
+                params=[SID, PID, LAST_EVENT_ID, _q("last_event_id"), _q("raw_output", "boolean")])},
+            "/v1/sessions/{sid}/processes/{process_id}/output": {"get": _op(
+                "a process's output from an offset, for polling clients (next_offset, eof)",
+                params=[SID, PID, _q("offset", "integer"), _q("max_bytes", "integer")])},
             "/v1/sessions/{sid}/fs/write": {"post": _op("write a file in /workspace", body="WriteFile",
                                                         params=[SID], errors=(400, 401, 404, 413))},
             "/v1/sessions/{sid}/fs/upload": {"post": _upload("upload files (multipart) into /workspace", [SID])},
             "/v1/sessions/{sid}/fs/read": {"get": _op("read a file in /workspace", params=[
                 SID, _q("path", required=True), _q("max_bytes", "integer")])},
+            "/v1/sessions/{sid}/fs/archive": {
+                "get": _tar(_op("the whole /workspace as one tar, streamed (symlinks stay symlinks)",
+                                params=[SID], errors=(401, 404, 409, 410)), answer=True),
+                "post": _tar(_op("extract a tar into /workspace (absolute names, '..', links out, devices refused)",
+                                 params=[SID, _q("external_symlinks", "boolean")],
+                                 errors=(400, 401, 404, 409, 410, 413)), answer=False),
+            },
             "/v1/sessions/{sid}/fs": {
                 "get": _op("list files", params=[SID, _q("path"), _q("recursive", "boolean")]),
                 "delete": _op("delete a file or directory", params=[SID, _q("path", required=True),

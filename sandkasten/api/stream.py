@@ -78,27 +78,46 @@ def event(kind: str, data: dict, event_id: str) -> str:
 
 async def _stream(request: Request, sid: str, exec_id: str, cursor: Cursor, raw: bool) -> None:
     d = request.app.ctx.daemon
-    path = d.runtime.paths(sid).logs / f"{exec_id}.log"
-    try:
-        exec_feed.check_offset(path, cursor.offset)
-    except FeedError as e:
-        raise InvalidRequest(f"unable to resume exec {exec_id}: {e}") from None
 
     async def settled() -> bool:
-        if d.stopping:   # end without a final event: the client resumes from its last id
-            raise _Stopping
         row = await d.journal.exec(exec_id)
         return row is None or row["status"] in SETTLED
 
+    await send_feed(request, d.runtime.paths(sid).logs / f"{exec_id}.log", cursor, raw, settled,
+                    lambda offset: _outcome(d, sid, exec_id, offset),
+                    {"x-exec-id": exec_id}, {"exec_id": exec_id, "session_id": sid}, f"exec {exec_id}")
+
+
+async def send_feed(request: Request, path, cursor: Cursor, raw: bool, settled, outcome, headers: dict,
+                    started: dict, what: str) -> None:
+    """Send a framed output log as SSE until `settled()` and everything before it was sent,
+    then `await outcome(offset)` (the final event). Shared by exec and process streams."""
+    d = request.app.ctx.daemon
+    try:
+        exec_feed.check_offset(path, cursor.offset)
+    except FeedError as e:
+        raise InvalidRequest(f"unable to resume {what}: {e}") from None
+
+    async def done() -> bool:
+        if d.stopping:   # end without a final event: the client resumes from its last id
+            raise _Stopping
+        return await settled()
+
     response = await request.respond(content_type="text/event-stream; charset=utf-8", headers={
-        "cache-control": "no-cache", "x-accel-buffering": "no", "x-exec-id": exec_id})
-    await response.send(event("started", {"exec_id": exec_id, "session_id": sid}, cursor.format()))
+        "cache-control": "no-cache", "x-accel-buffering": "no", **headers})
+    await response.send(event("started", started, cursor.format()))
     text = TextDecoder(cursor)
     offset, ts = cursor.offset, None
     try:
-        async for frame in exec_feed.follow(path, cursor.offset, settled, heartbeat_s=HEARTBEAT_S):
+        async for frame in exec_feed.follow(path, cursor.offset, done, heartbeat_s=HEARTBEAT_S,
+                                            watch=getattr(d, "log_watch", None)):
             if frame is None:
                 await response.send(": keepalive\n\n")
+                continue
+            if isinstance(frame, exec_feed.Gap):   # the oldest output was dropped (bounded log)
+                offset, text = frame.offset, TextDecoder(Cursor(frame.offset))
+                await response.send(event("dropped", {"from_offset": frame.skipped_from, "to_offset": frame.offset},
+                                          text.cursor(offset).format()))
                 continue
             offset, ts = frame.offset, frame.ts
             data = {"chunk": text.decode(frame), "stream": frame.stream, "timestamp": frame.ts}
@@ -110,14 +129,14 @@ async def _stream(request: Request, sid: str, exec_id: str, cursor: Cursor, raw:
             if raw:
                 data["chunk_base64"] = ""
             await response.send(event("chunk", data, text.cursor(offset).format()))
-        await response.send(await _outcome(d, sid, exec_id, offset))
+        await response.send(await outcome(offset))
     except _Stopping:
         pass
     except (SandkastenError, FeedError, OSError) as e:
         code = e.code if isinstance(e, SandkastenError) else SandboxError.code
-        message = e.message if isinstance(e, SandkastenError) else f"unable to read the log of exec {exec_id}: {e}"
-        log.warning("exec stream %s/%s: %s", sid, exec_id, message)
-        await response.send(event("error", {"error_code": code, "message": message, "exec_id": exec_id},
+        message = e.message if isinstance(e, SandkastenError) else f"unable to read the log of {what}: {e}"
+        log.warning("stream of %s: %s", what, message)
+        await response.send(event("error", {"error_code": code, "message": message, **started},
                                   text.cursor(offset).format("-error")))
     await response.eof()
 

@@ -91,7 +91,11 @@ def disk_usage(root) -> tuple[int, int]:
 
 @bp.get("/workspaces")
 async def list_workspaces(request: Request):
-    d = request.app.ctx.daemon
+    return json(await listing(request.app.ctx.daemon))
+
+
+async def listing(d) -> list[dict]:
+    """Workspaces not deleted: size on disk and the sessions using them (the API and the console)."""
     live = await d.journal.sessions()
     out = []
     for row in await d.journal.workspaces():
@@ -101,7 +105,7 @@ async def list_workspaces(request: Request):
         out.append({"id": row["id"], "created_at": row["created_at"], "last_session_id": row["last_session_id"],
                     "size_bytes": size, "disk_bytes": used,
                     "in_use_by": [s["id"] for s in live if s["workspace_id"] == row["id"]]})
-    return json(out)
+    return out
 
 
 @bp.delete("/workspaces/<wid>")

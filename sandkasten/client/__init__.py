@@ -14,17 +14,20 @@ from sandkasten.client._async import AsyncClient, AsyncSandbox
 from sandkasten.client._sync import Client, Sandbox
 from sandkasten.client.errors import (CommandTimeout, Conflict, DaemonUnreachable, ExecNotFound, FileNotFound,
                                       Forbidden, ImageNotAllowed, ImageNotFound, InvalidRequest, InvalidURL,
-                                      NotFound, NotReady, PathRefused, PayloadTooLarge, SandboxError, SandboxLost,
+                                      NotFound, NotReady, PathRefused, PayloadTooLarge, ProcessExited,
+                                      ProcessNotFound, SandboxError, SandboxLost, TooManyProcesses,
                                       SandkastenError, SessionBusy, SessionEnded, SessionNotFound,
                                       SessionNotRunning, StreamBroken, Unauthorized, Unavailable,
                                       WorkspaceInUse, WorkspaceNotFound)
 from sandkasten.client.models import (ExecChunk, ExecDone, ExecEvent, ExecRecord, ExecResult, FileContent,
-                                      FileEntry, Session, Stats, Workspace)
+                                      FileEntry, Process, ProcessDone, ProcessEvent, ProcessOutput, Session, Stats,
+                                      Workspace)
 
 __all__ = [
     "AsyncClient", "AsyncSandbox", "Client", "Sandbox",
     "ExecChunk", "ExecDone", "ExecEvent", "ExecRecord", "ExecResult", "FileContent", "FileEntry", "Session",
-    "Stats", "Workspace",
+    "Stats", "Workspace", "Process", "ProcessDone", "ProcessEvent", "ProcessOutput",
+    "ProcessExited", "ProcessNotFound", "TooManyProcesses",
     "CommandTimeout", "Conflict", "DaemonUnreachable", "ExecNotFound", "FileNotFound", "Forbidden",
     "ImageNotAllowed", "ImageNotFound", "InvalidRequest", "InvalidURL", "NotFound", "NotReady", "PathRefused",
     "PayloadTooLarge", "SandboxError", "SandboxLost", "SandkastenError", "SessionBusy", "SessionEnded",

@@ -96,7 +96,11 @@ class AsyncClient:
                           ) -> AsyncIterator[models.ExecEvent]:
         """Yields `ExecChunk`s as output arrives, then one `ExecDone`. A dropped connection is
         resumed with `Last-Event-ID` (nothing lost, nothing repeated); an `error` event raises."""
-        state = p.ExecStreamState(session_id, cmd, timeout_ms)
+        async for event in self._follow(p.ExecStreamState(session_id, cmd, timeout_ms)):
+            yield event
+
+    async def _follow(self, state: p.ExecStreamState) -> AsyncIterator[Any]:
+        """Events of one stream, reconnecting with `Last-Event-ID` until its final event."""
         patience = p.Patience(self.retry_for)
         while not state.done:
             try:
@@ -104,14 +108,14 @@ class AsyncClient:
                     patience.progress()
                     yield event
                 if not state.done:
-                    raise httpx.RemoteProtocolError("the exec stream ended before its done event")
+                    raise httpx.RemoteProtocolError("the stream ended before its final event")
             except (httpx.TransportError, errors.NotReady) as e:
                 delay = patience.next_delay(e)
                 if delay is None:
                     raise p.unreachable(self.url, e) from e
                 await asyncio.sleep(delay)
 
-    async def _stream_once(self, state: p.ExecStreamState) -> AsyncIterator[models.ExecEvent]:
+    async def _stream_once(self, state: p.ExecStreamState) -> AsyncIterator[Any]:
         async with self._http.stream(**state.request()) as response:
             if response.status_code >= 400:
                 await response.aread()
@@ -127,6 +131,44 @@ class AsyncClient:
 
     async def list_execs(self, session_id: str) -> list[models.ExecRecord]:
         return await self._run(p.list_execs(session_id))
+
+    # -- processes beside the shell --------------------------------------------
+    async def start_process(self, session_id: str, cmd: str, *, cwd: str | None = None,
+                            env: Mapping[str, str] | None = None, pty: Any = None, timeout_ms: int | None = None,
+                            idempotency_key: str | None = None) -> models.Process:
+        """Start `cmd` beside the shell (a server, a watcher, a REPL); `pty=True` or (rows, cols)
+        gives it a terminal. It runs until it exits, is killed, or the session ends."""
+        return await self._run(p.start_process(session_id, cmd, cwd=cwd, env=env, pty=pty, timeout_ms=timeout_ms,
+                                               idempotency_key=idempotency_key))
+
+    async def list_processes(self, session_id: str, include_ended: bool = False) -> list[models.Process]:
+        return await self._run(p.list_processes(session_id, include_ended))
+
+    async def get_process(self, session_id: str, process_id: str) -> models.Process:
+        return await self._run(p.get_process(session_id, process_id))
+
+    async def write_stdin(self, session_id: str, process_id: str, data: str | bytes, eof: bool = False) -> int:
+        return await self._run(p.write_stdin(session_id, process_id, data, eof))
+
+    async def resize(self, session_id: str, process_id: str, rows: int, cols: int) -> None:
+        await self._run(p.resize(session_id, process_id, rows, cols))
+
+    async def signal_process(self, session_id: str, process_id: str, signal: str | int) -> None:
+        await self._run(p.signal_process(session_id, process_id, signal))
+
+    async def kill_process(self, session_id: str, process_id: str) -> models.Process:
+        return await self._run(p.kill_process(session_id, process_id))
+
+    async def process_output(self, session_id: str, process_id: str, offset: int = 0,
+                             max_bytes: int | None = None) -> models.ProcessOutput:
+        return await self._run(p.process_output(session_id, process_id, offset, max_bytes))
+
+    async def process_stream(self, session_id: str, process_id: str, last_event_id: str | None = None
+                             ) -> AsyncIterator[models.ProcessEvent]:
+        """Yields `ExecChunk`s of its output (from the start, or after `last_event_id`), then a
+        `ProcessDone` when it ends; reconnects and resumes across daemon restarts."""
+        async for event in self._follow(p.ProcessStreamState(session_id, process_id, last_event_id)):
+            yield event
 
     async def get_exec(self, session_id: str, exec_id: str) -> models.ExecResult:
         return await self._run(p.get_exec(session_id, exec_id))
@@ -265,6 +307,36 @@ class AsyncSandbox:
 
     async def stats(self) -> models.Stats:
         return await self.client.stats(self.id)
+
+    async def start_process(self, cmd: str, **options: Any) -> models.Process:
+        """options: cwd, env, pty (True or (rows, cols)), timeout_ms, idempotency_key."""
+        return await self.client.start_process(self.id, cmd, **options)
+
+    async def processes(self, include_ended: bool = False) -> list[models.Process]:
+        return await self.client.list_processes(self.id, include_ended)
+
+    async def get_process(self, process_id: str) -> models.Process:
+        return await self.client.get_process(self.id, process_id)
+
+    async def write_stdin(self, process_id: str, data: str | bytes, eof: bool = False) -> int:
+        return await self.client.write_stdin(self.id, process_id, data, eof)
+
+    async def resize(self, process_id: str, rows: int, cols: int) -> None:
+        await self.client.resize(self.id, process_id, rows, cols)
+
+    async def signal_process(self, process_id: str, signal: str | int) -> None:
+        await self.client.signal_process(self.id, process_id, signal)
+
+    async def kill_process(self, process_id: str) -> models.Process:
+        return await self.client.kill_process(self.id, process_id)
+
+    async def process_output(self, process_id: str, offset: int = 0,
+                             max_bytes: int | None = None) -> models.ProcessOutput:
+        return await self.client.process_output(self.id, process_id, offset, max_bytes)
+
+    def process_stream(self, process_id: str, last_event_id: str | None = None
+                       ) -> AsyncIterator[models.ProcessEvent]:
+        return self.client.process_stream(self.id, process_id, last_event_id)
 
     async def execs(self) -> list[models.ExecRecord]:
         return await self.client.list_execs(self.id)

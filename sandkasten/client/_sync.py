@@ -98,7 +98,10 @@ class Client:
                     ) -> Iterator[models.ExecEvent]:
         """Yields `ExecChunk`s as output arrives, then one `ExecDone`. A dropped connection is
         resumed with `Last-Event-ID` (nothing lost, nothing repeated); an `error` event raises."""
-        state = p.ExecStreamState(session_id, cmd, timeout_ms)
+        yield from self._follow(p.ExecStreamState(session_id, cmd, timeout_ms))
+
+    def _follow(self, state: p.ExecStreamState) -> Iterator[Any]:
+        """Events of one stream, reconnecting with `Last-Event-ID` until its final event."""
         patience = p.Patience(self.retry_for)
         while not state.done:
             try:
@@ -106,14 +109,14 @@ class Client:
                     patience.progress()
                     yield event
                 if not state.done:
-                    raise httpx.RemoteProtocolError("the exec stream ended before its done event")
+                    raise httpx.RemoteProtocolError("the stream ended before its final event")
             except (httpx.TransportError, errors.NotReady) as e:
                 delay = patience.next_delay(e)
                 if delay is None:
                     raise p.unreachable(self.url, e) from e
                 time.sleep(delay)
 
-    def _stream_once(self, state: p.ExecStreamState) -> Iterator[models.ExecEvent]:
+    def _stream_once(self, state: p.ExecStreamState) -> Iterator[Any]:
         with self._http.stream(**state.request()) as response:
             if response.status_code >= 400:
                 response.read()
@@ -129,6 +132,43 @@ class Client:
 
     def list_execs(self, session_id: str) -> list[models.ExecRecord]:
         return self._run(p.list_execs(session_id))
+
+    # -- processes beside the shell --------------------------------------------
+    def start_process(self, session_id: str, cmd: str, *, cwd: str | None = None,
+                      env: Mapping[str, str] | None = None, pty: Any = None, timeout_ms: int | None = None,
+                      idempotency_key: str | None = None) -> models.Process:
+        """Start `cmd` beside the shell (a server, a watcher, a REPL); `pty=True` or (rows, cols)
+        gives it a terminal. It runs until it exits, is killed, or the session ends."""
+        return self._run(p.start_process(session_id, cmd, cwd=cwd, env=env, pty=pty, timeout_ms=timeout_ms,
+                                         idempotency_key=idempotency_key))
+
+    def list_processes(self, session_id: str, include_ended: bool = False) -> list[models.Process]:
+        return self._run(p.list_processes(session_id, include_ended))
+
+    def get_process(self, session_id: str, process_id: str) -> models.Process:
+        return self._run(p.get_process(session_id, process_id))
+
+    def write_stdin(self, session_id: str, process_id: str, data: str | bytes, eof: bool = False) -> int:
+        return self._run(p.write_stdin(session_id, process_id, data, eof))
+
+    def resize(self, session_id: str, process_id: str, rows: int, cols: int) -> None:
+        self._run(p.resize(session_id, process_id, rows, cols))
+
+    def signal_process(self, session_id: str, process_id: str, signal: str | int) -> None:
+        self._run(p.signal_process(session_id, process_id, signal))
+
+    def kill_process(self, session_id: str, process_id: str) -> models.Process:
+        return self._run(p.kill_process(session_id, process_id))
+
+    def process_output(self, session_id: str, process_id: str, offset: int = 0,
+                       max_bytes: int | None = None) -> models.ProcessOutput:
+        return self._run(p.process_output(session_id, process_id, offset, max_bytes))
+
+    def process_stream(self, session_id: str, process_id: str, last_event_id: str | None = None
+                       ) -> Iterator[models.ProcessEvent]:
+        """Yields `ExecChunk`s of its output (from the start, or after `last_event_id`), then a
+        `ProcessDone` when it ends; reconnects and resumes across daemon restarts."""
+        yield from self._follow(p.ProcessStreamState(session_id, process_id, last_event_id))
 
     def get_exec(self, session_id: str, exec_id: str) -> models.ExecResult:
         return self._run(p.get_exec(session_id, exec_id))
@@ -251,6 +291,34 @@ class Sandbox:
 
     def stats(self) -> models.Stats:
         return self.client.stats(self.id)
+
+    def start_process(self, cmd: str, **options: Any) -> models.Process:
+        """options: cwd, env, pty (True or (rows, cols)), timeout_ms, idempotency_key."""
+        return self.client.start_process(self.id, cmd, **options)
+
+    def processes(self, include_ended: bool = False) -> list[models.Process]:
+        return self.client.list_processes(self.id, include_ended)
+
+    def get_process(self, process_id: str) -> models.Process:
+        return self.client.get_process(self.id, process_id)
+
+    def write_stdin(self, process_id: str, data: str | bytes, eof: bool = False) -> int:
+        return self.client.write_stdin(self.id, process_id, data, eof)
+
+    def resize(self, process_id: str, rows: int, cols: int) -> None:
+        self.client.resize(self.id, process_id, rows, cols)
+
+    def signal_process(self, process_id: str, signal: str | int) -> None:
+        self.client.signal_process(self.id, process_id, signal)
+
+    def kill_process(self, process_id: str) -> models.Process:
+        return self.client.kill_process(self.id, process_id)
+
+    def process_output(self, process_id: str, offset: int = 0, max_bytes: int | None = None) -> models.ProcessOutput:
+        return self.client.process_output(self.id, process_id, offset, max_bytes)
+
+    def process_stream(self, process_id: str, last_event_id: str | None = None) -> Iterator[models.ProcessEvent]:
+        return self.client.process_stream(self.id, process_id, last_event_id)
 
     def execs(self) -> list[models.ExecRecord]:
         return self.client.list_execs(self.id)

@@ -79,6 +79,10 @@ class FileNotFound(NotFound):
     code = "FILE_NOT_FOUND"
 
 
+class ProcessNotFound(NotFound):
+    code = "PROCESS_NOT_FOUND"
+
+
 class WorkspaceNotFound(NotFound):
     code = "WORKSPACE_NOT_FOUND"
 
@@ -94,6 +98,16 @@ class SessionNotRunning(Conflict):
 
 class SessionBusy(Conflict):
     code = "SESSION_BUSY"
+
+
+class ProcessExited(Conflict):
+    """stdin, a resize or a signal for a process that has ended."""
+
+    code = "PROCESS_EXITED"
+
+
+class TooManyProcesses(Conflict):
+    code = "TOO_MANY_PROCESSES"
 
 
 class WorkspaceInUse(Conflict):
@@ -159,7 +173,7 @@ _BY_CODE: dict[str, type[SandkastenError]] = {
     cls.code: cls for cls in (
         InvalidRequest, PathRefused, ImageNotFound, ImageInvalid, ImageNotAllowed, Unauthorized, Forbidden,
         NotFound, SessionNotFound, ExecNotFound, FileNotFound, WorkspaceNotFound, Conflict,
-        SessionNotRunning, SessionBusy, WorkspaceInUse, SessionEnded, SandboxLost, PayloadTooLarge,
+        SessionNotRunning, SessionBusy, WorkspaceInUse, ProcessNotFound, ProcessExited, TooManyProcesses, SessionEnded, SandboxLost, PayloadTooLarge,
         CommandTimeout, NotReady, SandboxError, JournalError)
 }
 _BY_CODE.update({"ILLEGAL_TRANSITION": Conflict, "DUPLICATE_IDEMPOTENCY_KEY": Conflict,

@@ -139,6 +139,89 @@ ExecEvent = Union[ExecChunk, ExecDone]
 
 
 @dataclass(frozen=True)
+class Process:
+    """A process beside the shell (`start_process`): running, exited (with `exit_code`, or the
+    `signal` that ended it) or lost."""
+
+    process_id: str
+    status: str
+    cmd: str = ""
+    session_id: str | None = None
+    cwd: str | None = None
+    pty: Mapping[str, int] | None = None
+    pid: int | None = None
+    exit_code: int | None = None
+    signal: str | None = None
+    timed_out: bool = False
+    requested_at: str | None = None
+    started_at: str | None = None
+    exited_at: str | None = None
+    duration_ms: float | None = None
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    output_bytes: int = 0
+    output_sha256: str | None = None
+    dropped_bytes: int = 0
+    input_bytes: int = 0
+    lost_reason: str | None = None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Process":
+        if "process" in data and isinstance(data["process"], Mapping):   # DELETE answers {ok, process}
+            data = data["process"]
+        return _decode(cls, data)
+
+    @property
+    def running(self) -> bool:
+        return self.status in ("requested", "running")
+
+
+@dataclass(frozen=True)
+class ProcessOutput:
+    """A slice of a process's output (`process_output`): ask again from `next_offset`."""
+
+    process_id: str
+    offset: int
+    next_offset: int
+    output: bytes = b""
+    status: str = "running"
+    exit_code: int | None = None
+    signal: str | None = None
+    eof: bool = False
+    dropped: bool = False
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "ProcessOutput":
+        data = dict(data)
+        data["output"] = base64.b64decode(data.get("output_base64") or "")
+        return _decode(cls, data)
+
+    @property
+    def text(self) -> str:
+        return self.output.decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class ProcessDone:
+    """The last event of `process_stream`: how the process ended."""
+
+    exit_code: int | None
+    signal: str | None = None
+    timed_out: bool = False
+    duration_ms: float | None = None
+    dropped_bytes: int = 0
+    process_id: str | None = None
+    event_id: str | None = None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], event_id: str | None = None) -> "ProcessDone":
+        return _decode(cls, data, event_id=event_id)
+
+
+ProcessEvent = Union[ExecChunk, ProcessDone]
+
+
+@dataclass(frozen=True)
 class FileEntry:
     path: str
     name: str

@@ -141,6 +141,72 @@ def get_exec(session_id: str, exec_id: str) -> Call[models.ExecResult]:
                 models.ExecResult.from_json)
 
 
+# ------------------------------------------------------------------ processes
+def _proc(session_id: str, process_id: str | None = None) -> str:
+    base = f"/v1/sessions/{_sid(session_id)}/processes"
+    return base if process_id is None else f"{base}/{quote(process_id, safe='')}"
+
+
+def _terminal(pty: bool | tuple[int, int] | Mapping[str, int] | None) -> dict[str, int] | None:
+    if pty is None or pty is False:
+        return None
+    if pty is True:
+        return {"rows": 24, "cols": 80}
+    if isinstance(pty, tuple):
+        return {"rows": pty[0], "cols": pty[1]}
+    return dict(pty)
+
+
+def start_process(session_id: str, cmd: str, *, cwd: str | None = None, env: Mapping[str, str] | None = None,
+                  pty: bool | tuple[int, int] | Mapping[str, int] | None = None, timeout_ms: int | None = None,
+                  idempotency_key: str | None = None) -> Call[models.Process]:
+    """One Idempotency-Key per call: a retry reaches the process the first attempt started."""
+    body = {k: v for k, v in dict(cmd=cmd, cwd=cwd, env=dict(env) if env else None, pty=_terminal(pty),
+                                  timeout_ms=timeout_ms).items() if v is not None}
+    return Call("POST", _proc(session_id), models.Process.from_json, json=body,
+                headers={"Idempotency-Key": idempotency_key or new_idempotency_key()})
+
+
+def list_processes(session_id: str, include_ended: bool = False) -> Call[list[models.Process]]:
+    return Call("GET", _proc(session_id), lambda rows: [models.Process.from_json(r) for r in rows],
+                params={"all": "true"} if include_ended else None)
+
+
+def get_process(session_id: str, process_id: str) -> Call[models.Process]:
+    return Call("GET", _proc(session_id, process_id), models.Process.from_json)
+
+
+def write_stdin(session_id: str, process_id: str, data: str | bytes, eof: bool = False,
+                idempotency_key: str | None = None) -> Call[int]:
+    """One Idempotency-Key per call: a retry after a dropped connection types nothing twice."""
+    import base64
+    body: dict[str, Any] = {"data": data} if isinstance(data, str) else {"data_base64": base64.b64encode(data).decode()}
+    if eof:
+        body["eof"] = True
+    return Call("POST", _proc(session_id, process_id) + "/stdin", lambda b: int(b.get("bytes", 0)), json=body,
+                headers={"Idempotency-Key": idempotency_key or new_idempotency_key()})
+
+
+def resize(session_id: str, process_id: str, rows: int, cols: int) -> Call[None]:
+    return Call("POST", _proc(session_id, process_id) + "/resize", _ok, json={"rows": rows, "cols": cols})
+
+
+def signal_process(session_id: str, process_id: str, signal: str | int) -> Call[None]:
+    return Call("POST", _proc(session_id, process_id) + "/signal", _ok, json={"signal": signal})
+
+
+def kill_process(session_id: str, process_id: str) -> Call[models.Process]:
+    return Call("DELETE", _proc(session_id, process_id), models.Process.from_json)
+
+
+def process_output(session_id: str, process_id: str, offset: int = 0,
+                   max_bytes: int | None = None) -> Call[models.ProcessOutput]:
+    params: dict[str, Any] = {"offset": offset}
+    if max_bytes is not None:
+        params["max_bytes"] = max_bytes
+    return Call("GET", _proc(session_id, process_id) + "/output", models.ProcessOutput.from_json, params=params)
+
+
 # ------------------------------------------------------------------ files (session or workspace)
 def _fs_root(session_id: str | None, workspace_id: str | None) -> str:
     if (session_id is None) == (workspace_id is None):
@@ -330,6 +396,43 @@ class ExecStreamState:
                                            "message": data.get("message") or "exec stream failed",
                                            "details": data.get("details") or {}})
         return None  # an event kind this client does not know: skip it
+
+
+class ProcessStreamState(ExecStreamState):
+    """Everything needed to resume watching one process: its ids and the last event id."""
+
+    def __init__(self, session_id: str, process_id: str, last_event_id: str | None = None) -> None:
+        super().__init__(session_id, "", None)
+        self.exec_id = process_id
+        self.decoder.last_id = last_event_id
+
+    def request(self) -> dict[str, Any]:
+        headers = {"Accept": "text/event-stream"}
+        if self.decoder.last_id is not None:
+            headers["Last-Event-ID"] = self.decoder.last_id
+        return dict(method="GET", url=_proc(self.session_id, self.exec_id) + "/stream", headers=headers,
+                    timeout=httpx.Timeout(30.0, read=None))
+
+    def opened(self, response: httpx.Response) -> None:
+        pass
+
+    def feed(self, line: str) -> models.ProcessEvent | None:   # type: ignore[override]
+        event = self.decoder.feed(line)
+        if event is None or event.event not in ("chunk", "done", "error"):
+            return None
+        try:
+            data = jsonlib.loads(event.data)
+        except ValueError:
+            raise errors.StreamBroken(f"unable to decode process stream event {event.event!r}: "
+                                      f"not JSON: {event.data[:200]!r}") from None
+        if event.event == "chunk":
+            return models.ExecChunk.from_json(data, event_id=event.id)
+        self.done = True
+        if event.event == "done":
+            return models.ProcessDone.from_json(data, event_id=event.id)
+        raise errors.from_response(0, {"error_code": data.get("error_code") or "INTERNAL",
+                                       "message": data.get("message") or "process stream failed",
+                                       "details": data.get("details") or {}})
 
 
 class Patience:

@@ -166,6 +166,9 @@ class Membership:
             for exec_id in (state.pending_exec_ids if state else []):
                 await self.executor.record(sid, c.RecordExecLost(
                     exec_id=exec_id, reason=f"{reason}: the command's fate is unknown"), actor=self.actor)
+            for process_id in list(getattr(state, "processes", None) or ()):
+                await self.executor.record(sid, c.RecordProcessLost(
+                    process_id=process_id, reason=f"{reason}: the process's fate is unknown"), actor=self.actor)
         if row["status"] == "destroying":
             return  # its sandbox is on the lost host: that host finishes the teardown when it is back
         expected = (row["host_id"], row["host_epoch"])

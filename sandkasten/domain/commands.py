@@ -125,6 +125,61 @@ class RecordExecLost:
 
 
 @dataclass(frozen=True)
+class RequestProcess:
+    """Start a process beside the shell. `max_live` is the config's bound on running processes."""
+
+    process_id: str
+    cmd: str
+    cwd: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    pty: tuple[int, int] | None = None  # (rows, cols)
+    timeout_ms: int | None = None
+    idempotency_key: str | None = None
+    max_live: int = 16
+
+
+@dataclass(frozen=True)
+class RecordProcessStarted:
+    process_id: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class RecordProcessInput:
+    """What a client sent to a running process: kind "stdin" (with size, sha256 and, unless
+    the config says not to record input, the bytes), "eof", "resize" or "signal"."""
+
+    process_id: str
+    kind: str
+    size: int = 0
+    sha256: str | None = None
+    data_base64: str | None = None
+    rows: int | None = None
+    cols: int | None = None
+    signal: str | None = None
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class RecordProcessExited:
+    process_id: str
+    exit_code: int | None
+    signal: str | None = None
+    timed_out: bool = False
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    output_sha256: str = ""
+    dropped_bytes: int = 0
+    duration_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class RecordProcessLost:
+    process_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class CreateWorkspace:
     workspace_id: str
 

@@ -9,7 +9,8 @@ host_epoch}: the host whose executor creates and runs its sandbox.
 Fencing: a host's epoch is the number of its registration. A heartbeat from an older epoch,
 or after `host.lost`, is refused, so a host that was declared dead learns it (and registers
 again, with a new epoch). Observations of a sandbox (started, adopted, exec started/finished)
-carry no host, so the journal checks them against the appender's (host_id, epoch) with
+carry no host (process started/exited too), so the journal checks them against the
+appender's (host_id, epoch) with
 `fenced`: a host that comes back after its sessions were placed elsewhere (or under a newer
 epoch) cannot record a second copy of them.
 """
@@ -88,7 +89,7 @@ class PlaceSession:
 
 HOST_COMMANDS = (RegisterHost, RecordHeartbeat, DeclareHostLost)
 FENCED_COMMANDS = (c.RecordSandboxStarted, c.RecordSandboxAdopted, c.RecordExecStarted, c.RecordExecFinished,
-                   c.RecordSandboxConfigured)
+                   c.RecordSandboxConfigured, c.RecordProcessStarted, c.RecordProcessExited)
 
 
 # --- the host stream -------------------------------------------------------------------------

@@ -30,6 +30,8 @@ from typing import Any, Mapping
 from sandkasten.domain import commands as c
 from sandkasten.domain import events as ev
 from sandkasten.domain import host as h
+from sandkasten.domain import processes as proc
+from sandkasten.domain.processes import ProcessState
 from sandkasten.domain.workspace import WorkspaceState, decide_workspace, evolve_workspace
 from sandkasten.errors import IllegalTransition, InvalidRequest, SessionNotFound
 
@@ -105,6 +107,7 @@ class SessionState:
     pool: str | None = None  # None (an ordinary session) | "idle" | "claiming" | "claimed"
     host_id: str | None = None  # cluster: the host it is placed on, and that host's epoch (domain.host)
     host_epoch: int | None = None
+    processes: Mapping[str, ProcessState] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def pending_exec_ids(self) -> list[str]:
@@ -138,6 +141,11 @@ _VERBS: dict[type, str] = {
     c.RecordExecStarted: "start exec on session",
     c.RecordExecFinished: "finish exec on session",
     c.RecordExecLost: "record lost exec on session",
+    c.RequestProcess: "start a process in session",
+    c.RecordProcessStarted: "record process start in session",
+    c.RecordProcessInput: "send input to a process in session",
+    c.RecordProcessExited: "record process exit in session",
+    c.RecordProcessLost: "record lost process in session",
 }
 
 # command -> statuses in which it is legal
@@ -153,6 +161,8 @@ _ALLOWED: dict[type, frozenset[str]] = {
     c.RecordSandboxStopped: frozenset({DESTROYING}),
     c.RecordSessionDestroyed: frozenset({DESTROYING}),
     c.RequestExec: frozenset({RUNNING}),
+    c.RequestProcess: frozenset({RUNNING}),
+    c.RecordProcessInput: frozenset({RUNNING}),
 }
 
 
@@ -258,7 +268,8 @@ def _started(state: SessionState, cmd: c.RecordSandboxStarted, prior: PriorExecs
 
 def _failed(state: SessionState, cmd: c.RecordSandboxFailed, prior: PriorExecs, verb: str) -> list[ev.NewEvent]:
     # failed is terminal: nothing can report on execs still pending, so they are lost
-    return [*_lose_pending(state, "sandbox failed"), ev.NewEvent(ev.SANDBOX_FAILED, {"reason": cmd.reason})]
+    return [*_lose_pending(state, "sandbox failed"), *proc.lose_all(state, "sandbox failed"),
+            ev.NewEvent(ev.SANDBOX_FAILED, {"reason": cmd.reason})]
 
 
 def _adopted(state: SessionState, cmd: c.RecordSandboxAdopted, prior: PriorExecs, verb: str) -> list[ev.NewEvent]:
@@ -288,7 +299,8 @@ def _stopped(state: SessionState, cmd: c.RecordSandboxStopped, prior: PriorExecs
 
 
 def _destroyed(state: SessionState, cmd: c.RecordSessionDestroyed, prior: PriorExecs, verb: str) -> list[ev.NewEvent]:
-    return [*_lose_pending(state, "session destroyed"), ev.NewEvent(ev.SESSION_DESTROYED, {})]
+    return [*_lose_pending(state, "session destroyed"), *proc.lose_all(state, "session destroyed"),
+            ev.NewEvent(ev.SESSION_DESTROYED, {})]
 
 
 def _lose_pending(state: SessionState, reason: str) -> list[ev.NewEvent]:
@@ -312,6 +324,17 @@ def _request_exec(state: SessionState, cmd: c.RequestExec, prior: PriorExecs, ve
         raise IllegalTransition(f"unable to {verb} {state.session_id}: exec id {cmd.exec_id} already exists")
     payload = {"exec_id": cmd.exec_id, "cmd": cmd.cmd, "timeout_ms": cmd.timeout_ms, "idempotency_key": key}
     return [ev.NewEvent(ev.EXEC_REQUESTED, payload)]
+
+
+def _request_process(state: SessionState, cmd: c.RequestProcess, prior: PriorExecs, verb: str) -> list[ev.NewEvent]:
+    if state.pool in UNCLAIMED:
+        raise IllegalTransition(f"unable to {verb} {state.session_id}: it is an unclaimed pool session",
+                                session_id=state.session_id)
+    return proc.request(state, cmd, prior, verb, DuplicateIdempotencyKey)
+
+
+def _process_input(state: SessionState, cmd: c.RecordProcessInput, prior: PriorExecs, verb: str) -> list[ev.NewEvent]:
+    return proc.input_(state, cmd, prior, verb, DuplicateIdempotencyKey)
 
 
 def _pending_exec(state: SessionState, exec_id: str, verb: str) -> ExecState:
@@ -359,6 +382,11 @@ _DECIDERS: dict[type, Any] = {
     c.RecordExecStarted: _exec_started,
     c.RecordExecFinished: _exec_finished,
     c.RecordExecLost: _exec_lost,
+    c.RequestProcess: _request_process,
+    c.RecordProcessStarted: proc.started,
+    c.RecordProcessInput: _process_input,
+    c.RecordProcessExited: proc.exited,
+    c.RecordProcessLost: proc.lost,
 }
 
 
@@ -413,6 +441,8 @@ def evolve(state: State | None, event: Any) -> State:
         execs = dict(s.execs)
         execs[p["exec_id"]] = replace(execs[p["exec_id"]], status=EXEC_RUNNING)
         return replace(s, execs=MappingProxyType(execs))
+    if t in ev.PROCESS_EVENT_TYPES:
+        return replace(s, processes=MappingProxyType(proc.evolve(dict(s.processes), event)))
     if t in (ev.EXEC_FINISHED, ev.EXEC_LOST):
         execs = {k: v for k, v in s.execs.items() if k != p["exec_id"]}
         if t == ev.EXEC_FINISHED:

@@ -175,6 +175,20 @@ class Runtime:
         return await client.acall(self.paths(sid).socket, {"op": "wait" if wait else "status", "id": exec_id},
                                   timeout=timeout)
 
+    async def aprocess(self, sid: str, msg: dict, timeout: float | None = 10.0) -> dict:
+        """One process op (`proc_start`, `proc_write`, `proc_wait`, …) on the sandbox's runner."""
+        check_exec_id(msg.get("id", "x"))
+        return await client.acall(self.paths(sid).socket, msg, timeout=timeout)
+
+    def read_process_result(self, sid: str, process_id: str) -> dict | None:
+        """An exited process's result from disk (works after the sandbox is gone)."""
+        import json
+        check_exec_id(process_id)
+        try:
+            return json.loads((self.paths(sid).logs / f"{process_id}.json").read_text())
+        except (OSError, ValueError):
+            return None
+
     def read_result(self, sid: str, exec_id: str) -> ExecResult | None:
         """A finished exec's result from disk (works after the sandbox is gone)."""
         import json

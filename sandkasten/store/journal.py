@@ -35,7 +35,7 @@ from sandkasten.domain.events import RecordedEvent
 from sandkasten.domain.session import (DESTROYING, ENDED_STATUSES, POOL_IDLE, UNCLAIMED, PriorExecs, State, decide, evolve)
 from sandkasten.errors import ConcurrencyConflict, InvalidRequest, JournalError, SandkastenError
 from sandkasten.store import fastpath, postgres, projections, schema
-from sandkasten.store.schema import events, execs, sessions, workspaces
+from sandkasten.store.schema import events, execs, processes, sessions, workspaces
 
 T = TypeVar("T")
 GENESIS_HASH = "0" * 64
@@ -52,6 +52,12 @@ _CATCH_UP = _STREAM_TAIL.order_by(events.c.seq)
 _PRIOR_EXECS = sa.select(execs.c.id, execs.c.session_id, execs.c.idempotency_key).where(
     (execs.c.id == sa.bindparam("id")) | ((execs.c.session_id == sa.bindparam("sid"))
                                           & (execs.c.idempotency_key == sa.bindparam("key"))))
+_PRIOR_PROCESSES = sa.select(processes.c.id, processes.c.session_id, processes.c.idempotency_key).where(
+    (processes.c.id == sa.bindparam("id")) | ((processes.c.session_id == sa.bindparam("sid"))
+                                              & (processes.c.idempotency_key == sa.bindparam("key"))))
+_PROCESS_BY_ID = sa.select(processes).where(processes.c.id == sa.bindparam("id"))
+_PROCESS_BY_KEY = sa.select(processes).where(processes.c.session_id == sa.bindparam("sid"),
+                                             processes.c.idempotency_key == sa.bindparam("key"))
 _SESSION_BY_ID = sa.select(sessions).where(sessions.c.id == sa.bindparam("id"))
 _EXEC_BY_ID = sa.select(execs).where(execs.c.id == sa.bindparam("id"))
 _EXEC_BY_KEY = sa.select(execs).where(execs.c.session_id == sa.bindparam("sid"),
@@ -356,11 +362,14 @@ class Journal:
 
     def _prior_execs(self, conn: sa.Connection, stream_id: str, command: c.Command) -> PriorExecs | None:
         """Facts about earlier execs that the state does not keep (see domain.session)."""
-        if not isinstance(command, c.RequestExec):
+        if isinstance(command, c.RequestExec):
+            own_id, query = command.exec_id, _PRIOR_EXECS
+        elif isinstance(command, c.RequestProcess):
+            own_id, query = command.process_id, _PRIOR_PROCESSES
+        else:
             return None
-        rows = fastpath.execute(conn, _PRIOR_EXECS, {"id": command.exec_id, "sid": stream_id,
-                                                     "key": command.idempotency_key})
-        taken = any(row.id == command.exec_id for row in rows)
+        rows = fastpath.execute(conn, query, {"id": own_id, "sid": stream_id, "key": command.idempotency_key})
+        taken = any(row.id == own_id for row in rows)
         owner = next((row.id for row in rows if row.session_id == stream_id
                       and row.idempotency_key is not None and row.idempotency_key == command.idempotency_key), None)
         return PriorExecs(exec_id_taken=taken, key_exec_id=owner)
@@ -456,6 +465,24 @@ class Journal:
     async def hosts(self) -> list[dict[str, Any]]:
         """The hosts of a cluster (shared journal), by id; empty on a single host."""
         return await self._rows(sa.select(schema.hosts).order_by(schema.hosts.c.id))
+
+    async def processes(self, session_id: str, include_ended: bool = False) -> list[dict[str, Any]]:
+        query = sa.select(processes).where(processes.c.session_id == session_id)
+        if not include_ended:
+            query = query.where(processes.c.status.in_(("requested", "running")))
+        return await self._rows(query.order_by(processes.c.requested_at, processes.c.id))
+
+    async def process(self, process_id: str) -> dict[str, Any] | None:
+        return await self._point_read(_PROCESS_BY_ID, {"id": process_id})
+
+    async def process_by_idempotency_key(self, session_id: str, key: str) -> dict[str, Any] | None:
+        return await self._point_read(_PROCESS_BY_KEY, {"sid": session_id, "key": key})
+
+    async def pending_processes(self) -> list[dict[str, Any]]:
+        """Processes requested or running, oldest first (for the reconciler and the executor)."""
+        query = (sa.select(processes).where(processes.c.status.in_(("requested", "running")))
+                 .order_by(processes.c.requested_at, processes.c.id))
+        return await self._rows(query)
 
     async def workspaces(self) -> list[dict[str, Any]]:
         return await self._rows(sa.select(workspaces).order_by(workspaces.c.created_at, workspaces.c.id))

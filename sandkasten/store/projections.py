@@ -16,7 +16,7 @@ from sandkasten.domain import events as ev
 from sandkasten.domain.session import (DESTROYED, DESTROYING, FAILED, INITIAL_CWD, LOST, POOL_CLAIMED, POOL_CLAIMING,
                                        POOL_IDLE, REQUESTED, RUNNING)
 from sandkasten.store import fastpath, host_projections
-from sandkasten.store.schema import execs, sessions, workspaces
+from sandkasten.store.schema import execs, processes, sessions, workspaces
 
 
 def apply(conn: sa.Connection, event: ev.RecordedEvent) -> None:
@@ -148,6 +148,56 @@ def _exec_lost(conn: sa.Connection, e: ev.RecordedEvent) -> None:
     _update_exec(conn, e, status="lost", finished_at=e.created_at, lost_reason=e.payload.get("reason"))
 
 
+def _process_requested(conn: sa.Connection, e: ev.RecordedEvent) -> None:
+    p = e.payload
+    pty = p.get("pty") or {}
+    conn.execute(sa.insert(processes).values(
+        id=p["process_id"], session_id=e.stream_id, cmd=p["cmd"], cwd=p.get("cwd"), env=dict(p.get("env") or {}),
+        pty_rows=pty.get("rows"), pty_cols=pty.get("cols"), timeout_ms=p.get("timeout_ms"), status="requested",
+        actor=e.actor, request_id=e.request_id, idempotency_key=p.get("idempotency_key"),
+        requested_at=e.created_at, input_bytes=0, input_count=0))
+    _update_session(conn, e, last_activity_at=e.created_at)
+
+
+def _update_process(conn: sa.Connection, event: ev.RecordedEvent, **values: Any) -> None:
+    _update(conn, processes, event.payload["process_id"], values)
+
+
+def _process_started(conn: sa.Connection, e: ev.RecordedEvent) -> None:
+    _update_session(conn, e)
+    _update_process(conn, e, status="running", pid=e.payload["pid"], started_at=e.created_at)
+
+
+_INPUT_BYTES_PLUS = processes.c.input_bytes + sa.bindparam("v_size", type_=sa.Integer)
+_INPUT_COUNT_PLUS_ONE = processes.c.input_count + 1
+
+
+def _process_input(conn: sa.Connection, e: ev.RecordedEvent) -> None:
+    p = e.payload
+    _update_session(conn, e, last_activity_at=e.created_at)
+    values: dict[str, Any] = {"input_count": _INPUT_COUNT_PLUS_ONE}
+    if p["kind"] == "stdin":
+        values.update(input_bytes=_INPUT_BYTES_PLUS)
+    elif p["kind"] == "resize":
+        values.update(pty_rows=p["rows"], pty_cols=p["cols"])
+    conn.execute(sa.update(processes).where(processes.c.id == p["process_id"]).values(**values),
+                 {"v_size": p.get("size") or 0})
+
+
+def _process_exited(conn: sa.Connection, e: ev.RecordedEvent) -> None:
+    p = e.payload
+    _update_session(conn, e)
+    _update_process(conn, e, status="exited", exited_at=e.created_at, exit_code=p.get("exit_code"),
+                    signal=p.get("signal"), timed_out=bool(p.get("timed_out")), duration_ms=p.get("duration_ms"),
+                    stdout_bytes=p.get("stdout_bytes"), stderr_bytes=p.get("stderr_bytes"),
+                    output_sha256=p.get("output_sha256"), dropped_bytes=p.get("dropped_bytes"))
+
+
+def _process_lost(conn: sa.Connection, e: ev.RecordedEvent) -> None:
+    _update_session(conn, e)
+    _update_process(conn, e, status="lost", exited_at=e.created_at, lost_reason=e.payload.get("reason"))
+
+
 def _workspace_created(conn: sa.Connection, e: ev.RecordedEvent) -> None:
     wid = e.payload["workspace_id"]
     found = conn.execute(
@@ -202,6 +252,11 @@ _PROJECTORS: dict[str, Callable[[sa.Connection, ev.RecordedEvent], None]] = {
     ev.EXEC_STARTED: _exec_started,
     ev.EXEC_FINISHED: _exec_finished,
     ev.EXEC_LOST: _exec_lost,
+    ev.PROCESS_REQUESTED: _process_requested,
+    ev.PROCESS_STARTED: _process_started,
+    ev.PROCESS_INPUT: _process_input,
+    ev.PROCESS_EXITED: _process_exited,
+    ev.PROCESS_LOST: _process_lost,
     ev.WORKSPACE_CREATED: _workspace_created,
     ev.WORKSPACE_DELETED: _workspace_deleted,
 }

@@ -71,7 +71,7 @@ sessions = sa.Table(
     sa.Column("version", sa.Integer, nullable=False),
     # pool members: "idle" | "claiming" | "claimed"; NULL for ordinary sessions (migration 0002)
     sa.Column("pool", sa.String, nullable=True),
-    # the host a session is placed on and that host's epoch (cluster; NULL on one host) (0003)
+    # the host a session is placed on and that host's epoch (cluster; NULL on one host) (0004)
     sa.Column("host_id", sa.String, nullable=True),
     sa.Column("host_epoch", sa.Integer, nullable=True),
 )
@@ -117,7 +117,43 @@ workspaces = sa.Table(
     sa.Column("last_session_id", sa.String, nullable=True),
 )
 
-# the daemons sharing the journal: read table of the `host:<id>` streams (migration 0003)
+processes = sa.Table(
+    "processes",
+    metadata,
+    sa.Column("id", sa.String, primary_key=True),
+    sa.Column("session_id", sa.String, sa.ForeignKey("sessions.id"), nullable=False),
+    sa.Column("cmd", sa.Text, nullable=False),
+    sa.Column("cwd", sa.String, nullable=True),
+    sa.Column("env", sa.JSON, nullable=False),
+    sa.Column("pty_rows", sa.Integer, nullable=True),
+    sa.Column("pty_cols", sa.Integer, nullable=True),
+    sa.Column("timeout_ms", sa.Integer, nullable=True),
+    sa.Column("status", sa.String, nullable=False),
+    sa.Column("pid", sa.Integer, nullable=True),
+    sa.Column("actor", sa.String, nullable=False),
+    sa.Column("request_id", sa.String, nullable=True),
+    sa.Column("idempotency_key", sa.String, nullable=True),
+    sa.Column("requested_at", sa.String, nullable=False),
+    sa.Column("started_at", sa.String, nullable=True),
+    sa.Column("exited_at", sa.String, nullable=True),
+    sa.Column("exit_code", sa.Integer, nullable=True),
+    sa.Column("signal", sa.String, nullable=True),
+    sa.Column("timed_out", sa.Boolean, nullable=True),
+    sa.Column("duration_ms", sa.Float, nullable=True),
+    sa.Column("stdout_bytes", sa.Integer, nullable=True),
+    sa.Column("stderr_bytes", sa.Integer, nullable=True),
+    sa.Column("output_sha256", sa.String, nullable=True),
+    sa.Column("dropped_bytes", sa.Integer, nullable=True),
+    sa.Column("input_bytes", sa.Integer, nullable=False),
+    sa.Column("input_count", sa.Integer, nullable=False),
+    sa.Column("lost_reason", sa.String, nullable=True),
+    sa.UniqueConstraint("session_id", "idempotency_key", name="uq_processes_idempotency_key"),
+)
+sa.Index("ix_processes_session", processes.c.session_id, processes.c.requested_at)
+sa.Index("ix_processes_status", processes.c.status)
+
+
+# the daemons sharing the journal: read table of the `host:<id>` streams (migration 0004)
 hosts = sa.Table(
     "hosts",
     metadata,
@@ -137,7 +173,7 @@ hosts = sa.Table(
     sa.Column("version", sa.Integer, nullable=False),
 )
 
-READ_TABLES = (execs, sessions, workspaces, hosts)  # delete order (execs reference sessions)
+READ_TABLES = (processes, execs, sessions, workspaces, hosts)  # delete order (processes, execs reference sessions)
 
 # The append-only guarantee lives in the database, so no writer (ours or a stray sqlite3
 # shell) can rewrite history without first dropping these triggers.
@@ -184,7 +220,7 @@ def alembic_config(url: str) -> "alembic.config.Config":
 
 
 # The newest migration's revision id; tests/test_migrations.py checks it equals alembic's head.
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0004"
 
 
 def current_revision(db_path: Path) -> str | None:

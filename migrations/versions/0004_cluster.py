@@ -1,7 +1,7 @@
 """cluster: hosts (registry, heartbeat, epoch), sessions placed on a host; append-only on PostgreSQL
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 Create Date: 2026-12-04
 
 Several daemons may share one journal in PostgreSQL. `hosts` is a read table of the `host:<id>`
@@ -16,8 +16,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003"
-down_revision = "0002"
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
