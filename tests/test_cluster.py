@@ -102,6 +102,17 @@ def test_create_on_a_lands_on_b_exec_through_c(cluster):
     assert r.status_code == 200 and base64.b64decode(r.json()["content_base64"]) == b"from a", r.text
     r = c["c"].client.get(f"/v1/sessions/{sid}/fs/read", params={"path": "../../etc/passwd"})
     assert r.status_code == 400 and r.json()["error_code"] == "PATH_REFUSED", r.text  # b's checks, relayed
+    # a process beside the shell, started through c, read through a (journaled on PostgreSQL)
+    r = c["c"].client.post(f"/v1/sessions/{sid}/processes", json={"cmd": "echo proc-out; read line; echo got-$line"})
+    assert r.status_code == 201, r.text
+    pid = r.json()["process_id"]
+    r = c["a"].client.post(f"/v1/sessions/{sid}/processes/{pid}/stdin", json={"data": "typed\n"})
+    assert r.status_code == 200, r.text
+    proc = wait_until(lambda: (p := c["a"].client.get(f"/v1/sessions/{sid}/processes/{pid}").json())["status"]
+                      == "exited" and p, what="the process to exit")
+    assert proc["exit_code"] == 0
+    out = c["c"].client.get(f"/v1/sessions/{sid}/processes/{pid}/output").json()
+    assert out["output"] == "proc-out\ngot-typed\n" and out["eof"] is True
     # a session id that does not exist: answered where asked, as on one host
     r = c["c"].client.post("/v1/sessions/s-000000000000/exec", json={"cmd": "true"})
     assert r.status_code == 404 and r.json()["error_code"] == "SESSION_NOT_FOUND"
