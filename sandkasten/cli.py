@@ -71,12 +71,13 @@ class Cli(AdminCommands):
         from sandkasten.store.journal import Journal
 
         cfg = self.cfg
-        if not create and not cfg.database_path.exists():
-            raise Failed(f"unable to open the journal {cfg.database_path}: no such file (neither the daemon nor "
+        target = cfg.journal_target
+        if not create and not cfg.shared_journal and not target.exists():
+            raise Failed(f"unable to open the journal {target}: no such file (neither the daemon nor "
                          f"`sandkasten create` has used data_dir {cfg.data_dir}; is --config right?)")
 
         async def run() -> T:
-            journal = await Journal.open(cfg.database_path, cfg.journal.durability)
+            journal = await Journal.open(target, cfg.journal.durability)
             try:
                 return await work(journal)
             finally:
@@ -170,6 +171,7 @@ class Cli(AdminCommands):
         shown: set[str] = set()
         collected: list[dict] = []
         seen_seq = -1
+        self._remote = await _owner_address(journal, self.cfg, sid)  # a cluster: output on another host
         process_seq = 0   # process events up to here are shown
         while True:
             seq = await journal.last_seq()
@@ -272,6 +274,10 @@ class Cli(AdminCommands):
 
         if row["status"] == "requested":
             return None
+        if getattr(self, "_remote", None):  # the session runs on another host of the cluster
+            from sandkasten.cluster import remote
+
+            return render.Output(*remote.exec_output(self.cfg, self._remote, sid, row["id"]))
         try:
             path = Layout(self.cfg.data_dir).of(sid).logs / f"{row['id']}.log"
             return render.Output(*protocol.read_output(path, limit))
@@ -360,7 +366,8 @@ class Cli(AdminCommands):
                 raise Failed(f"unable to exec in session {session}: its sandbox has not started yet, and no "
                              "daemon is running to start it (sandkasten daemon -d)")
             await journal.execute(session, request, actor="cli")
-            if pid is None:
+            self._remote = await _owner_address(journal, self.cfg, session)
+            if pid is None and not self._remote:
                 return None
             return await self._await_exec(journal, request.exec_id)
 
@@ -448,7 +455,7 @@ class Cli(AdminCommands):
                 return row
             if time.monotonic() - checked > 1.0:
                 checked = time.monotonic()
-                if self.daemon_pid() is None:
+                if self.daemon_pid() is None and not getattr(self, "_remote", None):
                     return row
             await asyncio.sleep(0.05)
 
@@ -530,3 +537,11 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+async def _owner_address(journal, cfg, sid: str) -> str | None:
+    if not cfg.shared_journal:
+        return None
+    from sandkasten.cluster import remote
+
+    return await remote.owner_address(journal, cfg, sid)

@@ -146,7 +146,8 @@ class AdminCommands:
         cfg = self.cfg
         runtime = Runtime.detect(cfg.data_dir, cgroup_parent=cfg.cgroup_parent)
         try:
-            drift, checked = self.journal(lambda j: find_drift(j, runtime))
+            host = cfg.host_id if cfg.shared_journal else None  # a cluster: this host's sessions
+            drift, checked = self.journal(lambda j: find_drift(j, runtime, host))
         finally:
             runtime.close()
         if json:

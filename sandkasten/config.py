@@ -89,6 +89,21 @@ class Network:
 class Journal:
     durability: str = "normal"
     busy_timeout_s: float = 10.0   # how long a write waits for another writer's lock
+    # "" (the SQLite file db_path), sqlite:///PATH, or postgresql+psycopg|asyncpg://… (a
+    # journal shared by several hosts; see docs/cluster.md)
+    url: str = ""
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Several hosts on one shared journal (journal.url = postgresql…; docs/cluster.md)."""
+
+    host_id: str = ""                 # default: the machine's hostname
+    advertise_address: str = ""       # what other nodes forward to; default http://<listen>
+    max_sessions: int = 100           # placement puts no more sessions on this host
+    heartbeat_seconds: float = 2.0
+    host_timeout_seconds: float = 15.0  # no heartbeat for this long: the host is lost
+    forward_timeout_seconds: float = 900.0
 
 
 @dataclass(frozen=True)
@@ -137,15 +152,42 @@ class Config:
     network: Network = field(default_factory=Network)
     journal: Journal = field(default_factory=Journal)
     reconcile: Reconcile = field(default_factory=Reconcile)
+    cluster: Cluster = field(default_factory=Cluster)
     processes: Processes = field(default_factory=Processes)
     audit: Audit = field(default_factory=Audit)
     console: Console = field(default_factory=Console)
     cgroup_parent: str = "sandkasten"
+    database_url: str = ""  # the same as journal.url (DESIGN.md's name for it)
 
     # -- derived paths (one place names every directory under data_dir) --
     @property
     def database_path(self) -> Path:
         return self.db_path or self.data_dir / "sandkasten.db"
+
+    @property
+    def journal_target(self) -> Path | str:
+        """Where the journal lives: the SQLite file, or the PostgreSQL URL of a shared journal."""
+        url = self.journal.url or self.database_url
+        if not url:
+            return self.database_path
+        if url.startswith("sqlite:///"):
+            return Path(url[len("sqlite:///"):]).expanduser().absolute()
+        return url
+
+    @property
+    def shared_journal(self) -> bool:
+        """A journal in PostgreSQL: this daemon is one host of a cluster."""
+        return isinstance(self.journal_target, str)
+
+    @property
+    def host_id(self) -> str:
+        import socket
+
+        return self.cluster.host_id or socket.gethostname()
+
+    @property
+    def advertise_address(self) -> str:
+        return (self.cluster.advertise_address or f"http://{self.listen}").rstrip("/")
 
     @property
     def images_dir(self) -> Path:
@@ -186,6 +228,7 @@ _SECTIONS = {
     "network": Network,
     "journal": Journal,
     "reconcile": Reconcile,
+    "cluster": Cluster,
     "processes": Processes,
     "audit": Audit,
     "console": Console,
@@ -414,6 +457,26 @@ def _validate(cfg: Config) -> None:
     _one_of("reconcile.lost_sandbox_policy", cfg.reconcile.lost_sandbox_policy, LOST_SANDBOX_POLICIES)
     _positive("reconcile.resync_seconds", cfg.reconcile.resync_seconds)
     _positive("journal.busy_timeout_s", cfg.journal.busy_timeout_s)
+    for key, url in (("journal.url", cfg.journal.url), ("database_url", cfg.database_url)):
+        if url and not re.match(r"^(sqlite:///.+|postgres(ql)?(\+(psycopg|asyncpg))?://.+)$", url):
+            raise ConfigError(f"invalid config key {key}: expected sqlite:///PATH or "
+                              f"postgresql+psycopg://… / postgresql+asyncpg://… (got {_redact(url)!r})")
+    cl = cfg.cluster
+    for key in ("max_sessions", "heartbeat_seconds", "host_timeout_seconds", "forward_timeout_seconds"):
+        _positive(f"cluster.{key}", getattr(cl, key))
+    if cl.host_timeout_seconds < 2 * cl.heartbeat_seconds:
+        raise ConfigError("invalid config key cluster.host_timeout_seconds: must be at least twice "
+                          "cluster.heartbeat_seconds (a late heartbeat is not a dead host)")
+    if cl.host_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", cl.host_id):
+        raise ConfigError(f"invalid config key cluster.host_id: expected 1-63 of [A-Za-z0-9_.-] (got {cl.host_id!r})")
+    if cl.advertise_address and not re.fullmatch(r"https?://[^/\s]+/?", cl.advertise_address):
+        raise ConfigError(f"invalid config key cluster.advertise_address: expected http://HOST:PORT "
+                          f"(got {cl.advertise_address!r})")
+    if cfg.pool.enabled and cfg.shared_journal:
+        raise ConfigError("invalid config key pool.enabled: the pre-warmed pool is not supported on a shared "
+                          "journal (several hosts) yet; turn it off or use a SQLite journal")
+    if cfg.journal.url and cfg.database_url and cfg.journal.url != cfg.database_url:
+        raise ConfigError("invalid config key database_url: differs from journal.url (set one of them)")
     _positive("processes.max_per_session", cfg.processes.max_per_session)
     if cfg.processes.max_log_bytes < 64 * 1024:
         raise ConfigError("invalid config key processes.max_log_bytes: at least 65536 (64 KiB)")
@@ -442,6 +505,11 @@ def _validate(cfg: Config) -> None:
     if not cfg.api_key and not _is_loopback(cfg.host):
         raise ConfigError(
             f"invalid config key api_key: an empty api_key is refused on the non-loopback address {cfg.host}")
+
+
+def _redact(url: str) -> str:
+    """A URL as shown in messages: its password replaced by ***."""
+    return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", url)
 
 
 def _validate_network(n: Network) -> None:

@@ -45,12 +45,13 @@ class Daemon:
         self.executor: Executor
         self.reconciler: Reconciler
         self.pool: Pool
+        self.cluster = None  # sandkasten.cluster.membership.Membership when the journal is shared
         self.processes: ProcessControl
         self.log_watch = LogWatch()
 
     async def start(self) -> None:
         cfg = self.cfg
-        self.journal = await Journal.open(cfg.database_path, cfg.journal.durability,
+        self.journal = await Journal.open(cfg.journal_target, cfg.journal.durability,
                                           busy_timeout_s=cfg.journal.busy_timeout_s)
         self.runtime = Runtime.detect(cfg.data_dir, cgroup_parent=cfg.cgroup_parent,
                                       network=network.from_config(cfg.network))
@@ -59,17 +60,30 @@ class Daemon:
         self.processes = ProcessControl(self.executor)
         self.reconciler = Reconciler(cfg, self.executor, self.processes)
         self.pool = Pool(cfg, self.executor)
+        if cfg.shared_journal:  # one host of several on a journal in PostgreSQL (docs/cluster.md)
+            from sandkasten.cluster.membership import Membership
+
+            self.cluster = self.executor.cluster = Membership(cfg, self.executor)
+            self.cluster.reconciler = self.reconciler
         self.tasks.append(asyncio.ensure_future(self._become_ready()))
 
     async def _become_ready(self) -> None:
         self.readiness = {"phase": "reconciling"}
         try:
+            if self.cluster is not None:  # a new epoch first: what is ours is known before reconciling
+                await self.cluster.join()
             stats = await self.reconciler.startup()
         except Exception as e:  # noqa: BLE001 - stay up and say why we are not ready
             log.exception("startup reconcile failed")
             self.readiness = {"phase": "failed", "error": str(e)}
             return
-        self.tasks.append(asyncio.ensure_future(self.executor.follow()))
+        if self.cluster is not None:
+            from sandkasten.cluster.follower import Follower
+
+            self.tasks.append(asyncio.ensure_future(Follower(self.cluster).run()))  # LISTEN/NOTIFY
+            self.tasks.append(asyncio.ensure_future(self.cluster.run()))            # heartbeat, peers
+        else:
+            self.tasks.append(asyncio.ensure_future(self.executor.follow()))
         self.tasks.append(asyncio.ensure_future(self.reconciler.watch()))
         self.tasks.append(asyncio.ensure_future(self.pool.run()))  # trims, then refills; idle members outlive stop
         self.readiness = {"phase": "ready", "reconcile": stats}
@@ -126,7 +140,7 @@ def preflight(cfg: Config) -> None:
             os.chmod(d, 0o700)
         except OSError as e:
             raise SandkastenError(f"unable to create directory {d}: {e.strerror}") from None
-    Journal.check(cfg.database_path, cfg.journal.busy_timeout_s)
+    Journal.check(cfg.journal_target, cfg.journal.busy_timeout_s)
     cgroups.detect(parent=cfg.cgroup_parent)
 
 

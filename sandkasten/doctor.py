@@ -37,9 +37,12 @@ def observed_summary(obs) -> str:
     return ", ".join(parts) or "nothing"
 
 
-async def find_drift(journal: Journal, runtime: Runtime) -> tuple[list[Drift], int]:
-    """All drift, and how many journal sessions were checked."""
+async def find_drift(journal: Journal, runtime: Runtime, host_id: str | None = None) -> tuple[list[Drift], int]:
+    """All drift, and how many journal sessions were checked. With `host_id` (one host of a
+    cluster) only the sessions placed on that host: the others' sandboxes are on other machines."""
     rows = await journal.sessions(include_ended=True)
+    if host_id is not None:
+        rows = [r for r in rows if r.get("host_id") == host_id]
     known = {r["id"]: r for r in rows}
     drift: list[Drift] = []
     for row in rows:

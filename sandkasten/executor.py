@@ -41,6 +41,12 @@ class Executor:
         self.stopped = False
         self.session_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._seen_seq = -1
+        self.cluster: Any = None  # sandkasten.cluster.membership.Membership on a cluster host
+
+    def owns(self, session: dict) -> bool:
+        """Whether this daemon acts on the session's sandbox: always on a single host; in a
+        cluster only when the session is placed on this host (docs/cluster.md)."""
+        return self.cluster is None or self.cluster.owns(session)
 
     # ------------------------------------------------------------------ keyed work
     def _once(self, key: str, make: Callable[[], Awaitable[Any]]) -> asyncio.Future:
@@ -74,6 +80,8 @@ class Executor:
                 log.error("work %s failed", key, exc_info=exc)
 
     def ensure_session(self, sid: str) -> asyncio.Future:
+        if self.cluster is not None:  # placed first; created here or by the host it lands on
+            return self._once(f"create:{sid}", lambda: self.cluster.create(sid))
         return self._once(f"create:{sid}", lambda: self._create(sid))
 
     def ensure_claimed(self, sid: str) -> asyncio.Future:
@@ -231,7 +239,11 @@ class Executor:
     # ------------------------------------------------------------------ follow
     async def catch_up(self) -> None:
         """Start every piece of work the journal asks for that is not in flight."""
+        mine = set()
         for s in await self.journal.sessions():
+            if not self.owns(s):
+                continue
+            mine.add(s["id"])
             if s["status"] == "requested":
                 self.ensure_session(s["id"])
             elif s["status"] == "running" and s["pool"] == POOL_CLAIMING:
@@ -239,7 +251,8 @@ class Executor:
             elif s["status"] == "destroying":
                 self.ensure_destroyed(s["id"])
         for e in await self.journal.pending_execs():
-            self.ensure_exec(e["session_id"], e["id"])
+            if self.cluster is None or e["session_id"] in mine:
+                self.ensure_exec(e["session_id"], e["id"])
 
     async def follow(self) -> None:
         while True:

@@ -105,9 +105,10 @@ class ProcessControl:
             await self._record(sid, c.RecordProcessLost(
                 process_id=process_id, reason="the sandbox's runner has no record of it (restarted?)"))
 
-    async def resume_all(self) -> int:
-        """After a start: hand every pending process back to its runner. The count resumed."""
-        rows = await self.journal.pending_processes()
+    async def resume_all(self, sessions: set[str] | None = None) -> int:
+        """After a start: hand every pending process back to its runner (of `sessions` only,
+        when given: a cluster host resumes the processes of its own sessions). The count resumed."""
+        rows = [r for r in await self.journal.pending_processes() if sessions is None or r["session_id"] in sessions]
         for row in rows:
             if row["status"] == "requested":
                 self.ensure_started(row["session_id"], row["id"])

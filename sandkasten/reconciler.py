@@ -47,7 +47,7 @@ class Reconciler:
     async def startup(self) -> dict:
         t0 = time.monotonic()
         rows = await self.journal.sessions(include_ended=True)
-        live = [r for r in rows if r["status"] not in ENDED]
+        live = [r for r in rows if r["status"] not in ENDED and self.executor.owns(r)]  # a cluster: ours only
         observed = await asyncio.to_thread(lambda: {r["id"]: self.runtime.observe(r["id"]) for r in live})
         adopted = [(r["id"], c.RecordSandboxAdopted(pid=observed[r["id"]].pid, start_time=observed[r["id"]].start_time))
                    for r in live if r["status"] == "running" and _same_runner(r, observed[r["id"]])]
@@ -70,9 +70,10 @@ class Reconciler:
             elif status == "destroying":
                 self.executor.ensure_destroyed(sid)
         for e in await self.journal.pending_execs():
-            self.executor.ensure_exec(e["session_id"], e["id"])
+            if e["session_id"] in observed:
+                self.executor.ensure_exec(e["session_id"], e["id"])
         if self.processes is not None:   # still running in their sandboxes: follow them again
-            await self.processes.resume_all()
+            await self.processes.resume_all(None if self.executor.cluster is None else set(observed))
         wanted = {r["id"] for r in live}
         orphans = sorted(self.runtime.host_sessions() - wanted)
         for sid in orphans:
@@ -129,6 +130,8 @@ class Reconciler:
         now = datetime.now(timezone.utc)
         for row in await self.journal.sessions():
             sid = row["id"]
+            if not self.executor.owns(row):
+                continue  # another host's session (a cluster): that host expires and watches it
             if row["status"] in ("running", "requested", "lost") and row["expires_at"] \
                     and _parse(row["expires_at"]) <= now:
                 await self.executor.record(sid, c.ExpireSession(reason="ttl", at=now), actor=ACTOR)

@@ -16,6 +16,7 @@ def session_view(row: dict[str, Any]) -> dict[str, Any]:
         "network_mode": row["network_mode"], "exec_count": row["exec_count"],
         "lost_reason": row["lost_reason"], "end_reason": row["end_reason"], "actor": row["actor"],
         "pool": row["pool"],
+        "host_id": row.get("host_id"),  # a cluster: the host its sandbox runs on (None on one host)
     }
 
 

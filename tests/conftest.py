@@ -75,3 +75,30 @@ def daemon_factory(tmp_path, image_store, cgroup_parent):
 @pytest.fixture
 def daemon(daemon_factory):
     return daemon_factory().start()
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One throwaway PostgreSQL server for the run (tests/pg.py), stopped and removed after."""
+    from tests.pg import PgServer
+
+    server = PgServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_database(pg_server) -> str:
+    """The URL of a fresh, empty database on the test server."""
+    return pg_server.database()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def journal_target(request, tmp_path):
+    """Where a journal lives, once per backend: a SQLite file path, or a PostgreSQL URL."""
+    if request.param == "sqlite":
+        return tmp_path / "state" / "sandkasten.db"
+    return request.getfixturevalue("pg_database")

@@ -1,4 +1,5 @@
-"""The journal on real SQLite files: appends, read tables, chain, replay, processes, locks."""
+"""The journal on real SQLite files and a real PostgreSQL server: appends, read tables, chain,
+replay, processes, locks. Tests taking `journal` run once per backend (`journal_target`)."""
 
 from __future__ import annotations
 
@@ -45,7 +46,15 @@ def anyio_backend():
 
 
 @pytest.fixture
-async def journal(tmp_path):
+async def journal(journal_target):
+    j = await Journal.open(journal_target)
+    yield j
+    await j.close()
+
+
+@pytest.fixture
+async def sqlite_journal(tmp_path):
+    """For what only a SQLite file has (raw sqlite3 access to the file)."""
     j = await Journal.open(tmp_path / "state" / "sandkasten.db")
     yield j
     await j.close()
@@ -184,21 +193,21 @@ async def test_a_refused_write_never_makes_a_concurrent_read_lose_the_stream(jou
         assert [s.status for s in results[:4]] == ["destroying"] * 4
 
 
-async def test_chain_links_every_event(journal):
-    await start_session(journal, "s-1")
-    await run_exec(journal, "s-1", "e-1")
-    with sqlite3.connect(journal.path) as raw:
+async def test_chain_links_every_event(sqlite_journal):
+    await start_session(sqlite_journal, "s-1")
+    await run_exec(sqlite_journal, "s-1", "e-1")
+    with sqlite3.connect(sqlite_journal.path) as raw:
         rows = raw.execute("SELECT seq, prev_hash, hash FROM events ORDER BY seq").fetchall()
     assert rows[0][1] == GENESIS_HASH
     for before, after in zip(rows, rows[1:]):
         assert after[1] == before[2]
-    result = await journal.verify()
+    result = await sqlite_journal.verify()
     assert (result.ok, result.checked, result.first_bad_seq) == (True, 5, None)
 
 
-async def test_trigger_refuses_update_and_delete(journal):
-    await start_session(journal, "s-1")
-    raw = sqlite3.connect(journal.path)
+async def test_trigger_refuses_update_and_delete(sqlite_journal):
+    await start_session(sqlite_journal, "s-1")
+    raw = sqlite3.connect(sqlite_journal.path)
     try:
         with pytest.raises(sqlite3.IntegrityError, match="events are append-only"):
             raw.execute("UPDATE events SET actor = 'mallory' WHERE seq = 1")
@@ -208,32 +217,32 @@ async def test_trigger_refuses_update_and_delete(journal):
         raw.close()
 
 
-async def test_verify_names_the_tampered_event(journal):
-    await start_session(journal, "s-1")
-    await run_exec(journal, "s-1", "e-1")
-    raw = sqlite3.connect(journal.path)
+async def test_verify_names_the_tampered_event(sqlite_journal):
+    await start_session(sqlite_journal, "s-1")
+    await run_exec(sqlite_journal, "s-1", "e-1")
+    raw = sqlite3.connect(sqlite_journal.path)
     try:
         raw.execute("DROP TRIGGER events_no_update")
         raw.execute("""UPDATE events SET payload = replace(payload, '"echo e-1"', '"rm -rf /"') WHERE seq = 3""")
         raw.commit()
     finally:
         raw.close()
-    result = await journal.verify()
+    result = await sqlite_journal.verify()
     assert (result.ok, result.first_bad_seq, result.checked) == (False, 3, 2)
     assert "event 3" in result.reason and "hash" in result.reason
 
 
-async def test_verify_notices_a_deleted_event(journal):
-    await start_session(journal, "s-1")
-    await run_exec(journal, "s-1", "e-1")
-    raw = sqlite3.connect(journal.path)
+async def test_verify_notices_a_deleted_event(sqlite_journal):
+    await start_session(sqlite_journal, "s-1")
+    await run_exec(sqlite_journal, "s-1", "e-1")
+    raw = sqlite3.connect(sqlite_journal.path)
     try:
         raw.execute("DROP TRIGGER events_no_delete")
         raw.execute("DELETE FROM events WHERE seq = 2")
         raw.commit()
     finally:
         raw.close()
-    result = await journal.verify()
+    result = await sqlite_journal.verify()
     assert (result.ok, result.first_bad_seq) == (False, 3)
     assert "prev_hash" in result.reason
 
@@ -270,9 +279,8 @@ async def test_rebuild_equals_live_tables(journal):
     assert (await journal.verify()).ok
 
 
-async def test_cached_state_catches_up_with_another_writer(tmp_path):
-    path = tmp_path / "j.db"
-    a, b = await Journal.open(path), await Journal.open(path)
+async def test_cached_state_catches_up_with_another_writer(journal_target):
+    a, b = await Journal.open(journal_target), await Journal.open(journal_target)
     try:
         await start_session(a, "s-1")
         await a.execute("s-1", RequestExec("e-1", "ls", 1000), actor="api")  # a caches s-1 at v3
@@ -295,7 +303,7 @@ WORKER = textwrap.dedent(
     from sandkasten.store.journal import Journal
 
     async def main(path, name, n):
-        j = await Journal.open(Path(path))
+        j = await Journal.open(path if "://" in path else Path(path))
         try:
             own = "s-" + name
             await j.execute(own, RequestSession(image="busybox", expires_at=datetime.now(timezone.utc) + timedelta(hours=1)), actor=name)
@@ -311,12 +319,15 @@ WORKER = textwrap.dedent(
 )
 
 
-async def test_two_processes_append_concurrently(journal):
+async def test_processes_append_concurrently(journal, journal_target):
+    """Two processes on one SQLite file; three (as three daemons would) on one PostgreSQL
+    database: the chain stays one line, every stream's versions stay dense."""
     await start_session(journal, "s-shared")
     n = 60
+    names = ("p1", "p2") if journal.url is None else ("p1", "p2", "p3")
     procs = [
-        subprocess.Popen([sys.executable, "-c", WORKER, str(journal.path), name, str(n)], stderr=subprocess.PIPE)
-        for name in ("p1", "p2")
+        subprocess.Popen([sys.executable, "-c", WORKER, str(journal_target), name, str(n)], stderr=subprocess.PIPE)
+        for name in names
     ]
     try:
         for proc in procs:
@@ -328,13 +339,15 @@ async def test_two_processes_append_concurrently(journal):
                 proc.kill()
                 proc.wait()
             proc.stderr.close()
-    assert await journal.last_seq() == 2 + 2 * (2 + 2 * n)
+    k = len(names)
+    assert await journal.last_seq() == 2 + k * (2 + 2 * n)
+    assert [e.seq for e in await journal.events(limit=10_000)] == list(range(1, 3 + k * (2 + 2 * n)))
     shared = await journal.execs("s-shared")
-    assert len(shared) == 2 * n and sorted(e["seq_no"] for e in shared) == list(range(1, 2 * n + 1))
-    for name in ("p1", "p2"):
+    assert len(shared) == k * n and sorted(e["seq_no"] for e in shared) == list(range(1, k * n + 1))
+    for name in names:
         assert len(await journal.execs(f"s-{name}")) == n
     versions = [e.stream_version for e in await journal.events(stream_id="s-shared", limit=10_000)]
-    assert versions == list(range(1, 2 * n + 3))
+    assert versions == list(range(1, k * n + 3))
     assert (await journal.verify()).ok
     live = await journal.snapshot_read_tables()
     await journal.rebuild()

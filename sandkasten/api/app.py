@@ -106,4 +106,8 @@ def create_app(daemon) -> Sanic:
     app.blueprint(stream.bp)
     app.blueprint(processes.bp)
     app.blueprint(workspaces.bp)
+    if cfg.shared_journal:  # one host of a cluster: any node answers for any session (docs/cluster.md)
+        from sandkasten.cluster import forward
+
+        forward.install(app, daemon)
     return app

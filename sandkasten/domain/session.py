@@ -29,6 +29,7 @@ from typing import Any, Mapping
 
 from sandkasten.domain import commands as c
 from sandkasten.domain import events as ev
+from sandkasten.domain import host as h
 from sandkasten.domain import processes as proc
 from sandkasten.domain.processes import ProcessState
 from sandkasten.domain.workspace import WorkspaceState, decide_workspace, evolve_workspace
@@ -104,6 +105,8 @@ class SessionState:
     lost_count: int = 0
     egress_allow: tuple[str, ...] = ()
     pool: str | None = None  # None (an ordinary session) | "idle" | "claiming" | "claimed"
+    host_id: str | None = None  # cluster: the host it is placed on, and that host's epoch (domain.host)
+    host_epoch: int | None = None
     processes: Mapping[str, ProcessState] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
@@ -119,7 +122,7 @@ class PriorExecs:
     key_exec_id: str | None = None  # the exec that already used the command's idempotency key
 
 
-State = SessionState | WorkspaceState
+State = SessionState | WorkspaceState | h.HostState
 
 # what each command tries to do, for messages: "unable to <verb> s-ab12: session is destroyed"
 _VERBS: dict[type, str] = {
@@ -175,6 +178,14 @@ def decide(
         if state is not None and not isinstance(state, WorkspaceState):
             raise InvalidRequest(f"unable to apply {type(command).__name__} to session stream")
         return decide_workspace(state, command)
+    if isinstance(command, h.HOST_COMMANDS):
+        if state is not None and not isinstance(state, h.HostState) or not (stream_id or "").startswith(h.HOST_STREAM_PREFIX):
+            raise InvalidRequest(f"unable to apply {type(command).__name__}: stream {stream_id} is not a host")
+        return h.decide_host(state, command, stream_id or "")
+    if isinstance(command, h.PlaceSession):
+        if not isinstance(state, SessionState):
+            raise SessionNotFound(f"unable to place session {stream_id}: no such session", session_id=stream_id)
+        return h.decide_place(state, command, ENDED_STATUSES | {DESTROYED})
     verb = _VERBS.get(type(command))
     if verb is None:
         raise TypeError(f"unknown command {type(command).__name__}")
@@ -383,6 +394,8 @@ def evolve(state: State | None, event: Any) -> State:
     """Apply one event (NewEvent or RecordedEvent) to a stream's state."""
     if event.type in ev.WORKSPACE_EVENT_TYPES:
         return evolve_workspace(state if isinstance(state, WorkspaceState) else None, event)
+    if event.type in h.HOST_EVENT_TYPES:
+        return h.evolve_host(state if isinstance(state, h.HostState) else None, event)
     version = getattr(event, "stream_version", None) or ((state.version if state else 0) + 1)
     p = event.payload
     if event.type == ev.SESSION_REQUESTED:
@@ -409,6 +422,8 @@ def evolve(state: State | None, event: Any) -> State:
                        env=MappingProxyType(dict(p.get("env") or {})), workspace_id=p.get("workspace_id"))
     if t == ev.SANDBOX_CONFIGURED:
         return replace(s, pool=POOL_CLAIMED)
+    if t == h.SESSION_PLACED:
+        return replace(s, host_id=p["host_id"], host_epoch=p["host_epoch"])
     if t == ev.SANDBOX_FAILED:
         return replace(s, status=FAILED, end_reason=p.get("reason"), runner_pid=None, runner_start_time=None)
     if t == ev.SANDBOX_LOST:

@@ -30,10 +30,11 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 
 from sandkasten.domain import commands as c
 from sandkasten.domain import events as ev
+from sandkasten.domain import host
 from sandkasten.domain.events import RecordedEvent
 from sandkasten.domain.session import (DESTROYING, ENDED_STATUSES, POOL_IDLE, UNCLAIMED, PriorExecs, State, decide, evolve)
 from sandkasten.errors import ConcurrencyConflict, InvalidRequest, JournalError, SandkastenError
-from sandkasten.store import fastpath, projections, schema
+from sandkasten.store import fastpath, postgres, projections, schema
 from sandkasten.store.schema import events, execs, processes, sessions, workspaces
 
 T = TypeVar("T")
@@ -104,6 +105,10 @@ class Journal:
     def __init__(self, db_path: Path, engine: AsyncEngine, writer: sa.Engine, reader: sa.Engine,
                  durability: str, busy_timeout_s: float) -> None:
         self.path = db_path
+        self.url: str | None = None        # the PostgreSQL URL of a shared journal; None on SQLite
+        # cluster: (host_id, epoch) of the daemon appending; sandbox observations on sessions
+        # placed elsewhere are refused (domain.host.fenced). None on a single host.
+        self.fence: tuple[str, int] | None = None
         self.durability = durability
         self.busy_timeout_s = busy_timeout_s
         self._engine = engine              # reads: async (aiosqlite), several at once under WAL
@@ -119,8 +124,11 @@ class Journal:
     # --- lifecycle ------------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, db_path: Path, durability: str = "normal", *, busy_timeout_s: float = 10.0) -> "Journal":
-        """Create the parent dir, migrate (alembic, in a thread), open one small async engine."""
+    async def open(cls, db_path: Path | str, durability: str = "normal", *, busy_timeout_s: float = 10.0) -> "Journal":
+        """Create the parent dir, migrate (alembic, in a thread), open one small async engine.
+        A `postgresql…://` URL instead of a path opens the shared journal of a cluster."""
+        if postgres.is_url(db_path):
+            return await cls._open_postgres(str(db_path), durability, busy_timeout_s)
         db_path = Path(db_path).absolute()
         if durability not in DURABILITIES:
             raise JournalError(f"unable to open journal {db_path}: durability {durability!r} is not normal|full")
@@ -154,9 +162,31 @@ class Journal:
         return cls(db_path, engine, writer, reader, durability, busy_timeout_s)
 
     @classmethod
-    def check(cls, db_path: Path, busy_timeout_s: float = 10.0) -> None:
+    async def _open_postgres(cls, url: str, durability: str, busy_timeout_s: float) -> "Journal":
+        """The same journal on PostgreSQL: appends serialised by an advisory lock (see
+        store/postgres.py); durability is the server's (synchronous_commit)."""
+        where = postgres.label(url)
+        if durability not in DURABILITIES:
+            raise JournalError(f"unable to open journal {where}: durability {durability!r} is not normal|full")
+        async with _Guard(where, busy_timeout_s)("migrate"):
+            await asyncio.to_thread(postgres.upgrade, url)
+        engine, writer, reader = postgres.engines(url)
+        journal = cls(where, engine, writer, reader, durability, busy_timeout_s)  # type: ignore[arg-type]
+        journal.url = url
+        return journal
+
+    @classmethod
+    def check(cls, db_path: Path | str, busy_timeout_s: float = 10.0) -> None:
         """Blocking preflight for the daemon: migrate the file and read its schema once, so a
         corrupt, locked or unwritable journal stops the start with one clear line."""
+        if postgres.is_url(db_path):
+            try:
+                postgres.check(str(db_path))
+            except (sa.exc.SQLAlchemyError, OSError) as exc:
+                where = postgres.label(str(db_path))
+                raise JournalError(f"unable to open journal {where}: {_Guard(where, busy_timeout_s)._cause(exc)}",
+                                   path=where) from None
+            return
         db_path = Path(db_path).absolute()
         try:
             db_path.parent.mkdir(parents=True, exist_ok=True)
@@ -259,6 +289,10 @@ class Journal:
         query, params, base = self._catch_up_query(stream_id, head=True)
         state, seq, prev_hash = self._fold(stream_id, base, fastpath.execute(conn, query, params))
         prior = self._prior_execs(conn, stream_id, command)
+        refusal = host.fenced(state, command, self.fence)
+        if refusal is not None:
+            raise host.HostFenced(f"unable to record {type(command).__name__} for {stream_id}: {refusal}",
+                                  session_id=stream_id)
         new_events = decide(state, command, prior=prior, stream_id=stream_id)
         version = state.version if state else 0
         created_at = _now()
@@ -278,6 +312,8 @@ class Journal:
             recorded.append(event)
         if state is not None:
             self._remember(stream_id, state)
+        if self.url is not None and recorded:  # PostgreSQL: wake the other hosts' followers at commit
+            postgres.notify(conn, self.fence[0] if self.fence else "", _owner(state))
         return recorded
 
     def _insert(self, conn: sa.Connection, row: dict[str, Any]) -> None:
@@ -426,6 +462,10 @@ class Journal:
                  .order_by(execs.c.requested_at, execs.c.session_id, execs.c.seq_no))
         return await self._rows(query)
 
+    async def hosts(self) -> list[dict[str, Any]]:
+        """The hosts of a cluster (shared journal), by id; empty on a single host."""
+        return await self._rows(sa.select(schema.hosts).order_by(schema.hosts.c.id))
+
     async def processes(self, session_id: str, include_ended: bool = False) -> list[dict[str, Any]]:
         query = sa.select(processes).where(processes.c.session_id == session_id)
         if not include_ended:
@@ -497,9 +537,19 @@ def _restrict(db_path: Path) -> None:
             pass
 
 
+def _owner(state: State | None) -> str:
+    """Whose executor a change of this stream may concern (the NOTIFY payload, see postgres.notify)."""
+    if state is None or not hasattr(state, "session_id"):
+        return "-"
+    return getattr(state, "host_id", None) or ""
+
+
 def _check_stream(stream_id: str, command: c.Command) -> None:
     if isinstance(command, c.RequestSession) and command.session_id != stream_id:
         raise InvalidRequest(f"unable to request session {command.session_id}: stream id is {stream_id}")
+    if isinstance(command, host.HOST_COMMANDS) != stream_id.startswith(host.HOST_STREAM_PREFIX):
+        raise InvalidRequest(f"unable to apply {type(command).__name__} to stream {stream_id}: host commands "
+                             f"go to {host.HOST_STREAM_PREFIX}<host_id> streams, and only they")
     if isinstance(command, (c.CreateWorkspace, c.DeleteWorkspace)) and stream_id != ev.workspace_stream(command.workspace_id):
         raise InvalidRequest(
             f"unable to change workspace {command.workspace_id}: stream must be {ev.workspace_stream(command.workspace_id)}"

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sandkasten.domain import events as ev
 from sandkasten.domain.session import (DESTROYED, DESTROYING, FAILED, INITIAL_CWD, LOST, POOL_CLAIMED, POOL_CLAIMING,
                                        POOL_IDLE, REQUESTED, RUNNING)
-from sandkasten.store import fastpath
+from sandkasten.store import fastpath, host_projections
 from sandkasten.store.schema import execs, processes, sessions, workspaces
 
 
@@ -260,3 +260,4 @@ _PROJECTORS: dict[str, Callable[[sa.Connection, ev.RecordedEvent], None]] = {
     ev.WORKSPACE_CREATED: _workspace_created,
     ev.WORKSPACE_DELETED: _workspace_deleted,
 }
+_PROJECTORS.update(host_projections.PROJECTORS)  # the cluster's hosts and placements

@@ -71,8 +71,12 @@ sessions = sa.Table(
     sa.Column("version", sa.Integer, nullable=False),
     # pool members: "idle" | "claiming" | "claimed"; NULL for ordinary sessions (migration 0002)
     sa.Column("pool", sa.String, nullable=True),
+    # the host a session is placed on and that host's epoch (cluster; NULL on one host) (0004)
+    sa.Column("host_id", sa.String, nullable=True),
+    sa.Column("host_epoch", sa.Integer, nullable=True),
 )
 sa.Index("ix_sessions_status", sessions.c.status)
+sa.Index("ix_sessions_host", sessions.c.host_id)
 
 execs = sa.Table(
     "execs",
@@ -148,7 +152,28 @@ processes = sa.Table(
 sa.Index("ix_processes_session", processes.c.session_id, processes.c.requested_at)
 sa.Index("ix_processes_status", processes.c.status)
 
-READ_TABLES = (processes, execs, sessions, workspaces)  # delete order (processes, execs reference sessions)
+
+# the daemons sharing the journal: read table of the `host:<id>` streams (migration 0004)
+hosts = sa.Table(
+    "hosts",
+    metadata,
+    sa.Column("id", sa.String, primary_key=True),
+    sa.Column("status", sa.String, nullable=False),  # "live" | "lost"
+    sa.Column("epoch", sa.Integer, nullable=False),
+    sa.Column("address", sa.String, nullable=False),  # http://host:port other nodes forward to
+    sa.Column("cgroup_parent", sa.String, nullable=False),
+    sa.Column("max_sessions", sa.Integer, nullable=False),
+    sa.Column("cpu", sa.Float, nullable=False),
+    sa.Column("mem_mb", sa.Integer, nullable=False),
+    sa.Column("images", sa.JSON, nullable=False),
+    sa.Column("registered_at", sa.String, nullable=False),
+    sa.Column("heartbeat_at", sa.String, nullable=False),
+    sa.Column("lost_at", sa.String, nullable=True),
+    sa.Column("lost_reason", sa.String, nullable=True),
+    sa.Column("version", sa.Integer, nullable=False),
+)
+
+READ_TABLES = (processes, execs, sessions, workspaces, hosts)  # delete order (processes, execs reference sessions)
 
 # The append-only guarantee lives in the database, so no writer (ours or a stray sqlite3
 # shell) can rewrite history without first dropping these triggers.
@@ -161,6 +186,15 @@ APPEND_ONLY_TRIGGERS = (
 
 for _ddl in APPEND_ONLY_TRIGGERS:
     sa.event.listen(events, "after_create", sa.DDL(_ddl).execute_if(dialect="sqlite"))
+
+PG_APPEND_ONLY = (
+    "CREATE FUNCTION events_append_only() RETURNS trigger LANGUAGE plpgsql AS "
+    "$$ BEGIN RAISE EXCEPTION 'events are append-only'; END $$",
+    "CREATE TRIGGER events_no_update BEFORE UPDATE ON events FOR EACH ROW EXECUTE FUNCTION events_append_only()",
+    "CREATE TRIGGER events_no_delete BEFORE DELETE ON events FOR EACH ROW EXECUTE FUNCTION events_append_only()",
+)
+for _ddl in PG_APPEND_ONLY:
+    sa.event.listen(events, "after_create", sa.DDL(_ddl).execute_if(dialect="postgresql"))
 
 
 # --- bringing a database file to the schema (Alembic) --------------------------------------
@@ -186,7 +220,7 @@ def alembic_config(url: str) -> "alembic.config.Config":
 
 
 # The newest migration's revision id; tests/test_migrations.py checks it equals alembic's head.
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0004"
 
 
 def current_revision(db_path: Path) -> str | None:

@@ -1,0 +1,60 @@
+"""Read tables of the cluster's events: `hosts` (registry, heartbeat, lost) and the placement
+columns of `sessions`. Same rules as store/projections.py (which dispatches here): runs inside
+the append's transaction and in replay, uses only the event and rows earlier events wrote."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import sqlalchemy as sa
+
+from sandkasten.domain import host as h
+from sandkasten.domain.events import RecordedEvent
+from sandkasten.store import fastpath
+from sandkasten.store.schema import hosts, sessions
+
+_HOST_ROW = sa.select(hosts.c.id).where(hosts.c.id == sa.bindparam("id"))
+_PLACE = sa.update(sessions).where(sessions.c.id == sa.bindparam("row_id")).values(
+    host_id=sa.bindparam("v_host_id"), host_epoch=sa.bindparam("v_host_epoch"),
+    updated_at=sa.bindparam("v_updated_at"), version=sa.bindparam("v_version"))
+_HEARTBEAT = sa.update(hosts).where(hosts.c.id == sa.bindparam("row_id")).values(
+    heartbeat_at=sa.bindparam("v_at"), version=sa.bindparam("v_version"))
+
+
+def _host_registered(conn: sa.Connection, e: RecordedEvent) -> None:
+    p = e.payload
+    values: dict[str, Any] = dict(
+        status=h.LIVE, epoch=p["epoch"], address=p["address"], cgroup_parent=p["cgroup_parent"],
+        max_sessions=p["max_sessions"], cpu=p["cpu"], mem_mb=p["mem_mb"], images=list(p["images"]),
+        registered_at=p["at"], heartbeat_at=p["at"], lost_at=None, lost_reason=None, version=e.stream_version)
+    if fastpath.execute(conn, _HOST_ROW, {"id": p["host_id"]}):
+        conn.execute(sa.update(hosts).where(hosts.c.id == p["host_id"]).values(**values))
+    else:
+        conn.execute(sa.insert(hosts).values(id=p["host_id"], **values))
+
+
+def _host_heartbeat(conn: sa.Connection, e: RecordedEvent) -> None:
+    fastpath.execute(conn, _HEARTBEAT, {"row_id": _host_id(e), "v_at": e.payload["at"], "v_version": e.stream_version})
+
+
+def _host_lost(conn: sa.Connection, e: RecordedEvent) -> None:
+    conn.execute(sa.update(hosts).where(hosts.c.id == _host_id(e)).values(
+        status=h.LOST, lost_at=e.payload["at"], lost_reason=e.payload["reason"], version=e.stream_version))
+
+
+def _session_placed(conn: sa.Connection, e: RecordedEvent) -> None:
+    fastpath.execute(conn, _PLACE, {"row_id": e.stream_id, "v_host_id": e.payload["host_id"],
+                                    "v_host_epoch": e.payload["host_epoch"], "v_updated_at": e.created_at,
+                                    "v_version": e.stream_version})
+
+
+def _host_id(e: RecordedEvent) -> str:
+    return e.stream_id[len(h.HOST_STREAM_PREFIX):]
+
+
+PROJECTORS: dict[str, Callable[[sa.Connection, RecordedEvent], None]] = {
+    h.HOST_REGISTERED: _host_registered,
+    h.HOST_HEARTBEAT: _host_heartbeat,
+    h.HOST_LOST: _host_lost,
+    h.SESSION_PLACED: _session_placed,
+}
