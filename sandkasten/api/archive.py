@@ -4,19 +4,24 @@ persist_workspace / hydrate_workspace):
 - `GET  /v1/sessions/{id}/fs/archive` → `application/x-tar`, streamed while it is packed;
 - `POST /v1/sessions/{id}/fs/archive[?external_symlinks=true]` (body: a tar, optionally
   gzip/bz2/xz) → `{ok, members}`, extracted while it arrives (at most
-  `limits.max_archive_bytes`); symlinks pointing out of /workspace only on request.
+  `limits.max_archive_bytes`; the event loop hands the body to the extractor thread through a
+  small queue); symlinks pointing out of /workspace only on request.
 
 The tar is made and read host-side by `sandkasten.workspace_archive` (confined like the file
-API) in a worker thread; an OS pipe joins that thread to the response or the request body, so
-neither side ever holds the archive in memory. A failure after the first byte went out cannot
+API) in a worker thread; an OS pipe joins the packing thread to the response, a small queue of
+chunks joins the request body to the extracting thread, so neither side ever holds the
+archive in memory. A failure after the first byte went out cannot
 change the status any more: the connection is then cut before the chunked body's end, so a
 client never mistakes a cut tar for a whole one."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import io
 import logging
 import os
+import queue
 from contextlib import suppress
 
 from sanic import Blueprint, Request, json
@@ -80,33 +85,69 @@ async def upload_archive(request: Request, sid: str):
     external = params.flag(request, "external_symlinks")
     limit = d.cfg.limits.max_archive_bytes
     request.stream.request_max_size = limit
-    loop = asyncio.get_running_loop()
-    rfd, wfd = os.pipe()
-    transport, protocol = await loop.connect_write_pipe(lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()),
-                                                        os.fdopen(wfd, "wb", buffering=0))
-    writer = asyncio.StreamWriter(transport, protocol, None, loop)
+    body = BodyReader()
 
     def unpack() -> int:
-        with os.fdopen(rfd, "rb") as source:
+        with io.BufferedReader(body, CHUNK) as source:
             return archive.unpack(source, external_symlinks=external)
 
     unpacking = asyncio.ensure_future(asyncio.to_thread(unpack))
     too_large = False
     try:
         while not unpacking.done() and (chunk := await request.stream.read()) is not None:
-            writer.write(chunk)
-            await writer.drain()
-    except (BrokenPipeError, ConnectionResetError):
-        pass                                              # the extractor stopped: its error says why
+            while not body.offer(chunk) and not unpacking.done():
+                await asyncio.sleep(0.001)   # the extractor is behind: hold the rest of the body back
     except PayloadTooLarge:
         too_large = True
     finally:
-        writer.close()
-        with suppress(BrokenPipeError, ConnectionResetError):
-            await writer.wait_closed()
+        body.finish(cut=too_large or not unpacking.done() and asyncio.current_task().cancelling() > 0)
     if too_large:
         with suppress(SandkastenError):                   # it saw the cut; the size is the reason
             await unpacking
         raise TooLarge(f"unable to extract the archive: it is larger than the limit of {limit} bytes "
                        "(limits.max_archive_bytes)", limit=limit)
     return json({"ok": True, "members": await unpacking})
+
+
+class BodyReader(io.RawIOBase):
+    """A request body as a blocking file for the extractor thread, fed chunk by chunk by the
+    event loop through a small queue: no OS pipe, so no descriptor crosses threads. A cut
+    body (too large, client gone) reads as an error, never as a clean end of the tar."""
+
+    def __init__(self, depth: int = 8) -> None:
+        super().__init__()
+        self.chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
+        self.pending = b""
+        self.ended = False
+        self.cut = False
+
+    def readable(self) -> bool:
+        return True
+
+    def offer(self, chunk: bytes) -> bool:
+        """Hand over one chunk; False when the queue is full (try again shortly)."""
+        try:
+            self.chunks.put_nowait(chunk)
+            return True
+        except queue.Full:
+            return False
+
+    def finish(self, cut: bool = False) -> None:
+        self.cut = cut
+        self.ended = True   # seen by a reader waiting on an empty queue within its poll
+
+    def readinto(self, buffer) -> int:
+        while not self.pending:
+            try:
+                item = self.chunks.get(timeout=0.05)
+            except queue.Empty:
+                if self.ended:
+                    if self.cut:
+                        raise OSError(errno.EPIPE, "the request body was cut off")
+                    return 0
+                continue
+            self.pending = item or b""
+        n = min(len(buffer), len(self.pending))
+        buffer[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
