@@ -24,7 +24,7 @@ from sandkasten.log_watch import LogWatch
 from sandkasten.pool import Pool
 from sandkasten.process_control import ProcessControl
 from sandkasten.reconciler import Reconciler
-from sandkasten.runtime import network
+from sandkasten.runtime import client, network
 from sandkasten.runtime.layout import Layout
 from sandkasten.runtime.procfs import proc_start_time
 from sandkasten.runtime.sandboxes import Runtime, read_pidfile
@@ -106,6 +106,7 @@ class Daemon:
         """Second half, once no request is left: release the runtime and the journal."""
         if not self.stopping:
             await self.begin_stop()
+        client.close_idle()   # connections kept to the runners
         await asyncio.to_thread(self.runtime.close)
         await asyncio.to_thread(self.runtime.cgroups.release_parent)  # no trace when no sandbox is left
         await self.journal.close()

@@ -14,8 +14,9 @@ import logging
 import os
 import secrets
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Mapping
 
 from sandkasten.config import Config
 from sandkasten.domain import commands as c
@@ -24,7 +25,8 @@ from sandkasten.domain.session import POOL_CLAIMED, POOL_CLAIMING, RUNNING
 from sandkasten.errors import (IllegalTransition, SandboxError, SandkastenError)
 from sandkasten.runtime.sandboxes import Runtime
 from sandkasten.runtime.spec import ExecRequest
-from sandkasten.store.journal import Journal, RecordedEvent
+from sandkasten.store.journal import Journal
+from sandkasten.store.journal import now as journal_now
 
 log = logging.getLogger("sandkasten.executor")
 ACTOR = "executor"
@@ -192,10 +194,10 @@ class Executor:
             pass  # it exists already
 
     # ------------------------------------------------------------------ exec
-    async def _exec(self, sid: str, exec_id: str, req: ExecRequest | None = None) -> RecordedEvent | None:
+    async def _exec(self, sid: str, exec_id: str, req: ExecRequest | None = None) -> "Observed | None":
         """Run one journaled exec (or re-attach to it: the runner runs an exec id at most once)
-        and journal its end; returns the `exec.finished` event. With `req` the caller has just
-        journaled the request, so there is nothing to read first."""
+        and journal its end; returns what `exec.finished` says (payload, time). With `req` the
+        caller has just journaled the request, so there is nothing to read first."""
         async with self.session_locks[sid]:  # one command at a time per shell, in request order
             already_started = False
             if req is None:
@@ -216,12 +218,19 @@ class Executor:
                 duration_ms=round(result.duration_ms, 3), stdout_bytes=result.stdout_bytes,
                 stderr_bytes=result.stderr_bytes, output_sha256=result.output_sha256,
                 truncated=result.truncated, timed_out=result.timed_out)
+            commands = [*await mark.take(), finished]
+            at = journal_now()
+            deferred = self.journal.defer_all(sid, commands, actor=ACTOR, at=at)
+            if deferred is not None:  # journaled right after the caller answers (see Journal.defer_all)
+                commit, planned = deferred
+                commit.add_done_callback(lambda done: _log_unrecorded(sid, exec_id, done))
+                return Observed(payload=planned[-1].payload, created_at=at)
             try:
-                recorded = await self.journal.execute_all(sid, [*await mark.take(), finished], actor=ACTOR)
+                recorded = await self.journal.execute_all(sid, commands, actor=ACTOR)
             except IllegalTransition as e:  # the session ended meanwhile; the journal says how
                 log.info("not recorded for %s: %s", sid, e.message)
                 return None
-            return recorded[-1]
+            return Observed(payload=recorded[-1].payload, created_at=recorded[-1].created_at)
 
     # ------------------------------------------------------------------ destroy
     async def _destroy(self, sid: str) -> None:
@@ -266,6 +275,24 @@ class Executor:
             await asyncio.sleep(FOLLOW_INTERVAL)
 
 
+@dataclass(frozen=True)
+class Observed:
+    """The end of an exec as journaled (or about to be, right after the caller answers)."""
+
+    payload: Mapping[str, Any]
+    created_at: str
+
+
+def _log_unrecorded(sid: str, exec_id: str, done: asyncio.Future) -> None:
+    if done.cancelled():
+        return
+    exc = done.exception()
+    if isinstance(exc, SandkastenError):
+        log.info("end of exec %s not recorded for %s: %s", exec_id, sid, exc.message)
+    elif exc is not None:
+        log.error("end of exec %s not recorded for %s", exec_id, sid, exc_info=exc)
+
+
 def _sh_quote(value: str) -> str:
     """A POSIX shell single-quoted word: `it's` -> 'it'\''s'."""
     return "'" + value.replace("'", "'\\''") + "'"
@@ -274,21 +301,26 @@ def _sh_quote(value: str) -> str:
 class _StartedMark:
     """`exec.started` is journaled once the runner confirms the command runs — unless the
     command finishes within STARTED_DELAY: then `exec.started` and `exec.finished` (both
-    observed) go into one commit, which keeps a commit off the path of every short exec."""
+    observed) go into one commit, which keeps a commit off the path of every short exec.
+    A timer, not a task, waits out the delay: most execs end before it fires."""
 
     def __init__(self, executor: Executor, sid: str, exec_id: str, already: bool):
         self.executor, self.sid, self.exec_id = executor, sid, exec_id
         self.state = "recorded" if already else "unseen"
+        self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task | None = None
 
-    async def observed(self, _reply: dict) -> None:
+    def observed(self, _reply: dict) -> None:
         if self.state == "unseen":
             self.state = "pending"
-            self.task = asyncio.ensure_future(self._record_later())
+            self.timer = asyncio.get_running_loop().call_later(STARTED_DELAY, self._due)
 
-    async def _record_later(self) -> None:
-        await asyncio.sleep(STARTED_DELAY)
+    def _due(self) -> None:
+        self.timer = None
         self.state = "recording"
+        self.task = asyncio.ensure_future(self._record())
+
+    async def _record(self) -> None:
         await self.executor.record(self.sid, c.RecordExecStarted(exec_id=self.exec_id))
         self.state = "recorded"
 
@@ -302,6 +334,6 @@ class _StartedMark:
         return []
 
     def drop(self) -> None:
-        if self.state == "pending" and self.task is not None:
-            self.task.cancel()
+        if self.state == "pending" and self.timer is not None:
+            self.timer.cancel()
             self.state = "dropped"

@@ -41,8 +41,12 @@ def present_exec(row: dict, daemon, raw: bool = False, limit: int | None = None)
         "output_sha256": row["output_sha256"], "lost_reason": row["lost_reason"],
     }
     if row["status"] == "finished":
-        stdout, stderr, both, cut = daemon.runtime.read_output(
-            row["session_id"], row["id"], limit or daemon.cfg.defaults.max_output_bytes)
+        if row["stdout_bytes"] == 0 and row["stderr_bytes"] == 0:   # nothing was written: no log to read
+            stdout = stderr = both = b""
+            cut = False
+        else:
+            stdout, stderr, both, cut = daemon.runtime.read_output(
+                row["session_id"], row["id"], limit or daemon.cfg.defaults.max_output_bytes)
         out["truncated"] = out["truncated"] or cut
         if raw:
             out.update(output_base64=base64.b64encode(both).decode(),
@@ -168,30 +172,52 @@ async def exec_command(request: Request, sid: str):
         return await _await_exec(d, sid, exec_id, body)
     row = {**finished.payload, "id": exec_id, "session_id": sid, "cmd": req.cmd, "status": "finished",
            "requested_at": requested.created_at, "finished_at": finished.created_at, "lost_reason": None}
-    return json(present_exec(row, d, raw=bool(body.get("raw_output")), limit=intake.output_limit(d.cfg, body)))
+    response = json(present_exec(row, d, raw=bool(body.get("raw_output")), limit=intake.output_limit(d.cfg, body)))
+    asyncio.get_running_loop().call_soon(d.journal.flush)   # exec.finished: once this answer is on its way
+    return response
 
 
 async def submit_exec(request: Request, sid: str):
     """Validate and journal an exec request; (exec_id, body, the exec.requested event).
     A retry with a known Idempotency-Key journals nothing: (its exec_id, body, None); a key
-    reused for a different command is refused (409), never answered with the other's result."""
+    reused for a different command is refused (409), never answered with the other's result.
+    Nothing is read first: `decide` checks the session (and the key) on the journal's state;
+    only a refusal reads the rows, to answer precisely as `_refusal` says."""
     d = request.app.ctx.daemon
-    row = await session_row(d, sid)
-    body = json_body(request)
     key = request.headers.get("idempotency-key")
-    if key is not None:
-        prior = await d.journal.exec_by_idempotency_key(sid, key)
-        if prior is not None:
-            _check_retry(prior, intake.exec_command(d.cfg, body, key), body)
-            return prior["id"], body, None
-    require_running(row, "exec")
-    cmd = intake.exec_command(d.cfg, body, key)
+    try:
+        body = json_body(request)
+        cmd = intake.exec_command(d.cfg, body, key)
+    except InvalidRequest:
+        await _refusal(d, sid, key)
+        raise
+    if not SESSION_ID.match(sid):
+        await session_row(d, sid)
     try:
         events = await d.journal.execute(sid, cmd, actor=request.ctx.actor, request_id=request.ctx.request_id)
-    except DuplicateIdempotencyKey as e:  # a concurrent retry with the same key won the race
+    except DuplicateIdempotencyKey as e:  # an earlier request with this key, or a concurrent retry
         _check_retry(await d.journal.exec(e.exec_id), cmd, body)
         return e.exec_id, body, None
-    return cmd.exec_id, body, next(e for e in events if e.type == "exec.requested")
+    except (IllegalTransition, SessionNotFound):
+        prior = await _refusal(d, sid, key)
+        if prior is None:
+            raise
+        _check_retry(prior, cmd, body)
+        return prior["id"], body, None
+    return cmd.exec_id, body, events[0]
+
+
+async def _refusal(d, sid: str, key: str | None) -> dict | None:
+    """What a refused exec request is answered with, in this order: no such session (404), an
+    earlier exec with this Idempotency-Key (returned: its result is the answer), the session
+    not running (409/410). None when none of these applies (the caller's error stands)."""
+    row = await session_row(d, sid)
+    if key is not None and intake.TOKEN.match(key):
+        prior = await d.journal.exec_by_idempotency_key(sid, key)
+        if prior is not None:
+            return prior
+    require_running(row, "exec")
+    return None
 
 
 def _check_retry(prior: dict | None, cmd: c.RequestExec, body: dict) -> None:
@@ -230,6 +256,7 @@ async def _await_exec(d, sid: str, exec_id: str, body) -> object:
         await executed(d, sid, exec_id)
     except SandboxGone:
         pass  # journaled as exec.lost; the row below says so
+    await d.journal.written()   # its end may be deferred behind another request's answer
     row = await d.journal.exec(exec_id)
     body = body if isinstance(body, dict) else {}
     result = present_exec(row, d, raw=bool(body.get("raw_output")), limit=intake.output_limit(d.cfg, body))

@@ -25,7 +25,7 @@ from sandkasten.api import params
 from sandkasten.api.sessions import lost_exec, session_row, submit_exec
 from sandkasten.errors import ExecNotFound, InvalidRequest, SandboxError, SandkastenError
 from sandkasten.exec_feed import Cursor, FeedError, TextDecoder
-from sandkasten.runtime.spec import EXEC_ID
+from sandkasten.runtime.spec import EXEC_ID, ExecRequest
 
 bp = Blueprint("stream", url_prefix="/v1")
 log = logging.getLogger("sandkasten.api.stream")
@@ -52,7 +52,9 @@ async def exec_stream(request: Request, sid: str):
     exec_id, body, requested = await submit_exec(request, sid)
     if requested is not None:
         cursor = Cursor()   # a Last-Event-ID cannot name a point in an exec that did not exist: send it all
-    d.executor.ensure_exec(sid, exec_id)   # not awaited: the command must outlive this connection
+    req = None if requested is None else ExecRequest(exec_id=exec_id, cmd=requested.payload["cmd"],
+                                                     timeout_ms=requested.payload["timeout_ms"])
+    d.executor.ensure_exec(sid, exec_id, req)   # not awaited: the command must outlive this connection
     await _stream(request, sid, exec_id, cursor, raw=bool(body.get("raw_output")))
 
 

@@ -390,6 +390,15 @@ _DECIDERS: dict[type, Any] = {
 }
 
 
+def _with(state: SessionState, **changes: Any) -> SessionState:
+    """`dataclasses.replace` without re-running `__init__` (which only sets the fields): a copy
+    of the frozen state with `changes`. `evolve` runs on every append and every replayed event."""
+    new = object.__new__(SessionState)
+    new.__dict__.update(state.__dict__)
+    new.__dict__.update(changes)
+    return new
+
+
 def evolve(state: State | None, event: Any) -> State:
     """Apply one event (NewEvent or RecordedEvent) to a stream's state."""
     if event.type in ev.WORKSPACE_EVENT_TYPES:
@@ -410,42 +419,42 @@ def evolve(state: State | None, event: Any) -> State:
         )
     if not isinstance(state, SessionState):
         raise ValueError(f"unable to apply event {event.type}: session stream has no session.requested")
-    s = replace(state, version=version)
+    s = state
     t = event.type
     if t in (ev.SANDBOX_STARTED, ev.SANDBOX_ADOPTED):
         extra = {"cgroup": p.get("cgroup") or None, "pooled": bool(p.get("pooled"))} if t == ev.SANDBOX_STARTED else {}
-        return replace(s, status=RUNNING, runner_pid=p["pid"], runner_start_time=p["start_time"], lost_reason=None, **extra)
+        return _with(s, version=version, status=RUNNING, runner_pid=p["pid"], runner_start_time=p["start_time"], lost_reason=None, **extra)
     if t == ev.SESSION_CLAIMED:
-        return replace(s, pool=POOL_CLAIMED if p.get("configured") else POOL_CLAIMING,
-                       ttl_seconds=p["ttl_seconds"], expires_at=p["expires_at"],
-                       cpu_limit=p["cpu_limit"], mem_limit_mb=p["mem_limit_mb"], pids_limit=p["pids_limit"],
-                       env=MappingProxyType(dict(p.get("env") or {})), workspace_id=p.get("workspace_id"))
+        return _with(s, version=version, pool=POOL_CLAIMED if p.get("configured") else POOL_CLAIMING,
+                     ttl_seconds=p["ttl_seconds"], expires_at=p["expires_at"],
+                     cpu_limit=p["cpu_limit"], mem_limit_mb=p["mem_limit_mb"], pids_limit=p["pids_limit"],
+                     env=MappingProxyType(dict(p.get("env") or {})), workspace_id=p.get("workspace_id"))
     if t == ev.SANDBOX_CONFIGURED:
-        return replace(s, pool=POOL_CLAIMED)
+        return _with(s, version=version, pool=POOL_CLAIMED)
     if t == h.SESSION_PLACED:
-        return replace(s, host_id=p["host_id"], host_epoch=p["host_epoch"])
+        return _with(s, version=version, host_id=p["host_id"], host_epoch=p["host_epoch"])
     if t == ev.SANDBOX_FAILED:
-        return replace(s, status=FAILED, end_reason=p.get("reason"), runner_pid=None, runner_start_time=None)
+        return _with(s, version=version, status=FAILED, end_reason=p.get("reason"), runner_pid=None, runner_start_time=None)
     if t == ev.SANDBOX_LOST:
-        return replace(s, status=LOST, lost_reason=p.get("reason"), runner_pid=None, runner_start_time=None)
+        return _with(s, version=version, status=LOST, lost_reason=p.get("reason"), runner_pid=None, runner_start_time=None)
     if t in (ev.SESSION_DESTROY_REQUESTED, ev.SESSION_EXPIRED):
-        return replace(s, status=DESTROYING, end_reason=p.get("reason"))
+        return _with(s, version=version, status=DESTROYING, end_reason=p.get("reason"))
     if t == ev.SANDBOX_STOPPED:
-        return replace(s, sandbox_stopped=True, runner_pid=None, runner_start_time=None)
+        return _with(s, version=version, sandbox_stopped=True, runner_pid=None, runner_start_time=None)
     if t == ev.SESSION_DESTROYED:
-        return replace(s, status=DESTROYED)
+        return _with(s, version=version, status=DESTROYED)
     if t == ev.EXEC_REQUESTED:
         execs = {**s.execs, p["exec_id"]: ExecState(EXEC_REQUESTED, p.get("idempotency_key"))}
-        return replace(s, execs=MappingProxyType(execs), exec_count=s.exec_count + 1)
+        return _with(s, version=version, execs=MappingProxyType(execs), exec_count=s.exec_count + 1)
     if t == ev.EXEC_STARTED:
         execs = dict(s.execs)
-        execs[p["exec_id"]] = replace(execs[p["exec_id"]], status=EXEC_RUNNING)
-        return replace(s, execs=MappingProxyType(execs))
+        execs[p["exec_id"]] = ExecState(EXEC_RUNNING, execs[p["exec_id"]].idempotency_key)
+        return _with(s, version=version, execs=MappingProxyType(execs))
     if t in ev.PROCESS_EVENT_TYPES:
-        return replace(s, processes=MappingProxyType(proc.evolve(dict(s.processes), event)))
+        return _with(s, version=version, processes=MappingProxyType(proc.evolve(dict(s.processes), event)))
     if t in (ev.EXEC_FINISHED, ev.EXEC_LOST):
         execs = {k: v for k, v in s.execs.items() if k != p["exec_id"]}
         if t == ev.EXEC_FINISHED:
-            return replace(s, execs=MappingProxyType(execs), finished_count=s.finished_count + 1, cwd=p.get("cwd") or s.cwd)
-        return replace(s, execs=MappingProxyType(execs), lost_count=s.lost_count + 1)
+            return _with(s, version=version, execs=MappingProxyType(execs), finished_count=s.finished_count + 1, cwd=p.get("cwd") or s.cwd)
+        return _with(s, version=version, execs=MappingProxyType(execs), lost_count=s.lost_count + 1)
     raise ValueError(f"unable to apply event {t}: unknown event type")

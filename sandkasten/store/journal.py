@@ -4,8 +4,13 @@ Who runs this: the daemon (HTTP handlers, executor, reconciler) and the CLI, as 
 processes on the same SQLite file. Every write is one `BEGIN IMMEDIATE` transaction —
 load the stream's state, decide, append with the hash chain, update read tables, commit —
 so two processes take turns on the write lock (busy_timeout) instead of failing.
-Within one process an asyncio lock queues writers so they do not spin in SQLite's busy
-handler. Foreign exceptions are translated to `JournalError` in `_guard`, nowhere else.
+
+On SQLite, appends that arrive together share one transaction (`group_commit`: each in its
+own savepoint, one COMMIT), written on the event loop when that needs no fsync and no wait;
+streams' states and the journal's head (seq, hash) are kept in memory and trusted while
+`PRAGMA data_version` says no other process wrote. Point reads run on the loop through the
+driver (`fastpath`); lists on a reader thread. PostgreSQL (a cluster) keeps one writer thread
+and an advisory lock (store/postgres.py). Foreign exceptions become `JournalError` in `_Guard`.
 """
 
 from __future__ import annotations
@@ -15,18 +20,18 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import sqlite3
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable, Iterable, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random
+from json.encoder import encode_basestring as _encode_string   # = json.dumps(str, ensure_ascii=False)
 
 from sandkasten.domain import commands as c
 from sandkasten.domain import events as ev
@@ -35,6 +40,7 @@ from sandkasten.domain.events import RecordedEvent
 from sandkasten.domain.session import (DESTROYING, ENDED_STATUSES, POOL_IDLE, UNCLAIMED, PriorExecs, State, decide, evolve)
 from sandkasten.errors import ConcurrencyConflict, InvalidRequest, JournalError, SandkastenError
 from sandkasten.store import fastpath, postgres, projections, schema
+from sandkasten.store.group_commit import GroupCommit
 from sandkasten.store.schema import events, execs, processes, sessions, workspaces
 
 T = TypeVar("T")
@@ -65,6 +71,10 @@ _EXEC_BY_KEY = sa.select(execs).where(execs.c.session_id == sa.bindparam("sid"),
 _CATCH_UP_WITH_HEAD = sa.union_all(
     _STREAM_TAIL, sa.select(sa.select(events).order_by(events.c.seq.desc()).limit(1).subquery())
 ).order_by(sa.column("seq"))
+_LAST_SEQ = sa.select(sa.func.max(events.c.seq))
+_EVENTS_PAGE = sa.select(events).where(events.c.seq > sa.bindparam("after")).order_by(events.c.seq).limit(_PAGE)
+_CLEAR = {table.name: sa.delete(table) for table in schema.READ_TABLES}
+_LARGE_BATCH = 16        # execute_many with more commands than this is written off the event loop
 
 __all__ = ["Journal", "RecordedEvent", "VerifyResult", "GENESIS_HASH", "canonical_json", "chain_hash"]
 
@@ -88,8 +98,27 @@ def chain_hash(prev_hash: str, row: dict[str, Any]) -> str:
     return hashlib.sha256((prev_hash + canonical_json(body)).encode()).hexdigest()
 
 
+def _chain_hash_of(prev_hash: str, row: dict[str, Any], payload_json: str) -> str:
+    """`chain_hash` with the payload already in canonical JSON (the append writes that very
+    text): the same bytes — keys in sorted order, strings as `json.dumps(ensure_ascii=False)`
+    writes them — with one serialisation instead of two."""
+    text = _json_text
+    body = (f'{{"actor":{text(row["actor"])},"created_at":{text(row["created_at"])},"payload":{payload_json},'
+            f'"request_id":{text(row["request_id"])},"schema_version":{int(row["schema_version"])},'
+            f'"seq":{int(row["seq"])},"stream_id":{text(row["stream_id"])},'
+            f'"stream_version":{int(row["stream_version"])},"type":{text(row["type"])}}}')
+    return hashlib.sha256((prev_hash + body).encode()).hexdigest()
+
+
+def _json_text(value: str | None) -> str:
+    return "null" if value is None else _encode_string(value)
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+now = _now   # the journal's timestamps (ISO 8601 UTC, microseconds), for callers that stamp ahead
 
 
 def _recorded(row: Any) -> RecordedEvent:
@@ -101,9 +130,21 @@ def _recorded(row: Any) -> RecordedEvent:
     )
 
 
+class _Txn:
+    """What one write transaction changed in memory (streams' states, the head), kept apart
+    from the journal's caches until COMMIT: a rollback forgets it."""
+
+    __slots__ = ("states", "head")
+
+    def __init__(self) -> None:
+        self.states: dict[str, State] = {}
+        self.head: tuple[int, str] | None = None
+
+
 class Journal:
-    def __init__(self, db_path: Path, engine: AsyncEngine, writer: sa.Engine, reader: sa.Engine,
-                 durability: str, busy_timeout_s: float) -> None:
+    def __init__(self, db_path: Path, durability: str, busy_timeout_s: float, reader: sa.Engine, *,
+                 writer: sa.Engine | None = None, group: GroupCommit | None = None,
+                 point_reader: sqlite3.Connection | None = None) -> None:
         self.path = db_path
         self.url: str | None = None        # the PostgreSQL URL of a shared journal; None on SQLite
         # cluster: (host_id, epoch) of the daemon appending; sandbox observations on sessions
@@ -111,55 +152,55 @@ class Journal:
         self.fence: tuple[str, int] | None = None
         self.durability = durability
         self.busy_timeout_s = busy_timeout_s
-        self._engine = engine              # reads: async (aiosqlite), several at once under WAL
-        self._writer = writer              # writes: sync, one dedicated thread, BEGIN IMMEDIATE
-        self._reader = reader              # hot point reads: sync, one dedicated thread
-        self._writer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-writer")
+        self._group = group                # SQLite: group commit on the loop (or its writer thread)
+        self._point_reader = point_reader  # SQLite: point reads on the loop, through the driver
+        self._writer = writer              # PostgreSQL: sync writes on one dedicated thread
+        self._writer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-writer") \
+            if writer is not None else None
         self._writer_conn: sa.Connection | None = None
+        self._write_lock = asyncio.Lock()
+        self._reader = reader              # lists, verify: sync, one dedicated thread
         self._reader_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-reader")
         self._reader_local = threading.local()
-        self._write_lock = asyncio.Lock()
         self._states: OrderedDict[str, State] = OrderedDict()
+        self._verified: set[str] = set()   # cached states no other writer can have moved on
+        self._head: tuple[int, str] | None = None   # (seq, hash) of the last event, when known
+        self._data_version: int | None = None
+        self._txn: _Txn | None = None
+        self._checkpointing = False
 
     # --- lifecycle ------------------------------------------------------------------------
 
     @classmethod
     async def open(cls, db_path: Path | str, durability: str = "normal", *, busy_timeout_s: float = 10.0) -> "Journal":
-        """Create the parent dir, migrate (alembic, in a thread), open one small async engine.
+        """Create the parent dir, migrate (alembic, in a thread, only when behind), connect.
         A `postgresql…://` URL instead of a path opens the shared journal of a cluster."""
         if postgres.is_url(db_path):
             return await cls._open_postgres(str(db_path), durability, busy_timeout_s)
         db_path = Path(db_path).absolute()
         if durability not in DURABILITIES:
             raise JournalError(f"unable to open journal {db_path}: durability {durability!r} is not normal|full")
-        guard = _Guard(db_path, busy_timeout_s)
-        async with guard("migrate"):
+        sync = DURABILITIES[durability]
+        async with _Guard(db_path, busy_timeout_s)("migrate"):
             db_path.parent.mkdir(parents=True, exist_ok=True)
             await asyncio.to_thread(schema.upgrade, db_path, busy_timeout_s)
             _restrict(db_path)
-        engine = create_async_engine(f"sqlite+aiosqlite:///{db_path}", pool_size=4, max_overflow=4)
-        # One thread hop per transaction instead of one per statement: the whole append
-        # (load, decide, insert, project, commit) runs as one call on the writer thread.
-        writer = sa.create_engine(f"sqlite:///{db_path}", poolclass=sa.pool.StaticPool,
-                                  connect_args={"check_same_thread": False})
-        sync = DURABILITIES[durability]
+            writer = _connect(db_path, busy_timeout_s, sync)
+            writer.execute("PRAGMA wal_autocheckpoint = 0")   # checkpoints run off the commit path
+            point_reader = _connect(db_path, busy_timeout_s, sync)
 
-        def _connect(dbapi_conn: Any, _record: Any) -> None:
-            dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN (see _begin)
-            cursor = dbapi_conn.cursor()
-            for pragma in (f"busy_timeout = {int(busy_timeout_s * 1000)}", "journal_mode = WAL",
-                           "foreign_keys = ON", f"synchronous = {sync}"):
-                cursor.execute(f"PRAGMA {pragma}")
-            cursor.close()
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN (below)
+            _set_pragmas(dbapi_conn, busy_timeout_s, sync)
 
         reader = sa.create_engine(f"sqlite:///{db_path}", poolclass=sa.pool.SingletonThreadPool)
-        for e in (engine.sync_engine, writer, reader):
-            sa.event.listen(e, "connect", _connect)
+        sa.event.listen(reader, "connect", _pragmas)
         sa.event.listen(reader, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
-        # writers take the write lock up front so read-then-write never deadlocks
-        sa.event.listen(writer, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
-        sa.event.listen(engine.sync_engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
-        return cls(db_path, engine, writer, reader, durability, busy_timeout_s)
+        journal = cls(db_path, durability, busy_timeout_s, reader, point_reader=point_reader)
+        journal._group = GroupCommit(writer, inline=durability == "normal", busy_timeout_s=busy_timeout_s,
+                                     begin=journal._begin, committed=journal._committed,
+                                     checkpoint=journal._checkpoint)
+        return journal
 
     @classmethod
     async def _open_postgres(cls, url: str, durability: str, busy_timeout_s: float) -> "Journal":
@@ -170,8 +211,8 @@ class Journal:
             raise JournalError(f"unable to open journal {where}: durability {durability!r} is not normal|full")
         async with _Guard(where, busy_timeout_s)("migrate"):
             await asyncio.to_thread(postgres.upgrade, url)
-        engine, writer, reader = postgres.engines(url)
-        journal = cls(where, engine, writer, reader, durability, busy_timeout_s)  # type: ignore[arg-type]
+        writer, reader = postgres.engines(url)
+        journal = cls(where, durability, busy_timeout_s, reader, writer=writer)  # type: ignore[arg-type]
         journal.url = url
         return journal
 
@@ -202,44 +243,123 @@ class Journal:
             raise JournalError(f"unable to open journal {db_path}: {cause}", path=str(db_path)) from None
 
     async def close(self) -> None:
-        def _close() -> None:
-            if self._writer_conn is not None:
-                self._writer_conn.close()
-            self._writer.dispose()
+        loop = asyncio.get_running_loop()
+        if self._group is not None:
+            await self._group.drain()
+            self._group.close()
 
         def _close_reader() -> None:
-            conn = getattr(self._reader_local, "conn", None)
-            if conn is not None:
-                conn.close()
+            for name in ("conn", "raw"):
+                conn = getattr(self._reader_local, name, None)
+                if conn is not None:
+                    conn.close()
             self._reader.dispose()
 
-        await asyncio.get_running_loop().run_in_executor(self._reader_thread, _close_reader)
+        await loop.run_in_executor(self._reader_thread, _close_reader)
         self._reader_thread.shutdown(wait=True)
-        await asyncio.get_running_loop().run_in_executor(self._writer_thread, _close)
-        self._writer_thread.shutdown(wait=True)
-        await self._engine.dispose()
+        if self._point_reader is not None:
+            self._point_reader.close()
+        if self._writer_thread is not None:
+            def _close() -> None:
+                if self._writer_conn is not None:
+                    self._writer_conn.close()
+                self._writer.dispose()  # type: ignore[union-attr]
 
-    async def _on_writer(self, action: str, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn(conn, *args)` on the writer thread, one at a time, errors translated."""
-        def call() -> T:
-            if self._writer_conn is None:
-                self._writer_conn = self._writer.connect()
-            conn = self._writer_conn
-            try:
-                with conn.begin():
-                    return fn(conn, *args)
-            except BaseException:
-                if conn.in_transaction():
-                    conn.rollback()
-                # states cached during the failed transaction may be ahead of the file
-                self._states.clear()
-                raise
-
-        async with self._write_lock, self._guard(action):
-            return await asyncio.get_running_loop().run_in_executor(self._writer_thread, call)
+            await loop.run_in_executor(self._writer_thread, _close)
+            self._writer_thread.shutdown(wait=True)
 
     def _guard(self, action: str) -> "_Guard":
         return _Guard(self.path, self.busy_timeout_s)(action)  # type: ignore[return-value]
+
+    # --- transactions -------------------------------------------------------------------
+
+    def _begin(self, conn: Any) -> None:
+        """First thing in every write transaction: is what we remember still the truth?"""
+        if self.url is None:
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
+            if version == self._data_version:
+                self._txn = _Txn()
+                return
+            self._data_version = version
+        self._verified.clear()   # another process (or host) may have appended: catch up per stream
+        self._head = None
+        self._txn = _Txn()
+
+    def _committed(self, ok: bool) -> None:
+        txn, self._txn = self._txn, None
+        if not ok or txn is None:
+            return
+        for stream_id, state in txn.states.items():
+            self._remember(stream_id, state)
+            self._verified.add(stream_id)
+        if txn.head is not None:
+            self._head = txn.head
+
+    async def _write(self, action: str, fn: Callable[..., T], *args: Any, heavy: bool = False) -> T:
+        """Run `fn(conn, *args)` inside a write transaction; errors translated. The work is not
+        cut short by a caller that is cancelled meanwhile: it commits or rolls back on its own."""
+        if self._group is None:
+            return await self._on_writer(action, fn, *args)
+        try:
+            return await self._group.submit(lambda conn: self._in_txn(fn, conn, *args), heavy=heavy)
+        except SandkastenError:
+            raise
+        except (sqlite3.Error, sa.exc.SQLAlchemyError, OSError) as exc:
+            raise _Guard(self.path, self.busy_timeout_s).error(action, exc) from exc
+
+    def _in_txn(self, fn: Callable[..., T], conn: Any, *args: Any) -> T:
+        """One item of a group commit: on failure its savepoint is rolled back, and so is what
+        it changed in the transaction's memory."""
+        txn: _Txn = self._txn  # type: ignore[assignment]
+        saved = (dict(txn.states), txn.head)
+        try:
+            return fn(conn, *args)
+        except BaseException:
+            txn.states, txn.head = saved
+            raise
+
+    async def _on_writer(self, action: str, fn: Callable[..., T], *args: Any) -> T:
+        """PostgreSQL: run `fn(conn, *args)` on the writer thread, one at a time."""
+        def call() -> T:
+            if self._writer_conn is None:
+                self._writer_conn = self._writer.connect()  # type: ignore[union-attr]
+            conn = self._writer_conn
+            try:
+                with conn.begin():
+                    self._begin(conn)
+                    result = fn(conn, *args)
+            except BaseException:
+                if conn.in_transaction():
+                    conn.rollback()
+                self._committed(False)
+                self._states.clear()
+                self._verified.clear()
+                raise
+            self._committed(True)
+            return result
+
+        async with self._write_lock, self._guard(action):
+            return await asyncio.shield(asyncio.get_running_loop().run_in_executor(self._writer_thread, call))
+
+    def _checkpoint(self) -> None:
+        """Copy the WAL back into the database on the reader thread (PASSIVE: writers go on)."""
+        if self._checkpointing:
+            return
+        self._checkpointing = True
+
+        def run() -> None:
+            try:
+                raw = getattr(self._reader_local, "raw", None)
+                if raw is None:
+                    raw = self._reader_local.raw = _connect(self.path, self.busy_timeout_s,
+                                                            DURABILITIES[self.durability])
+                raw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.Error:
+                pass   # the next one tries again; SQLite also checkpoints when the last connection closes
+            finally:
+                self._checkpointing = False
+
+        self._reader_thread.submit(run)
 
     # --- the write path ---------------------------------------------------------------------
 
@@ -250,15 +370,13 @@ class Journal:
         if isinstance(command, c.RequestSession) and command.session_id is None:
             command = replace(command, session_id=stream_id)
         _check_stream(stream_id, command)
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(_APPEND_ATTEMPTS), wait=wait_random(0, 0.02),
-            retry=retry_if_exception_type(ConcurrencyConflict), reraise=True,
-        )
-        async for attempt in retrying:
-            with attempt:
-                # shielded: a caller cancelled mid-write (client gone) must not cut the
-                # transaction in half; the append finishes or rolls back on its own
-                return await asyncio.shield(self._execute_once(stream_id, command, actor, request_id))
+        for attempt in range(1, _APPEND_ATTEMPTS + 1):
+            try:
+                return await self._write("append to", self._append, stream_id, command, actor, request_id)
+            except ConcurrencyConflict:
+                if attempt == _APPEND_ATTEMPTS:
+                    raise
+                await asyncio.sleep(random.uniform(0, 0.02))
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def execute_all(self, stream_id: str, commands: list[c.Command], *, actor: str,
@@ -274,20 +392,59 @@ class Journal:
         for stream_id, command in items:
             _check_stream(stream_id, command)
 
-        def append_all(conn: sa.Connection) -> list[RecordedEvent]:
+        def append_all(conn: Any) -> list[RecordedEvent]:
             return [e for stream_id, command in items
                     for e in self._append(conn, stream_id, command, actor, request_id)]
 
-        return await asyncio.shield(self._on_writer("append to", append_all))
+        return await self._write("append to", append_all, heavy=len(items) > _LARGE_BATCH)
 
-    async def _execute_once(self, stream_id: str, command: c.Command, actor: str, request_id: str | None) -> list[RecordedEvent]:
-        return await self._on_writer("append to", self._append, stream_id, command, actor, request_id)
+    def defer_all(self, stream_id: str, commands: list[c.Command], *, actor: str,
+                  at: str) -> tuple[asyncio.Future, list[ev.NewEvent]] | None:
+        """Observations to journal right after the caller has answered its client (`flush`), in
+        one transaction stamped `at`: (the commit's future, the events it will append). Only
+        where that cannot change the outcome — SQLite with `durability: normal` (no fsync
+        either way; a crash before the commit is recovered from the runner, which keeps the
+        result), nothing queued ahead, the stream's state known to be current and `decide`
+        accepting every command on it. Otherwise None: append the usual way."""
+        group = self._group
+        if group is None or self.durability != "normal" or not group.idle() or stream_id not in self._verified:
+            return None
+        state = self._states.get(stream_id)
+        planned: list[ev.NewEvent] = []
+        try:
+            for command in commands:
+                _check_stream(stream_id, command)
+                new = decide(state, command, stream_id=stream_id)
+                for event in new:
+                    state = evolve(state, event)
+                planned += new
+        except SandkastenError:
+            return None
 
-    def _append(self, conn: sa.Connection, stream_id: str, command: c.Command, actor: str,
-                request_id: str | None) -> list[RecordedEvent]:
-        """On the writer thread, inside BEGIN IMMEDIATE: load, decide, append, project."""
-        query, params, base = self._catch_up_query(stream_id, head=True)
-        state, seq, prev_hash = self._fold(stream_id, base, fastpath.execute(conn, query, params))
+        def append_all(conn: Any) -> list[RecordedEvent]:
+            return [e for command in commands for e in self._append(conn, stream_id, command, actor, None, at)]
+
+        def work(conn: Any) -> list[RecordedEvent]:
+            return self._in_txn(append_all, conn)
+
+        return group.submit(work, defer=True), planned
+
+    def flush(self) -> None:
+        """Write deferred appends now (an HTTP handler calls this once its answer is sent)."""
+        if self._group is not None:
+            self._group.flush()
+
+    async def written(self) -> None:
+        """Wait until every append submitted so far (deferred ones too) is written."""
+        if self._group is not None:
+            self._group.flush()
+            await self._group.drain()
+
+    def _append(self, conn: Any, stream_id: str, command: c.Command, actor: str,
+                request_id: str | None, at: str | None = None) -> list[RecordedEvent]:
+        """Inside BEGIN IMMEDIATE: load, decide, append, project (stamped now, or `at`)."""
+        txn: _Txn = self._txn  # type: ignore[assignment]
+        state, seq, prev_hash = self._current(conn, txn, stream_id)
         prior = self._prior_execs(conn, stream_id, command)
         refusal = host.fenced(state, command, self.fence)
         if refusal is not None:
@@ -295,42 +452,55 @@ class Journal:
                                   session_id=stream_id)
         new_events = decide(state, command, prior=prior, stream_id=stream_id)
         version = state.version if state else 0
-        created_at = _now()
+        created_at = at or _now()
         recorded = []
         for new in new_events:
             seq, version = seq + 1, version + 1
+            payload = dict(new.payload)
+            payload_json = canonical_json(payload)
             row = {"seq": seq, "stream_id": stream_id, "stream_version": version, "type": new.type,
-                   "schema_version": new.schema_version, "payload": dict(new.payload), "actor": actor,
+                   "schema_version": new.schema_version, "payload": payload, "actor": actor,
                    "request_id": request_id, "created_at": created_at}
-            row_hash = chain_hash(prev_hash, row)
-            self._insert(conn, {**row, "payload": canonical_json(row["payload"]),
-                                "prev_hash": prev_hash, "hash": row_hash})
+            row_hash = _chain_hash_of(prev_hash, row, payload_json)
+            self._insert(conn, {**row, "payload": payload_json, "prev_hash": prev_hash, "hash": row_hash})
             prev_hash = row_hash
             event = RecordedEvent(hash=row_hash, **row)
             projections.apply(conn, event)
             state = evolve(state, event)
             recorded.append(event)
         if state is not None:
-            self._remember(stream_id, state)
+            txn.states[stream_id] = state
+        txn.head = (seq, prev_hash)
         if self.url is not None and recorded:  # PostgreSQL: wake the other hosts' followers at commit
             postgres.notify(conn, self.fence[0] if self.fence else "", _owner(state))
         return recorded
 
-    def _insert(self, conn: sa.Connection, row: dict[str, Any]) -> None:
+    def _current(self, conn: Any, txn: _Txn, stream_id: str) -> tuple[State | None, int, str]:
+        """The stream's state and the journal's head (seq, hash) inside this transaction: from
+        memory when no other writer can have moved them, else caught up from the file."""
+        head = txn.head or self._head
+        known = stream_id in txn.states or stream_id in self._verified
+        base = txn.states[stream_id] if stream_id in txn.states else self._states.get(stream_id)
+        if known and head is not None:
+            return base, head[0], head[1]
+        stmt = _CATCH_UP_WITH_HEAD if head is None else _CATCH_UP
+        rows = fastpath.execute(conn, stmt, {"sid": stream_id, "v": base.version if base else 0})
+        state, seq, prev_hash = self._fold(stream_id, base, rows)
+        if state is not None:
+            txn.states[stream_id] = state
+        return (state, seq, prev_hash) if head is None else (state, head[0], head[1])
+
+    def _insert(self, conn: Any, row: dict[str, Any]) -> None:
         try:
             fastpath.execute(conn, _INSERT_EVENT, row)
         except (sa.exc.IntegrityError, sqlite3.IntegrityError) as exc:
             if "events" not in str(getattr(exc, "orig", exc)):
                 raise
             self._states.pop(row["stream_id"], None)
+            self._verified.discard(row["stream_id"])
             raise ConcurrencyConflict(
                 f"unable to append to stream {row['stream_id']}: version {row['stream_version']} already exists"
             ) from exc
-
-    async def _load(self, conn: AsyncConnection, stream_id: str) -> State | None:
-        """The cached state of a stream, caught up on events newer than the cached version."""
-        query, params, base = self._catch_up_query(stream_id, head=False)
-        return self._fold(stream_id, base, (await conn.execute(query, params)).all())[0]
 
     def _catch_up_query(self, stream_id: str, head: bool) -> tuple[sa.Executable, dict[str, Any], State | None]:
         """The stream's events newer than its cached state (returned too: the base to fold them
@@ -341,6 +511,7 @@ class Journal:
         return stmt, {"sid": stream_id, "v": base.version if base else 0}, base
 
     def _fold(self, stream_id: str, base: State | None, rows: Iterable[Any]) -> tuple[State | None, int, str]:
+        """`base` evolved by the stream's rows; (state, seq, hash) of the newest row seen."""
         state = base
         seq, prev_hash, seen = 0, GENESIS_HASH, set()
         for row in rows:
@@ -348,8 +519,6 @@ class Journal:
             if row.stream_id == stream_id and row.seq not in seen and (state is None or row.stream_version > state.version):
                 seen.add(row.seq)
                 state = evolve(state, _recorded(row))
-        if state is not None:
-            self._remember(stream_id, state)
         return state, seq, prev_hash
 
     def _remember(self, stream_id: str, state: State) -> None:
@@ -358,9 +527,9 @@ class Journal:
             self._states[stream_id] = state
         self._states.move_to_end(stream_id)
         while len(self._states) > _STATE_CACHE_SIZE:
-            self._states.popitem(last=False)
+            self._verified.discard(self._states.popitem(last=False)[0])
 
-    def _prior_execs(self, conn: sa.Connection, stream_id: str, command: c.Command) -> PriorExecs | None:
+    def _prior_execs(self, conn: Any, stream_id: str, command: c.Command) -> PriorExecs | None:
         """Facts about earlier execs that the state does not keep (see domain.session)."""
         if isinstance(command, c.RequestExec):
             own_id, query = command.exec_id, _PRIOR_EXECS
@@ -376,14 +545,44 @@ class Journal:
 
     # --- reads ------------------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def _reading(self, action: str) -> AsyncIterator[AsyncConnection]:
-        async with self._guard(action), self._engine.connect() as conn:
-            yield conn
+    async def _on_reader(self, action: str, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(conn, *args)` on the reader thread, in one read transaction, errors translated."""
+        def read() -> T:
+            conn = getattr(self._reader_local, "conn", None)
+            if conn is None:
+                conn = self._reader_local.conn = self._reader.connect()
+            try:
+                with conn.begin():
+                    return fn(conn, *args)
+            except BaseException:
+                conn.invalidate()
+                self._reader_local.conn = None
+                raise
+
+        async with self._guard(action):
+            return await asyncio.get_running_loop().run_in_executor(self._reader_thread, read)
+
+    async def _point(self, stmt: sa.Select, params: dict[str, Any], action: str = "read") -> list[Any]:
+        """Rows of a prebuilt statement: on SQLite right here on the loop through the driver
+        (a read in WAL mode never waits for a writer), elsewhere on the reader thread."""
+        if self._point_reader is None:
+            return await self._on_reader(action, lambda conn: fastpath.execute(conn, stmt, params))
+        try:
+            return fastpath.execute(self._point_reader, stmt, params)
+        except (sqlite3.Error, OSError) as exc:
+            raise _Guard(self.path, self.busy_timeout_s).error(action, exc) from exc
+
+    async def _point_read(self, stmt: sa.Select, params: dict[str, Any]) -> dict[str, Any] | None:
+        """One row by a prebuilt statement (a session, an exec, a process)."""
+        rows = await self._point(stmt, params)
+        return fastpath.mapping(rows[0]) if rows else None
 
     async def state(self, stream_id: str) -> State | None:
-        async with self._reading("read") as conn:
-            return await self._load(conn, stream_id)
+        query, params, base = self._catch_up_query(stream_id, head=False)
+        state = self._fold(stream_id, base, await self._point(query, params))[0]
+        if state is not None:
+            self._remember(stream_id, state)
+        return state
 
     async def events(
         self, after_seq: int = 0, stream_id: str | None = None, limit: int = 1000, types: Iterable[str] | None = None
@@ -393,39 +592,18 @@ class Journal:
             query = query.where(events.c.stream_id == stream_id)
         if types is not None:
             query = query.where(events.c.type.in_(list(types)))
-        async with self._reading("read events from") as conn:
-            return [_recorded(row) for row in await conn.execute(query)]
+        return await self._on_reader("read events from", lambda conn: [_recorded(row) for row in conn.execute(query)])
 
     async def last_seq(self) -> int:
-        async with self._reading("read") as conn:
-            return (await conn.scalar(sa.select(sa.func.max(events.c.seq)))) or 0
+        rows = await self._point(_LAST_SEQ, {})
+        return (rows[0][0] if rows else None) or 0
 
     async def _rows(self, query: sa.Select) -> list[dict[str, Any]]:
-        async with self._reading("read") as conn:
-            return [dict(row._mapping) for row in await conn.execute(query)]
+        return await self._on_reader("read", lambda conn: [dict(row._mapping) for row in conn.execute(query)])
 
     async def _row(self, query: sa.Select) -> dict[str, Any] | None:
         rows = await self._rows(query)
         return rows[0] if rows else None
-
-    async def _point_read(self, stmt: sa.Select, params: dict[str, Any]) -> dict[str, Any] | None:
-        """One row by a prebuilt statement on the reader thread: the hot reads (a session,
-        an exec) cost one thread hop instead of several through the async driver."""
-        def read() -> dict[str, Any] | None:
-            conn = getattr(self._reader_local, "conn", None)
-            if conn is None:
-                conn = self._reader_local.conn = self._reader.connect()
-            try:
-                with conn.begin():
-                    row = conn.execute(stmt, params).first()
-            except BaseException:
-                conn.invalidate()
-                self._reader_local.conn = None
-                raise
-            return dict(row._mapping) if row is not None else None
-
-        async with self._guard("read"):
-            return await asyncio.get_running_loop().run_in_executor(self._reader_thread, read)
 
     async def session(self, sid: str) -> dict[str, Any] | None:
         return await self._point_read(_SESSION_BY_ID, {"id": sid})
@@ -497,10 +675,10 @@ class Journal:
 
     async def verify(self) -> VerifyResult:
         """Recompute the hash chain from the first event; name the first row that disagrees."""
-        prev_hash, checked, after = GENESIS_HASH, 0, 0
-        async with self._reading("verify") as conn:
+        def run(conn: sa.Connection) -> VerifyResult:
+            prev_hash, checked, after = GENESIS_HASH, 0, 0
             while True:
-                rows = (await conn.execute(sa.select(events).where(events.c.seq > after).order_by(events.c.seq).limit(_PAGE))).all()
+                rows = fastpath.execute(conn, _EVENTS_PAGE, {"after": after})
                 if not rows:
                     return VerifyResult(True, checked, None, f"{checked} events, chain intact")
                 for row in rows:
@@ -509,22 +687,39 @@ class Journal:
                         return VerifyResult(False, checked, row.seq, f"event {row.seq}: {reason}")
                     prev_hash, checked, after = row.hash, checked + 1, row.seq
 
+        return await self._on_reader("verify", run)
+
     async def rebuild(self) -> int:
         """Empty the read tables and replay every event into them (one transaction)."""
-        return await self._on_writer("rebuild", self._rebuild)
+        return await self._write("rebuild", self._rebuild, heavy=True)
 
-    def _rebuild(self, conn: sa.Connection) -> int:
+    def _rebuild(self, conn: Any) -> int:
         count = 0
         for table in schema.READ_TABLES:
-            conn.execute(sa.delete(table))
+            fastpath.execute(conn, _CLEAR[table.name], {})
         after = 0
         while True:
-            rows = conn.execute(sa.select(events).where(events.c.seq > after).order_by(events.c.seq).limit(_PAGE)).all()
+            rows = fastpath.execute(conn, _EVENTS_PAGE, {"after": after})
             if not rows:
                 return count
             for row in rows:
                 projections.apply(conn, _recorded(row))
             after, count = rows[-1].seq, count + len(rows)
+
+
+def _connect(db_path: Path, busy_timeout_s: float, sync: str) -> sqlite3.Connection:
+    """A driver connection of our own: autocommit (we say BEGIN), WAL, our pragmas."""
+    conn = sqlite3.connect(db_path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
+    _set_pragmas(conn, busy_timeout_s, sync)
+    return conn
+
+
+def _set_pragmas(conn: Any, busy_timeout_s: float, sync: str) -> None:
+    cursor = conn.cursor()
+    for pragma in (f"busy_timeout = {int(busy_timeout_s * 1000)}", "journal_mode = WAL", "foreign_keys = ON",
+                   f"synchronous = {sync}"):
+        cursor.execute(f"PRAGMA {pragma}")
+    cursor.close()
 
 
 def _restrict(db_path: Path) -> None:
@@ -584,7 +779,10 @@ class _Guard:
         except SandkastenError:
             raise
         except (sa.exc.SQLAlchemyError, sqlite3.Error, OSError) as exc:
-            raise JournalError(f"unable to {action} journal {self.path}: {self._cause(exc)}", path=str(self.path)) from exc
+            raise self.error(action, exc) from exc
+
+    def error(self, action: str, exc: BaseException) -> JournalError:
+        return JournalError(f"unable to {action} journal {self.path}: {self._cause(exc)}", path=str(self.path))
 
     def _cause(self, exc: BaseException) -> str:
         text = str(getattr(exc, "orig", None) or exc).strip()

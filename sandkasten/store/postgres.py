@@ -13,8 +13,8 @@ what differs lives here:
   which PostgreSQL delivers to every `LISTEN`er when (and only if) it commits.
 - **Migrations take turns** on a session-level advisory lock (PostgreSQL has transactional DDL,
   so alembic's whole upgrade commits or not at all).
-- Writes go through psycopg (sync, on the journal's writer thread); async reads through the
-  driver the URL names (psycopg or asyncpg).
+- Writes and reads go through psycopg (sync), on the journal's writer and reader threads
+  (an `asyncpg` URL names the same database).
 """
 
 from __future__ import annotations
@@ -56,16 +56,13 @@ def label(target: str) -> str:
         return target
 
 
-def engines(target: str) -> tuple[Any, sa.Engine, sa.Engine]:
-    """(async engine for reads, writer engine, point-read engine)."""
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    sync_url, async_url = urls(target)
-    engine = create_async_engine(async_url, pool_size=4, max_overflow=4, pool_pre_ping=True)
+def engines(target: str) -> tuple[sa.Engine, sa.Engine]:
+    """(writer engine, reader engine), both sync (psycopg), each used by one thread."""
+    sync_url, _ = urls(target)
     writer = sa.create_engine(sync_url, poolclass=sa.pool.StaticPool)
     reader = sa.create_engine(sync_url, pool_size=1, max_overflow=2, pool_pre_ping=True)
     sa.event.listen(writer, "begin", _serialise_appends)
-    return engine, writer, reader
+    return writer, reader
 
 
 def _serialise_appends(conn: sa.Connection) -> None:

@@ -19,59 +19,66 @@ from sandkasten.store import fastpath, host_projections
 from sandkasten.store.schema import execs, processes, sessions, workspaces
 
 
-def apply(conn: sa.Connection, event: ev.RecordedEvent) -> None:
+def apply(conn: Any, event: ev.RecordedEvent) -> None:
     project = _PROJECTORS.get(event.type)
     if project is not None:
         project(conn, event)
 
 
-_STATEMENTS: dict[tuple, sa.Update] = {}
+_STATEMENTS: dict[tuple, tuple[sa.Update, tuple[str, ...]]] = {}
 
 
-def _update(conn: sa.Connection, table: sa.Table, row_id: str, values: dict[str, Any]) -> None:
-    """UPDATE table SET ... WHERE id = :row_id, the statement built once per column set and
+def _update(conn: Any, table: sa.Table, row_id: str, values: dict[str, Any]) -> None:
+    """UPDATE table SET ... WHERE id = :row_id, the statement built once per column list and
     reused with bound parameters (building a statement costs ~5x executing it). Values that
     are SQL expressions stay part of the statement; they must be module constants
     (`_EXEC_COUNT_PLUS_ONE`): the cache knows them by identity."""
-    exprs = {k: v for k, v in values.items() if isinstance(v, sa.ColumnElement)}
-    params = {k: v for k, v in values.items() if k not in exprs}
-    key = (table.name, tuple(sorted(params)), tuple(sorted((k, id(v)) for k, v in exprs.items())))
-    stmt = _STATEMENTS.get(key)
-    if stmt is None:
-        stmt = _STATEMENTS[key] = sa.update(table).where(table.c.id == sa.bindparam("row_id")).values(
-            **{k: sa.bindparam(f"v_{k}") for k in params}, **exprs)
-    fastpath.execute(conn, stmt, {"row_id": row_id, **{f"v_{k}": v for k, v in params.items()}})
+    key = (table.name, *[(k, id(v)) if isinstance(v, sa.ColumnElement) else k for k, v in values.items()])
+    entry = _STATEMENTS.get(key)
+    if entry is None:
+        exprs = {k: v for k, v in values.items() if isinstance(v, sa.ColumnElement)}
+        names = tuple(k for k in values if k not in exprs)
+        stmt = sa.update(table).where(table.c.id == sa.bindparam("row_id")).values(
+            **{k: sa.bindparam(f"v_{k}") for k in names}, **exprs)
+        entry = _STATEMENTS[key] = (stmt, names)
+    stmt, names = entry
+    params = {f"v_{k}": values[k] for k in names}
+    params["row_id"] = row_id
+    fastpath.execute(conn, stmt, params)
 
 
-def _update_session(conn: sa.Connection, event: ev.RecordedEvent, **values: Any) -> None:
+def _update_session(conn: Any, event: ev.RecordedEvent, **values: Any) -> None:
     values.update(updated_at=event.created_at, version=event.stream_version)
     _update(conn, sessions, event.stream_id, values)
 
 
-def _update_exec(conn: sa.Connection, event: ev.RecordedEvent, **values: Any) -> None:
+def _update_exec(conn: Any, event: ev.RecordedEvent, **values: Any) -> None:
     _update(conn, execs, event.payload["exec_id"], values)
 
 
-def _session_requested(conn: sa.Connection, e: ev.RecordedEvent) -> None:
+_INSERT_SESSION = sa.insert(sessions)
+_LAST_SESSION_OF_WORKSPACE = sa.update(workspaces).where(workspaces.c.id == sa.bindparam("row_id")).values(
+    last_session_id=sa.bindparam("v_last_session_id"))
+
+
+def _session_requested(conn: Any, e: ev.RecordedEvent) -> None:
     p = e.payload
-    conn.execute(
-        sa.insert(sessions).values(
-            id=e.stream_id, status=REQUESTED, image=p["image"], workspace_id=p.get("workspace_id"),
-            cpu_limit=p["cpu_limit"], mem_limit_mb=p["mem_limit_mb"], pids_limit=p["pids_limit"],
-            network_mode=p["network_mode"], env=dict(p.get("env") or {}), ttl_seconds=p["ttl_seconds"],
-            readonly_rootfs=bool(p.get("readonly_rootfs")), created_at=e.created_at, updated_at=e.created_at,
-            expires_at=p["expires_at"], ended_at=None, runner_pid=None, runner_start_time=None, cgroup=None,
-            pooled=False, cwd=INITIAL_CWD, exec_count=0, last_activity_at=e.created_at, lost_reason=None,
-            end_reason=None, actor=e.actor, version=e.stream_version, pool=POOL_IDLE if p.get("pool") else None,
-        )
-    )
+    fastpath.execute(conn, _INSERT_SESSION, dict(
+        id=e.stream_id, status=REQUESTED, image=p["image"], workspace_id=p.get("workspace_id"),
+        cpu_limit=p["cpu_limit"], mem_limit_mb=p["mem_limit_mb"], pids_limit=p["pids_limit"],
+        network_mode=p["network_mode"], env=dict(p.get("env") or {}), ttl_seconds=p["ttl_seconds"],
+        readonly_rootfs=bool(p.get("readonly_rootfs")), created_at=e.created_at, updated_at=e.created_at,
+        expires_at=p["expires_at"], ended_at=None, runner_pid=None, runner_start_time=None, cgroup=None,
+        pooled=False, cwd=INITIAL_CWD, exec_count=0, last_activity_at=e.created_at, lost_reason=None,
+        end_reason=None, actor=e.actor, version=e.stream_version, pool=POOL_IDLE if p.get("pool") else None,
+        host_id=None, host_epoch=None,
+    ))
     if p.get("workspace_id"):
-        conn.execute(
-            sa.update(workspaces).where(workspaces.c.id == p["workspace_id"]).values(last_session_id=e.stream_id)
-        )
+        fastpath.execute(conn, _LAST_SESSION_OF_WORKSPACE, {"row_id": p["workspace_id"],
+                                                            "v_last_session_id": e.stream_id})
 
 
-def _sandbox_started(conn: sa.Connection, e: ev.RecordedEvent) -> None:
+def _sandbox_started(conn: Any, e: ev.RecordedEvent) -> None:
     p = e.payload
     _update_session(
         conn, e, status=RUNNING, runner_pid=p["pid"], runner_start_time=p["start_time"],
@@ -79,33 +86,33 @@ def _sandbox_started(conn: sa.Connection, e: ev.RecordedEvent) -> None:
     )
 
 
-def _sandbox_adopted(conn: sa.Connection, e: ev.RecordedEvent) -> None:
+def _sandbox_adopted(conn: Any, e: ev.RecordedEvent) -> None:
     p = e.payload
     _update_session(conn, e, status=RUNNING, runner_pid=p["pid"], runner_start_time=p["start_time"], lost_reason=None)
 
 
-def _sandbox_failed(conn: sa.Connection, e: ev.RecordedEvent) -> None:
+def _sandbox_failed(conn: Any, e: ev.RecordedEvent) -> None:
     _update_session(
         conn, e, status=FAILED, end_reason=e.payload.get("reason"), ended_at=e.created_at,
         runner_pid=None, runner_start_time=None,
     )
 
 
-def _sandbox_lost(conn: sa.Connection, e: ev.RecordedEvent) -> None:
+def _sandbox_lost(conn: Any, e: ev.RecordedEvent) -> None:
     _update_session(
         conn, e, status=LOST, lost_reason=e.payload.get("reason"), runner_pid=None, runner_start_time=None
     )
 
 
-def _destroying(conn: sa.Connection, e: ev.RecordedEvent) -> None:
+def _destroying(conn: Any, e: ev.RecordedEvent) -> None:
     _update_session(conn, e, status=DESTROYING, end_reason=e.payload.get("reason"))
 
 
-def _sandbox_stopped(conn: sa.Connection, e: ev.RecordedEvent) -> None:
+def _sandbox_stopped(conn: Any, e: ev.RecordedEvent) -> None:
     _update_session(conn, e, runner_pid=None, runner_start_time=None)
 
 
-def _session_destroyed(conn: sa.Connection, e: ev.RecordedEvent) -> None:
+def _session_destroyed(conn: Any, e: ev.RecordedEvent) -> None:
     _update_session(conn, e, status=DESTROYED, ended_at=e.created_at)
 
 
@@ -116,7 +123,7 @@ _INSERT_EXEC = sa.insert(execs).values(
                                      "idempotency_key", "timeout_ms", "requested_at")})
 
 
-def _exec_requested(conn: sa.Connection, e: ev.RecordedEvent) -> None:
+def _exec_requested(conn: Any, e: ev.RecordedEvent) -> None:
     p = e.payload
     _update_session(conn, e, exec_count=_EXEC_COUNT_PLUS_ONE, last_activity_at=e.created_at)
     fastpath.execute(conn, _INSERT_EXEC, {
@@ -125,12 +132,12 @@ def _exec_requested(conn: sa.Connection, e: ev.RecordedEvent) -> None:
         "timeout_ms": p["timeout_ms"], "requested_at": e.created_at})
 
 
-def _exec_started(conn: sa.Connection, e: ev.RecordedEvent) -> None:
+def _exec_started(conn: Any, e: ev.RecordedEvent) -> None:
     _update_session(conn, e)
     _update_exec(conn, e, status="running", started_at=e.created_at)
 
 
-def _exec_finished(conn: sa.Connection, e: ev.RecordedEvent) -> None:
+def _exec_finished(conn: Any, e: ev.RecordedEvent) -> None:
     p = e.payload
     if p.get("cwd"):
         _update_session(conn, e, cwd=p["cwd"], last_activity_at=e.created_at)
@@ -143,48 +150,53 @@ def _exec_finished(conn: sa.Connection, e: ev.RecordedEvent) -> None:
     )
 
 
-def _exec_lost(conn: sa.Connection, e: ev.RecordedEvent) -> None:
+def _exec_lost(conn: Any, e: ev.RecordedEvent) -> None:
     _update_session(conn, e)
     _update_exec(conn, e, status="lost", finished_at=e.created_at, lost_reason=e.payload.get("reason"))
 
 
-def _process_requested(conn: sa.Connection, e: ev.RecordedEvent) -> None:
+_INSERT_PROCESS = sa.insert(processes)
+
+
+def _process_requested(conn: Any, e: ev.RecordedEvent) -> None:
     p = e.payload
     pty = p.get("pty") or {}
-    conn.execute(sa.insert(processes).values(
+    fastpath.execute(conn, _INSERT_PROCESS, dict(
         id=p["process_id"], session_id=e.stream_id, cmd=p["cmd"], cwd=p.get("cwd"), env=dict(p.get("env") or {}),
         pty_rows=pty.get("rows"), pty_cols=pty.get("cols"), timeout_ms=p.get("timeout_ms"), status="requested",
-        actor=e.actor, request_id=e.request_id, idempotency_key=p.get("idempotency_key"),
-        requested_at=e.created_at, input_bytes=0, input_count=0))
+        pid=None, actor=e.actor, request_id=e.request_id, idempotency_key=p.get("idempotency_key"),
+        requested_at=e.created_at, started_at=None, exited_at=None, exit_code=None, signal=None, timed_out=None,
+        duration_ms=None, stdout_bytes=None, stderr_bytes=None, output_sha256=None, dropped_bytes=None,
+        input_bytes=0, input_count=0, lost_reason=None))
     _update_session(conn, e, last_activity_at=e.created_at)
 
 
-def _update_process(conn: sa.Connection, event: ev.RecordedEvent, **values: Any) -> None:
+def _update_process(conn: Any, event: ev.RecordedEvent, **values: Any) -> None:
     _update(conn, processes, event.payload["process_id"], values)
 
 
-def _process_started(conn: sa.Connection, e: ev.RecordedEvent) -> None:
+def _process_started(conn: Any, e: ev.RecordedEvent) -> None:
     _update_session(conn, e)
     _update_process(conn, e, status="running", pid=e.payload["pid"], started_at=e.created_at)
 
 
-_INPUT_BYTES_PLUS = processes.c.input_bytes + sa.bindparam("v_size", type_=sa.Integer)
 _INPUT_COUNT_PLUS_ONE = processes.c.input_count + 1
+_STDIN = sa.update(processes).where(processes.c.id == sa.bindparam("row_id")).values(
+    input_count=_INPUT_COUNT_PLUS_ONE, input_bytes=processes.c.input_bytes + sa.bindparam("v_size", type_=sa.Integer))
 
 
-def _process_input(conn: sa.Connection, e: ev.RecordedEvent) -> None:
+def _process_input(conn: Any, e: ev.RecordedEvent) -> None:
     p = e.payload
     _update_session(conn, e, last_activity_at=e.created_at)
-    values: dict[str, Any] = {"input_count": _INPUT_COUNT_PLUS_ONE}
     if p["kind"] == "stdin":
-        values.update(input_bytes=_INPUT_BYTES_PLUS)
+        fastpath.execute(conn, _STDIN, {"row_id": p["process_id"], "v_size": p.get("size") or 0})
     elif p["kind"] == "resize":
-        values.update(pty_rows=p["rows"], pty_cols=p["cols"])
-    conn.execute(sa.update(processes).where(processes.c.id == p["process_id"]).values(**values),
-                 {"v_size": p.get("size") or 0})
+        _update_process(conn, e, input_count=_INPUT_COUNT_PLUS_ONE, pty_rows=p["rows"], pty_cols=p["cols"])
+    else:
+        _update_process(conn, e, input_count=_INPUT_COUNT_PLUS_ONE)
 
 
-def _process_exited(conn: sa.Connection, e: ev.RecordedEvent) -> None:
+def _process_exited(conn: Any, e: ev.RecordedEvent) -> None:
     p = e.payload
     _update_session(conn, e)
     _update_process(conn, e, status="exited", exited_at=e.created_at, exit_code=p.get("exit_code"),
@@ -193,29 +205,32 @@ def _process_exited(conn: sa.Connection, e: ev.RecordedEvent) -> None:
                     output_sha256=p.get("output_sha256"), dropped_bytes=p.get("dropped_bytes"))
 
 
-def _process_lost(conn: sa.Connection, e: ev.RecordedEvent) -> None:
+def _process_lost(conn: Any, e: ev.RecordedEvent) -> None:
     _update_session(conn, e)
     _update_process(conn, e, status="lost", exited_at=e.created_at, lost_reason=e.payload.get("reason"))
 
 
-def _workspace_created(conn: sa.Connection, e: ev.RecordedEvent) -> None:
+_WORKSPACE_CREATED = sa.update(workspaces).where(workspaces.c.id == sa.bindparam("row_id")).values(
+    created_at=sa.bindparam("v_created_at"), deleted_at=None)
+_LAST_SESSION_USING = (sa.select(sessions.c.id).where(sessions.c.workspace_id == sa.bindparam("wid"))
+                       .order_by(sessions.c.created_at.desc()).limit(1))
+_INSERT_WORKSPACE = sa.insert(workspaces)
+
+
+def _workspace_created(conn: Any, e: ev.RecordedEvent) -> None:
     wid = e.payload["workspace_id"]
-    found = conn.execute(
-        sa.update(workspaces).where(workspaces.c.id == wid).values(created_at=e.created_at, deleted_at=None)
-    )
-    if found.rowcount == 0:  # the session that asked for it was projected before it existed
-        last = conn.execute(sa.select(sessions.c.id).where(sessions.c.workspace_id == wid)
-                            .order_by(sessions.c.created_at.desc()).limit(1)).scalar()
-        conn.execute(sa.insert(workspaces).values(id=wid, created_at=e.created_at, last_session_id=last))
+    if fastpath.changed(conn, _WORKSPACE_CREATED, {"row_id": wid, "v_created_at": e.created_at}) == 0:
+        # the session that asked for it was projected before it existed
+        last = fastpath.execute(conn, _LAST_SESSION_USING, {"wid": wid})
+        fastpath.execute(conn, _INSERT_WORKSPACE, {"id": wid, "created_at": e.created_at, "deleted_at": None,
+                                                   "last_session_id": last[0].id if last else None})
 
 
-def _workspace_deleted(conn: sa.Connection, e: ev.RecordedEvent) -> None:
-    conn.execute(
-        sa.update(workspaces).where(workspaces.c.id == e.payload["workspace_id"]).values(deleted_at=e.created_at)
-    )
+def _workspace_deleted(conn: Any, e: ev.RecordedEvent) -> None:
+    _update(conn, workspaces, e.payload["workspace_id"], {"deleted_at": e.created_at})
 
 
-def _session_claimed(conn: sa.Connection, e: ev.RecordedEvent) -> None:
+def _session_claimed(conn: Any, e: ev.RecordedEvent) -> None:
     # From the client's point of view the session begins now: created_at, actor and the
     # idle clock move to the claim (the pool member's own birth stays in the journal).
     p = e.payload
@@ -227,16 +242,15 @@ def _session_claimed(conn: sa.Connection, e: ev.RecordedEvent) -> None:
         last_activity_at=e.created_at, actor=e.actor,
     )
     if p.get("workspace_id"):
-        conn.execute(
-            sa.update(workspaces).where(workspaces.c.id == p["workspace_id"]).values(last_session_id=e.stream_id)
-        )
+        fastpath.execute(conn, _LAST_SESSION_OF_WORKSPACE, {"row_id": p["workspace_id"],
+                                                            "v_last_session_id": e.stream_id})
 
 
-def _sandbox_configured(conn: sa.Connection, e: ev.RecordedEvent) -> None:
+def _sandbox_configured(conn: Any, e: ev.RecordedEvent) -> None:
     _update_session(conn, e, pool=POOL_CLAIMED)
 
 
-_PROJECTORS: dict[str, Callable[[sa.Connection, ev.RecordedEvent], None]] = {
+_PROJECTORS: dict[str, Callable[[Any, ev.RecordedEvent], None]] = {
     ev.SESSION_REQUESTED: _session_requested,
     ev.SESSION_CLAIMED: _session_claimed,
     ev.SANDBOX_CONFIGURED: _sandbox_configured,
