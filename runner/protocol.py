@@ -3,7 +3,8 @@
 Socket: one JSON object per line in each direction (`{"op": ...}` → `{"ok": ...}`).
 Exec log `<exec_id>.log`: a sequence of frames, each a 13-byte header
 (stream: 1 = stdout, 2 = stderr; length: u32; timestamp: f64 UNIX seconds) and the bytes.
-Exec meta `<exec_id>.json`: written atomically (tmp + rename) when the exec finishes.
+Exec results: a line in the session's `runner.ledger` when the exec finishes (`results`;
+runners before the ledger wrote `<exec_id>.json`).
 
 Stdlib only: this module is imported by the runner, which must run in images without Python.
 """

@@ -6,11 +6,12 @@ time (the image may have no Python). It
 
 - reaps every zombie (PID 1 duty) and restarts the shell if it dies;
 - serves a unix socket (bound on the host side before pivot_root) speaking `protocol`;
-- writes each exec's output to a framed log file as it arrives, through a directory fd
-  opened before pivot_root — never to a pipe the daemon owns, so a dead daemon cannot
-  block or kill the workload;
-- keeps each exec's result in `<id>.json` next to its log, so a restarted daemon (or a
-  second client) can read it; an exec id is run at most once, ever.
+- writes each exec's output to a framed log file as it arrives (created with the first
+  output), through a directory fd opened before pivot_root — never to a pipe the daemon
+  owns, so a dead daemon cannot block or kill the workload;
+- records each exec's start and result in the session's ledger next to the logs
+  (`results`), so a restarted daemon (or a second client, or the next runner) can read it;
+  an exec id is run at most once, ever.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 class Exec:
     __slots__ = ("id", "started", "deadline", "stage", "log_fd", "log_bytes", "out", "err",
-                 "sha", "truncated", "start_ticks", "waiters")
+                 "sha", "truncated", "start_ticks", "waiters", "ack")
 
     def __init__(self, exec_id: str, log_fd: int, timeout_s: float):
         self.id = exec_id
@@ -50,6 +51,7 @@ class Exec:
         self.truncated = False
         self.start_ticks = int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLK_TCK)
         self.waiters: list[socket.socket] = []
+        self.ack: tuple[socket.socket, float] | None = None   # "running" is said then, if still running
 
 
 class Runner:
@@ -104,13 +106,15 @@ class Runner:
                 elif self.procs.owns(fd):
                     self.procs.on_event(fd, mask)
             self._check_deadline()
+            self._check_ack()
             self.procs.check_deadlines()
         self.procs.kill_all()
         self.shell.kill()
 
     def _poll_timeout(self) -> int:
-        deadlines = [d for d in (self.current.deadline if self.current else None, self.procs.next_deadline())
-                     if d is not None]
+        cur = self.current
+        deadlines = [d for d in (cur.deadline if cur else None, cur.ack[1] if cur and cur.ack else None,
+                                 self.procs.next_deadline()) if d is not None]
         if not deadlines:
             return -1
         return max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
@@ -215,6 +219,8 @@ class Runner:
         if cur.truncated or cur.log_bytes + len(data) > MAX_LOG_BYTES:
             cur.truncated = True
             return
+        if cur.log_fd < 0 and not self._open_log(cur):
+            return
         try:
             os.write(cur.log_fd, protocol.frame(stream, data, time.time()))
             cur.log_bytes += protocol.FRAME.size + len(data)
@@ -222,29 +228,39 @@ class Runner:
             cur.truncated = True
 
     # ------------------------------------------------------------------ execs
-    def _begin(self, exec_id: str, cmd: str, timeout_ms: int) -> dict:
-        known = self._lookup(exec_id)
-        if known is not None:
-            return known
+    def _begin(self, exec_id: str, cmd: str, timeout_ms: int, fresh: bool = False) -> dict:
+        """Hand a command to the shell — once per exec id, ever. A `fresh` id (the daemon has
+        just journaled it and never sent it before) needs no look-up; any other is checked
+        against what this runner, an earlier one and the ledger know."""
+        if not fresh:
+            known = self._lookup(exec_id)
+            if known is not None:
+                return known
         if self.current is not None:
             return {"ok": False, "error": "busy", "message": f"exec {self.current.id} is running"}
-        try:
-            log_fd = os.open(exec_id + ".log", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
-                             | os.O_CLOEXEC, 0o600, dir_fd=self.logs_fd)
-        except FileExistsError:  # started before, by a runner that no longer exists
+        if not fresh and self.results.started_before(exec_id):  # by a runner that no longer exists
             return {"ok": True, "id": exec_id, "state": "lost",
                     "reason": "started by an earlier runner that died"}
-        except OSError as e:
-            return {"ok": False, "error": "io", "message": f"unable to create log for exec {exec_id}: {e.strerror}"}
-        self.current = Exec(exec_id, log_fd, max(timeout_ms, 1) / 1000)
+        self.results.started(exec_id)
+        self.current = Exec(exec_id, -1, max(timeout_ms, 1) / 1000)   # the log is created with the first output
         self.shell.send(exec_id, cmd)
         return {"ok": True, "id": exec_id, "state": "running"}
+
+    def _open_log(self, cur: Exec) -> bool:
+        try:
+            cur.log_fd = os.open(cur.id + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600,
+                                 dir_fd=self.logs_fd)
+            return True
+        except OSError:   # disk full: keep draining so the workload never blocks
+            cur.truncated = True
+            return False
 
     def _finish(self, exit_code: int, cwd: str, shell_restarted: bool) -> None:
         cur = self.current
         assert cur is not None
         self.current = None
-        os.close(cur.log_fd)
+        if cur.log_fd >= 0:
+            os.close(cur.log_fd)
         now = time.time()
         result = {
             "ok": True, "id": cur.id, "state": "finished", "exit_code": exit_code, "cwd": cwd,
@@ -262,6 +278,14 @@ class Runner:
         if self.current is not None and self.current.id == exec_id:
             return {"ok": True, "id": exec_id, "state": "running"}
         return self.results.lookup(exec_id)
+
+    def _check_ack(self) -> None:
+        """A delayed "running" (`ack_after_ms`): said only to a command still running by then,
+        so a short one costs its client a single answer."""
+        cur = self.current
+        if cur is not None and cur.ack is not None and time.monotonic() >= cur.ack[1]:
+            conn, cur.ack = cur.ack[0], None
+            self._reply(conn, {"ok": True, "id": cur.id, "state": "running", "delayed": True})
 
     def _check_deadline(self) -> None:
         """Timeout: SIGINT the shell's process group (the shell traps it; background jobs
@@ -338,6 +362,8 @@ class Runner:
             pass
         if self.current is not None and conn in self.current.waiters:
             self.current.waiters.remove(conn)
+            if self.current.ack is not None and self.current.ack[0] is conn:
+                self.current.ack = None
         for proc in self.procs.live.values():
             if conn in proc.waiters:
                 proc.waiters.remove(conn)
@@ -365,9 +391,12 @@ class Runner:
                 exec_id = msg["id"]
                 if not _valid_id(exec_id) or not isinstance(msg.get("cmd"), str):
                     raise ValueError("exec needs a valid id and a string cmd")
-                reply = self._begin(exec_id, msg["cmd"], int(msg.get("timeout_ms", 120_000)))
+                reply = self._begin(exec_id, msg["cmd"], int(msg.get("timeout_ms", 120_000)), msg.get("fresh") is True)
                 if msg.get("wait") and reply.get("state") == "running":
-                    if msg.get("ack"):  # say "running" now, the result later on this connection
+                    after = msg.get("ack_after_ms")
+                    if msg.get("ack") and isinstance(after, int) and after > 0 and self.current.ack is None:
+                        self.current.ack = (conn, time.monotonic() + after / 1000)   # "running" later, if still
+                    elif msg.get("ack"):  # say "running" now, the result later on this connection
                         self._reply(conn, reply)
                     self.current.waiters.append(conn)
                     return

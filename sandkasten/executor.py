@@ -178,7 +178,7 @@ class Executor:
         lines = [f"export {name}={_sh_quote(value)}" for name, value in env.items() if name != "IFS"]
         script = "\n".join([*lines, "cd /workspace"])
         req = ExecRequest(exec_id="claim-" + secrets.token_hex(6), cmd=script, timeout_ms=10_000)
-        result = await self.runtime.aexec(sid, req)
+        result = await self.runtime.aexec(sid, req, fresh=True)
         if result.exit_code != 0:
             raise SandboxError(f"unable to set up the shell of claimed session {sid}: exit code {result.exit_code}")
 
@@ -199,7 +199,7 @@ class Executor:
         and journal its end; returns what `exec.finished` says (payload, time). With `req` the
         caller has just journaled the request, so there is nothing to read first."""
         async with self.session_locks[sid]:  # one command at a time per shell, in request order
-            already_started = False
+            already_started, fresh = False, req is not None
             if req is None:
                 row = await self.journal.exec(exec_id)
                 if row is None or row["status"] not in ("requested", "running"):
@@ -208,7 +208,8 @@ class Executor:
                 already_started = row["status"] == "running"
             mark = _StartedMark(self, sid, exec_id, already_started)
             try:
-                result = await self.runtime.aexec(sid, req, on_started=mark.observed)
+                result = await self.runtime.aexec(sid, req, on_started=mark.observed,
+                                                  ack_after_ms=int(STARTED_DELAY * 1000), fresh=fresh)
             except SandkastenError as e:
                 mark.drop()
                 await self.record(sid, c.RecordExecLost(exec_id=exec_id, reason=e.message))
@@ -302,7 +303,8 @@ class _StartedMark:
     """`exec.started` is journaled once the runner confirms the command runs — unless the
     command finishes within STARTED_DELAY: then `exec.started` and `exec.finished` (both
     observed) go into one commit, which keeps a commit off the path of every short exec.
-    A timer, not a task, waits out the delay: most execs end before it fires."""
+    The runner waits out the delay itself (`ack_after_ms`), so a short exec is one answer;
+    a runner from before that option confirms at once and a timer waits instead."""
 
     def __init__(self, executor: Executor, sid: str, exec_id: str, already: bool):
         self.executor, self.sid, self.exec_id = executor, sid, exec_id
@@ -310,9 +312,13 @@ class _StartedMark:
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task | None = None
 
-    def observed(self, _reply: dict) -> None:
-        if self.state == "unseen":
-            self.state = "pending"
+    def observed(self, reply: dict) -> None:
+        if self.state != "unseen":
+            return
+        self.state = "pending"
+        if reply.get("delayed"):   # the runner waited out STARTED_DELAY already
+            self._due()
+        else:
             self.timer = asyncio.get_running_loop().call_later(STARTED_DELAY, self._due)
 
     def _due(self) -> None:

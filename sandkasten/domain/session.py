@@ -174,6 +174,13 @@ def decide(
     stream_id: str | None = None,
 ) -> list[ev.NewEvent]:
     """The events `command` produces in `state`, or IllegalTransition (and friends)."""
+    decider = _DECIDERS.get(type(command))
+    if decider is not None and isinstance(state, SessionState):   # the common case, checked first
+        allowed = _ALLOWED.get(type(command))
+        if allowed is not None and state.status not in allowed:
+            raise IllegalTransition(f"unable to {_VERBS[type(command)]} {state.session_id}: session is {state.status}",
+                                    session_id=state.session_id, status=state.status)
+        return decider(state, command, prior or PriorExecs(), _VERBS[type(command)])
     if isinstance(command, (c.CreateWorkspace, c.DeleteWorkspace)):
         if state is not None and not isinstance(state, WorkspaceState):
             raise InvalidRequest(f"unable to apply {type(command).__name__} to session stream")

@@ -4,6 +4,7 @@ alone, so a restarted daemon (or `sandkasten doctor`) can find it again."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from sandkasten.runtime.spec import check_session_id
@@ -30,12 +31,18 @@ class Layout:
         return self.data_dir / "workspaces"
 
     def of(self, sid: str) -> "SessionPaths":
-        check_session_id(sid)
-        return SessionPaths(
-            root=self.sessions / sid,
-            run=self.run / sid,
-            logs=self.logs / sid,
-        )
+        found = _known.get((self.data_dir, sid))
+        if found is None:   # building the paths costs more than an exec's journal append: keep them
+            check_session_id(sid)
+            found = SessionPaths(root=self.sessions / sid, run=self.run / sid, logs=self.logs / sid)
+            if len(_known) >= _KNOWN_MAX:
+                _known.clear()
+            _known[(self.data_dir, sid)] = found
+        return found
+
+
+_KNOWN_MAX = 4096
+_known: dict[tuple[Path, str], "SessionPaths"] = {}
 
 
 @dataclass(frozen=True)
@@ -60,8 +67,8 @@ class SessionPaths:
     def workspace(self) -> Path:
         return self.root / "workspace"
 
-    @property
-    def socket(self) -> Path:
+    @cached_property
+    def socket(self) -> Path:   # (cached: every call to the runner names it)
         return self.run / "runner.sock"
 
     @property

@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from runner import protocol
+from runner import protocol, results
 from sandkasten.errors import (CommandTimeout, InvalidRequest, SandboxError, SandboxGone,
                                SessionBusy)
 from sandkasten.images.store import ImageStore
@@ -142,22 +142,31 @@ class Runtime:
         return found
 
     # ------------------------------------------------------------------ exec
-    def _exec_msg(self, req: ExecRequest) -> dict:
+    def _exec_msg(self, req: ExecRequest, fresh: bool = False) -> dict:
         check_exec_id(req.exec_id)
         if "\0" in req.cmd:
             raise InvalidRequest("invalid cmd: contains a NUL byte")
-        return {"op": "exec", "id": req.exec_id, "cmd": req.cmd, "timeout_ms": req.timeout_ms, "wait": True}
+        msg = {"op": "exec", "id": req.exec_id, "cmd": req.cmd, "timeout_ms": req.timeout_ms, "wait": True}
+        if fresh:   # never sent to any runner before: it need not look the id up
+            msg["fresh"] = True
+        return msg
 
     def exec(self, sid: str, req: ExecRequest) -> ExecResult:
         reply = client.call(self.paths(sid).socket, self._exec_msg(req),
                             timeout=req.timeout_ms / 1000 + EXEC_GRACE_S)
         return _result(sid, req.exec_id, reply)
 
-    async def aexec(self, sid: str, req: ExecRequest, on_started=None) -> ExecResult:
-        """Run (or re-attach to: exec ids run at most once) an exec; `on_started` is awaited
-        when the runner confirms the command was handed to the shell."""
-        msg = self._exec_msg(req)
+    async def aexec(self, sid: str, req: ExecRequest, on_started=None, ack_after_ms: int = 0,
+                    fresh: bool = False) -> ExecResult:
+        """Run (or re-attach to: exec ids run at most once) an exec; `on_started` is called
+        when the runner confirms the command was handed to the shell — with `ack_after_ms`,
+        only if it is still running that long after (the reply then says `"delayed": true`;
+        a runner from before that option confirms at once). `fresh`: the exec id was just
+        journaled and never sent before (the runner skips looking it up)."""
+        msg = self._exec_msg(req, fresh)
         msg["ack"] = on_started is not None
+        if on_started is not None and ack_after_ms:
+            msg["ack_after_ms"] = ack_after_ms
         reply = await client.acall(self.paths(sid).socket, msg, timeout=req.timeout_ms / 1000 + EXEC_GRACE_S,
                                    on_running=on_started)
         return _result(sid, req.exec_id, reply)
@@ -182,22 +191,14 @@ class Runtime:
 
     def read_process_result(self, sid: str, process_id: str) -> dict | None:
         """An exited process's result from disk (works after the sandbox is gone)."""
-        import json
         check_exec_id(process_id)
-        try:
-            return json.loads((self.paths(sid).logs / f"{process_id}.json").read_text())
-        except (OSError, ValueError):
-            return None
+        return results.find(self.paths(sid).logs, process_id)
 
     def read_result(self, sid: str, exec_id: str) -> ExecResult | None:
         """A finished exec's result from disk (works after the sandbox is gone)."""
-        import json
         check_exec_id(exec_id)
-        try:
-            meta = json.loads((self.paths(sid).logs / f"{exec_id}.json").read_text())
-        except (OSError, ValueError):
-            return None
-        return ExecResult.from_meta(meta)
+        meta = results.find(self.paths(sid).logs, exec_id)
+        return ExecResult.from_meta(meta) if meta is not None and meta.get("state") == "finished" else None
 
     def read_output(self, sid: str, exec_id: str, limit: int | None = None) -> tuple[bytes, bytes, bytes, bool]:
         """stdout, stderr, both interleaved (each cut at `limit`) and whether anything was cut,

@@ -3,7 +3,7 @@ a spawn of /bin/true), throughput across concurrent sessions, and streaming late
 
 Who runs this: the bench process. HTTP goes through one keep-alive connection per client
 thread; the runner socket is called directly with `runtime.client.call` (one connection per
-request, as the daemon does), with exec ids the daemon never sees.
+request), with exec ids the daemon never sees, sent as the daemon sends a new exec (`fresh`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def http_exec(http: Http, sid: str, cmd: str) -> dict:
 
 def socket_exec(d: BenchDaemon, sid: str, cmd: str) -> dict:
     reply = client.call(d.socket_of(sid), {"op": "exec", "id": f"bench{next(_ids)}", "cmd": cmd,
-                                           "timeout_ms": 10_000, "wait": True})
+                                           "timeout_ms": 10_000, "wait": True, "fresh": True})
     if not reply.get("ok") or reply.get("exit_code") != 0:
         raise RuntimeError(f"runner exec {cmd!r} in {sid}: {reply}")
     return reply
