@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from sandkasten.config import Config
+from sandkasten.endings import Endings
 from sandkasten.errors import SandkastenError
 from sandkasten.executor import Executor
 from sandkasten.log_watch import LogWatch
@@ -48,11 +49,13 @@ class Daemon:
         self.cluster = None  # sandkasten.cluster.membership.Membership when the journal is shared
         self.processes: ProcessControl
         self.log_watch = LogWatch()
+        self.endings = Endings()
 
     async def start(self) -> None:
         cfg = self.cfg
         self.journal = await Journal.open(cfg.journal_target, cfg.journal.durability,
                                           busy_timeout_s=cfg.journal.busy_timeout_s)
+        self.journal.listeners.append(self.endings.committed)   # streams wake when an end is committed
         self.runtime = Runtime.detect(cfg.data_dir, cgroup_parent=cfg.cgroup_parent,
                                       network=network.from_config(cfg.network))
         await asyncio.to_thread(self.runtime.cgroups.ensure_parent)

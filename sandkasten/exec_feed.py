@@ -28,6 +28,7 @@ from runner.protocol import FRAME, STDERR, STDOUT, STREAM_NAMES
 READ_BYTES = 1 << 20          # one read from the log at most; a frame may span several
 POLL_MIN_S = 0.005            # sleep after an empty read; doubles while idle ...
 POLL_MAX_S = 0.02             # ... up to this, and drops back as soon as output arrives
+SETTLE_CHECK_S = 1.0          # woken followers: the longest sleep before asking `is_done` again
 MAX_FRAME_BYTES = 64 << 20    # a header claiming more than this is corrupt (the runner writes ≤ 64 KiB)
 _CURSOR = re.compile(r"^(\d{1,15})(?:\.([0-9a-f]{0,6})\.([0-9a-f]{0,6}))?(?:-done|-error)?$")
 
@@ -168,15 +169,18 @@ def data_start(path: Path, at: int) -> int | None:
 
 
 async def follow(path: Path, offset: int, is_done: Callable[[], Awaitable[bool]],
-                 heartbeat_s: float | None = None, watch=None) -> AsyncIterator[Frame | Gap | None]:
+                 heartbeat_s: float | None = None, watch=None,
+                 wake: asyncio.Event | None = None) -> AsyncIterator[Frame | Gap | None]:
     """Frames of the log from `offset` (a frame boundary) on, as the runner appends them, until
     `is_done()` says the exec is settled and the file has been read to its end after that answer.
     A missing file is an empty one (the runner creates it when the command starts). With
     `heartbeat_s`, yields None after that long without a frame, so a caller can keep a
     connection alive. A `Gap` says the oldest output was dropped (process logs are bounded).
-    With `watch` (a `log_watch.LogWatch`) a write wakes the reader at once; without it, or for
-    telling when the exec is settled, the file is polled. The file is reopened on each read:
-    its descriptor is never held while idle.
+    With `watch` (a `log_watch.LogWatch`) a write wakes the reader at once; with `wake` too (an
+    event the journal sets when the exec's end is committed, see `endings`) nothing is polled:
+    the reader sleeps until one of them (or, for an end another process journaled, at most
+    SETTLE_CHECK_S). Without them the file and `is_done` are polled. The file is reopened on
+    each read: its descriptor is never held while idle.
     """
     buf = bytearray()
     read_at = offset          # file position of the end of `buf`
@@ -185,9 +189,12 @@ async def follow(path: Path, offset: int, is_done: Callable[[], Awaitable[bool]]
     loop = asyncio.get_running_loop()
     quiet_since = loop.time()
     ticket = None
+    woken = wake is not None and watch is not None
     try:
         while True:
-            ticket = watch.arm(path) if watch is not None and not settled else None
+            if woken:
+                wake.clear()   # (an end committed meanwhile is still seen: `is_done` below)
+            ticket = watch.arm(path, wake if woken else None) if watch is not None and not settled else None
             chunk = _read(path, read_at)
             if chunk:
                 ticket = _closed(ticket)
@@ -220,6 +227,11 @@ async def follow(path: Path, offset: int, is_done: Callable[[], Awaitable[bool]]
                 ticket = _closed(ticket)
                 yield None
                 quiet_since = loop.time()
+                continue
+            if ticket is not None and woken:   # output or the end wakes it; nothing to poll
+                left = SETTLE_CHECK_S if heartbeat_s is None else heartbeat_s - (loop.time() - quiet_since)
+                await ticket.wait(max(0.0, min(left, SETTLE_CHECK_S)))
+                ticket = None
                 continue
             if ticket is not None:
                 await ticket.wait(sleep_s)

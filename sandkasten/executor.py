@@ -89,8 +89,11 @@ class Executor:
     def ensure_claimed(self, sid: str) -> asyncio.Future:
         return self._once(f"claim:{sid}", lambda: self._configure(sid))
 
-    def ensure_exec(self, sid: str, exec_id: str, req: ExecRequest | None = None) -> asyncio.Future:
-        return self._once(f"exec:{exec_id}", lambda: self._exec(sid, exec_id, req))
+    def ensure_exec(self, sid: str, exec_id: str, req: ExecRequest | None = None,
+                    answering: bool = False) -> asyncio.Future:
+        """`answering`: a caller answers its client with the result and then flushes the journal
+        (`Journal.flush`), so the exec's end may be journaled right after that answer."""
+        return self._once(f"exec:{exec_id}", lambda: self._exec(sid, exec_id, req, answering))
 
     def ensure_destroyed(self, sid: str) -> asyncio.Future:
         return self._once(f"destroy:{sid}", lambda: self._destroy(sid))
@@ -194,7 +197,8 @@ class Executor:
             pass  # it exists already
 
     # ------------------------------------------------------------------ exec
-    async def _exec(self, sid: str, exec_id: str, req: ExecRequest | None = None) -> "Observed | None":
+    async def _exec(self, sid: str, exec_id: str, req: ExecRequest | None = None,
+                    answering: bool = False) -> "Observed | None":
         """Run one journaled exec (or re-attach to it: the runner runs an exec id at most once)
         and journal its end; returns what `exec.finished` says (payload, time). With `req` the
         caller has just journaled the request, so there is nothing to read first."""
@@ -221,7 +225,7 @@ class Executor:
                 truncated=result.truncated, timed_out=result.timed_out)
             commands = [*await mark.take(), finished]
             at = journal_now()
-            deferred = self.journal.defer_all(sid, commands, actor=ACTOR, at=at)
+            deferred = self.journal.defer_all(sid, commands, actor=ACTOR, at=at) if answering else None
             if deferred is not None:  # journaled right after the caller answers (see Journal.defer_all)
                 commit, planned = deferred
                 commit.add_done_callback(lambda done: _log_unrecorded(sid, exec_id, done))

@@ -35,9 +35,9 @@ def _key(name: str) -> str:
 class Ticket:
     """One follower's interest in one file, armed before its last read."""
 
-    def __init__(self, watch: "LogWatch", directory: str, key: str) -> None:
+    def __init__(self, watch: "LogWatch", directory: str, key: str, event: asyncio.Event | None = None) -> None:
         self.watch, self.directory, self.key = watch, directory, key
-        self.event = asyncio.Event()
+        self.event = event or asyncio.Event()
 
     async def wait(self, timeout: float) -> bool:
         """True when the file changed, False on timeout. Releases the ticket either way."""
@@ -70,7 +70,8 @@ class LogWatch:
             return
         self.fd = fd
 
-    def arm(self, path: Path) -> Ticket | None:
+    def arm(self, path: Path, event: asyncio.Event | None = None) -> Ticket | None:
+        """A ticket whose event (`event`, or its own) is set when `path` changes."""
         if self.fd < 0:
             return None
         if self._loop is None:
@@ -86,7 +87,7 @@ class LogWatch:
                 return None
             self.dirs[directory] = wd
             self.names[wd] = directory
-        ticket = Ticket(self, directory, _key(name))
+        ticket = Ticket(self, directory, _key(name), event)
         self.tickets.setdefault((directory, ticket.key), set()).add(ticket)
         return ticket
 

@@ -245,7 +245,7 @@ async def stream_process(request: Request, sid: str, process_id: str):
 
     await send_feed(request, d.runtime.paths(sid).logs / f"{process_id}.log", cursor,
                     params.flag(request, "raw_output"), settled, outcome, {"x-process-id": process_id},
-                    {"process_id": process_id, "session_id": sid}, f"process {process_id}")
+                    {"process_id": process_id, "session_id": sid}, f"process {process_id}", process_id)
 
 
 @bp.get("/sessions/<sid>/processes/<process_id>/output")

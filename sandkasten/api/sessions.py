@@ -165,7 +165,7 @@ async def exec_command(request: Request, sid: str):
         return await _await_exec(d, sid, exec_id, body)
     req = ExecRequest(exec_id=exec_id, cmd=requested.payload["cmd"], timeout_ms=requested.payload["timeout_ms"])
     try:
-        finished = await executed(d, sid, exec_id, req)
+        finished = await executed(d, sid, exec_id, req, answering=True)
     except SandboxGone:
         finished = None  # journaled as exec.lost; the row says so
     if finished is None:
@@ -245,8 +245,8 @@ async def settle(d, task: asyncio.Future, on_stop: str):
         raise
 
 
-async def executed(d, sid: str, exec_id: str, req: ExecRequest | None = None):
-    return await settle(d, d.executor.ensure_exec(sid, exec_id, req),
+async def executed(d, sid: str, exec_id: str, req: ExecRequest | None = None, answering: bool = False):
+    return await settle(d, d.executor.ensure_exec(sid, exec_id, req, answering),
                         f"exec {exec_id} runs on in its sandbox; repeat the request with the same Idempotency-Key "
                         f"or GET /v1/sessions/{sid}/execs/{exec_id} for its result once the daemon is back")
 

@@ -14,6 +14,7 @@ Every id is an `exec_feed.Cursor`: the log offset after the frame (+ any half-se
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json as jsonlib
 import logging
@@ -87,24 +88,38 @@ async def _stream(request: Request, sid: str, exec_id: str, cursor: Cursor, raw:
 
     await send_feed(request, d.runtime.paths(sid).logs / f"{exec_id}.log", cursor, raw, settled,
                     lambda offset: _outcome(d, sid, exec_id, offset),
-                    {"x-exec-id": exec_id}, {"exec_id": exec_id, "session_id": sid}, f"exec {exec_id}")
+                    {"x-exec-id": exec_id}, {"exec_id": exec_id, "session_id": sid}, f"exec {exec_id}", exec_id)
 
 
 async def send_feed(request: Request, path, cursor: Cursor, raw: bool, settled, outcome, headers: dict,
-                    started: dict, what: str) -> None:
+                    started: dict, what: str, key: str | None = None) -> None:
     """Send a framed output log as SSE until `settled()` and everything before it was sent,
-    then `await outcome(offset)` (the final event). Shared by exec and process streams."""
+    then `await outcome(offset)` (the final event). Shared by exec and process streams; `key`
+    (the exec or process id) subscribes to its end being committed (`endings`)."""
     d = request.app.ctx.daemon
     try:
         exec_feed.check_offset(path, cursor.offset)
     except FeedError as e:
         raise InvalidRequest(f"unable to resume {what}: {e}") from None
+    endings = getattr(d, "endings", None)
+    wake = asyncio.Event() if endings is not None and key is not None else None
 
     async def done() -> bool:
         if d.stopping:   # end without a final event: the client resumes from its last id
             raise _Stopping
         return await settled()
 
+    if wake is not None:
+        endings.subscribe(key, wake)
+    try:
+        await _send_frames(request, d, path, cursor, raw, done, outcome, headers, started, what, wake)
+    finally:
+        if wake is not None:
+            endings.unsubscribe(key, wake)
+
+
+async def _send_frames(request: Request, d, path, cursor: Cursor, raw: bool, done, outcome, headers: dict,
+                       started: dict, what: str, wake) -> None:
     response = await request.respond(content_type="text/event-stream; charset=utf-8", headers={
         "cache-control": "no-cache", "x-accel-buffering": "no", **headers})
     await response.send(event("started", started, cursor.format()))
@@ -112,7 +127,7 @@ async def send_feed(request: Request, path, cursor: Cursor, raw: bool, settled, 
     offset, ts = cursor.offset, None
     try:
         async for frame in exec_feed.follow(path, cursor.offset, done, heartbeat_s=HEARTBEAT_S,
-                                            watch=getattr(d, "log_watch", None)):
+                                            watch=getattr(d, "log_watch", None), wake=wake):
             if frame is None:
                 await response.send(": keepalive\n\n")
                 continue

@@ -7,7 +7,9 @@ function `work(conn)` and returns a future; the queue is written at the next tur
 so everything handlers submitted in between is one batch. Where the batch runs:
 
 - **on the event loop**, when `durability` is normal and the write lock is free at once: a
-  commit without fsync is ~10 µs of SQLite, far less than a hop to a thread and back;
+  commit without fsync is ~10 µs of SQLite, far less than a hop to a thread and back. An
+  append with no other one in the last ALONE_S is written at once, inside `submit`; under
+  load appends gather for one turn of the loop and share a transaction;
 - **on the writer thread**, when a commit must fsync (`durability: full`), when another
   process holds the write lock (the thread waits on `busy_timeout`; the loop never does), or
   when a batch is large (the reconciler adopting every session after a restart). While a batch
@@ -30,6 +32,7 @@ from typing import Any, Callable
 INLINE_MAX = 16              # a batch with more items than this is written on the thread
 CHECKPOINT_EVERY = 256       # commits between two passive checkpoints
 DEFER_S = 0.002              # a deferred item is written at the latest this long after its submit
+ALONE_S = 0.0005             # no other append for this long: write at once instead of gathering a batch
 
 
 class _Item:
@@ -51,6 +54,7 @@ class GroupCommit:
         self.queue: list[_Item] = []
         self.scheduled = False
         self.in_thread = False          # a batch is being written on the thread
+        self._last_submit = 0.0
         self.commits = 0                # (for tests and the bench: how appends were grouped)
         self.items = 0
         self._since_checkpoint = 0
@@ -63,9 +67,13 @@ class GroupCommit:
         calls `flush` (an HTTP handler, once its answer is out) or DEFER_S later."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+        now = loop.time()
+        alone, self._last_submit = now - self._last_submit > ALONE_S, now
         self.queue.append(_Item(work, future, heavy))
         if defer:
             loop.call_later(DEFER_S, self.flush)
+        elif alone and len(self.queue) == 1 and not self.in_thread and self.inline and not heavy:
+            self._flush()   # nobody else is appending: write it now, without a turn of the loop
         elif not self.scheduled and not self.in_thread:
             self.scheduled = True
             loop.call_soon(self._flush)

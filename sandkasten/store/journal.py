@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import random
 import sqlite3
@@ -44,6 +45,7 @@ from sandkasten.store.group_commit import GroupCommit
 from sandkasten.store.schema import events, execs, processes, sessions, workspaces
 
 T = TypeVar("T")
+log = logging.getLogger("sandkasten.journal")
 GENESIS_HASH = "0" * 64
 DURABILITIES = {"normal": "NORMAL", "full": "FULL"}
 _STATE_CACHE_SIZE = 10_000
@@ -134,11 +136,12 @@ class _Txn:
     """What one write transaction changed in memory (streams' states, the head), kept apart
     from the journal's caches until COMMIT: a rollback forgets it."""
 
-    __slots__ = ("states", "head")
+    __slots__ = ("states", "head", "recorded")
 
     def __init__(self) -> None:
         self.states: dict[str, State] = {}
         self.head: tuple[int, str] | None = None
+        self.recorded: list[RecordedEvent] = []
 
 
 class Journal:
@@ -168,6 +171,10 @@ class Journal:
         self._data_version: int | None = None
         self._txn: _Txn | None = None
         self._checkpointing = False
+        # called on the event loop with the events of every commit of this journal (in order)
+        self.listeners: list[Callable[[list[RecordedEvent]], None]] = []
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -294,6 +301,18 @@ class Journal:
             self._verified.add(stream_id)
         if txn.head is not None:
             self._head = txn.head
+        if self.listeners and txn.recorded:   # on the loop's thread, in commit order
+            if threading.get_ident() == self._loop_thread:
+                self._tell(txn.recorded)
+            else:
+                self._loop.call_soon_threadsafe(self._tell, txn.recorded)
+
+    def _tell(self, recorded: list[RecordedEvent]) -> None:
+        for listener in self.listeners:
+            try:
+                listener(recorded)
+            except Exception:  # noqa: BLE001 - a listener must never undo a commit
+                log.exception("journal listener failed")
 
     async def _write(self, action: str, fn: Callable[..., T], *args: Any, heavy: bool = False) -> T:
         """Run `fn(conn, *args)` inside a write transaction; errors translated. The work is not
@@ -311,11 +330,12 @@ class Journal:
         """One item of a group commit: on failure its savepoint is rolled back, and so is what
         it changed in the transaction's memory."""
         txn: _Txn = self._txn  # type: ignore[assignment]
-        saved = (dict(txn.states), txn.head)
+        saved = (dict(txn.states), txn.head, len(txn.recorded))
         try:
             return fn(conn, *args)
         except BaseException:
-            txn.states, txn.head = saved
+            txn.states, txn.head = saved[0], saved[1]
+            del txn.recorded[saved[2]:]
             raise
 
     async def _on_writer(self, action: str, fn: Callable[..., T], *args: Any) -> T:
@@ -471,6 +491,7 @@ class Journal:
         if state is not None:
             txn.states[stream_id] = state
         txn.head = (seq, prev_hash)
+        txn.recorded += recorded
         if self.url is not None and recorded:  # PostgreSQL: wake the other hosts' followers at commit
             postgres.notify(conn, self.fence[0] if self.fence else "", _owner(state))
         return recorded
