@@ -50,9 +50,13 @@ class Daemon:
         self.processes: ProcessControl
         self.log_watch = LogWatch()
         self.endings = Endings()
+        # seconds since this process started, when serve() began (imports done), the app and
+        # server were up, the journal open and the reconcile done: where a restart's time goes
+        self.phases: dict[str, float] = {"imported_s": _process_age()}
 
     async def start(self) -> None:
         cfg = self.cfg
+        self.phases["serving_s"] = _process_age()
         self.journal = await Journal.open(cfg.journal_target, cfg.journal.durability,
                                           busy_timeout_s=cfg.journal.busy_timeout_s)
         self.journal.listeners.append(self.endings.committed)   # streams wake when an end is committed
@@ -68,6 +72,7 @@ class Daemon:
 
             self.cluster = self.executor.cluster = Membership(cfg, self.executor)
             self.cluster.reconciler = self.reconciler
+        self.phases["journal_open_s"] = _process_age()
         self.tasks.append(asyncio.ensure_future(self._become_ready()))
 
     async def _become_ready(self) -> None:
@@ -89,7 +94,8 @@ class Daemon:
             self.tasks.append(asyncio.ensure_future(self.executor.follow()))
         self.tasks.append(asyncio.ensure_future(self.reconciler.watch()))
         self.tasks.append(asyncio.ensure_future(self.pool.run()))  # trims, then refills; idle members outlive stop
-        self.readiness = {"phase": "ready", "reconcile": stats}
+        self.phases["ready_s"] = _process_age()
+        self.readiness = {"phase": "ready", "reconcile": stats, "startup": dict(self.phases)}
         self.ready = True
 
     async def begin_stop(self) -> None:
@@ -114,6 +120,17 @@ class Daemon:
         await asyncio.to_thread(self.runtime.cgroups.release_parent)  # no trace when no sandbox is left
         await self.journal.close()
         self.log_watch.close()
+
+
+def _process_age() -> float:
+    """Seconds since this process started (/proc; clock-tick resolution)."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            started = int(f.read().rsplit(b")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        with open("/proc/uptime", "rb") as f:
+            return round(float(f.read().split()[0]) - started, 3)
+    except (OSError, ValueError, IndexError):
+        return -1.0
 
 
 def pidfile(cfg: Config) -> Path:

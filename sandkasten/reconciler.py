@@ -48,7 +48,7 @@ class Reconciler:
         t0 = time.monotonic()
         rows = await self.journal.sessions(include_ended=True)
         live = [r for r in rows if r["status"] not in ENDED and self.executor.owns(r)]  # a cluster: ours only
-        observed = await asyncio.to_thread(lambda: {r["id"]: self.runtime.observe(r["id"]) for r in live})
+        observed = await self.runtime.aobserve_all([r["id"] for r in live])
         adopted = [(r["id"], c.RecordSandboxAdopted(pid=observed[r["id"]].pid, start_time=observed[r["id"]].start_time))
                    for r in live if r["status"] == "running" and _same_runner(r, observed[r["id"]])]
         try:  # one commit for all of them: a restart with many live sessions stays fast

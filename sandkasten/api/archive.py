@@ -24,16 +24,16 @@ import os
 import queue
 from contextlib import suppress
 
-from sanic import Blueprint, Request, json
+from sanic import Request, json
 from sanic.exceptions import PayloadTooLarge
 
-from sandkasten.api import params
+from sandkasten.api import blueprint, params
 from sandkasten.api.files import session_fs
 from sandkasten.api.sessions import require_running, session_row
 from sandkasten.errors import SandkastenError, TooLarge
 from sandkasten.workspace_archive import WorkspaceArchive
 
-bp = Blueprint("archive", url_prefix="/v1")
+bp = blueprint("archive", url_prefix="/v1")
 log = logging.getLogger("sandkasten.api.archive")
 CHUNK = 1 << 16
 

@@ -7,17 +7,17 @@ import asyncio
 import base64
 import binascii
 
-from sanic import Blueprint, Request, json
+from sanic import Request, json
 from sanic.headers import parse_content_header
 from sanic.request.form import parse_multipart_form
 
 from sandkasten import intake
-from sandkasten.api import params
+from sandkasten.api import blueprint, params
 from sandkasten.api.sessions import json_body, require_running, session_row
 from sandkasten.errors import InvalidRequest, PathRefused, TooLarge
 from sandkasten.workspace_fs import MOUNT_POINT, WorkspaceFS
 
-bp = Blueprint("files", url_prefix="/v1")
+bp = blueprint("files", url_prefix="/v1")
 
 
 def session_fs(daemon, row: dict) -> WorkspaceFS:

@@ -13,10 +13,10 @@ import base64
 import hashlib
 from dataclasses import replace
 
-from sanic import Blueprint, Request, json
+from sanic import Request, json
 
 from sandkasten import exec_feed, intake
-from sandkasten.api import params
+from sandkasten.api import blueprint, params
 from sandkasten.api.sessions import json_body, require_running, session_row, settle
 from sandkasten.api.stream import event, resume_cursor, send_feed
 from sandkasten.domain import commands as c
@@ -26,7 +26,7 @@ from sandkasten.errors import (IllegalTransition, InvalidRequest, ProcessExited,
 from sandkasten.runtime.spec import EXEC_ID
 from sandkasten.views import process_view
 
-bp = Blueprint("processes", url_prefix="/v1")
+bp = blueprint("processes", url_prefix="/v1")
 ENDED = ("exited", "lost")
 OUTPUT_DEFAULT_BYTES = 64 * 1024
 KILL_WAIT_S = 5.0

@@ -7,10 +7,10 @@ import asyncio
 import base64
 import json as jsonlib
 
-from sanic import Blueprint, Request, json
+from sanic import Request, json
 
 from sandkasten import intake
-from sandkasten.api import params
+from sandkasten.api import blueprint, params
 from sandkasten.domain import commands as c
 from sandkasten.domain.session import UNCLAIMED, DuplicateIdempotencyKey
 from sandkasten.errors import (
@@ -27,7 +27,7 @@ from sandkasten.errors import (
 from sandkasten.runtime.spec import SESSION_ID, ExecRequest
 from sandkasten.views import session_view
 
-bp = Blueprint("sessions", url_prefix="/v1")
+bp = blueprint("sessions", url_prefix="/v1")
 ENDED = ("destroyed", "failed")
 
 

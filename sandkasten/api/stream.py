@@ -19,16 +19,16 @@ import base64
 import json as jsonlib
 import logging
 
-from sanic import Blueprint, Request
+from sanic import Request
 
 from sandkasten import exec_feed
-from sandkasten.api import params
+from sandkasten.api import blueprint, params
 from sandkasten.api.sessions import lost_exec, session_row, submit_exec
 from sandkasten.errors import ExecNotFound, InvalidRequest, SandboxError, SandkastenError
 from sandkasten.exec_feed import Cursor, FeedError, TextDecoder
 from sandkasten.runtime.spec import EXEC_ID, ExecRequest
 
-bp = Blueprint("stream", url_prefix="/v1")
+bp = blueprint("stream", url_prefix="/v1")
 log = logging.getLogger("sandkasten.api.stream")
 HEARTBEAT_S = 10.0
 SETTLED = ("finished", "lost")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from sanic import Blueprint, Request, json, text
+from sanic import Request, json, text
 
 from sandkasten import __version__
 from sandkasten.api.openapi import document
+from sandkasten.api import blueprint
 
-bp = Blueprint("system")
+bp = blueprint("system")
 
 
 @bp.get("/healthz")

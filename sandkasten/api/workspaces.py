@@ -16,10 +16,10 @@ import os
 import shutil
 import stat
 
-from sanic import Blueprint, Request, json
+from sanic import Request, json
 
 from sandkasten import intake
-from sandkasten.api import params
+from sandkasten.api import blueprint, params
 from sandkasten.api.files import parse_uploads, present_entry, write_request, write_uploads
 from sandkasten.api.sessions import json_body, settle
 from sandkasten.domain import commands as c
@@ -30,7 +30,7 @@ from sandkasten.errors import (IllegalTransition, InvalidRequest, SandboxError, 
 from sandkasten.runtime.procfs import mounts_under
 from sandkasten.workspace_fs import WorkspaceFS
 
-bp = Blueprint("workspaces", url_prefix="/v1")
+bp = blueprint("workspaces", url_prefix="/v1")
 
 
 def workspace_fs(daemon, wid: str) -> WorkspaceFS:

@@ -11,9 +11,10 @@ import mimetypes
 import re
 from pathlib import Path
 
-from sanic import Blueprint, Request
+from sanic import Request
 from sanic.response import raw
 
+from sandkasten.api import blueprint
 from sandkasten.errors import SandkastenError
 
 HERE = Path(__file__).resolve().parent
@@ -28,7 +29,7 @@ LIBRARIES = {
 INSTALL_HINT = "run `make install` (or tools/console-assets) to install the console's libraries with npm"
 _OWN_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*\.(js|css)$")
 
-bp = Blueprint("console_assets", url_prefix="/console")
+bp = blueprint("console_assets", url_prefix="/console")
 
 
 class AssetNotFound(SandkastenError):

@@ -7,14 +7,15 @@ from __future__ import annotations
 import io
 from datetime import datetime, timezone
 
-from sanic import Blueprint, Request
+from sanic import Request
 from sanic.response import raw
 
+from sandkasten.api import blueprint
 from sandkasten.console.render import page
 from sandkasten.errors import InvalidRequest
 from sandkasten.store import audit as trail
 
-bp = Blueprint("console_audit", url_prefix="/console")
+bp = blueprint("console_audit", url_prefix="/console")
 SHOWN = 500   # newest rows on the page; the download has them all
 
 

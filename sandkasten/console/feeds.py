@@ -18,9 +18,9 @@ import json
 import time
 from datetime import datetime, timezone
 
-from sanic import Blueprint, Request
+from sanic import Request
 
-from sandkasten.api import params
+from sandkasten.api import blueprint, params
 from sandkasten.api.sessions import session_row
 from sandkasten.console import timeline
 from sandkasten.console.pages import entry_context, outputs
@@ -28,7 +28,7 @@ from sandkasten.console.render import fragment
 from sandkasten.errors import SandkastenError
 from sandkasten.views import session_view
 
-bp = Blueprint("console_feeds", url_prefix="/console")
+bp = blueprint("console_feeds", url_prefix="/console")
 POLL_S = 0.5
 STATS_S = 2.0
 HEARTBEAT_S = 15.0

@@ -9,16 +9,17 @@ from __future__ import annotations
 import asyncio
 from urllib.parse import quote
 
-from sanic import Blueprint, Request
+from sanic import Request
 from sanic.response import raw
 
+from sandkasten.api import blueprint
 from sandkasten.api.files import present_entry, session_fs
 from sandkasten.api.sessions import require_running, session_row
 from sandkasten.api.workspaces import existing, workspace_fs
 from sandkasten.console.render import page
 from sandkasten.workspace_fs import MOUNT_POINT, WorkspaceFS
 
-bp = Blueprint("console_files", url_prefix="/console")
+bp = blueprint("console_files", url_prefix="/console")
 LISTED = 2000   # entries shown per directory
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from sanic import Blueprint, Request
+from sanic import Request
 from sanic.response import redirect
 
+from sandkasten.api import blueprint
 from sandkasten.console import auth
 from sandkasten.console.render import page
 
-bp = Blueprint("console_login", url_prefix="/console")
+bp = blueprint("console_login", url_prefix="/console")
 log = logging.getLogger("sandkasten.console")
 FAILED_LOGIN_DELAY_S = 0.5   # slows guessing; the key comparison itself is constant-time
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sanic import Blueprint, Request
+from sanic import Request
 
+from sandkasten.api import blueprint
 from sandkasten.console import charts
 from sandkasten.console.render import page, parse_time
 from sandkasten.store import audit as trail
 
-bp = Blueprint("console_metrics", url_prefix="/console")
+bp = blueprint("console_metrics", url_prefix="/console")
 
 
 @bp.get("/metrics")

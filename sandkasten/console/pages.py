@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from sanic import Blueprint, Request
+from sanic import Request
 from sanic.response import raw
 
+from sandkasten.api import blueprint
 from sandkasten.api.processes import process_row
 from sandkasten.api.sessions import session_row
 from sandkasten.api.workspaces import listing as workspace_listing
@@ -23,7 +24,7 @@ from sandkasten.errors import ExecNotFound
 from sandkasten.runtime.spec import EXEC_ID
 from sandkasten.views import session_view
 
-bp = Blueprint("console_pages", url_prefix="/console")
+bp = blueprint("console_pages", url_prefix="/console")
 PAGE_OUTPUT_BYTES = 32 * 1024   # output shown inline per command; the rest is a download away
 TIMELINE_ENTRIES = 300          # newest entries shown unless ?all=true
 

@@ -7,8 +7,10 @@ process — not only the one that created a sandbox — can use it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from runner import protocol, results
@@ -131,6 +133,24 @@ class Runtime:
         return Observed(session_id=sid, pid=pid, start_time=st, alive=alive, answering=answering or
                         (alive and not ping), cgroup=exists,
                         populated=exists and self.cgroups.populated(sid), session_dir=p.root.exists())
+
+    async def aobserve_all(self, sids: list[str], concurrency: int = 64) -> dict[str, Observed]:
+        """`observe` for many sandboxes at once (a restart adopting every live session): the
+        files and /proc on a thread, the pings concurrently over the event loop (each answered
+        connection is kept for the next call)."""
+        seen = await asyncio.to_thread(lambda: {sid: self.observe(sid, ping=False) for sid in sids})
+        gate = asyncio.Semaphore(concurrency)
+
+        async def ping(sid: str) -> tuple[str, bool]:
+            async with gate:
+                try:
+                    reply = await client.acall(self.paths(sid).socket, {"op": "ping"}, timeout=2)
+                except (SandboxGone, OSError, ValueError, asyncio.TimeoutError):
+                    return sid, False
+            return sid, bool(reply.get("ok"))
+
+        answering = dict(await asyncio.gather(*(ping(sid) for sid, obs in seen.items() if obs.alive)))
+        return {sid: replace(obs, answering=answering.get(sid, False)) for sid, obs in seen.items()}
 
     def host_sessions(self) -> set[str]:
         """Every session id that has any trace on the host: dirs, sockets, cgroups."""
