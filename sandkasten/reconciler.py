@@ -49,6 +49,7 @@ class Reconciler:
         rows = await self.journal.sessions(include_ended=True)
         live = [r for r in rows if r["status"] not in ENDED and self.executor.owns(r)]  # a cluster: ours only
         observed = await self.runtime.aobserve_all([r["id"] for r in live])
+        t_observed = time.monotonic()
         adopted = [(r["id"], c.RecordSandboxAdopted(pid=observed[r["id"]].pid, start_time=observed[r["id"]].start_time))
                    for r in live if r["status"] == "running" and _same_runner(r, observed[r["id"]])]
         try:  # one commit for all of them: a restart with many live sessions stays fast
@@ -56,6 +57,7 @@ class Reconciler:
         except IllegalTransition:  # one moved on meanwhile (e.g. `sandkasten rm`): one by one
             for sid, command in adopted:
                 await self.executor.record(sid, command, actor=ACTOR)
+        t_adopted = time.monotonic()
         lost = 0
         for row in live:
             sid, obs, status = row["id"], observed[row["id"]], row["status"]
@@ -82,7 +84,8 @@ class Reconciler:
             except (SandkastenError, OSError, ValueError) as e:
                 log.warning("unable to remove leftovers of %s: %s", sid, e)
         self.stats = {"sessions": len(live), "adopted": len(adopted), "lost": lost, "orphans_removed": len(orphans),
-                      "seconds": round(time.monotonic() - t0, 3)}
+                      "seconds": round(time.monotonic() - t0, 3), "observe_s": round(t_observed - t0, 3),
+                      "adopt_s": round(t_adopted - t_observed, 3)}
         log.info("reconciled: %s", self.stats)
         return self.stats
 

@@ -37,6 +37,8 @@ class Runtime:
         self.images = images
         self.cgroups = cgroups
         self.spawner = Spawner(cgroup_root, cgroups.parent)
+        # [step, ms since the spawner took the request] of the last create (see zygote.spawn)
+        self.last_steps: list[list] = []
 
     @classmethod
     def detect(cls, data_dir: Path, cgroup_parent: str = "sandkasten",
@@ -97,6 +99,7 @@ class Runtime:
             if reply.get("code") == InvalidRequest.code:
                 raise InvalidRequest(msg)
             raise SandboxError(msg if msg.startswith("unable") else f"unable to create sandbox: {msg}")
+        self.last_steps = reply.get("steps") or []
         return self.observe(spec.session_id, ping=False)
 
     # ------------------------------------------------------------------ adjust (a claimed pool sandbox)
@@ -138,7 +141,7 @@ class Runtime:
         """`observe` for many sandboxes at once (a restart adopting every live session): the
         files and /proc on a thread, the pings concurrently over the event loop (each answered
         connection is kept for the next call)."""
-        seen = await asyncio.to_thread(lambda: {sid: self.observe(sid, ping=False) for sid in sids})
+        seen = await asyncio.to_thread(lambda: {sid: self._observe_quick(sid) for sid in sids})
         gate = asyncio.Semaphore(concurrency)
 
         async def ping(sid: str) -> tuple[str, bool]:
@@ -151,6 +154,16 @@ class Runtime:
 
         answering = dict(await asyncio.gather(*(ping(sid) for sid, obs in seen.items() if obs.alive)))
         return {sid: replace(obs, answering=answering.get(sid, False)) for sid, obs in seen.items()}
+
+    def _observe_quick(self, sid: str) -> Observed:
+        """`observe` without the ping, and for a live runner without looking for leftovers
+        (cgroup, dirs): those only matter for a sandbox whose runner is gone."""
+        p = self.paths(sid)
+        pid, st = read_pidfile(p.pidfile)
+        if pid is None or proc_start_time(pid) != st:
+            return self.observe(sid, ping=False)
+        return Observed(session_id=sid, pid=pid, start_time=st, alive=True, answering=True, cgroup=True,
+                        populated=True, session_dir=True)
 
     def host_sessions(self) -> set[str]:
         """Every session id that has any trace on the host: dirs, sockets, cgroups."""
@@ -275,7 +288,11 @@ def _result(sid: str, exec_id: str, reply: dict) -> ExecResult:
 
 def read_pidfile(path: Path) -> tuple[int | None, int | None]:
     try:
-        pid, st = path.read_text().split()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            pid, st = os.read(fd, 64).split()
+        finally:
+            os.close(fd)
         return int(pid), int(st)
     except (OSError, ValueError):
         return None, None

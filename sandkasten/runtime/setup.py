@@ -16,6 +16,7 @@ import os
 import socket
 import stat
 import struct
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -40,6 +41,7 @@ class Context:
     logs_fd: int = -1
     net_fd: int = -1     # bridge mode: the spawner's word that eth0 is configured (see network.py)
     network: dict | None = None
+    clock: list | None = None   # [step name, CLOCK_MONOTONIC when it ended] per step, for the spawner's report
 
 
 @dataclass(frozen=True)
@@ -223,6 +225,8 @@ def run_steps(ctx: Context) -> None:
     for step in STEPS:
         try:
             step.run(ctx)
+            if ctx.clock is not None:
+                ctx.clock.append((step.name, time.monotonic()))
         except OSError as e:
             raise SetupFailed(f"unable to {step.name} for sandbox {ctx.spec.session_id}: "
                               f"{e.strerror or e}") from None

@@ -27,12 +27,14 @@ class _Compiled:
     __slots__ = ("stmt", "sql", "names", "defaults", "binders", "row_type", "results")
 
     def __init__(self, stmt: sa.Executable) -> None:
-        c = stmt.compile(dialect=DIALECT)
+        # constant IN lists become one placeholder per value (their values are defaults below)
+        c = stmt.compile(dialect=DIALECT, compile_kwargs={"render_postcompile": True})
         self.stmt = stmt
         self.sql = str(c)
         self.names = tuple(c.positiontup or ())
         self.defaults = dict(c.params)
-        self.binders = tuple(c.binds[k].type._cached_bind_processor(DIALECT) for k in self.names)
+        binds = [c.binds[k] if k in c.binds else c.binds.get(k.rsplit("_", 1)[0]) for k in self.names]
+        self.binders = tuple(b.type._cached_bind_processor(DIALECT) if b is not None else None for b in binds)
         columns = getattr(c, "_result_columns", None) or []
         self.row_type = namedtuple("Row", [col.keyname for col in columns], rename=True) if columns else None  # type: ignore[misc]
         self.results: tuple[Callable[[Any], Any] | None, ...] = tuple(

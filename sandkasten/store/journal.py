@@ -40,7 +40,7 @@ from sandkasten.domain import host
 from sandkasten.domain.events import RecordedEvent
 from sandkasten.domain.session import (DESTROYING, ENDED_STATUSES, POOL_IDLE, UNCLAIMED, PriorExecs, State, decide, evolve)
 from sandkasten.errors import ConcurrencyConflict, InvalidRequest, JournalError, SandkastenError
-from sandkasten.store import fastpath, postgres, projections, schema
+from sandkasten.store import fastpath, postgres, projections, queries, schema
 from sandkasten.store.group_commit import GroupCommit
 from sandkasten.store.schema import events, execs, processes, sessions, workspaces
 
@@ -629,25 +629,28 @@ class Journal:
     async def session(self, sid: str) -> dict[str, Any] | None:
         return await self._point_read(_SESSION_BY_ID, {"id": sid})
 
+    async def _list(self, stmt: sa.Select, params: dict[str, Any] | None = None, inline: bool = False
+                    ) -> list[dict[str, Any]]:
+        """Rows of a prebuilt list statement as dicts: on the reader thread — or, `inline` (a
+        list bounded by one session or by the pool), on SQLite right on the loop."""
+        params = params or {}
+        if inline and self._point_reader is not None:
+            rows = await self._point(stmt, params)
+        else:
+            rows = await self._on_reader("read", lambda conn: fastpath.execute(conn, stmt, params))
+        return [fastpath.mapping(row) for row in rows]
+
     async def sessions(self, include_ended: bool = False, include_pool: bool = True) -> list[dict[str, Any]]:
         """Sessions not ended (or all); `include_pool=False` leaves out pool members nobody
         has claimed yet (what clients list)."""
-        query = sa.select(sessions).order_by(sessions.c.created_at, sessions.c.id)
-        if not include_ended:
-            query = query.where(sessions.c.status.not_in(ENDED_STATUSES))
-        if not include_pool:
-            query = query.where(sa.or_(sessions.c.pool.is_(None), sessions.c.pool.not_in(UNCLAIMED)))
-        return await self._rows(query)
+        return await self._list(queries.SESSIONS[(include_ended, include_pool)])
 
     async def idle_pool(self) -> list[dict[str, Any]]:
         """Unclaimed pool members not ended or being destroyed, oldest first."""
-        query = (sa.select(sessions).where(sessions.c.pool == POOL_IDLE,
-                                           sessions.c.status.not_in((*ENDED_STATUSES, DESTROYING)))
-                 .order_by(sessions.c.created_at, sessions.c.id))
-        return await self._rows(query)
+        return await self._list(queries.IDLE_POOL, inline=True)
 
     async def execs(self, session_id: str) -> list[dict[str, Any]]:
-        return await self._rows(sa.select(execs).where(execs.c.session_id == session_id).order_by(execs.c.seq_no))
+        return await self._list(queries.EXECS_OF, {"sid": session_id})
 
     async def exec(self, exec_id: str) -> dict[str, Any] | None:
         return await self._point_read(_EXEC_BY_ID, {"id": exec_id})
@@ -657,19 +660,14 @@ class Journal:
 
     async def pending_execs(self) -> list[dict[str, Any]]:
         """Execs requested or running (for the reconciler), oldest first."""
-        query = (sa.select(execs).where(execs.c.status.in_(("requested", "running")))
-                 .order_by(execs.c.requested_at, execs.c.session_id, execs.c.seq_no))
-        return await self._rows(query)
+        return await self._list(queries.PENDING_EXECS)
 
     async def hosts(self) -> list[dict[str, Any]]:
         """The hosts of a cluster (shared journal), by id; empty on a single host."""
-        return await self._rows(sa.select(schema.hosts).order_by(schema.hosts.c.id))
+        return await self._list(queries.HOSTS)
 
     async def processes(self, session_id: str, include_ended: bool = False) -> list[dict[str, Any]]:
-        query = sa.select(processes).where(processes.c.session_id == session_id)
-        if not include_ended:
-            query = query.where(processes.c.status.in_(("requested", "running")))
-        return await self._rows(query.order_by(processes.c.requested_at, processes.c.id))
+        return await self._list(queries.PROCESSES_OF[include_ended], {"sid": session_id}, inline=True)
 
     async def process(self, process_id: str) -> dict[str, Any] | None:
         return await self._point_read(_PROCESS_BY_ID, {"id": process_id})
@@ -679,12 +677,10 @@ class Journal:
 
     async def pending_processes(self) -> list[dict[str, Any]]:
         """Processes requested or running, oldest first (for the reconciler and the executor)."""
-        query = (sa.select(processes).where(processes.c.status.in_(("requested", "running")))
-                 .order_by(processes.c.requested_at, processes.c.id))
-        return await self._rows(query)
+        return await self._list(queries.PENDING_PROCESSES)
 
     async def workspaces(self) -> list[dict[str, Any]]:
-        return await self._rows(sa.select(workspaces).order_by(workspaces.c.created_at, workspaces.c.id))
+        return await self._list(queries.WORKSPACES)
 
     async def snapshot_read_tables(self) -> dict[str, list[dict[str, Any]]]:
         snapshot = {}

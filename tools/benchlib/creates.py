@@ -49,21 +49,34 @@ def cold(report: Report, d: BenchDaemon, n: int) -> None:
         http.close()
 
 
+STEPS = "create: the spawner's steps (ms each, median; from the zygote's and its children's clock)"
+
+
 def runtime_direct(report: Report, rt, n: int) -> None:
     """The same work without the daemon: Runtime.create (zygote fork, namespaces, overlay,
-    pivot_root, cgroup) and one exec on the runner socket."""
-    values = []
+    pivot_root, cgroup) and one exec on the runner socket; and, from the spawner's report of
+    each create (`steps`), how long each step took."""
+    values, creates, steps = [], [], {}
     for i in range(n + 2):
         sid = f"s-bench-rt-{i}"
         t0 = time.perf_counter()
         rt.create(rt.spec(sid, "base"))
+        t1 = time.perf_counter()
         client.call(rt.paths(sid).socket, {"op": "exec", "id": f"b{next(_ids)}", "cmd": ":",
-                                          "timeout_ms": 10_000, "wait": True})
+                                          "timeout_ms": 10_000, "wait": True, "fresh": True})
         elapsed = (time.perf_counter() - t0) * 1000
         rt.destroy(sid)
         if i >= 2:
             values.append(elapsed)
+            creates.append((t1 - t0) * 1000)
+            before = 0.0
+            for name, at in rt.last_steps:
+                steps.setdefault(name, []).append(at - before)
+                before = at
     report.add(SECTION, "create.runtime", "create via Runtime (no daemon) + first exec", Summary.of(values))
+    report.add(SECTION, "create.runtime.create", "  of which Runtime.create", Summary.of(creates))
+    for name, took in steps.items():
+        report.add(STEPS, f"create.step.{name}", f"  {name}", Summary.of(took))
 
 
 def pooled(report: Report, d: BenchDaemon, n: int, refill_s: float = 0.3) -> None:

@@ -1,0 +1,41 @@
+"""The journal's list reads as prebuilt statements: built and compiled once (`fastpath`), run
+with bound parameters — not a new SQLAlchemy statement per call (building and compiling one
+costs about a millisecond, far more than SQLite takes to answer it).
+
+Who uses this: `store.journal` (its `sessions()`, `idle_pool()`, `pending_execs()`, …)."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from sandkasten.domain.session import DESTROYING, ENDED_STATUSES, POOL_IDLE, UNCLAIMED
+from sandkasten.store.schema import execs, hosts, processes, sessions, workspaces
+
+_PENDING = ("requested", "running")
+_BY_AGE = (sessions.c.created_at, sessions.c.id)
+
+
+def _sessions(include_ended: bool, include_pool: bool) -> sa.Select:
+    query = sa.select(sessions).order_by(*_BY_AGE)
+    if not include_ended:
+        query = query.where(sessions.c.status.not_in(ENDED_STATUSES))
+    if not include_pool:
+        query = query.where(sa.or_(sessions.c.pool.is_(None), sessions.c.pool.not_in(UNCLAIMED)))
+    return query
+
+
+SESSIONS = {(ended, pool): _sessions(ended, pool) for ended in (False, True) for pool in (False, True)}
+IDLE_POOL = (sa.select(sessions).where(sessions.c.pool == POOL_IDLE,
+                                       sessions.c.status.not_in((*ENDED_STATUSES, DESTROYING))).order_by(*_BY_AGE))
+EXECS_OF = sa.select(execs).where(execs.c.session_id == sa.bindparam("sid")).order_by(execs.c.seq_no)
+PENDING_EXECS = (sa.select(execs).where(execs.c.status.in_(_PENDING))
+                 .order_by(execs.c.requested_at, execs.c.session_id, execs.c.seq_no))
+PROCESSES_OF = {
+    ended: (sa.select(processes).where(processes.c.session_id == sa.bindparam("sid"),
+                                       *(() if ended else (processes.c.status.in_(_PENDING),)))
+            .order_by(processes.c.requested_at, processes.c.id))
+    for ended in (False, True)}
+PENDING_PROCESSES = (sa.select(processes).where(processes.c.status.in_(_PENDING))
+                     .order_by(processes.c.requested_at, processes.c.id))
+WORKSPACES = sa.select(workspaces).order_by(workspaces.c.created_at, workspaces.c.id)
+HOSTS = sa.select(hosts).order_by(hosts.c.id)
