@@ -97,6 +97,7 @@ class Daemon:
         self.phases["ready_s"] = _process_age()
         self.readiness = {"phase": "ready", "reconcile": stats, "startup": dict(self.phases)}
         self.ready = True
+        self.tasks.append(asyncio.ensure_future(asyncio.to_thread(self.runtime.warm)))   # spares for the first creates
 
     async def begin_stop(self) -> None:
         """First half of a stop, while connections still drain: the background loops and the

@@ -189,7 +189,8 @@ class Pool:
                 self._failed(image, e)
                 continue
             for _ in range(missing):
-                sid = intake.new_session_id()
+                sid = (self.executor.runtime.reserve_id() if self.executor.cluster is None else None) \
+                    or intake.new_session_id()
                 await self.journal.execute(sid, self.template(image), actor=ACTOR)
                 task = self.executor.ensure_session(sid)
                 task.add_done_callback(lambda t, i=image: self._created(i, t))

@@ -20,6 +20,7 @@ from sandkasten.images.store import ImageStore
 from sandkasten.runtime import cgroups as cgroups_mod
 from sandkasten.runtime import client
 from sandkasten.runtime import network as network_mod
+from sandkasten.runtime import spares
 from sandkasten.runtime.layout import Layout, SessionPaths
 from sandkasten.runtime.procfs import mounts_under, proc_start_time
 from sandkasten.runtime.spawner import Spawner
@@ -36,7 +37,9 @@ class Runtime:
         self.network = network or network_mod.Settings()
         self.images = images
         self.cgroups = cgroups
-        self.spawner = Spawner(cgroup_root, cgroups.parent)
+        self.spares_dir = self.layout.run / ".spares"   # see runtime/spares.py (not a session id: no sweep takes it)
+        self._reserved: set[str] = set()
+        self.spawner = Spawner(cgroup_root, cgroups.parent, self.spares_dir)
         # [step, ms since the spawner took the request] of the last create (see zygote.spawn)
         self.last_steps: list[list] = []
 
@@ -51,10 +54,27 @@ class Runtime:
     def close(self) -> None:
         self.spawner.close()
 
+    def warm(self) -> None:
+        """Start the spawner now (it then makes its spares) rather than on the first create."""
+        try:
+            self.spawner.request({"op": "ping"})
+        except SandboxError:
+            pass   # the first create starts it again
+
     def paths(self, sid: str) -> SessionPaths:
         return self.layout.of(sid)
 
     # ------------------------------------------------------------------ create
+    def reserve_id(self) -> str | None:
+        """A session id the spawner has a spare ready for (cgroups joined, child forked: a
+        create with it skips the slowest steps), not handed out before; None when there is none."""
+        for sid in sorted(spares.live(self.spares_dir) - self._reserved):
+            self._reserved.add(sid)
+            if len(self._reserved) > 64:
+                self._reserved = {s for s in self._reserved if (self.spares_dir / s).exists()} | {sid}
+            return sid
+        return None
+
     def spec(self, sid: str, image: str, workspace_dir: Path | None = None, **options) -> SandboxSpec:
         """A validated spec; the image must exist and be usable (has /bin/sh)."""
         check_session_id(sid)
@@ -124,6 +144,9 @@ class Runtime:
     # ------------------------------------------------------------------ observe
     def observe(self, sid: str, ping: bool = True) -> Observed:
         p = self.paths(sid)
+        if spares.is_live(self.spares_dir, sid):   # the spawner's spare for this id: no sandbox yet
+            return Observed(session_id=sid, pid=None, start_time=None, alive=False, answering=False,
+                            cgroup=False, populated=False, session_dir=False)
         pid, st = read_pidfile(p.pidfile)
         alive = pid is not None and proc_start_time(pid) == st
         answering = False
@@ -172,7 +195,7 @@ class Runtime:
         for base in (self.layout.sessions, self.layout.run):
             if base.is_dir():
                 found.update(e.name for e in base.iterdir() if e.is_dir() and SESSION_ID.match(e.name))
-        return found
+        return found - spares.live(self.spares_dir)
 
     # ------------------------------------------------------------------ exec
     def _exec_msg(self, req: ExecRequest, fresh: bool = False) -> dict:

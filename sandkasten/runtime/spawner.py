@@ -15,8 +15,9 @@ from sandkasten.errors import SandboxError
 
 
 class Spawner:
-    def __init__(self, cgroup_root: Path, cgroup_parent: str):
-        self.args = [sys.executable, "-m", "sandkasten.runtime.zygote", str(cgroup_root), cgroup_parent]
+    def __init__(self, cgroup_root: Path, cgroup_parent: str, spares_dir: Path | None = None):
+        self.args = [sys.executable, "-m", "sandkasten.runtime.zygote", str(cgroup_root), cgroup_parent,
+                     str(spares_dir or "")]
         self.proc: subprocess.Popen | None = None
         self.lock = threading.Lock()
 

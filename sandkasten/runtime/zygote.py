@@ -29,6 +29,7 @@ import select
 import signal
 import sys
 import time
+from pathlib import Path
 
 from runner import runner as runner_main
 from sandkasten.errors import SandboxError
@@ -38,6 +39,7 @@ from sandkasten.runtime import privileges
 from sandkasten.runtime import syscalls as sc
 from sandkasten.runtime.setup import Context, SetupFailed, run_steps
 from sandkasten.runtime.procfs import proc_start_time
+from sandkasten.runtime.spares import Spares
 from sandkasten.runtime.spec import SandboxSpec
 
 NAMESPACES = (os.CLONE_NEWNS | os.CLONE_NEWUTS | os.CLONE_NEWIPC | os.CLONE_NEWNET
@@ -52,9 +54,13 @@ BASE_ENV = {
 
 
 class Zygote:
-    def __init__(self, cgroups: cgroups_mod.Cgroups):
+    def __init__(self, cgroups: cgroups_mod.Cgroups, spares_dir: Path | None = None):
         self.cgroups = cgroups
         self.prepared: dict[tuple, object] = {}
+        self.spares = Spares(cgroups, spares_dir, _libc)
+
+    def fill_spares(self) -> None:
+        self.spares.fill(lambda procs, cmd_r, ready_w: _spare_a(self, procs, cmd_r, ready_w))
 
     def spawn(self, req: dict) -> dict:
         """Create one sandbox; the reply carries `steps`: [name, ms since the request arrived]
@@ -69,15 +75,19 @@ class Zygote:
             self.prepared[key] = privileges.prepare(*key)
         prepared = self.prepared[key]
         clock.append(("read the request", time.monotonic()))
-        self.cgroups.create(spec.session_id, cgroups_mod.Limits(
-            mem_bytes=spec.mem_limit_mb * 1024 * 1024, pids=spec.pids_limit, cpu=spec.cpu_limit))
+        limits = cgroups_mod.Limits(mem_bytes=spec.mem_limit_mb * 1024 * 1024, pids=spec.pids_limit,
+                                    cpu=spec.cpu_limit)
+        env = {**BASE_ENV, "USER": "root" if spec.uid == 0 else "sandbox", **spec.env}
+        net = req.get("network")  # bridge mode: B waits on net_r until we connected it
+        spare = None if net else self.spares.take(spec.session_id, req["spec"], paths, env, limits)
+        if spare is not None:   # cgroups joined long ago: A unshares and forks PID 1 now
+            clock.append(("spare: limits set, spec handed over", time.monotonic()))
+            return self._finish(spec, paths, _read_report(spare.ready_r, READY_TIMEOUT), spare.ready_r, t0, clock)
+        self.cgroups.create(spec.session_id, limits)
         procs = [str(p) for p in self.cgroups.procs_paths(spec.session_id)]
         clock.append(("create cgroups", time.monotonic()))
-        net = req.get("network")  # bridge mode: B waits on net_r until we connected it
         net_r, net_w = os.pipe() if net else (-1, -1)
-        ctx = Context(spec=spec, rootfs=paths["rootfs"], upper=paths["upper"], work=paths["work"],
-                      run_dir=paths["run"], logs_dir=paths["logs"], net_fd=net_r, clock=[])
-        env = {**BASE_ENV, "USER": "root" if spec.uid == 0 else "sandbox", **spec.env}
+        ctx = _context(spec, paths, net_r)
         ready_r, ready_w = os.pipe()
         pid_a = os.fork()
         if pid_a == 0:
@@ -94,6 +104,9 @@ class Zygote:
             pass
         report = (_read_report(ready_r, READY_TIMEOUT) if not net
                   else _connect_network(net, spec.session_id, ready_r, net_w))
+        return self._finish(spec, paths, report, ready_r, t0, clock)
+
+    def _finish(self, spec: SandboxSpec, paths: dict, report: dict, ready_r: int, t0: float, clock: list) -> dict:
         os.close(ready_r)
         clock.append(("ready report read", time.monotonic()))
         pid = report.get("pid")
@@ -148,29 +161,67 @@ class Zygote:
                 return
 
 
+def _context(spec: SandboxSpec, paths: dict, net_r: int = -1) -> Context:
+    return Context(spec=spec, rootfs=paths["rootfs"], upper=paths["upper"], work=paths["work"],
+                   run_dir=paths["run"], logs_dir=paths["logs"], net_fd=net_r, clock=[])
+
+
+def _join(procs: list[str]) -> None:
+    """Join the session's cgroups (before unsharing the cgroup namespace: they become its root)."""
+    pid = str(os.getpid()).encode()
+    for path in procs:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, pid)
+        finally:
+            os.close(fd)
+
+
 def _child_a(ctx: Context, procs: list[str], ready_w: int, env: dict, before_exec) -> None:
     """Intermediate child: never returns."""
     try:
         ctx.clock.append(("fork A", time.monotonic()))   # type: ignore[union-attr]
         os.setsid()
-        pid = str(os.getpid()).encode()
-        for path in procs:  # join the cgroup before unsharing it: it becomes the sandbox's root
-            fd = os.open(path, os.O_WRONLY)
-            try:
-                os.write(fd, pid)
-            finally:
-                os.close(fd)
+        _join(procs)
         ctx.clock.append(("A: join cgroups", time.monotonic()))   # type: ignore[union-attr]
-        os.unshare(NAMESPACES)
-        ctx.clock.append(("A: unshare namespaces", time.monotonic()))   # type: ignore[union-attr]
-        pid_b = os.fork()
-        if pid_b == 0:
-            _child_b(ctx, ready_w, env, before_exec)
-        os.write(ready_w, f"pid {pid_b}\n".encode())
-        os._exit(0)
+        _unshare_and_fork(ctx, ready_w, env, before_exec)
     except BaseException as e:  # noqa: BLE001 - report to the zygote, then die
         _write(ready_w, {"ok": False, "error": f"unable to create namespaces: {e}"})
         os._exit(1)
+
+
+def _spare_a(zygote: Zygote, procs: list[str], cmd_r: int, ready_w: int) -> None:
+    """A spare child A (see spares.py): join the cgroups now, wait for a spec, then go on as
+    `_child_a` does. Leaves quietly if the zygote closes the pipe instead. Never returns."""
+    try:
+        os.setsid()
+        _join(procs)
+        data = bytearray()   # one line of JSON (copies of the pipe's other end may live on in siblings)
+        while not data.endswith(b"\n"):
+            chunk = os.read(cmd_r, 65536)
+            if not chunk:
+                os._exit(0)
+            data += chunk
+        req = json.loads(data)
+        spec = SandboxSpec.from_json(req["spec"])
+        ctx = _context(spec, req["paths"])
+        ctx.clock.append(("spare A: spec read", time.monotonic()))   # type: ignore[union-attr]
+        key = (spec.seccomp, spec.uid, spec.gid)
+        prepared = zygote.prepared.get(key) or privileges.prepare(*key)
+        _unshare_and_fork(ctx, ready_w, req["env"], lambda: privileges.apply(prepared))
+    except BaseException as e:  # noqa: BLE001 - report to the zygote, then die
+        _write(ready_w, {"ok": False, "error": f"unable to create namespaces: {e}"})
+        os._exit(1)
+
+
+def _unshare_and_fork(ctx: Context, ready_w: int, env: dict, before_exec) -> None:
+    os.unshare(NAMESPACES)
+    ctx.clock.append(("A: unshare namespaces", time.monotonic()))   # type: ignore[union-attr]
+    pid_b = os.fork()
+    if pid_b == 0:
+        _child_b(ctx, ready_w, env, before_exec)
+    os.write(ready_w, f"pid {pid_b}\n".encode())
+    os._exit(0)
 
 
 def _child_b(ctx: Context, ready_w: int, env: dict, before_exec) -> None:
@@ -334,8 +385,9 @@ def _immortalize() -> int:
 def main() -> None:
     """Serve spawn requests on stdin/stdout until stdin closes (the daemon died or left)."""
     cgroup_root, parent = sys.argv[1], sys.argv[2]
+    spares_dir = Path(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3] else None
     _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    zygote = Zygote(cgroups_mod.detect(root=__import__("pathlib").Path(cgroup_root), parent=parent))
+    zygote = Zygote(cgroups_mod.detect(root=Path(cgroup_root), parent=parent), spares_dir)
     zygote.cgroups.ensure_parent()
     gc.collect()
     _immortalize()   # a runner then never writes these objects' reference counts ...
@@ -344,6 +396,7 @@ def main() -> None:
     out = sys.stdout.buffer
     out.write(b'{"ok": true, "ready": true}\n')
     out.flush()
+    zygote.fill_spares()
     for line in sys.stdin.buffer:
         zygote.reap()
         try:
@@ -363,6 +416,11 @@ def main() -> None:
                      "code": getattr(e, "code", None)}
         out.write((json.dumps(reply) + "\n").encode())
         out.flush()
+        try:   # between requests: the next creates' slow half
+            zygote.fill_spares()
+        except Exception:  # noqa: BLE001 - without spares, creates take the ordinary path
+            pass
+    zygote.spares.close()
     zygote.reap()
 
 
