@@ -4,9 +4,9 @@ Who runs this: the daemon's event loop (one inotify descriptor, read through
 `loop.add_reader`). Runners append output frames to `logs/<sid>/<id>.log`; a stream that has
 read to the end of such a file arms a `Ticket` for it *before* its last read, then waits on the
 ticket: a write after that read wakes it at once, so a keystroke's echo reaches the client
-without a polling delay. One watch per log directory, dropped when nobody waits on it. When
-inotify is unavailable (no ctypes libc, the watch limit reached) `arm` returns None and the
-caller falls back to polling.
+without a polling delay. One watch per log directory, dropped UNWATCH_AFTER_S after nobody
+waits on it any more. When inotify is unavailable (no ctypes libc, the watch limit reached)
+`arm` returns None and the caller falls back to polling.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ IN_Q_OVERFLOW, IN_IGNORED = 0x4000, 0x8000
 IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
 _EVENT = struct.Struct("iIII")
 _MASK = IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE
+UNWATCH_AFTER_S = 2.0   # a directory nobody waits on stays watched this long (followers re-arm at once)
 
 
 def _key(name: str) -> str:
@@ -59,6 +60,7 @@ class LogWatch:
         self.dirs: dict[str, int] = {}                   # directory -> watch descriptor
         self.names: dict[int, str] = {}                  # watch descriptor -> directory
         self.tickets: dict[tuple[str, str], set[Ticket]] = {}
+        self._unwatching: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         try:
             self._libc = ctypes.CDLL(None, use_errno=True)
@@ -99,11 +101,20 @@ class LogWatch:
         if waiting:
             return
         del self.tickets[(ticket.directory, ticket.key)]
-        if not any(d == ticket.directory for d, _ in self.tickets):
-            wd = self.dirs.pop(ticket.directory, None)
-            if wd is not None:
-                self.names.pop(wd, None)
-                self._libc.inotify_rm_watch(self.fd, wd)
+        if self._loop is not None and ticket.directory not in self._unwatching:
+            # a follower re-arms right after each wake: keep the watch a while instead of
+            # removing and adding it again around every chunk
+            self._unwatching.add(ticket.directory)
+            self._loop.call_later(UNWATCH_AFTER_S, self._unwatch, ticket.directory)
+
+    def _unwatch(self, directory: str) -> None:
+        self._unwatching.discard(directory)
+        if self.fd < 0 or any(d == directory for d, _ in self.tickets):
+            return
+        wd = self.dirs.pop(directory, None)
+        if wd is not None:
+            self.names.pop(wd, None)
+            self._libc.inotify_rm_watch(self.fd, wd)
 
     def _on_readable(self) -> None:
         try:

@@ -26,7 +26,7 @@ def test_bench_quick_exec_and_journal(tmp_path, image_store):
                 "local spawn of /bin/true", "HTTP GET /healthz", "## journal",
                 "3 appends of one exec, durability normal", "floor: sqlite3 INSERT+COMMIT",
                 "## ratios (medians)", "HTTP exec `:` / runner socket exec `:`",
-                "## targets (issue 7)", "HTTP exec `:` median <= 1 ms"):
+                "## targets (issue 12)", "HTTP exec `:` median <= 1 ms"):
         assert row in stdout, f"missing {row!r} in:\n{stdout}"
     assert "cold create" not in stdout   # not selected
     assert out_json.exists()

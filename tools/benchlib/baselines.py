@@ -12,6 +12,8 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 from benchlib.samples import Summary, time_ms
@@ -131,3 +133,27 @@ def sqlite_commit(db: Path, sync: str, n: int) -> Summary:
         conn.close()
 
 
+
+
+def ping_pong(n: int, idle_s: float) -> Summary:
+    """One byte to another process over a pipe and one back, the floor of every hop between
+    processes (daemon → runner → shell → runner → daemon is four of them); with `idle_s` both
+    sleep that long first, as a sandbox does between a client's commands."""
+    echo = "import os\nwhile (b := os.read(0, 1)):\n    os.write(1, b)\n"
+    proc = subprocess.Popen([sys.executable, "-c", echo], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    try:
+        out, back = proc.stdin.fileno(), proc.stdout.fileno()
+        values = []
+        for i in range(n + 5):
+            if idle_s:
+                time.sleep(idle_s)
+            t = time.perf_counter()
+            os.write(out, b"x")
+            os.read(back, 1)
+            if i >= 5:
+                values.append((time.perf_counter() - t) * 1000)
+        return Summary.of(values)
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=10)
+        proc.stdout.close()

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from sandkasten.runtime.sandboxes import read_pidfile
 
+from benchlib import recovery
 from benchlib.daemon import BenchDaemon
 from benchlib.execs import http_exec
 from benchlib.report import Report
@@ -123,6 +124,31 @@ def density(report: Report, d: BenchDaemon, n: int, creators: int = 4) -> None:
     if lat:
         report.add(SECTION, f"density.{n}.exec", f"{label}: HTTP exec `:` across all", Summary.of(lat))
     report.facts[f"density.{n}.limits"] = limits_note(n)
+    if sids:
+        runner, _ = read_pidfile(d.data / "run" / sids[len(sids) // 2] / "runner.pid")
+        for mapping, kb in dirty_by_mapping(runner)[:6] if runner else []:
+            report.add(SECTION, f"density.{n}.dirty.{mapping}", f"  one runner's private dirty: {mapping}",
+                       value=kb / 1024, unit="MB", note="after its first exec (smaps)")
+    # every one of them live while the daemon is SIGKILLed and starts again
+    recovery.restart(report, d, len(sids), 1, f"density.{n}.recovery", SECTION)
+
+
+def dirty_by_mapping(pid: int) -> list[tuple[str, int]]:
+    """Private_Dirty kB of a process by mapping (file name, [heap], [anon], ...), largest
+    first: what a runner wrote after it was forked from the zygote."""
+    found: dict[str, int] = {}
+    name = "?"
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                parts = line.split()
+                if parts and "-" in parts[0] and not parts[0].endswith(":"):
+                    name = os.path.basename(parts[5]) if len(parts) > 5 else "[anon]"
+                elif parts and parts[0] == "Private_Dirty:":
+                    found[name] = found.get(name, 0) + int(parts[1])
+    except (OSError, ValueError, IndexError):
+        return []
+    return sorted(((k, v) for k, v in found.items() if v), key=lambda kv: -kv[1])
 
 
 def host_free_note() -> str:

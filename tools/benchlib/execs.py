@@ -56,6 +56,10 @@ def round_trips(report: Report, d: BenchDaemon, n: int) -> None:
             report.add(RTT, f"exec.bash.{cmd}", f"raw pipe to bash `{cmd}` (floor)",
                        time_ms(lambda: bash.run(cmd), n, warmup=10))
         report.add(RTT, "spawn.true", "local spawn of /bin/true", baselines.spawn_true(n))
+        report.add(RTT, "wake.busy", "baseline: pipe ping-pong, two processes, back to back",
+                   baselines.ping_pong(n, idle_s=0))
+        report.add(RTT, "wake.idle", "baseline: pipe ping-pong after 20 ms idle (wake-up of a sleeping process)",
+                   baselines.ping_pong(max(20, n // 5), idle_s=0.02))
         report.add(RTT, "http.healthz", "HTTP GET /healthz (no journal, no sandbox)",
                    time_ms(lambda: http.ok("GET", "/healthz"), n, warmup=10))
         http.ok("DELETE", f"/v1/sessions/{sid}")
@@ -129,19 +133,22 @@ def streaming(report: Report, d: BenchDaemon, n: int) -> None:
             report.na(STREAM, "stream.first", "POST exec/stream → first chunk (`echo hello`)")
             report.na(STREAM, "stream.idle", "byte written → SSE chunk, after 50 ms idle")
             return
-        firsts, lag_first, lag_idle = [], [], []
+        firsts, lag_first, lag_idle, ends = [], [], [], []
         for _ in range(n):
-            chunks, t_post = _sse(d.port, sid, "echo hello")
+            chunks, t_post, t_done = _sse(d.port, sid, "echo hello")
             firsts.append((chunks[0][1] - t_post) * 1000)
             lag_first.append((chunks[0][2] - chunks[0][0]) * 1000)
+            ends.append((t_done - chunks[-1][1]) * 1000)
         per_exec = 20
         for _ in range(max(1, n // per_exec)):
             loop = f"for i in $(seq {per_exec}); do sleep 0.05; echo x$i; done"
-            chunks, _ = _sse(d.port, sid, loop)
+            chunks, _, _ = _sse(d.port, sid, loop)
             lag_idle += [(wall - ts) * 1000 for ts, _, wall in chunks]
         report.add(STREAM, "stream.first", "POST exec/stream → first chunk (`echo hello`)", Summary.of(firsts))
         report.add(STREAM, "stream.write", "  byte written → SSE chunk (first output)", Summary.of(lag_first))
         report.add(STREAM, "stream.idle", "byte written → SSE chunk, after 50 ms idle", Summary.of(lag_idle))
+        report.add(STREAM, "stream.end", "last chunk → `done` event (`echo hello` ends right after)",
+                   Summary.of(ends))
         http.ok("DELETE", f"/v1/sessions/{sid}")
     finally:
         http.close()
@@ -149,7 +156,8 @@ def streaming(report: Report, d: BenchDaemon, n: int) -> None:
 
 def _sse(port: int, sid: str, cmd: str):
     """Run `cmd` through the SSE endpoint; ([(frame ts, perf_counter, wall clock) per chunk],
-    perf_counter at the POST), or None when the endpoint does not exist."""
+    perf_counter at the POST, perf_counter at the `done` event), or None when the endpoint
+    does not exist."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
         t_post = time.perf_counter()
@@ -174,7 +182,7 @@ def _sse(port: int, sid: str, cmd: str):
             elif line.startswith(b"data:") and kind in ("done", "error"):
                 if kind == "error":
                     raise RuntimeError(f"exec/stream error: {line[5:300]!r}")
-                break
-        return chunks, t_post
+                return chunks, t_post, time.perf_counter()
+        return chunks, t_post, time.perf_counter()
     finally:
         conn.close()

@@ -108,7 +108,7 @@ class Report:
                 text = f"{a / b:.2f}x" if a is not None and b else NA
                 out.append(f"{label:60} {text}")
         if self.verdicts():
-            out += ["", "## targets (issue 7)"]
+            out += ["", "## targets (issue 12)"]
             for t, verdict, got in self.verdicts():
                 out.append(f"{t.label:60} {got:>14}  {verdict}")
         return "\n".join(out)
