@@ -109,6 +109,51 @@ def test_follow_yields_heartbeats_while_quiet(tmp_path):
     assert asyncio.run(scenario()) == 3
 
 
+def test_a_follower_sleeps_until_output_or_its_end_is_committed(tmp_path):
+    """With inotify and the journal's commit listener (`endings`) a follower asks `is_done`
+    only when something happened — not on a 5-20 ms timer — and its end arrives at once."""
+    from sandkasten.domain import events as ev
+    from sandkasten.endings import Endings
+    from sandkasten.log_watch import LogWatch
+
+    path = tmp_path / "x-9.log"
+    path.write_bytes(frame(STDOUT, b"one", 1.0))
+    asked, ended = [], []
+
+    async def done() -> bool:
+        asked.append(1)
+        return bool(ended)
+
+    async def run():
+        watch, endings, wake = LogWatch(), Endings(), asyncio.Event()
+        endings.subscribe("x-9", wake)
+        loop = asyncio.get_running_loop()
+
+        def write_then_end():
+            with open(path, "ab") as f:
+                f.write(frame(STDOUT, b"two", 2.0))
+            loop.call_later(0.25, finish)
+
+        def finish():
+            ended.append(1)
+            endings.committed([ev.RecordedEvent(seq=1, stream_id="s-1", stream_version=1, type=ev.EXEC_FINISHED,
+                                                schema_version=1, payload={"exec_id": "x-9"}, actor="executor",
+                                                request_id=None, created_at="", hash="")])
+
+        loop.call_later(0.25, write_then_end)
+        t0 = loop.time()
+        try:
+            got = [f.data async for f in exec_feed.follow(path, 0, done, watch=watch, wake=wake)]
+        finally:
+            watch.close()
+        return got, loop.time() - t0
+
+    got, took = asyncio.run(run())
+    assert got == [b"one", b"two"]
+    assert 0.45 < took < exec_feed.SETTLE_CHECK_S   # woken by the end, not by the fallback check
+    assert len(asked) <= 4                         # a 5-20 ms poll would have asked ~30 times
+
+
 def test_follow_resumes_at_an_offset_and_check_offset_refuses_non_boundaries(tmp_path):
     path = tmp_path / "x-2.log"
     ends = write_frames(path, (STDOUT, b"a" * 100), (STDERR, b"b"), (STDOUT, b"c" * 70000))
