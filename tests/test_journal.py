@@ -491,3 +491,6 @@ async def test_lists_read_through_the_driver_equal_sqlalchemy_rows(journal):
     assert [r["id"] for r in await journal.idle_pool()] == ["s-2"]
     assert await journal.session("s-1") == rows[0]
     assert [r["id"] for r in await journal.execs("s-1")] == ["e-1"] and await journal.pending_execs() == []
+    assert await journal.processes("s-1") == [] and await journal.processes("s-1", include_ended=True) == []
+    assert await journal.pending_processes() == [] and await journal.workspaces() == []
+    assert await journal.hosts() == []

@@ -30,9 +30,9 @@ IDLE_POOL = (sa.select(sessions).where(sessions.c.pool == POOL_IDLE,
 EXECS_OF = sa.select(execs).where(execs.c.session_id == sa.bindparam("sid")).order_by(execs.c.seq_no)
 PENDING_EXECS = (sa.select(execs).where(execs.c.status.in_(_PENDING))
                  .order_by(execs.c.requested_at, execs.c.session_id, execs.c.seq_no))
-PROCESSES_OF = {
+PROCESSES_OF = {   # (no IN (…) beside a bound parameter: fastpath renders constant lists at compile time)
     ended: (sa.select(processes).where(processes.c.session_id == sa.bindparam("sid"),
-                                       *(() if ended else (processes.c.status.in_(_PENDING),)))
+                                       *(() if ended else (sa.or_(*(processes.c.status == s for s in _PENDING)),)))
             .order_by(processes.c.requested_at, processes.c.id))
     for ended in (False, True)}
 PENDING_PROCESSES = (sa.select(processes).where(processes.c.status.in_(_PENDING))
