@@ -3,16 +3,17 @@
 Who runs this: the spawner (zygote), between requests. Joining a process to a cgroup waits
 for an RCU grace period on the host kernel (cgroup_threadgroup_rwsem: 5-20 ms here, more than
 everything else a create does), and a fork of the zygote costs another millisecond or more.
-So the zygote keeps SPARES processes ready: each one forked (child A), its cgroups made under
-a session id picked in advance, joined, and now waiting on a pipe. A create for that session
-id (the daemon takes ids from `taken()`'s markers, see Runtime.reserve_id) only rewrites the
-limits and hands A the spec: A unshares and forks PID 1 as usual. Any other id, or bridge
-networking, takes the ordinary path.
+So the zygote keeps SPARES ready: for each, cgroups made under a session id picked in advance,
+a child A that joined them, unshared the namespaces and forked the sandbox's PID 1, which now
+waits on a pipe. A create for that session id (the daemon takes the ids from the markers, see
+Runtime.reserve_id) only rewrites the limits if they differ and hands PID 1 the spec: it runs
+the setup steps as usual. Any other id, or bridge networking, takes the ordinary path.
 
 On disk: `run/.spares/<sid>` holds the spare's pid and start time, so the daemon can find the
 ids and no sweep or doctor mistakes a spare's cgroups for an orphan while its process lives.
-A spare dies with the zygote (PR_SET_PDEATHSIG); what it leaves (cgroups, marker) has no
-session in the journal and is swept like any orphan.
+A spare leaves when its pipe ends (the zygote exited or was killed: no other process keeps a
+copy of it), or is killed with its cgroup; what it leaves (cgroups, marker) has no session in
+the journal and is swept like any orphan.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import select
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,7 +33,7 @@ from sandkasten.runtime.procfs import proc_start_time
 
 SPARES = 2
 PLACEHOLDER = cgroups_mod.Limits(mem_bytes=256 * 1024 * 1024, pids=64, cpu=1.0)   # until the spec's own
-PR_SET_PDEATHSIG = 1
+PID_TIMEOUT = 10.0
 
 
 @dataclass
@@ -64,16 +67,33 @@ class Spares:
                 return
             cmd_r, cmd_w = os.pipe()
             ready_r, ready_w = os.pipe()
-            pid = os.fork()
-            if pid == 0:
-                for fd in (cmd_w, ready_r, *(x for other in self.ready.values() for x in (other.cmd_w, other.ready_r))):
-                    os.close(fd)
-                self.libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            pid_a = os.fork()
+            if pid_a == 0:
+                os.close(cmd_w)
+                os.close(ready_r)
+                self.close_in_child()
                 wait(procs, cmd_r, ready_w)
             os.close(cmd_r)
             os.close(ready_w)
+            pid = _pid_line(ready_r)   # A made PID 1 (it waits for a spec) and left
+            if pid is None:
+                for fd in (cmd_w, ready_r):
+                    os.close(fd)
+                self.cgroups.kill(sid)
+                self.cgroups.remove(sid)
+                return
             self.ready[sid] = Spare(sid, pid, cmd_w, ready_r, self.limits, proc_start_time(pid))
             self._mark(sid, pid)
+
+    def close_in_child(self) -> None:
+        """In a process just forked from the zygote: drop its copies of the spares' pipes (a
+        spare notices the zygote's end by the end of its pipe)."""
+        for spare in self.ready.values():
+            for fd in (spare.cmd_w, spare.ready_r):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
     def take(self, sid: str, spec_json: dict, paths: dict, env: dict, limits: cgroups_mod.Limits) -> Spare | None:
         """Hand the spec to the spare made for `sid`; None when there is none (or it died)."""
@@ -137,6 +157,21 @@ class Spares:
                 (self.directory / sid).unlink()
             except OSError:
                 pass
+
+
+def _pid_line(fd: int) -> int | None:
+    """Child A's `pid N` line (one byte at a time: what follows is PID 1's report, read at the
+    spawn); None when A failed or said nothing in time."""
+    line = b""
+    deadline = time.monotonic() + PID_TIMEOUT
+    while not line.endswith(b"\n"):
+        if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            return None
+        byte = os.read(fd, 1)
+        if not byte:
+            return None
+        line += byte
+    return int(line[4:]) if line.startswith(b"pid ") else None
 
 
 def is_live(directory: Path, sid: str) -> bool:

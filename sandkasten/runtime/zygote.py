@@ -80,9 +80,10 @@ class Zygote:
         env = {**BASE_ENV, "USER": "root" if spec.uid == 0 else "sandbox", **spec.env}
         net = req.get("network")  # bridge mode: B waits on net_r until we connected it
         spare = None if net else self.spares.take(spec.session_id, req["spec"], paths, env, limits)
-        if spare is not None:   # cgroups joined long ago: A unshares and forks PID 1 now
+        if spare is not None:   # cgroups joined, namespaces made, PID 1 forked long ago: it sets up now
             clock.append(("spare: limits set, spec handed over", time.monotonic()))
-            return self._finish(spec, paths, _read_report(spare.ready_r, READY_TIMEOUT), spare.ready_r, t0, clock)
+            report = {"pid": spare.pid, **_read_report(spare.ready_r, READY_TIMEOUT, until_pid=False)}
+            return self._finish(spec, paths, report, spare.ready_r, t0, clock)
         self.cgroups.create(spec.session_id, limits)
         procs = [str(p) for p in self.cgroups.procs_paths(spec.session_id)]
         clock.append(("create cgroups", time.monotonic()))
@@ -94,6 +95,7 @@ class Zygote:
             os.close(ready_r)
             if net:
                 os.close(net_w)
+            self.spares.close_in_child()
             _child_a(ctx, procs, ready_w, env, lambda: privileges.apply(prepared))
         os.close(ready_w)
         if net:
@@ -191,26 +193,42 @@ def _child_a(ctx: Context, procs: list[str], ready_w: int, env: dict, before_exe
 
 
 def _spare_a(zygote: Zygote, procs: list[str], cmd_r: int, ready_w: int) -> None:
-    """A spare child A (see spares.py): join the cgroups now, wait for a spec, then go on as
-    `_child_a` does. Leaves quietly if the zygote closes the pipe instead. Never returns."""
+    """A spare child A (see spares.py): join the cgroups, unshare and fork the sandbox's PID 1
+    now — it waits for a spec (`_spare_b`) — and leave, as `_child_a` does. Never returns."""
     try:
         os.setsid()
         _join(procs)
-        data = bytearray()   # one line of JSON (copies of the pipe's other end may live on in siblings)
+        os.unshare(NAMESPACES)
+        pid_b = os.fork()
+        if pid_b == 0:
+            _spare_b(zygote, cmd_r, ready_w)
+        os.write(ready_w, f"pid {pid_b}\n".encode())
+        os._exit(0)
+    except BaseException as e:  # noqa: BLE001 - report to the zygote, then die
+        _write(ready_w, {"ok": False, "error": f"unable to create namespaces: {e}"})
+        os._exit(1)
+
+
+def _spare_b(zygote: Zygote, cmd_r: int, ready_w: int) -> None:
+    """A spare sandbox's PID 1: in its cgroups and namespaces already, it waits for a spec,
+    then sets up as `_child_b` does. The spec is one line of JSON; the end of the pipe (the
+    zygote is gone, or dropped this spare) makes it leave. Never returns."""
+    try:
+        data = bytearray()
         while not data.endswith(b"\n"):
             chunk = os.read(cmd_r, 65536)
             if not chunk:
                 os._exit(0)
             data += chunk
+        os.close(cmd_r)
         req = json.loads(data)
         spec = SandboxSpec.from_json(req["spec"])
         ctx = _context(spec, req["paths"])
-        ctx.clock.append(("spare A: spec read", time.monotonic()))   # type: ignore[union-attr]
         key = (spec.seccomp, spec.uid, spec.gid)
         prepared = zygote.prepared.get(key) or privileges.prepare(*key)
-        _unshare_and_fork(ctx, ready_w, req["env"], lambda: privileges.apply(prepared))
+        _child_b(ctx, ready_w, req["env"], lambda: privileges.apply(prepared), "spare PID 1: spec read")
     except BaseException as e:  # noqa: BLE001 - report to the zygote, then die
-        _write(ready_w, {"ok": False, "error": f"unable to create namespaces: {e}"})
+        _write(ready_w, {"ok": False, "error": f"unable to set up the sandbox: {e}"})
         os._exit(1)
 
 
@@ -224,10 +242,10 @@ def _unshare_and_fork(ctx: Context, ready_w: int, env: dict, before_exec) -> Non
     os._exit(0)
 
 
-def _child_b(ctx: Context, ready_w: int, env: dict, before_exec) -> None:
+def _child_b(ctx: Context, ready_w: int, env: dict, before_exec, first: str = "fork B (PID 1)") -> None:
     """PID 1 of the sandbox: set it up, report, become the runner."""
     try:
-        ctx.clock.append(("fork B (PID 1)", time.monotonic()))   # type: ignore[union-attr]
+        ctx.clock.append((first, time.monotonic()))   # type: ignore[union-attr]
         _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
         devnull = os.open("/dev/null", os.O_RDWR)
         for fd in (0, 1, 2):
