@@ -66,5 +66,7 @@ def restart(report: Report, d: BenchDaemon, sessions: int, rounds: int, key: str
             report.add(section, f"{key}.phase.{name}", f"  daemon: {label}", Summary.of(phases[name]),
                        note="since its process started (10 ms ticks)")
     if "seconds" in reconcile:
+        parts = ", ".join(f"{name} {reconcile[name] * 1000:.0f} ms" for name in ("observe_s", "adopt_s")
+                          if name in reconcile)
         report.add(section, f"{key}.reconcile", "  daemon: the reconcile itself (last round)",
-                   value=reconcile["seconds"] * 1000)
+                   value=reconcile["seconds"] * 1000, note=f"observe + ping, adopt: {parts}" if parts else "")
