@@ -1,4 +1,5 @@
-"""The journal on disk: SQLite (WAL) through SQLAlchemy async, schema by Alembic."""
+"""The journal on disk: SQLite (WAL; SQLAlchemy Core statements run on the sqlite3 driver,
+group commit) or PostgreSQL for a cluster; schema by Alembic."""
 
 from sandkasten.store.journal import Journal, RecordedEvent, VerifyResult
 

@@ -1,8 +1,9 @@
 """Read tables from events: `apply(conn, event)` updates `sessions`, `execs`, `workspaces`.
 
-Synchronous: runs on the journal's writer thread, inside the append's transaction (live)
-and inside `Journal.rebuild` (replay), so
-both paths produce the same rows by construction. Only the event and the rows already
+Synchronous: runs inside the append's transaction (live: on the event loop or the journal's
+writer thread, see store/group_commit.py) and inside `Journal.rebuild` (replay), so both paths
+produce the same rows by construction. Every statement is prebuilt (module constants or
+`_update`'s cache) and run through `fastpath`. Only the event and the rows already
 written by earlier events are used — never the clock, never the kernel.
 """
 
