@@ -144,7 +144,9 @@ class AdminCommands:
         from sandkasten.runtime.sandboxes import Runtime
 
         cfg = self.cfg
-        runtime = Runtime.detect(cfg.data_dir, cgroup_parent=cfg.cgroup_parent)
+        from sandkasten import install
+
+        runtime = Runtime.detect(cfg.data_dir, cgroup_parent=install.cgroup_parent(cfg))
         try:
             drift, checked = self.journal(lambda j: find_drift(j, runtime))
         finally:

@@ -114,7 +114,7 @@ class Config:
     network: Network = field(default_factory=Network)
     journal: Journal = field(default_factory=Journal)
     reconcile: Reconcile = field(default_factory=Reconcile)
-    cgroup_parent: str = "sandkasten"
+    cgroup_parent: str = ""        # "": this install's own (`sandkasten-<id>`, see sandkasten.install)
 
     # -- derived paths (one place names every directory under data_dir) --
     @property
@@ -396,8 +396,9 @@ def _validate(cfg: Config) -> None:
     if cfg.session_ttl_seconds > cfg.limits.max_ttl_seconds:
         raise ConfigError(f"invalid config key session_ttl_seconds: above limits.max_ttl_seconds "
                           f"({cfg.session_ttl_seconds} > {cfg.limits.max_ttl_seconds})")
-    if not cfg.cgroup_parent or "/" in cfg.cgroup_parent.strip("/") and ".." in cfg.cgroup_parent:
-        raise ConfigError(f"invalid config key cgroup_parent: {cfg.cgroup_parent!r}")
+    if cfg.cgroup_parent and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", cfg.cgroup_parent):
+        raise ConfigError(f"invalid config key cgroup_parent: expected 1-128 of [A-Za-z0-9_.-], starting "
+                          f"alphanumeric, or empty for this install's own (got {cfg.cgroup_parent!r})")
     _validate_network(cfg.network)
     if cfg.allowed_images and cfg.default_image not in cfg.allowed_images:
         raise ConfigError(

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from sandkasten import install
 from sandkasten.config import Config
 from sandkasten.errors import SandkastenError
 from sandkasten.executor import Executor
@@ -48,7 +49,7 @@ class Daemon:
         cfg = self.cfg
         self.journal = await Journal.open(cfg.database_path, cfg.journal.durability,
                                           busy_timeout_s=cfg.journal.busy_timeout_s)
-        self.runtime = Runtime.detect(cfg.data_dir, cgroup_parent=cfg.cgroup_parent,
+        self.runtime = Runtime.detect(cfg.data_dir, cgroup_parent=install.cgroup_parent(cfg),
                                       network=network.from_config(cfg.network))
         await asyncio.to_thread(self.runtime.cgroups.ensure_parent)
         self.executor = Executor(cfg, self.journal, self.runtime)
@@ -121,15 +122,11 @@ def preflight(cfg: Config) -> None:
         except OSError as e:
             raise SandkastenError(f"unable to create directory {d}: {e.strerror}") from None
     Journal.check(cfg.database_path, cfg.journal.busy_timeout_s)
-    cgroups.detect(parent=cfg.cgroup_parent)
+    cgroups.detect(parent=install.cgroup_parent(cfg))
 
 
 def serve(cfg: Config) -> int:
     """Run in the foreground until SIGINT/SIGTERM."""
-    from sanic import Sanic
-
-    from sandkasten.api.app import create_app
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     other = running_pid(cfg)
@@ -139,9 +136,23 @@ def serve(cfg: Config) -> int:
         return 1
     try:
         preflight(cfg)
+        # held until this process exits: a second daemon on the same cgroup parent refuses to start
+        claim = install.ParentClaim.take(install.cgroup_parent(cfg), cfg.data_dir)
     except SandkastenError as e:
         print(f"sandkasten: {e.message}", file=sys.stderr)
         return 1
+    try:
+        return _serve(cfg)
+    finally:
+        claim.release()
+
+
+def _serve(cfg: Config) -> int:
+    """The Sanic server, once the checks passed and the cgroup parent is ours."""
+    from sanic import Sanic
+
+    from sandkasten.api.app import create_app
+
     daemon = Daemon(cfg)
     app = create_app(daemon)
 

@@ -133,13 +133,17 @@ class Runtime:
                         populated=exists and self.cgroups.populated(sid), session_dir=p.root.exists())
 
     def host_sessions(self) -> set[str]:
-        """Every session id that has any trace on the host: dirs, sockets, cgroups."""
-        found: set[str] = {n for n in self.cgroups.names() if SESSION_ID.match(n)}
-        found.update(n for n in network_mod.leftover_sessions(self.layout.data_dir) if SESSION_ID.match(n))
+        """Every session id of this data_dir that has any trace on the host: dirs, sockets,
+        veths tagged with this data_dir, cgroups. A cgroup under the parent counts only if this
+        data_dir knows its session (`create` makes the dirs before the cgroup, `destroy` removes
+        the cgroup first, exec logs stay): a parent shared with another daemon's data_dir holds
+        groups that are not ours to sweep."""
+        found: set[str] = set(network_mod.leftover_sessions(self.layout.data_dir))
         for base in (self.layout.sessions, self.layout.run):
             if base.is_dir():
-                found.update(e.name for e in base.iterdir() if e.is_dir() and SESSION_ID.match(e.name))
-        return found
+                found.update(e.name for e in base.iterdir() if e.is_dir())
+        found.update(n for n in self.cgroups.names() if SESSION_ID.match(n) and (self.layout.logs / n).is_dir())
+        return {sid for sid in found if SESSION_ID.match(sid)}
 
     # ------------------------------------------------------------------ exec
     def _exec_msg(self, req: ExecRequest) -> dict:
