@@ -161,20 +161,19 @@ class Runner:
         self._start_shell()
 
     def _on_status(self, mask: int) -> None:
-        try:
-            data = os.read(self.shell.status, 65536)
-        except BlockingIOError:
-            return
-        if not data:  # the shell closed fd 9: it is exiting; SIGCHLD follows
+        lines = self.shell.read_status()  # only what the shell process itself wrote (see shell.py)
+        if lines is None:  # the shell closed fd 9: it is exiting; SIGCHLD follows
             try:
                 self.poll.unregister(self.shell.status)
             except KeyError:
                 pass
             return
-        for line in data.decode("utf-8", "surrogateescape").splitlines():
+        for line in lines:
             parts = line.split(" ", 2)
-            if len(parts) != 3 or self.current is None or parts[0] != self.current.id:
+            if len(parts) != 3 or self.current is None or parts[0] != self.current.id \
+                    or not parts[1].isdigit():
                 continue
+            parts[2] = self.shell.real_cwd(parts[2])
             self.cwd = parts[2]
             for fd in (self.shell.stdout, self.shell.stderr):
                 self._drain(fd)
