@@ -49,6 +49,7 @@ class Limits:
     max_pids_limit: int = 4096
     max_ttl_seconds: int = 86_400
     max_body_bytes: int = 16 * 1024 * 1024
+    body_timeout_seconds: float = 60.0      # a request body must arrive within this (slow bodies hold memory)
     max_file_bytes: int = 64 * 1024 * 1024
 
 

@@ -111,5 +111,9 @@ class Unauthorized(SandkastenError):
     code = "UNAUTHORIZED"
 
 
+class RequestTimeout(SandkastenError):
+    code = "REQUEST_TIMEOUT"
+
+
 class SessionEnded(SandkastenError):
     code = "SESSION_ENDED"
