@@ -89,6 +89,7 @@ class Network:
 class Journal:
     durability: str = "normal"
     busy_timeout_s: float = 10.0   # how long a write waits for another writer's lock
+    startup_check: str = "full"    # full: PRAGMA integrity_check before serving; quick: quick_check
 
 
 @dataclass(frozen=True)
@@ -383,6 +384,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("invalid config key security.userns: user namespaces are not supported yet "
                           "(sandboxes drop every capability and run as run_as_uid instead)")
     _one_of("journal.durability", cfg.journal.durability, DURABILITIES)
+    _one_of("journal.startup_check", cfg.journal.startup_check, ("quick", "full"))
     _one_of("reconcile.lost_sandbox_policy", cfg.reconcile.lost_sandbox_policy, LOST_SANDBOX_POLICIES)
     _positive("reconcile.resync_seconds", cfg.reconcile.resync_seconds)
     _positive("journal.busy_timeout_s", cfg.journal.busy_timeout_s)

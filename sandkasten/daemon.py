@@ -121,7 +121,7 @@ def preflight(cfg: Config) -> None:
             os.chmod(d, 0o700)
         except OSError as e:
             raise SandkastenError(f"unable to create directory {d}: {e.strerror}") from None
-    Journal.check(cfg.database_path, cfg.journal.busy_timeout_s)
+    Journal.check(cfg.database_path, cfg.journal.busy_timeout_s, full=cfg.journal.startup_check == "full")
     cgroups.detect(parent=install.cgroup_parent(cfg))
 
 

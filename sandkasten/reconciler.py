@@ -12,7 +12,8 @@ to repeat after a crash at any line: work is handed to the executor's keyed, ide
 | running    | alive               | after a restart: `sandbox.adopted` once                   |
 | running    | dead                | `sandbox.lost`, then recreate or fail, per policy         |
 | destroying | alive or partial    | executor tears it down                                    |
-| (none)     | traces on the host  | tear down (orphan: cgroup, dirs, socket)                  |
+| (none)     | traces on the host  | tear down (orphan: cgroup, dirs, socket) — unless exec    |
+|            |                     | logs prove the journal lost it: keep it and say so        |
 """
 
 from __future__ import annotations
@@ -70,17 +71,29 @@ class Reconciler:
                 self.executor.ensure_destroyed(sid)
         for e in await self.journal.pending_execs():
             self.executor.ensure_exec(e["session_id"], e["id"])
-        wanted = {r["id"] for r in live}
-        orphans = sorted(self.runtime.host_sessions() - wanted)
+        orphans, unknown = await asyncio.to_thread(self.leftovers, {r["id"] for r in rows}, {r["id"] for r in live})
+        for sid in unknown:
+            log.error("session %s ran commands (its exec logs say so) but the journal does not know it: the "
+                      "journal lost it (a truncated WAL? an old backup?); its sandbox is kept, see sandkasten doctor",
+                      sid)
         for sid in orphans:
             try:
                 await asyncio.to_thread(self.runtime.destroy, sid)
             except (SandkastenError, OSError, ValueError) as e:
                 log.warning("unable to remove leftovers of %s: %s", sid, e)
         self.stats = {"sessions": len(live), "adopted": len(adopted), "lost": lost, "orphans_removed": len(orphans),
-                      "seconds": round(time.monotonic() - t0, 3)}
+                      "unknown_to_journal_kept": unknown, "seconds": round(time.monotonic() - t0, 3)}
         log.info("reconciled: %s", self.stats)
         return self.stats
+
+    def leftovers(self, known: set[str], live: set[str]) -> tuple[list[str], list[str]]:
+        """Host traces of sessions that should not exist: (to tear down, to keep). A session the
+        journal never heard of whose exec logs show it ran commands is proof the journal lost
+        it, not an orphan: its sandbox and workspace are kept for an operator to look at."""
+        orphans, unknown = [], []
+        for sid in sorted(self.runtime.host_sessions() - live):
+            (unknown if sid not in known and self.runtime.has_exec_logs(sid) else orphans).append(sid)
+        return orphans, unknown
 
     async def sandbox_died(self, sid: str, reason: str) -> None:
         """Journal the loss, settle its pending execs from what the runner left on disk, then

@@ -445,12 +445,12 @@ def test_audit_verify_ok_then_tampered(seeded):
     out = seeded.run("journal", "rebuild")  # would carry the tampered command into the read tables
     assert out.returncode == 1 and f"hash chain breaks at event {seq}" in out.stderr and "--force" in out.stderr
     out = seeded.run("journal", "rebuild", "--force")
-    assert (out.returncode, out.stdout) == (0, "rebuilt the read tables from 15 events\n"), out.stderr
+    assert (out.returncode, out.stdout) == (0, "rebuilt the read tables and indexes from 15 events\n"), out.stderr
 
 
 def test_journal_rebuild_replays_every_event(seeded):
     out = seeded.run("journal", "rebuild")
-    assert (out.returncode, out.stdout) == (0, "rebuilt the read tables from 15 events\n")
+    assert (out.returncode, out.stdout) == (0, "rebuilt the read tables and indexes from 15 events\n")
     assert [r["id"] for r in json.loads(seeded.run("ps", "--json").stdout)] == [LIVE]
 
 

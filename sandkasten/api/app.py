@@ -17,6 +17,7 @@ from sandkasten.errors import InvalidRequest, NotReady, RequestTimeout, Sandkast
 
 log = logging.getLogger("sandkasten.api")
 OPEN_PATHS = ("/healthz",)
+READS = ("GET", "HEAD", "OPTIONS")
 
 
 def unparsed(request: Request) -> bool:
@@ -71,6 +72,16 @@ def create_app(daemon) -> Sanic:
         if daemon.stopping:   # connections still draining; sandboxes and their commands carry on
             _drop_body(request)
             raise NotReady("the daemon is stopping: retry in a moment")
+        if request.method not in READS and not daemon.ready:
+            # until the start-up reconcile has compared the journal with the host (and never if it
+            # failed) nothing may change: a change now could be swept as an orphan, or built on damage
+            _drop_body(request)
+            phase = daemon.readiness.get("phase")
+            if phase == "failed":
+                raise NotReady(f"unable to accept changes: the daemon's start-up reconcile failed "
+                               f"({daemon.readiness.get('error')}); see /readyz and the daemon log",
+                               phase=phase)
+            raise NotReady(f"the daemon is starting ({phase}): retry in a moment", phase=phase)
         if request.stream is not None and request.stream.request_body:
             try:
                 await asyncio.wait_for(request.receive_body(), cfg.limits.body_timeout_seconds)

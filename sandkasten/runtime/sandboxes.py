@@ -198,6 +198,14 @@ class Runtime:
         except FileNotFoundError:
             return b"", b"", b"", False
 
+    def has_exec_logs(self, sid: str) -> bool:
+        """Whether any exec ever ran in this sandbox (its runner wrote a log): proof that a
+        journal which does not know the session lost it."""
+        try:
+            return any(e.name.endswith(".log") for e in os.scandir(self.paths(sid).logs))
+        except OSError:
+            return False
+
     # ------------------------------------------------------------------ teardown
     def destroy(self, sid: str) -> None:
         """network (veth, nft entries) → cgroup kill → wait empty → unmount leftovers → rmdir
