@@ -36,9 +36,9 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 class Exec:
     __slots__ = ("id", "started", "deadline", "stage", "log_fd", "log_bytes", "out", "err",
-                 "sha", "truncated", "start_ticks", "waiters")
+                 "sha", "truncated", "start_ticks", "waiters", "oom_start")
 
-    def __init__(self, exec_id: str, log_fd: int, timeout_s: float):
+    def __init__(self, exec_id: str, log_fd: int, timeout_s: float, oom_start: int = 0):
         self.id = exec_id
         self.started = time.time()
         self.deadline = time.monotonic() + timeout_s
@@ -49,13 +49,15 @@ class Exec:
         self.truncated = False
         self.start_ticks = int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLK_TCK)
         self.waiters: list[socket.socket] = []
+        self.oom_start = oom_start
 
 
 class Runner:
     def __init__(self, listener: socket.socket, logs_fd: int, env: dict[str, str],
-                 before_exec: Callable[[], None]):
+                 before_exec: Callable[[], None], oom_fd: int = -1):
         self.listener = listener
         self.logs_fd = logs_fd
+        self.oom_fd = oom_fd
         self.shell = Shell(env, before_exec)
         self.current: Exec | None = None
         self.results: dict[str, dict] = {}
@@ -225,7 +227,7 @@ class Runner:
                     "reason": "started by an earlier runner that died"}
         except OSError as e:
             return {"ok": False, "error": "io", "message": f"unable to create log for exec {exec_id}: {e.strerror}"}
-        self.current = Exec(exec_id, log_fd, max(timeout_ms, 1) / 1000)
+        self.current = Exec(exec_id, log_fd, max(timeout_ms, 1) / 1000, self._oom_kills())
         self.shell.send(exec_id, cmd)
         return {"ok": True, "id": exec_id, "state": "running"}
 
@@ -242,10 +244,24 @@ class Runner:
             "stdout_bytes": cur.out, "stderr_bytes": cur.err,
             "output_sha256": cur.sha.hexdigest(), "timed_out": cur.stage > 0,
             "truncated": cur.truncated, "shell_restarted": shell_restarted,
+            "oom_kills": max(0, self._oom_kills() - cur.oom_start),
         }
         self._store(result)
         for client in cur.waiters:
             self._reply(client, result)
+
+    def _oom_kills(self) -> int:
+        """The sandbox cgroup's OOM kill count so far (0 when unknown)."""
+        if self.oom_fd < 0:
+            return 0
+        try:
+            for line in os.pread(self.oom_fd, 4096, 0).decode().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except (OSError, ValueError):
+            pass
+        return 0
 
     def _store(self, result: dict) -> None:
         tmp = result["id"] + ".json.tmp"
@@ -415,8 +431,8 @@ def _valid_id(exec_id) -> bool:
 
 
 def run(listener: socket.socket, logs_fd: int, env: dict[str, str],
-        before_exec: Callable[[], None]) -> None:
+        before_exec: Callable[[], None], oom_fd: int = -1) -> None:
     """Entry point, called in the sandbox's PID 1 after setup. Never returns normally."""
-    Runner(listener, logs_fd, env, before_exec).serve()
+    Runner(listener, logs_fd, env, before_exec, oom_fd).serve()
 
 

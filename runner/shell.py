@@ -31,6 +31,7 @@ from typing import Callable
 
 OUT_FD, ERR_FD, STATUS_FD = 7, 8, 9  # spare stdout and stderr pipes; the status socket
 _UCRED = struct.Struct("iII")        # struct ucred: pid, uid, gid
+OOM_SCORE_ADJ_COMMANDS = 1000
 
 # `trap 'return 130' INT`: a SIGINT (timeout) makes the innermost function return, so the
 # interrupted command does not resume its loop; the runner escalates if it still does.
@@ -93,6 +94,10 @@ class Shell:
                 os.dup2(1, OUT_FD)
                 os.dup2(2, ERR_FD)
                 os.chdir("/workspace" if os.path.isdir("/workspace") else "/")
+                # commands are the OOM killer's first choice in the sandbox, never the runner
+                # (raising a score needs no privilege; the runner's is -1000 where allowed)
+                with open("/proc/self/oom_score_adj", "w") as f:
+                    f.write(str(OOM_SCORE_ADJ_COMMANDS))
                 self.before_exec()
                 os.execve(self.path, [self.path], self.env)
             except BaseException as e:  # noqa: BLE001 - report and die, never return into the runner

@@ -207,7 +207,7 @@ class Executor:
                 exec_id=exec_id, exit_code=result.exit_code, cwd=result.cwd,
                 duration_ms=round(result.duration_ms, 3), stdout_bytes=result.stdout_bytes,
                 stderr_bytes=result.stderr_bytes, output_sha256=result.output_sha256,
-                truncated=result.truncated, timed_out=result.timed_out)
+                truncated=result.truncated, timed_out=result.timed_out, oom_kills=result.oom_kills)
             try:
                 recorded = await self.journal.execute_all(sid, [*await mark.take(), finished], actor=ACTOR)
             except IllegalTransition as e:  # the session ended meanwhile; the journal says how

@@ -111,7 +111,8 @@ class Reconciler:
                     exec_id=exec_id, exit_code=result.exit_code, cwd=result.cwd,
                     duration_ms=round(result.duration_ms, 3), stdout_bytes=result.stdout_bytes,
                     stderr_bytes=result.stderr_bytes, output_sha256=result.output_sha256,
-                    truncated=result.truncated, timed_out=result.timed_out), actor=ACTOR)
+                    truncated=result.truncated, timed_out=result.timed_out, oom_kills=result.oom_kills),
+                    actor=ACTOR)
             else:
                 await self.executor.record(sid, c.RecordExecLost(
                     exec_id=exec_id, reason="the sandbox died while the command was pending"), actor=ACTOR)

@@ -90,7 +90,9 @@ def document() -> dict:
                     "exec_id": {"type": "string"}, "exit_code": {"type": "integer"}, "cwd": {"type": "string"},
                     "output": {"type": "string"}, "stdout": {"type": "string"}, "stderr": {"type": "string"},
                     "truncated": {"type": "boolean"}, "duration_ms": {"type": "number"},
-                    "timed_out": {"type": "boolean"}}},
+                    "timed_out": {"type": "boolean"},
+                    "oom_kills": {"type": "integer", "description": "processes the kernel's OOM killer ended in "
+                                  "the sandbox while the command ran (the memory limit was reached)"}}},
                 "WriteFile": {"type": "object", "required": ["path"], "properties": {
                     "path": {"type": "string"}, "text": {"type": "string"},
                     "content_base64": {"type": "string"}}},

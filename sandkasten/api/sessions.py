@@ -44,6 +44,7 @@ def present_exec(row: dict, daemon, raw: bool = False, limit: int | None = None)
         stdout, stderr, both, cut = daemon.runtime.read_output(
             row["session_id"], row["id"], limit or daemon.cfg.defaults.max_output_bytes)
         out["truncated"] = out["truncated"] or cut
+        out["oom_kills"] = oom_kills(daemon, row)
         if raw:
             out.update(output_base64=base64.b64encode(both).decode(),
                        stdout_base64=base64.b64encode(stdout).decode(),
@@ -52,6 +53,15 @@ def present_exec(row: dict, daemon, raw: bool = False, limit: int | None = None)
             out.update(output=both.decode("utf-8", "replace"), stdout=stdout.decode("utf-8", "replace"),
                        stderr=stderr.decode("utf-8", "replace"))
     return out
+
+
+def oom_kills(daemon, row: dict) -> int:
+    """Processes the OOM killer ended while a finished exec ran: in its `exec.finished` event when
+    there were any, and in the runner's result next to its log (the read table has no column)."""
+    if row.get("oom_kills") is not None:
+        return row["oom_kills"]
+    result = daemon.runtime.read_result(row["session_id"], row["id"])
+    return result.oom_kills if result is not None else 0
 
 
 async def session_row(daemon, sid: str) -> dict:

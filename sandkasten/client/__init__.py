@@ -14,7 +14,7 @@ from sandkasten.client._async import AsyncClient, AsyncSandbox
 from sandkasten.client._sync import Client, Sandbox
 from sandkasten.client.errors import (CommandTimeout, Conflict, DaemonUnreachable, ExecNotFound, FileNotFound,
                                       Forbidden, ImageNotAllowed, ImageNotFound, InvalidRequest, InvalidURL,
-                                      NotFound, NotReady, PathRefused, PayloadTooLarge, SandboxError, SandboxLost,
+                                      NotFound, NotReady, PathRefused, PayloadTooLarge, RequestTimeout, SandboxError, SandboxLost,
                                       SandkastenError, SessionBusy, SessionEnded, SessionNotFound,
                                       SessionNotRunning, StreamBroken, Unauthorized, Unavailable,
                                       WorkspaceInUse, WorkspaceNotFound)
@@ -27,7 +27,7 @@ __all__ = [
     "Stats", "Workspace",
     "CommandTimeout", "Conflict", "DaemonUnreachable", "ExecNotFound", "FileNotFound", "Forbidden",
     "ImageNotAllowed", "ImageNotFound", "InvalidRequest", "InvalidURL", "NotFound", "NotReady", "PathRefused",
-    "PayloadTooLarge", "SandboxError", "SandboxLost", "SandkastenError", "SessionBusy", "SessionEnded",
+    "PayloadTooLarge", "RequestTimeout", "SandboxError", "SandboxLost", "SandkastenError", "SessionBusy", "SessionEnded",
     "SessionNotFound", "SessionNotRunning", "StreamBroken", "Unauthorized", "Unavailable", "WorkspaceInUse",
     "WorkspaceNotFound",
 ]

@@ -116,6 +116,7 @@ class RecordExecFinished:
     output_sha256: str = ""
     truncated: bool = False
     timed_out: bool = False
+    oom_kills: int = 0
 
 
 @dataclass(frozen=True)

@@ -325,6 +325,8 @@ def _exec_finished(state: SessionState, cmd: c.RecordExecFinished, prior: PriorE
         "stdout_bytes": cmd.stdout_bytes, "stderr_bytes": cmd.stderr_bytes, "output_sha256": cmd.output_sha256,
         "truncated": cmd.truncated, "timed_out": cmd.timed_out,
     }
+    if cmd.oom_kills:  # only when it happened: older events and readers never see the key
+        payload["oom_kills"] = cmd.oom_kills
     return [ev.NewEvent(ev.EXEC_FINISHED, payload)]
 
 

@@ -40,6 +40,8 @@ class Context:
     logs_fd: int = -1
     net_fd: int = -1     # bridge mode: the spawner's word that eth0 is configured (see network.py)
     network: dict | None = None
+    oom_events: str = ""  # host path of the cgroup file counting OOM kills (cgroups.oom_events)
+    oom_fd: int = -1
 
 
 @dataclass(frozen=True)
@@ -125,9 +127,15 @@ def mount_tmp(ctx: Context) -> None:
 
 
 def open_host_endpoints(ctx: Context) -> None:
-    # The only two ways out of the sandbox, both held by the runner alone (close-on-exec,
-    # never passed to the shell): the listening socket and the exec-log directory.
+    # The only ways out of the sandbox, all held by the runner alone (close-on-exec, never
+    # passed to the shell): the listening socket, the exec-log directory and, read-only, its
+    # cgroup's OOM kill counter (each exec reports the kills it saw).
     ctx.logs_fd = os.open(ctx.logs_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    if ctx.oom_events:
+        try:
+            ctx.oom_fd = os.open(ctx.oom_events, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:  # no memory controller file (old kernel): kills are not counted
+            ctx.oom_fd = -1
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     here = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
     try:  # bind by a relative name: AF_UNIX paths are limited to 108 bytes

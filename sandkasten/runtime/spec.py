@@ -107,10 +107,13 @@ class ExecResult:
     shell_restarted: bool
     started_at: float
     finished_at: float
+    oom_kills: int = 0        # processes the kernel's OOM killer ended in the sandbox while it ran
 
     @classmethod
     def from_meta(cls, m: Mapping[str, Any]) -> "ExecResult":
-        return cls(**{k: m["id" if k == "exec_id" else k] for k in cls.__dataclass_fields__})
+        """From a runner's result (one written before a field existed lacks it: its default)."""
+        return cls(**{k: m["id" if k == "exec_id" else k] for k in cls.__dataclass_fields__
+                      if k in m or (k == "exec_id" and "id" in m)})
 
 
 @dataclass(frozen=True)
