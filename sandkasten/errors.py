@@ -83,6 +83,10 @@ class FileNotFound(SandkastenError):
     code = "FILE_NOT_FOUND"
 
 
+class FileBusy(SandkastenError):
+    code = "FILE_BUSY"
+
+
 class TooLarge(SandkastenError):
     code = "PAYLOAD_TOO_LARGE"
 

@@ -188,7 +188,7 @@ async def submit_exec(request: Request, sid: str):
     d = request.app.ctx.daemon
     row = await session_row(d, sid)
     body = json_body(request)
-    key = request.headers.get("idempotency-key")
+    key = intake.check_idempotency_key(request.headers.get("idempotency-key"))
     if key is not None:
         prior = await d.journal.exec_by_idempotency_key(sid, key)
         if prior is not None:

@@ -12,7 +12,7 @@ typed errors of `sandkasten.client.errors`."""
 
 from sandkasten.client._async import AsyncClient, AsyncSandbox
 from sandkasten.client._sync import Client, Sandbox
-from sandkasten.client.errors import (CommandTimeout, Conflict, DaemonUnreachable, ExecNotFound, FileNotFound,
+from sandkasten.client.errors import (CommandTimeout, Conflict, DaemonUnreachable, ExecNotFound, FileBusy, FileNotFound,
                                       Forbidden, ImageNotAllowed, ImageNotFound, InvalidRequest, InvalidURL,
                                       NotFound, NotReady, PathRefused, PayloadTooLarge, RequestTimeout, SandboxError, SandboxLost,
                                       SandkastenError, SessionBusy, SessionEnded, SessionNotFound,
@@ -25,7 +25,7 @@ __all__ = [
     "AsyncClient", "AsyncSandbox", "Client", "Sandbox",
     "ExecChunk", "ExecDone", "ExecEvent", "ExecRecord", "ExecResult", "FileContent", "FileEntry", "Session",
     "Stats", "Workspace",
-    "CommandTimeout", "Conflict", "DaemonUnreachable", "ExecNotFound", "FileNotFound", "Forbidden",
+    "CommandTimeout", "Conflict", "DaemonUnreachable", "ExecNotFound", "FileBusy", "FileNotFound", "Forbidden",
     "ImageNotAllowed", "ImageNotFound", "InvalidRequest", "InvalidURL", "NotFound", "NotReady", "PathRefused",
     "PayloadTooLarge", "RequestTimeout", "SandboxError", "SandboxLost", "SandkastenError", "SessionBusy", "SessionEnded",
     "SessionNotFound", "SessionNotRunning", "StreamBroken", "Unauthorized", "Unavailable", "WorkspaceInUse",

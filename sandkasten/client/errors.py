@@ -92,6 +92,10 @@ class SessionNotRunning(Conflict):
     code = "SESSION_NOT_RUNNING"
 
 
+class FileBusy(Conflict):
+    code = "FILE_BUSY"
+
+
 class SessionBusy(Conflict):
     code = "SESSION_BUSY"
 
@@ -165,7 +169,7 @@ _BY_CODE: dict[str, type[SandkastenError]] = {
     cls.code: cls for cls in (
         InvalidRequest, PathRefused, ImageNotFound, ImageInvalid, ImageNotAllowed, Unauthorized, Forbidden,
         NotFound, SessionNotFound, ExecNotFound, FileNotFound, WorkspaceNotFound, Conflict,
-        SessionNotRunning, SessionBusy, WorkspaceInUse, SessionEnded, SandboxLost, RequestTimeout, PayloadTooLarge,
+        SessionNotRunning, SessionBusy, FileBusy, WorkspaceInUse, SessionEnded, SandboxLost, RequestTimeout, PayloadTooLarge,
         CommandTimeout, NotReady, SandboxError, JournalError)
 }
 _BY_CODE.update({"ILLEGAL_TRANSITION": Conflict, "DUPLICATE_IDEMPOTENCY_KEY": Conflict,
