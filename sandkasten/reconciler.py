@@ -71,6 +71,7 @@ class Reconciler:
                 self.executor.ensure_destroyed(sid)
         for e in await self.journal.pending_execs():
             self.executor.ensure_exec(e["session_id"], e["id"])
+        await self.pass_once()  # sessions whose TTL ran out while no daemon was up end before /readyz
         orphans, unknown = await asyncio.to_thread(self.leftovers, {r["id"] for r in rows}, {r["id"] for r in live})
         for sid in unknown:
             log.error("session %s ran commands (its exec logs say so) but the journal does not know it: the "

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import json as jsonlib
+from datetime import datetime, timezone
 
 from sanic import Blueprint, Request, json
 
 from sandkasten import intake
 from sandkasten.api import params
 from sandkasten.domain import commands as c
-from sandkasten.domain.session import UNCLAIMED, DuplicateIdempotencyKey
+from sandkasten.domain.session import UNCLAIMED, DuplicateIdempotencyKey, iso_utc
 from sandkasten.errors import (
     ExecNotFound,
     IllegalTransition,
@@ -158,6 +159,9 @@ def require_running(row: dict, verb: str) -> None:
     if status != "running":
         raise SessionNotRunning(f"unable to {verb} in session {row['id']}: the session is {status}",
                                 status=status)
+    if row.get("expires_at") and row["expires_at"] <= iso_utc(datetime.now(timezone.utc)):  # the reconciler journals it within a second
+        raise SessionEnded(f"unable to {verb} in session {row['id']}: the session expired at {row['expires_at']} "
+                           f"(reason: ttl)", status="expired", reason="ttl")
     if row["pool"] in UNCLAIMED:
         raise SessionNotRunning(f"unable to {verb} in session {row['id']}: it is an unclaimed pool session",
                                 pool=row["pool"])
