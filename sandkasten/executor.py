@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Callable
 from sandkasten.config import Config
 from sandkasten.domain import commands as c
 from sandkasten.domain.session import DuplicateIdempotencyKey  # noqa: F401 - re-exported for the API
-from sandkasten.domain.session import POOL_CLAIMED, POOL_CLAIMING, RUNNING
+from sandkasten.domain.session import INITIAL_CWD, POOL_CLAIMED, POOL_CLAIMING, RUNNING
 from sandkasten.errors import (IllegalTransition, SandboxError, SandkastenError)
 from sandkasten.runtime.sandboxes import Runtime
 from sandkasten.runtime.spec import ExecRequest
@@ -128,6 +128,8 @@ class Executor:
                 env=dict(state.env), seccomp=sec.seccomp, uid=sec.run_as_uid, gid=sec.run_as_gid,
                 hostname=sid)
             obs = await asyncio.to_thread(self.runtime.create, spec)
+            if state.cwd and state.cwd != INITIAL_CWD:  # recreated after a loss: where the shell was
+                await self._restore_cwd(sid, state.cwd)
         except SandkastenError as e:
             await self.record(sid, c.RecordSandboxFailed(reason=e.message))
             raise
@@ -171,6 +173,14 @@ class Executor:
         result = await self.runtime.aexec(sid, req)
         if result.exit_code != 0:
             raise SandboxError(f"unable to set up the shell of claimed session {sid}: exit code {result.exit_code}")
+
+    async def _restore_cwd(self, sid: str, cwd: str) -> None:
+        """`cd` the fresh shell of a recreated sandbox to the cwd the journal recorded last (the
+        session's env comes back with the spec). An internal command, not a journaled exec; a
+        directory that is gone leaves the shell in /workspace."""
+        req = ExecRequest(exec_id="restore-" + secrets.token_hex(6), cmd=f"cd {_sh_quote(cwd)} 2>/dev/null; true",
+                          timeout_ms=10_000)
+        await self.runtime.aexec(sid, req)
 
     async def _ensure_workspace(self, workspace_id: str, sid: str) -> None:
         d = self.workspace_dir(workspace_id)

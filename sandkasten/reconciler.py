@@ -32,6 +32,7 @@ from sandkasten.runtime.procfs import proc_start_time
 
 log = logging.getLogger("sandkasten.reconciler")
 ACTOR = "reconciler"
+RECREATE_WAIT_S = 120.0
 ENDED = ("destroyed", "failed")
 
 
@@ -57,20 +58,25 @@ class Reconciler:
             for sid, command in adopted:
                 await self.executor.record(sid, command, actor=ACTOR)
         lost = 0
+        creating: list[asyncio.Future | None] = []
         for row in live:
             sid, obs, status = row["id"], observed[row["id"]], row["status"]
             if status == "running":
                 if not _same_runner(row, obs):
-                    await self.sandbox_died(sid, _reason(obs))
+                    creating.append(await self.sandbox_died(sid, _reason(obs)))
                     lost += 1
             elif status == "lost":
-                await self.apply_policy(sid)
+                creating.append(await self.apply_policy(sid))
             elif status == "requested":
-                self.executor.ensure_session(sid)
+                creating.append(self.executor.ensure_session(sid))
             elif status == "destroying":
                 self.executor.ensure_destroyed(sid)
         for e in await self.journal.pending_execs():
             self.executor.ensure_exec(e["session_id"], e["id"])
+        # /readyz is green once lost sandboxes run again (their failures are journaled by the executor)
+        pending = [f for f in creating if f is not None]
+        if pending:
+            await asyncio.wait(pending, timeout=RECREATE_WAIT_S)
         await self.pass_once()  # sessions whose TTL ran out while no daemon was up end before /readyz
         orphans, unknown = await asyncio.to_thread(self.leftovers, {r["id"] for r in rows}, {r["id"] for r in live})
         for sid in unknown:
@@ -96,12 +102,12 @@ class Reconciler:
             (unknown if sid not in known and self.runtime.has_exec_logs(sid) else orphans).append(sid)
         return orphans, unknown
 
-    async def sandbox_died(self, sid: str, reason: str) -> None:
+    async def sandbox_died(self, sid: str, reason: str) -> asyncio.Future | None:
         """Journal the loss, settle its pending execs from what the runner left on disk, then
-        apply the policy."""
+        apply the policy (the recreation under way, if any)."""
         await self.executor.record(sid, c.RecordSandboxLost(reason=reason), actor=ACTOR)
         await self.settle_execs(sid)
-        await self.apply_policy(sid)
+        return await self.apply_policy(sid)
 
     async def settle_execs(self, sid: str) -> None:
         state = await self.journal.state(sid)
@@ -118,9 +124,10 @@ class Reconciler:
                 await self.executor.record(sid, c.RecordExecLost(
                     exec_id=exec_id, reason="the sandbox died while the command was pending"), actor=ACTOR)
 
-    async def apply_policy(self, sid: str) -> None:
+    async def apply_policy(self, sid: str) -> asyncio.Future | None:
+        """Recreate or fail a lost sandbox; the recreation under way, if any."""
         if self.cfg.reconcile.lost_sandbox_policy == "recreate":
-            self.executor.ensure_session(sid)
+            return self.executor.ensure_session(sid)
         else:
             await asyncio.to_thread(self.runtime.destroy, sid)
             await self.executor.record(sid, c.RecordSandboxFailed(reason="sandbox lost; policy is fail"),

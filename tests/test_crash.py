@@ -269,3 +269,22 @@ def test_a_graceful_stop_answers_requests_in_flight_with_a_retryable_503(daemon)
     assert again.status_code == 200 and again.json()["stdout"] == "finished\n", again.text
     count = daemon.client.post(f"/v1/sessions/{sid}/exec", json={"cmd": "wc -l < /workspace/count"}).json()
     assert count["stdout"] == "1\n"
+
+
+def test_a_recreated_sandbox_gets_its_cwd_and_env_back_before_readyz(daemon_factory):
+    """policy recreate: the new sandbox starts where the journal says the shell was, with the
+    session's env, and /readyz turns green only once it runs."""
+    daemon = daemon_factory(reconcile={"lost_sandbox_policy": "recreate"}).start()
+    sid = create(daemon, env={"GREETING": "hello there"}, workspace_id="keep-cwd")
+    r = daemon.client.post(f"/v1/sessions/{sid}/exec", json={"cmd": "mkdir -p /workspace/deep/er && cd /workspace/deep/er"})
+    assert r.json()["cwd"] == "/workspace/deep/er"
+    daemon.kill()
+    runtime = Runtime.detect(daemon.data_dir, cgroup_parent=daemon.cgroup_parent)
+    try:
+        runtime.cgroups.kill(sid)  # the sandbox dies while the daemon is away
+    finally:
+        runtime.close()
+    daemon.start()  # returns once /readyz is green
+    assert daemon.client.get(f"/v1/sessions/{sid}").json()["status"] == "running"
+    out = daemon.client.post(f"/v1/sessions/{sid}/exec", json={"cmd": "pwd; echo $GREETING"}).json()
+    assert out["stdout"] == "/workspace/deep/er\nhello there\n", out
