@@ -15,6 +15,7 @@ time (the image may have no Python). It
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -36,7 +37,7 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 class Exec:
     __slots__ = ("id", "started", "deadline", "stage", "log_fd", "log_bytes", "out", "err",
-                 "sha", "truncated", "start_ticks", "waiters", "oom_start")
+                 "sha", "truncated", "start_ticks", "waiters", "oom_start", "log_error")
 
     def __init__(self, exec_id: str, log_fd: int, timeout_s: float, oom_start: int = 0):
         self.id = exec_id
@@ -50,6 +51,7 @@ class Exec:
         self.start_ticks = int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLK_TCK)
         self.waiters: list[socket.socket] = []
         self.oom_start = oom_start
+        self.log_error = ""       # why the output log could not be written (e.g. ENOSPC)
 
 
 class Runner:
@@ -209,8 +211,9 @@ class Runner:
         try:
             os.write(cur.log_fd, protocol.frame(stream, data, time.time()))
             cur.log_bytes += protocol.FRAME.size + len(data)
-        except OSError:  # disk full: keep draining so the workload never blocks
+        except OSError as e:  # disk full: keep draining so the workload never blocks
             cur.truncated = True
+            cur.log_error = cur.log_error or errno.errorcode.get(e.errno or 0, str(e.errno))
 
     # ------------------------------------------------------------------ execs
     def _begin(self, exec_id: str, cmd: str, timeout_ms: int) -> dict:
@@ -244,7 +247,7 @@ class Runner:
             "stdout_bytes": cur.out, "stderr_bytes": cur.err,
             "output_sha256": cur.sha.hexdigest(), "timed_out": cur.stage > 0,
             "truncated": cur.truncated, "shell_restarted": shell_restarted,
-            "oom_kills": max(0, self._oom_kills() - cur.oom_start),
+            "oom_kills": max(0, self._oom_kills() - cur.oom_start), "log_error": cur.log_error,
         }
         self._store(result)
         for client in cur.waiters:

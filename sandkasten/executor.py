@@ -213,6 +213,10 @@ class Executor:
                 mark.drop()
                 await self.record(sid, c.RecordExecLost(exec_id=exec_id, reason=e.message))
                 raise
+            if result.log_error:  # the output is cut short on disk; the operator must hear of it
+                log.warning("exec %s in session %s: unable to write its output log under %s: %s%s; output "
+                            "truncated", exec_id, sid, self.runtime.paths(sid).logs, result.log_error,
+                            " (disk full)" if result.log_error in ("ENOSPC", "EDQUOT") else "")
             finished = c.RecordExecFinished(
                 exec_id=exec_id, exit_code=result.exit_code, cwd=result.cwd,
                 duration_ms=round(result.duration_ms, 3), stdout_bytes=result.stdout_bytes,

@@ -111,6 +111,9 @@ def create_app(daemon) -> Sanic:
                                {"limit": limit})
         if not isinstance(exc, (SandkastenError, SanicException)):
             log.exception("unhandled error on %s %s", request.method, request.path)
+        elif isinstance(exc, SandkastenError) and errors.STATUS.get(exc.code, 500) >= 500 and exc.code != "NOT_READY":
+            # the host failed us (journal full or locked, the kernel refused): the operator must see it
+            log.warning("%s %s: %s %s", request.method, request.path, exc.code, exc.message)
         return errors.render(exc)
 
     app.blueprint(system.bp)

@@ -108,6 +108,7 @@ class ExecResult:
     started_at: float
     finished_at: float
     oom_kills: int = 0        # processes the kernel's OOM killer ended in the sandbox while it ran
+    log_error: str = ""       # errno name when the runner could not write the output log (ENOSPC)
 
     @classmethod
     def from_meta(cls, m: Mapping[str, Any]) -> "ExecResult":
