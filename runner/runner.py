@@ -299,7 +299,8 @@ class Runner:
 
     def _check_deadline(self) -> None:
         """Timeout: SIGINT the shell's process group (the shell traps it; background jobs
-        ignore it), then SIGKILL processes the command started, then restart the shell."""
+        ignore it), then SIGKILL every process started since the command began (also those it
+        moved into a new session with setsid), then again and restart the shell."""
         cur = self.current
         if cur is None or time.monotonic() < cur.deadline:
             return
@@ -313,23 +314,36 @@ class Runner:
             cur.deadline = time.monotonic() + KILL_GRACE
         else:
             cur.deadline = time.monotonic() + KILL_GRACE
+            self._kill_started_since(cur.start_ticks)  # a fork loop may have refilled it meanwhile
             self.shell.kill()
 
     def _kill_started_since(self, ticks: int) -> None:
-        pgid = self.shell.pid
+        """SIGKILL every process of the sandbox started at or after `ticks` — whatever its
+        process group or session (`setsid` leaves the shell's group; its orphans are reparented
+        to us) — but PID 1, the shell, and what the runner itself started (`_own_pids`)."""
+        procs: dict[int, tuple[int, int]] = {}  # pid: (ppid, start ticks); /proc shows only the sandbox
         for name in os.listdir("/proc"):
-            if not name.isdigit() or int(name) in (1, pgid):
+            if not name.isdigit():
                 continue
             try:
                 with open(f"/proc/{name}/stat", "rb") as f:
                     fields = f.read().rsplit(b")", 1)[1].split()
-            except OSError:
+                procs[int(name)] = (int(fields[1]), int(fields[19]))
+            except (OSError, IndexError, ValueError):
                 continue
-            if int(fields[2]) == pgid and int(fields[19]) >= ticks - 1:
-                try:
-                    os.kill(int(name), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        spared = {1, self.shell.pid} | self._own_pids()
+        for pid, (_, start) in procs.items():
+            if pid in spared or start < ticks - 1 or _descends(pid, procs, spared - {1, self.shell.pid}):
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _own_pids(self) -> set[int]:
+        """Processes the runner started itself, besides the shell (none yet): a command's timeout
+        never touches them or their children."""
+        return set()
 
     # ------------------------------------------------------------------ clients
     def _accept(self) -> None:
@@ -426,6 +440,16 @@ class Runner:
         except (ValueError, KeyError, TypeError) as e:
             reply = {"ok": False, "error": "bad_request", "message": str(e)}
         self._reply(conn, reply)
+
+
+def _descends(pid: int, procs: dict[int, tuple[int, int]], ancestors: set[int]) -> bool:
+    """Whether `pid` is one of `ancestors` or below one of them (by parent pid)."""
+    seen = 0
+    while pid in procs and seen < 4096:
+        if pid in ancestors:
+            return True
+        pid, seen = procs[pid][0], seen + 1
+    return pid in ancestors
 
 
 def _valid_id(exec_id) -> bool:

@@ -53,3 +53,17 @@ def test_the_reported_cwd_is_the_shells_real_one(runtime, image):
     assert res.cwd == "/tmp/a"
     res, _ = run(runtime, sid, "x-rm", "rmdir /tmp/a")
     assert res.cwd in ("/tmp/a", "/")  # a deleted directory is named as the shell knew it, never invented
+
+
+def test_a_timeout_also_ends_what_the_command_moved_into_a_new_session(runtime):
+    """`setsid` takes a loop out of the shell's process group: the timeout must end it anyway,
+    and leave alone a background job an earlier command started."""
+    sid = "s-setsid-timeout"
+    runtime.create(runtime.spec(sid, "base"))
+    run(runtime, sid, "x-earlier", "sleep 300 & sleep 0.1")  # started well before (clock ticks are 10 ms)
+    res, _ = run(runtime, sid, "x-loop", "setsid sh -c 'while true; do sleep 0.2; done # sk-marker-loop' & "
+                 "setsid sh -c 'while true; do sleep 0.2; done # sk-marker-fg'", timeout_ms=1000)
+    assert res.timed_out
+    _, left = run(runtime, sid, "x-ps", "sleep 0.5; grep -l 'sk-marke[r]' /proc/[0-9]*/cmdline 2>/dev/null | wc -l; "
+                  "grep -l 'sleep.30[0]' /proc/[0-9]*/cmdline 2>/dev/null | wc -l")
+    assert left.split() == ["0", "1"], left
