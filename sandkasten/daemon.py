@@ -90,6 +90,10 @@ class Daemon:
             await self.begin_stop()
         await asyncio.to_thread(self.runtime.close)
         await asyncio.to_thread(self.runtime.cgroups.release_parent)  # no trace when no sandbox is left
+        try:
+            await asyncio.to_thread(network.release_host, self.runtime.network)  # nor a bridge, nor nft tables
+        except SandkastenError as e:
+            log.warning("unable to remove the bridge %s: %s", self.runtime.network.bridge, e.message)
         await self.journal.close()
 
 
