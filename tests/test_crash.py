@@ -288,3 +288,12 @@ def test_a_recreated_sandbox_gets_its_cwd_and_env_back_before_readyz(daemon_fact
     assert daemon.client.get(f"/v1/sessions/{sid}").json()["status"] == "running"
     out = daemon.client.post(f"/v1/sessions/{sid}/exec", json={"cmd": "pwd; echo $GREETING"}).json()
     assert out["stdout"] == "/workspace/deep/er\nhello there\n", out
+
+
+def test_the_readme_crashtest_command_runs_outside_the_venv():
+    """README's line works from a plain shell whose python lacks the project's packages."""
+    line = next(ln for ln in (REPO / "README.md").read_text().splitlines() if ln.startswith("tools/crashtest "))
+    command = line.split("#")[0].split()
+    r = subprocess.run([*command[:1], "--help"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                       env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root")})
+    assert r.returncode == 0 and "--rounds" in r.stdout, r.stderr[-2000:]
