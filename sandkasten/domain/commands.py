@@ -126,6 +126,19 @@ class RecordExecLost:
 
 
 @dataclass(frozen=True)
+class RecordFileChange:
+    """A client wrote (`op` "write": size and sha256 of the new content) or deleted a file
+    through the file API, in a session's /workspace or in a workspace. `path` as shown to
+    clients (/workspace/...)."""
+
+    path: str
+    op: str = "write"
+    size: int = 0
+    sha256: str = ""
+    recursive: bool = False
+
+
+@dataclass(frozen=True)
 class CreateWorkspace:
     workspace_id: str
 
@@ -140,6 +153,7 @@ SessionCommand = (
     | RecordSandboxStarted | RecordSandboxFailed | RecordSandboxAdopted
     | RecordSandboxLost | RequestDestroy | ExpireSession | RecordSandboxStopped
     | RecordSessionDestroyed | RequestExec | RecordExecStarted | RecordExecFinished | RecordExecLost
+    | RecordFileChange
 )
-WorkspaceCommand = CreateWorkspace | DeleteWorkspace
+WorkspaceCommand = CreateWorkspace | DeleteWorkspace | RecordFileChange
 Command = SessionCommand | WorkspaceCommand

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 from sandkasten.domain import commands as c
 from sandkasten.domain import events as ev
-from sandkasten.domain.workspace import WorkspaceState, decide_workspace, evolve_workspace
+from sandkasten.domain.workspace import WorkspaceState, decide_workspace, evolve_workspace, file_event
 from sandkasten.errors import IllegalTransition, InvalidRequest, SessionNotFound
 
 try:  # the lead may move this error into sandkasten.errors; use theirs when it exists
@@ -135,6 +135,7 @@ _VERBS: dict[type, str] = {
     c.RecordExecStarted: "start exec on session",
     c.RecordExecFinished: "finish exec on session",
     c.RecordExecLost: "record lost exec on session",
+    c.RecordFileChange: "record a file change in session",
 }
 
 # command -> statuses in which it is legal
@@ -150,6 +151,7 @@ _ALLOWED: dict[type, frozenset[str]] = {
     c.RecordSandboxStopped: frozenset({DESTROYING}),
     c.RecordSessionDestroyed: frozenset({DESTROYING}),
     c.RequestExec: frozenset({RUNNING}),
+    c.RecordFileChange: frozenset({RUNNING}),
 }
 
 
@@ -161,7 +163,8 @@ def decide(
     stream_id: str | None = None,
 ) -> list[ev.NewEvent]:
     """The events `command` produces in `state`, or IllegalTransition (and friends)."""
-    if isinstance(command, (c.CreateWorkspace, c.DeleteWorkspace)):
+    if isinstance(command, (c.CreateWorkspace, c.DeleteWorkspace)) or (
+            isinstance(command, c.RecordFileChange) and isinstance(state, WorkspaceState)):
         if state is not None and not isinstance(state, WorkspaceState):
             raise InvalidRequest(f"unable to apply {type(command).__name__} to session stream")
         return decide_workspace(state, command)
@@ -335,6 +338,10 @@ def _exec_lost(state: SessionState, cmd: c.RecordExecLost, prior: PriorExecs, ve
     return [ev.NewEvent(ev.EXEC_LOST, {"exec_id": cmd.exec_id, "reason": cmd.reason})]
 
 
+def _file_change(state: SessionState, cmd: c.RecordFileChange, prior: PriorExecs, verb: str) -> list[ev.NewEvent]:
+    return [file_event(cmd)]
+
+
 _DECIDERS: dict[type, Any] = {
     c.ClaimSession: _claim,
     c.RecordSandboxConfigured: _configured,
@@ -350,12 +357,13 @@ _DECIDERS: dict[type, Any] = {
     c.RecordExecStarted: _exec_started,
     c.RecordExecFinished: _exec_finished,
     c.RecordExecLost: _exec_lost,
+    c.RecordFileChange: _file_change,
 }
 
 
 def evolve(state: State | None, event: Any) -> State:
     """Apply one event (NewEvent or RecordedEvent) to a stream's state."""
-    if event.type in ev.WORKSPACE_EVENT_TYPES:
+    if event.type in ev.WORKSPACE_EVENT_TYPES or (event.type in ev.FILE_EVENT_TYPES and isinstance(state, WorkspaceState)):
         return evolve_workspace(state if isinstance(state, WorkspaceState) else None, event)
     version = getattr(event, "stream_version", None) or ((state.version if state else 0) + 1)
     p = event.payload
@@ -393,6 +401,8 @@ def evolve(state: State | None, event: Any) -> State:
         return replace(s, sandbox_stopped=True, runner_pid=None, runner_start_time=None)
     if t == ev.SESSION_DESTROYED:
         return replace(s, status=DESTROYED)
+    if t in ev.FILE_EVENT_TYPES:
+        return s
     if t == ev.EXEC_REQUESTED:
         execs = {**s.execs, p["exec_id"]: ExecState(EXEC_REQUESTED, p.get("idempotency_key"))}
         return replace(s, execs=MappingProxyType(execs), exec_count=s.exec_count + 1)

@@ -1,8 +1,10 @@
 """Audit trail: every command ever run, read from the events (never from read tables).
 
 `sandkasten audit export` writes one row per exec — who (actor), when (requested_at),
-session, exec id, command, cwd, exit code, duration, output hash, status — as JSONL or
-CSV; `sandkasten audit verify` recomputes the hash chain. Read-only; safe with the daemon up.
+session, exec id, command, cwd, exit code, duration, output hash, status, kind "exec" — and one
+per file written or deleted through the file API (kind "file": cmd "write /workspace/x (N bytes)",
+the content's sha256, status written|deleted; session is the session or "ws:<workspace>") — as
+JSONL or CSV; `sandkasten audit verify` recomputes the hash chain. Read-only; safe with the daemon up.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from sandkasten.store.journal import Journal, VerifyResult
 
 FIELDS = (
     "actor", "requested_at", "session", "exec_id", "cmd", "cwd", "exit_code", "duration_ms",
-    "output_sha256", "status",
+    "output_sha256", "status", "kind",
 )
 FORMATS = ("jsonl", "csv")
 _PAGE = 5_000
@@ -58,7 +60,8 @@ async def collect(journal: Journal, since_iso: str | None, session: str | None) 
     rows: dict[str, dict[str, Any]] = {}
     after = 0
     while True:
-        batch = await journal.events(after_seq=after, stream_id=session, limit=_PAGE, types=ev.EXEC_EVENT_TYPES)
+        batch = await journal.events(after_seq=after, stream_id=session, limit=_PAGE,
+                                     types=ev.EXEC_EVENT_TYPES | ev.FILE_EVENT_TYPES)
         if not batch:
             return list(rows.values())
         for event in batch:
@@ -67,16 +70,27 @@ async def collect(journal: Journal, since_iso: str | None, session: str | None) 
 
 
 def _fold(rows: dict[str, dict[str, Any]], event: ev.RecordedEvent, since_iso: str | None) -> None:
+    p = event.payload
+    if event.type in ev.FILE_EVENT_TYPES:  # a change through the file API: one row of its own
+        if since_iso is None or event.created_at >= since_iso:
+            what = (f"write {p['path']} ({p.get('size', 0)} bytes)" if event.type == ev.FILE_WRITTEN
+                    else f"delete {p['path']}" + (" (recursive)" if p.get("recursive") else ""))
+            rows[f"file:{event.seq}"] = {
+                "actor": event.actor, "requested_at": event.created_at, "session": event.stream_id,
+                "exec_id": None, "cmd": what, "cwd": None, "exit_code": None, "duration_ms": None,
+                "output_sha256": p.get("sha256"), "status": "written" if event.type == ev.FILE_WRITTEN else "deleted",
+                "kind": "file",
+            }
+        return
     if event.type not in ev.EXEC_EVENT_TYPES:
         return
-    p = event.payload
     if event.type == ev.EXEC_REQUESTED:
         if since_iso is not None and event.created_at < since_iso:
             return
         rows[p["exec_id"]] = {
             "actor": event.actor, "requested_at": event.created_at, "session": event.stream_id,
             "exec_id": p["exec_id"], "cmd": p["cmd"], "cwd": None, "exit_code": None, "duration_ms": None,
-            "output_sha256": None, "status": EXEC_REQUESTED,
+            "output_sha256": None, "status": EXEC_REQUESTED, "kind": "exec",
         }
         return
     row = rows.get(p["exec_id"])
