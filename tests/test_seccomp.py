@@ -141,6 +141,7 @@ def test_verdicts(arch: str) -> None:
             if name in table:
                 assert verdict(name) == EPERM, name
         assert verdict("clone3") == ENOSYS
+        assert verdict("io_setup", 128) == ENOSYS  # host-wide AIO pool (fs.aio-max-nr)
         assert verdict("clone", 0x01200011) == ALLOW  # fork(): CLONE_CHILD_SETTID|CLEARTID|SIGCHLD
         assert verdict("clone", 0x00004111) == ALLOW  # vfork()
         for flag in (0x20000, 0x2000000, 0x4000000, 0x8000000, 0x10000000, 0x20000000, 0x40000000):
@@ -338,3 +339,36 @@ def test_vsock_and_netlink_are_refused_in_a_sandbox_without_network(runtime, pyt
     vsock, uevent, diag, route, inet = map(int, out[0].split())
     assert (vsock, uevent, diag) == (errno.EAFNOSUPPORT,) * 3
     assert (route, inet) == (0, 0)
+
+
+SHARED_POOLS_PROBE = """
+import ctypes, errno, os
+libc = ctypes.CDLL(None, use_errno=True)
+ctx = ctypes.c_ulong(0)
+nr = {"x86_64": 206, "aarch64": 0}[os.uname().machine]
+rc = libc.syscall(nr, 16, ctypes.byref(ctx))
+print(ctypes.get_errno() if rc != 0 else 0)
+fds = []
+try:
+    while len(fds) < 160:
+        fds.extend(os.openpty())
+except OSError as e:
+    print(len(fds) // 2, errno.errorcode[e.errno])
+else:
+    print(len(fds) // 2, "none")
+"""
+
+
+def test_a_sandbox_cannot_drain_the_hosts_pty_and_aio_pools(runtime, python_image):
+    """ptys (kernel.pty.max) and kernel AIO contexts (fs.aio-max-nr) are host-wide: a sandbox
+    gets at most setup.DEVPTS_MAX ptys, and io_setup answers ENOSYS."""
+    from sandkasten.runtime.setup import DEVPTS_MAX
+    from sandkasten.runtime.spec import ExecRequest
+
+    sid = "s-shared-pools"
+    runtime.create(runtime.spec(sid, python_image))
+    res = runtime.exec(sid, ExecRequest("x-pools", f"python3 -c '{SHARED_POOLS_PROBE}'", timeout_ms=30_000))
+    out = runtime.read_output(sid, "x-pools")[0].decode().split()
+    assert res.exit_code == 0, out
+    assert int(out[0]) == errno.ENOSYS
+    assert (int(out[1]), out[2]) == (DEVPTS_MAX, "ENOSPC"), out

@@ -14,7 +14,8 @@ Profiles (`security.seccomp` in the config):
   swap, acct, quotas, syslog, setting clocks), cross-process access (ptrace, process_vm_*,
   pidfd_getfd), file handles (open_by_handle_at, name_to_handle_at), the big unprivileged
   attack surfaces (bpf, keyrings, userfaultfd, perf_event_open, io_uring), x86 port I/O, vhangup,
-  and terminal injection (ioctl TIOCSTI / TIOCLINUX). clone3 gets ENOSYS, because its flags sit
+  and terminal injection (ioctl TIOCSTI / TIOCLINUX). io_setup gets ENOSYS (kernel AIO contexts
+  come from one host-wide pool, fs.aio-max-nr; callers fall back). clone3 gets ENOSYS, because its flags sit
   in memory a filter cannot read; libc then falls back to clone, whose flags the filter checks.
   Sockets come from an allow-list of families: AF_UNIX, AF_INET, AF_INET6, and AF_NETLINK only
   for NETLINK_ROUTE (what `ip` needs, confined to the sandbox's own network namespace). Everything
@@ -52,7 +53,7 @@ PROFILES = ("off", "mvp", "strict")
 # does not exist there and needs no rule.
 SYSCALLS: dict[str, dict[str, int]] = {
     "x86_64": {
-        "ioctl": 16, "socket": 41, "clone": 56, "ptrace": 101, "syslog": 103,
+        "ioctl": 16, "socket": 41, "io_setup": 206, "clone": 56, "ptrace": 101, "syslog": 103,
         "mknod": 133, "uselib": 134, "personality": 135, "vhangup": 153, "pivot_root": 155,
         "adjtimex": 159, "chroot": 161, "acct": 163, "settimeofday": 164, "mount": 165,
         "umount2": 166, "swapon": 167, "swapoff": 168, "reboot": 169, "iopl": 172,
@@ -68,7 +69,7 @@ SYSCALLS: dict[str, dict[str, int]] = {
         "pidfd_getfd": 438, "mount_setattr": 442, "quotactl_fd": 443, "open_tree_attr": 467,
     },
     "aarch64": {
-        "lookup_dcookie": 18, "ioctl": 29, "mknodat": 33, "umount2": 39, "mount": 40,
+        "io_setup": 0, "lookup_dcookie": 18, "ioctl": 29, "mknodat": 33, "umount2": 39, "mount": 40,
         "pivot_root": 41, "chroot": 51, "vhangup": 58, "quotactl": 60, "acct": 89,
         "personality": 92, "unshare": 97, "kexec_load": 104, "init_module": 105,
         "delete_module": 106, "clock_settime": 112, "syslog": 116, "ptrace": 117,
@@ -102,6 +103,10 @@ MVP_DENY = (
     "iopl", "ioperm", "vhangup", "uselib",
 )
 STRICT_DENY = ("fanotify_init", "move_pages", "migrate_pages")
+# Answered ENOSYS ("not implemented here"), which callers treat as a reason to fall back: io_setup
+# takes from fs.aio-max-nr, one limit for the whole host, which one sandbox could use up for all
+# (libaio users fall back to threads; glibc's POSIX AIO never calls it).
+MVP_ENOSYS = ("io_setup",)
 
 # Every CLONE_NEW* flag that fits legacy clone's flags word (CLONE_NEWTIME, 0x80, does not: those
 # bits are clone's exit signal; a time namespace needs unshare or clone3, both refused).
@@ -202,6 +207,8 @@ def build_filter(profile: str, arch: str | None = None) -> bytes | None:
         if "mknod" in table:
             p.jeq(table["mknod"], "mknod")
         p.jeq(table["mknodat"], "mknodat")
+    for name in MVP_ENOSYS:
+        p.jeq(table[name], "enosys")
     for name in denied(profile, arch):
         p.jeq(table[name], "eperm")
     p.ret(RET_ALLOW)

@@ -26,6 +26,7 @@ DEVICES = {  # name: (major, minor) — the minimal /dev every program expects
     "null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0),
 }
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+DEVPTS_MAX = 64   # ptys per sandbox (each terminal session, `script`, ssh… takes one)
 
 
 @dataclass
@@ -111,7 +112,9 @@ def mount_dev(ctx: Context) -> None:
         os.chmod(path, 0o666)
     pts = os.path.join(dev, "pts")
     os.mkdir(pts, 0o755)
-    sc.mount("devpts", pts, "devpts", sc.MS_NOSUID | sc.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620")
+    # max=: ptys come from one host-wide pool (kernel.pty.max); a sandbox takes at most DEVPTS_MAX
+    sc.mount("devpts", pts, "devpts", sc.MS_NOSUID | sc.MS_NOEXEC,
+             f"newinstance,ptmxmode=0666,mode=620,max={DEVPTS_MAX}")
     shm = os.path.join(dev, "shm")
     os.mkdir(shm, 0o1777)
     sc.mount("tmpfs", shm, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=1777,size=64m")
