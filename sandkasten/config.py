@@ -50,6 +50,9 @@ class Limits:
     max_ttl_seconds: int = 86_400
     max_body_bytes: int = 16 * 1024 * 1024
     body_timeout_seconds: float = 60.0      # a request body must arrive within this (slow bodies hold memory)
+    max_sessions: int = 256                 # sessions not ended (pool members included) this daemon grants
+    max_total_mem_mb: int = 0               # their mem_limit_mb in all; 0: twice the host's memory
+    log_retention_seconds: int = 7 * 86_400  # exec logs of a session ended this long ago are removed
     max_file_bytes: int = 64 * 1024 * 1024
 
 
@@ -370,6 +373,8 @@ def _validate(cfg: Config) -> None:
                 "max_output_bytes"):
         _positive(f"defaults.{key}", getattr(d, key))
     for f in dataclasses.fields(Limits):
+        if f.name == "max_total_mem_mb" and cfg.limits.max_total_mem_mb == 0:
+            continue  # 0: derived from the host's memory
         _positive(f"limits.{f.name}", getattr(cfg.limits, f.name))
     _positive("session_ttl_seconds", cfg.session_ttl_seconds)
     if cfg.idle_timeout_seconds < 0:

@@ -119,5 +119,9 @@ class RequestTimeout(SandkastenError):
     code = "REQUEST_TIMEOUT"
 
 
+class CapacityExceeded(SandkastenError):
+    code = "CAPACITY_EXCEEDED"
+
+
 class SessionEnded(SandkastenError):
     code = "SESSION_ENDED"

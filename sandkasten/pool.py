@@ -39,11 +39,11 @@ import time
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta, timezone
 
-from sandkasten import intake
+from sandkasten import admission, intake
 from sandkasten.config import Config
 from sandkasten.domain import commands as c
 from sandkasten.domain.session import RUNNING
-from sandkasten.errors import IllegalTransition, SandkastenError
+from sandkasten.errors import CapacityExceeded, IllegalTransition, SandkastenError
 from sandkasten.executor import Executor
 
 log = logging.getLogger("sandkasten.pool")
@@ -190,7 +190,11 @@ class Pool:
                 continue
             for _ in range(missing):
                 sid = intake.new_session_id()
-                await self.journal.execute(sid, self.template(image), actor=ACTOR)
+                try:
+                    await admission.admitted(self.cfg, self.journal, sid, self.template(image), actor=ACTOR)
+                except CapacityExceeded as e:  # clients come first: the pool waits for room
+                    log.info("pool of %s not refilled: %s", image, e.message)
+                    return requested
                 task = self.executor.ensure_session(sid)
                 task.add_done_callback(lambda t, i=image: self._created(i, t))
                 requested += 1

@@ -33,6 +33,7 @@ from sandkasten.runtime.procfs import proc_start_time
 log = logging.getLogger("sandkasten.reconciler")
 ACTOR = "reconciler"
 RECREATE_WAIT_S = 120.0
+PRUNE_EVERY_S = 60.0
 ENDED = ("destroyed", "failed")
 
 
@@ -43,6 +44,7 @@ class Reconciler:
         self.journal = executor.journal
         self.runtime = executor.runtime
         self.stats: dict[str, float] = {}
+        self._pruned = float("-inf")
 
     # ------------------------------------------------------------------ startup
     async def startup(self) -> dict:
@@ -142,7 +144,21 @@ class Reconciler:
             except SandkastenError as e:
                 log.warning("watch: %s", e.message)
 
+    async def prune_logs(self) -> int:
+        """Remove the exec logs (logs/<sid>) of sessions that ended more than
+        limits.log_retention_seconds ago; the journal keeps their events and output hashes.
+        Runs at most every PRUNE_EVERY_S (or twice per retention period, if shorter)."""
+        keep = self.cfg.limits.log_retention_seconds
+        if time.monotonic() - self._pruned < min(PRUNE_EVERY_S, keep / 2):
+            return 0
+        self._pruned = time.monotonic()
+        cutoff = datetime.now(timezone.utc).timestamp() - keep
+        old = [r["id"] for r in await self.journal.sessions(include_ended=True)
+               if r["status"] in ENDED and r["ended_at"] and _parse(r["ended_at"]).timestamp() < cutoff]
+        return await asyncio.to_thread(self.runtime.remove_logs, old)
+
     async def pass_once(self) -> None:
+        await self.prune_logs()
         now = datetime.now(timezone.utc)
         for row in await self.journal.sessions():
             sid = row["id"]

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 
 from sanic import Blueprint, Request, json
 
-from sandkasten import intake
+from sandkasten import admission, intake
 from sandkasten.api import params
 from sandkasten.domain import commands as c
 from sandkasten.domain.session import UNCLAIMED, DuplicateIdempotencyKey, iso_utc
@@ -95,7 +95,7 @@ async def create_session(request: Request):
     if sid is not None:  # a pre-warmed sandbox, already configured as asked ("pooled": true)
         return json(session_view(await session_row(d, sid)), status=201)
     sid = intake.new_session_id()
-    await d.journal.execute(sid, cmd, actor=request.ctx.actor, request_id=request.ctx.request_id)
+    await admission.admitted(d.cfg, d.journal, sid, cmd, actor=request.ctx.actor, request_id=request.ctx.request_id)
     try:
         await settle(d, d.executor.ensure_session(sid), f"session {sid} is created once the daemon is back "
                      f"(GET /v1/sessions/{sid})")

@@ -12,12 +12,13 @@ typed errors of `sandkasten.client.errors`."""
 
 from sandkasten.client._async import AsyncClient, AsyncSandbox
 from sandkasten.client._sync import Client, Sandbox
-from sandkasten.client.errors import (CommandTimeout, Conflict, DaemonUnreachable, ExecNotFound, FileBusy, FileNotFound,
-                                      Forbidden, ImageNotAllowed, ImageNotFound, InvalidRequest, InvalidURL,
-                                      NotFound, NotReady, PathRefused, PayloadTooLarge, RequestTimeout, SandboxError, SandboxLost,
-                                      SandkastenError, SessionBusy, SessionEnded, SessionNotFound,
-                                      SessionNotRunning, StreamBroken, Unauthorized, Unavailable,
-                                      WorkspaceInUse, WorkspaceNotFound)
+from sandkasten.client.errors import (CapacityExceeded, CommandTimeout, Conflict, DaemonUnreachable,
+                                      ExecNotFound, FileBusy, FileNotFound, Forbidden, ImageNotAllowed,
+                                      ImageNotFound, InvalidRequest, InvalidURL, NotFound, NotReady,
+                                      PathRefused, PayloadTooLarge, RequestTimeout, SandboxError,
+                                      SandboxLost, SandkastenError, SessionBusy, SessionEnded,
+                                      SessionNotFound, SessionNotRunning, StreamBroken, Unauthorized,
+                                      Unavailable, WorkspaceInUse, WorkspaceNotFound)
 from sandkasten.client.models import (ExecChunk, ExecDone, ExecEvent, ExecRecord, ExecResult, FileContent,
                                       FileEntry, Session, Stats, Workspace)
 
@@ -25,9 +26,9 @@ __all__ = [
     "AsyncClient", "AsyncSandbox", "Client", "Sandbox",
     "ExecChunk", "ExecDone", "ExecEvent", "ExecRecord", "ExecResult", "FileContent", "FileEntry", "Session",
     "Stats", "Workspace",
-    "CommandTimeout", "Conflict", "DaemonUnreachable", "ExecNotFound", "FileBusy", "FileNotFound", "Forbidden",
-    "ImageNotAllowed", "ImageNotFound", "InvalidRequest", "InvalidURL", "NotFound", "NotReady", "PathRefused",
-    "PayloadTooLarge", "RequestTimeout", "SandboxError", "SandboxLost", "SandkastenError", "SessionBusy", "SessionEnded",
-    "SessionNotFound", "SessionNotRunning", "StreamBroken", "Unauthorized", "Unavailable", "WorkspaceInUse",
-    "WorkspaceNotFound",
+    "CapacityExceeded", "CommandTimeout", "Conflict", "DaemonUnreachable", "ExecNotFound", "FileBusy",
+    "FileNotFound", "Forbidden", "ImageNotAllowed", "ImageNotFound", "InvalidRequest", "InvalidURL",
+    "NotFound", "NotReady", "PathRefused", "PayloadTooLarge", "RequestTimeout", "SandboxError", "SandboxLost",
+    "SandkastenError", "SessionBusy", "SessionEnded", "SessionNotFound", "SessionNotRunning", "StreamBroken",
+    "Unauthorized", "Unavailable", "WorkspaceInUse", "WorkspaceNotFound",
 ]

@@ -124,6 +124,12 @@ class PayloadTooLarge(SandkastenError):
     code = "PAYLOAD_TOO_LARGE"
 
 
+class CapacityExceeded(SandkastenError):
+    """429: the daemon grants no more sessions (limits.max_sessions) or memory (limits.max_total_mem_mb)."""
+
+    code = "CAPACITY_EXCEEDED"
+
+
 class CommandTimeout(SandkastenError):
     code = "COMMAND_TIMEOUT"
 
@@ -169,7 +175,8 @@ _BY_CODE: dict[str, type[SandkastenError]] = {
     cls.code: cls for cls in (
         InvalidRequest, PathRefused, ImageNotFound, ImageInvalid, ImageNotAllowed, Unauthorized, Forbidden,
         NotFound, SessionNotFound, ExecNotFound, FileNotFound, WorkspaceNotFound, Conflict,
-        SessionNotRunning, SessionBusy, FileBusy, WorkspaceInUse, SessionEnded, SandboxLost, RequestTimeout, PayloadTooLarge,
+        SessionNotRunning, SessionBusy, FileBusy, WorkspaceInUse, SessionEnded, SandboxLost, RequestTimeout,
+        PayloadTooLarge, CapacityExceeded,
         CommandTimeout, NotReady, SandboxError, JournalError)
 }
 _BY_CODE.update({"ILLEGAL_TRANSITION": Conflict, "DUPLICATE_IDEMPOTENCY_KEY": Conflict,
@@ -177,7 +184,7 @@ _BY_CODE.update({"ILLEGAL_TRANSITION": Conflict, "DUPLICATE_IDEMPOTENCY_KEY": Co
                  "IMAGE_BUILD_FAILED": SandboxError})
 _BY_STATUS: dict[int, type[SandkastenError]] = {
     400: InvalidRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 405: InvalidRequest, 408: RequestTimeout,
-    409: Conflict,
+    409: Conflict, 429: CapacityExceeded,
     410: SessionEnded, 413: PayloadTooLarge, 415: InvalidRequest, 422: InvalidRequest, 503: Unavailable,
     504: CommandTimeout,
 }

@@ -206,6 +206,18 @@ class Runtime:
         except OSError:
             return False
 
+    def remove_logs(self, sids: list[str]) -> int:
+        """Remove the exec logs of these (ended) sessions; how many log dirs went. Never one whose
+        sandbox still has traces on the host."""
+        removed = 0
+        for sid in sids:
+            p = self.paths(sid)
+            if not p.logs.is_dir() or p.root.exists() or p.run.exists():
+                continue
+            self._remove_tree(p.logs)
+            removed += 1
+        return removed
+
     # ------------------------------------------------------------------ teardown
     def destroy(self, sid: str) -> None:
         """network (veth, nft entries) → cgroup kill → wait empty → unmount leftovers → rmdir
