@@ -38,6 +38,7 @@ class Defaults:
     network_mode: str = "none"
     readonly_rootfs: bool = False
     max_output_bytes: int = 1_048_576
+    disk_limit_mb: int = 2048     # each sandbox's own disk (its writes to / and /workspace); 0: no quota
 
 
 @dataclass(frozen=True)
@@ -383,6 +384,8 @@ def _validate(cfg: Config) -> None:
                        cfg.limits.max_ttl_seconds), ("idle_timeout_seconds", cfg.idle_timeout_seconds)):
         if value > MAX_SECONDS:
             raise ConfigError(f"invalid config key {key}: at most {MAX_SECONDS} (ten years) (got {value})")
+    if d.disk_limit_mb != 0 and d.disk_limit_mb < 16:
+        raise ConfigError(f"invalid config key defaults.disk_limit_mb: 0 (no quota) or at least 16 (got {d.disk_limit_mb})")
     _one_of("defaults.network_mode", d.network_mode, NETWORK_MODES)
     _one_of("security.seccomp", cfg.security.seccomp, SECCOMP_PROFILES)
     if cfg.security.userns:

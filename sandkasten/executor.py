@@ -124,6 +124,7 @@ class Executor:
                 sid, state.image, workspace_dir=self.workspace_dir(state.workspace_id),
                 cpu_limit=state.cpu_limit, mem_limit_mb=state.mem_limit_mb, pids_limit=state.pids_limit,
                 network_mode=state.network_mode, readonly_rootfs=state.readonly_rootfs,
+                disk_limit_mb=self.cfg.defaults.disk_limit_mb,
                 egress_allow=tuple(state.egress_allow),
                 env=dict(state.env), seccomp=sec.seccomp, uid=sec.run_as_uid, gid=sec.run_as_gid,
                 hostname=sid)

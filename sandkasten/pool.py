@@ -93,12 +93,12 @@ class Pool:
 
     def shape(self) -> str:
         """What makes a member besides its journaled fields: the sandbox's seccomp profile and
-        user, the bridge and its egress allow-list (changing any needs a restart)."""
+        user, its disk size, the bridge and its egress allow-list (changing any needs a restart)."""
         sec = self.cfg.security
         network = dataclasses.asdict(self.cfg.network)
         del network["session_egress_within"]  # bounds what clients ask for, not what a member is
         return json.dumps({"seccomp": sec.seccomp, "uid": sec.run_as_uid, "gid": sec.run_as_gid,
-                           "network": network}, sort_keys=True)
+                           "disk_limit_mb": self.cfg.defaults.disk_limit_mb, "network": network}, sort_keys=True)
 
     @property
     def shape_path(self):

@@ -16,7 +16,7 @@ from sandkasten.errors import (CommandTimeout, InvalidRequest, SandboxError, San
                                SessionBusy)
 from sandkasten.images.store import ImageStore
 from sandkasten.runtime import cgroups as cgroups_mod
-from sandkasten.runtime import client
+from sandkasten.runtime import client, disk
 from sandkasten.runtime import network as network_mod
 from sandkasten.runtime.layout import Layout, SessionPaths
 from sandkasten.runtime.procfs import mounts_under, proc_start_time
@@ -56,7 +56,7 @@ class Runtime:
         check_session_id(sid)
         self.images.ensure_valid(image)
         lower = self.images.path(image)
-        ws = Path(workspace_dir) if workspace_dir else self.paths(sid).workspace
+        ws = Path(workspace_dir) if workspace_dir else self.paths(sid).disk / "workspace"  # see create
         return SandboxSpec(session_id=sid, image=image, lower_dir=str(lower), workspace_dir=str(ws),
                            **options).validate()
 
@@ -68,6 +68,8 @@ class Runtime:
         if p.root.exists() or p.run.exists():
             raise SandboxError(f"unable to create sandbox {spec.session_id}: it already exists")
         try:
+            p.root.mkdir(parents=True)
+            disk.prepare(p.disk_image, p.disk, spec.disk_limit_mb)
             for d in (p.upper, p.work, p.rootfs):
                 d.mkdir(parents=True, exist_ok=False)
             p.run.mkdir(parents=True, mode=0o700)
@@ -86,6 +88,9 @@ class Runtime:
         except OSError as e:
             self.destroy(spec.session_id)
             raise SandboxError(f"unable to prepare directories for sandbox {spec.session_id}: {e}") from None
+        except SandboxError:
+            self.destroy(spec.session_id)
+            raise
         except BaseException:
             self.destroy(spec.session_id)
             raise
