@@ -132,24 +132,16 @@ class AdminCommands:
         print(f"rebuilt the read tables and indexes from {count} event{'s' * (count != 1)}")
 
     def security(self, json: bool = False) -> None:
-        """What confines a sandbox under this config: namespaces, privileges, seccomp profile.
+        """What confines a sandbox under this config (namespaces, privileges, seccomp profile, disk,
+        host-wide pools) and the gaps that remain.
 
         Args:
           json: print it as an object
         """
-        from sandkasten.runtime import seccomp
+        from sandkasten import confinement
 
         sec = self.cfg.security
-        report = {
-            "namespaces": ["mnt", "pid", "uts", "ipc", "net", "cgroup"],  # zygote.NAMESPACES
-            "run_as": {"uid": sec.run_as_uid, "gid": sec.run_as_gid},
-            "capabilities": "all dropped (bounding, effective, permitted, inheritable, ambient); securebits locked",
-            "no_new_privs": True,
-            "seccomp": {"profile": sec.seccomp, "denied": list(seccomp.denied(sec.seccomp))},
-            "rootfs": "overlay over the image, pivot_root" + (", read-only" if self.cfg.defaults.readonly_rootfs
-                                                              else ""),
-            "network_default": self.cfg.defaults.network_mode,
-        }
+        report = confinement.report(self.cfg)
         if json:
             render.print_json(report)
             return
@@ -159,11 +151,17 @@ class AdminCommands:
             ["capabilities", report["capabilities"]],
             ["no_new_privs", "on"],
             ["seccomp", f"{sec.seccomp}: {len(report['seccomp']['denied'])} syscalls refused"],
+            ["socket families", report["seccomp"]["socket_families"]],
             ["root filesystem", report["rootfs"]],
+            ["disk", report["disk"]],
+            ["host-wide pools", report["shared_host_pools"]],
             ["network (default)", report["network_default"]],
         ])
         if report["seccomp"]["denied"]:
             print("refused syscalls: " + " ".join(report["seccomp"]["denied"]))
+        print("\nremaining gaps (what this does not protect against):")
+        for gap in report["gaps"]:
+            print(f"  - {gap}")
 
     def doctor(self, json: bool = False) -> None:
         """Check the journal file (SQLite integrity_check) and compare the journal with what exists

@@ -577,3 +577,18 @@ def test_security_reports_the_confinement(tmp_path):
     cfg.write_text(f"data_dir: {tmp_path / 'data'}\nsecurity:\n  userns: true\n")
     r = subprocess.run([str(SANDKASTEN), "--config", str(cfg), "security"], capture_output=True, text=True)
     assert r.returncode == 2 and "security.userns" in r.stderr
+
+
+def test_security_states_the_remaining_gaps(tmp_path):
+    cfg = tmp_path / "sandkasten.yaml"
+    cfg.write_text(f"data_dir: {tmp_path / 'data'}\n")
+    r = subprocess.run([str(SANDKASTEN), "--config", str(cfg), "security", "--json"], capture_output=True, text=True)
+    gaps = json.loads(r.stdout)["gaps"]
+    assert any("no user namespace" in g and "security.userns is not implemented" in g for g in gaps)
+    assert any("same uid (65534)" in g and "inotify" in g for g in gaps)
+    assert not any("no disk quota" in g for g in gaps)
+    cfg.write_text(f"data_dir: {tmp_path / 'data'}\ndefaults:\n  disk_limit_mb: 0\nsecurity:\n  seccomp: 'off'\n")
+    r = subprocess.run([str(SANDKASTEN), "--config", str(cfg), "security"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    text = r.stdout.split("remaining gaps")[1]
+    assert "no disk quota" in text and "seccomp is off" in text
