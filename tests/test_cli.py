@@ -31,6 +31,7 @@ from sandkasten import __version__
 from sandkasten.cli_args import Usage, call_args, exec_args, parse_since, split_config
 from sandkasten.cli_render import duration, exec_header, humanize
 from sandkasten.domain import commands as c
+from sandkasten.runtime.layout import Layout
 from sandkasten.store.journal import Journal
 
 REPO = Path(__file__).resolve().parent.parent
@@ -546,7 +547,7 @@ def test_daemon_runs_what_the_cli_asks(daemon_env):
     assert env.run("exec", sid, "--", "echo", "123").stdout == "123\n"
     assert "exit 4" in env.run("logs", sid).stdout
     # --follow shows a command while it runs: its header says running, not "waiting for the daemon"
-    gate = env.data / "sessions" / sid / "workspace" / "go"
+    gate = Layout(env.data).of(sid).workspace / "go"
     with env.popen("logs", sid, "--follow") as follow, \
             env.popen("exec", sid, "while [ ! -e /workspace/go ]; do sleep 0.1; done; echo released") as running:
         try:

@@ -60,7 +60,7 @@ def small_disk(tmp_path):
     syscalls.umount(str(mnt), syscalls.MNT_DETACH)
 
 
-def test_full_disk_gives_clear_errors_and_loses_nothing(daemon_factory, small_disk):
+def test_full_disk_gives_clear_errors_and_loses_nothing(small_disk, daemon_factory):  # daemons go first
     d = daemon_factory(data_dir=small_disk / "data", journal={"busy_timeout_s": 1}).start()
     sid = d.client.post("/v1/sessions", json={}).json()["id"]
     ok = d.client.post(f"/v1/sessions/{sid}/exec", json={"cmd": "echo kept"}).json()
