@@ -214,13 +214,25 @@ def start_background(cfg: Config, config_path: str | None, wait_s: float = 30.0)
             return 1
         try:
             if httpx.get(url, timeout=1).status_code == 200 and running_pid(cfg) == proc.pid:
-                print(f"sandkasten: daemon started (pid {proc.pid}), log {logfile}")
-                return 0
-        except httpx.HTTPError:
+                # it answers; started means ready: changes are refused until the start-up reconcile is done
+                ready = httpx.get(f"http://{cfg.host}:{cfg.port}/readyz", timeout=5, headers=_auth(cfg))
+                if ready.status_code == 200:
+                    print(f"sandkasten: daemon started (pid {proc.pid}), log {logfile}")
+                    return 0
+                detail = ready.json().get("detail", {}) if ready.status_code == 503 else {}
+                if detail.get("phase") == "failed":
+                    print(f"sandkasten: the daemon (pid {proc.pid}) runs but its start-up reconcile failed "
+                          f"({detail.get('error')}): it refuses changes; see {logfile}", file=sys.stderr)
+                    return 1
+        except (httpx.HTTPError, ValueError):
             pass
         time.sleep(0.1)
     print(f"sandkasten: the daemon did not answer on {url} within {wait_s:.0f}s; see {logfile}", file=sys.stderr)
     return 1
+
+
+def _auth(cfg: Config) -> dict[str, str]:
+    return {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
 
 
 def _listening(host: str, port: int) -> bool:

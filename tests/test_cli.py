@@ -24,6 +24,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import httpx
 import pytest
 
 from runner import protocol
@@ -593,3 +594,24 @@ def test_security_states_the_remaining_gaps(tmp_path):
     assert r.returncode == 0, r.stderr
     text = r.stdout.split("remaining gaps")[1]
     assert "no disk quota" in text and "seccomp is off" in text
+
+
+def test_daemon_d_returns_once_the_daemon_is_ready(data_dir, tmp_path, cgroup_parent, runtime):
+    """`daemon -d` says started when the daemon takes changes: after the start-up reconcile (here:
+    recreating a sandbox that died while no daemon ran), not when it merely answers /healthz."""
+    env = Env(tmp_path, data_dir, extra=f"cgroup_parent: {cgroup_parent}\nreconcile:\n  lost_sandbox_policy: recreate\n")
+    url = "http://" + env.config.read_text().split("listen: ")[1].split()[0]
+    try:
+        assert env.run("daemon", "-d").returncode == 0
+        sids = [env.run("create").stdout.strip() for _ in range(6)]
+        assert env.run("stop").returncode == 0
+        for sid in sids:
+            runtime.cgroups.kill(sid)   # they die while no daemon runs: the next start recreates them
+        out = env.run("daemon", "-d")
+        assert out.returncode == 0, out.stderr
+        assert httpx.get(url + "/readyz").status_code == 200
+        assert httpx.post(url + "/v1/sessions", json={}).status_code == 201   # changes are taken at once
+        rows = {r["id"]: r["status"] for r in json.loads(env.run("ps", "--json").stdout)}
+        assert all(rows[sid] == "running" for sid in sids), rows
+    finally:
+        env.run("stop")
