@@ -44,6 +44,7 @@ NAMESPACES = (os.CLONE_NEWNS | os.CLONE_NEWUTS | os.CLONE_NEWIPC | os.CLONE_NEWN
               | os.CLONE_NEWPID | os.CLONE_NEWCGROUP)
 READY_TIMEOUT = 20.0
 PR_SET_CHILD_SUBREAPER, PR_SET_DUMPABLE, PR_SET_PDEATHSIG = 36, 4, 1
+OOM_SCORE_ADJ_MIN = -1000
 _libc = ctypes.CDLL(None, use_errno=True)
 BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -69,7 +70,8 @@ class Zygote:
         net = req.get("network")  # bridge mode: B waits on net_r until we connected it
         net_r, net_w = os.pipe() if net else (-1, -1)
         ctx = Context(spec=spec, rootfs=paths["rootfs"], upper=paths["upper"], work=paths["work"],
-                      run_dir=paths["run"], logs_dir=paths["logs"], net_fd=net_r)
+                      run_dir=paths["run"], logs_dir=paths["logs"], net_fd=net_r,
+                      oom_events=str(self.cgroups.oom_events(spec.session_id)))
         env = {**BASE_ENV, "USER": "root" if spec.uid == 0 else "sandbox", **spec.env}
         ready_r, ready_w = os.pipe()
         pid_a = os.fork()
@@ -168,8 +170,17 @@ def _child_b(ctx: Context, ready_w: int, env: dict, before_exec) -> None:
             os.dup2(devnull, fd)
         os.close(devnull)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        # The OOM killer must never pick PID 1: its death takes the whole sandbox, and a runner
+        # forked from the zygote is bigger than any small process of the workload. -1000 needs
+        # CAP_SYS_RESOURCE (some container hosts withhold it); the shell raises its own score to
+        # +1000 either way (runner.shell), so every command is always chosen before the runner.
+        try:
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write(str(OOM_SCORE_ADJ_MIN))
+        except PermissionError:
+            pass
         run_steps(ctx)
-        keep = {ready_w, ctx.logs_fd, ctx.listener.fileno()}
+        keep = {ready_w, ctx.logs_fd, ctx.oom_fd, ctx.listener.fileno()}
         for fd in _open_fds():
             if fd > 2 and fd not in keep:
                 try:
@@ -179,7 +190,7 @@ def _child_b(ctx: Context, ready_w: int, env: dict, before_exec) -> None:
         _write(ready_w, {"ok": True})
         os.close(ready_w)
         gc.enable()
-        runner_main.run(ctx.listener, ctx.logs_fd, env, before_exec)
+        runner_main.run(ctx.listener, ctx.logs_fd, env, before_exec, oom_fd=ctx.oom_fd)
         os._exit(0)
     except BaseException as e:  # noqa: BLE001
         _write(ready_w, {"ok": False, "error": str(e) if isinstance(e, SetupFailed)

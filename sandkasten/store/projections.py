@@ -232,6 +232,11 @@ def _session_claimed(conn: sa.Connection, e: ev.RecordedEvent) -> None:
         )
 
 
+def _file_changed(conn: sa.Connection, e: ev.RecordedEvent) -> None:
+    if not e.stream_id.startswith(ev.WORKSPACE_STREAM_PREFIX):  # a session's: activity, like an exec
+        _update_session(conn, e, last_activity_at=e.created_at)
+
+
 def _sandbox_configured(conn: sa.Connection, e: ev.RecordedEvent) -> None:
     _update_session(conn, e, pool=POOL_CLAIMED)
 
@@ -259,5 +264,7 @@ _PROJECTORS: dict[str, Callable[[sa.Connection, ev.RecordedEvent], None]] = {
     ev.PROCESS_LOST: _process_lost,
     ev.WORKSPACE_CREATED: _workspace_created,
     ev.WORKSPACE_DELETED: _workspace_deleted,
+    ev.FILE_WRITTEN: _file_changed,
+    ev.FILE_DELETED: _file_changed,
 }
 _PROJECTORS.update(host_projections.PROJECTORS)  # the cluster's hosts and placements
