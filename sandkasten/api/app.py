@@ -13,6 +13,7 @@ from sanic.exceptions import BadRequest, PayloadTooLarge, SanicException
 
 from sandkasten import intake
 from sandkasten.api import archive, errors, files, processes, sessions, stream, system, workspaces
+from sandkasten.api.errors import Answer
 from sandkasten.errors import InvalidRequest, NotReady, RequestTimeout, SandkastenError, Unauthorized
 
 log = logging.getLogger("sandkasten.api")
@@ -25,14 +26,6 @@ def unparsed(request: Request) -> bool:
     header, a head above the size limit): it carries no headers, so no API key either. Its
     error (400, 413) is the answer, not UNAUTHORIZED; no handler runs for it."""
     return request.method == "NONE"
-
-
-class Answer(Exception):
-    """Raised by the auth hook (a signal: it cannot return a response) to answer with this one."""
-
-    def __init__(self, response) -> None:
-        super().__init__("answered by the auth hook")
-        self.response = response
 
 
 def _drop_body(request: Request) -> None:
@@ -83,6 +76,8 @@ def create_app(daemon) -> Sanic:
         if unparsed(request):
             return
         if gate is not None and gate.owns(request.path):
+            if request.method not in READS and gate.wants_form(request):
+                await receive_body(request, handler)   # the login key, or a change's CSRF token, is in the form
             refused = gate.check_page(request)   # no cookie: a redirect to the login page
             if refused is not None:
                 _drop_body(request)
@@ -113,14 +108,19 @@ def create_app(daemon) -> Sanic:
                                f"({daemon.readiness.get('error')}); see /readyz and the daemon log",
                                phase=phase)
             raise NotReady(f"the daemon is starting ({phase}): retry in a moment", phase=phase)
-        if request.stream is not None and request.stream.request_body and not hasattr(handler, "is_stream"):
-            try:
-                await asyncio.wait_for(request.receive_body(), cfg.limits.body_timeout_seconds)
-            except asyncio.TimeoutError:
-                _drop_body(request)
-                raise RequestTimeout(f"unable to read the request body: it did not arrive within "
-                                     f"{cfg.limits.body_timeout_seconds:g}s (limits.body_timeout_seconds)",
-                                     limit_seconds=cfg.limits.body_timeout_seconds) from None
+        await receive_body(request, handler)
+
+    async def receive_body(request: Request, handler) -> None:
+        """Read the body now, within limits.body_timeout_seconds (a streaming route reads its own)."""
+        if request.stream is None or not request.stream.request_body or hasattr(handler, "is_stream"):
+            return
+        try:
+            await asyncio.wait_for(request.receive_body(), cfg.limits.body_timeout_seconds)
+        except asyncio.TimeoutError:
+            _drop_body(request)
+            raise RequestTimeout(f"unable to read the request body: it did not arrive within "
+                                 f"{cfg.limits.body_timeout_seconds:g}s (limits.body_timeout_seconds)",
+                                 limit_seconds=cfg.limits.body_timeout_seconds) from None
 
     @app.on_response
     async def tag(request: Request, response):

@@ -28,6 +28,15 @@ SANIC_CODES = {400: "INVALID_REQUEST", 401: "UNAUTHORIZED", 404: "NOT_FOUND", 40
                503: "NOT_READY"}
 
 
+class Answer(Exception):
+    """Raised where a response cannot be returned (the auth hook is a signal) to answer with
+    this one; every error handler returns it as it is."""
+
+    def __init__(self, response) -> None:
+        super().__init__("answered early")
+        self.response = response
+
+
 def body(code: str, message: str, details: dict | None = None, status: int | None = None):
     return json({"error_code": code, "message": message, "details": details or {}},
                 status=status or STATUS.get(code, 500))
