@@ -17,6 +17,7 @@ time (the image may have no Python). It
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import os
 import select
@@ -38,9 +39,9 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 class Exec:
     __slots__ = ("id", "started", "deadline", "stage", "log_fd", "log_bytes", "out", "err",
-                 "sha", "truncated", "start_ticks", "waiters", "ack")
+                 "sha", "truncated", "start_ticks", "waiters", "ack", "oom_start", "log_error")
 
-    def __init__(self, exec_id: str, log_fd: int, timeout_s: float):
+    def __init__(self, exec_id: str, log_fd: int, timeout_s: float, oom_start: int = 0):
         self.id = exec_id
         self.started = time.time()
         self.deadline = time.monotonic() + timeout_s
@@ -52,13 +53,16 @@ class Exec:
         self.start_ticks = int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLK_TCK)
         self.waiters: list[socket.socket] = []
         self.ack: tuple[socket.socket, float] | None = None   # "running" is said then, if still running
+        self.oom_start = oom_start
+        self.log_error = ""       # why the output log could not be written (e.g. ENOSPC)
 
 
 class Runner:
     def __init__(self, listener: socket.socket, logs_fd: int, env: dict[str, str],
-                 before_exec: Callable[[], None]):
+                 before_exec: Callable[[], None], oom_fd: int = -1):
         self.listener = listener
         self.logs_fd = logs_fd
+        self.oom_fd = oom_fd
         self.shell = Shell(env, before_exec)
         self.current: Exec | None = None
         self.results = Results(logs_fd)
@@ -175,20 +179,19 @@ class Runner:
         self._start_shell()
 
     def _on_status(self, mask: int) -> None:
-        try:
-            data = os.read(self.shell.status, 65536)
-        except BlockingIOError:
-            return
-        if not data:  # the shell closed fd 9: it is exiting; SIGCHLD follows
+        lines = self.shell.read_status()  # only what the shell process itself wrote (see shell.py)
+        if lines is None:  # the shell closed fd 9: it is exiting; SIGCHLD follows
             try:
                 self.poll.unregister(self.shell.status)
             except KeyError:
                 pass
             return
-        for line in data.decode("utf-8", "surrogateescape").splitlines():
+        for line in lines:
             parts = line.split(" ", 2)
-            if len(parts) != 3 or self.current is None or parts[0] != self.current.id:
+            if len(parts) != 3 or self.current is None or parts[0] != self.current.id \
+                    or not parts[1].isdigit():
                 continue
+            parts[2] = self.shell.real_cwd(parts[2])
             self.cwd = parts[2]
             for fd in (self.shell.stdout, self.shell.stderr):
                 self._drain(fd)
@@ -224,8 +227,9 @@ class Runner:
         try:
             os.write(cur.log_fd, protocol.frame(stream, data, time.time()))
             cur.log_bytes += protocol.FRAME.size + len(data)
-        except OSError:  # disk full: keep draining so the workload never blocks
+        except OSError as e:  # disk full: keep draining so the workload never blocks
             cur.truncated = True
+            cur.log_error = cur.log_error or errno.errorcode.get(e.errno or 0, str(e.errno))
 
     # ------------------------------------------------------------------ execs
     def _begin(self, exec_id: str, cmd: str, timeout_ms: int, fresh: bool = False) -> dict:
@@ -242,7 +246,7 @@ class Runner:
             return {"ok": True, "id": exec_id, "state": "lost",
                     "reason": "started by an earlier runner that died"}
         self.results.started(exec_id)
-        self.current = Exec(exec_id, -1, max(timeout_ms, 1) / 1000)   # the log is created with the first output
+        self.current = Exec(exec_id, -1, max(timeout_ms, 1) / 1000, self._oom_kills())   # the log is created with the first output
         self.shell.send(exec_id, cmd)
         return {"ok": True, "id": exec_id, "state": "running"}
 
@@ -251,8 +255,9 @@ class Runner:
             cur.log_fd = os.open(cur.id + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600,
                                  dir_fd=self.logs_fd)
             return True
-        except OSError:   # disk full: keep draining so the workload never blocks
+        except OSError as e:   # disk full: keep draining so the workload never blocks
             cur.truncated = True
+            cur.log_error = cur.log_error or errno.errorcode.get(e.errno or 0, str(e.errno))
             return False
 
     def _finish(self, exit_code: int, cwd: str, shell_restarted: bool) -> None:
@@ -269,10 +274,24 @@ class Runner:
             "stdout_bytes": cur.out, "stderr_bytes": cur.err,
             "output_sha256": cur.sha.hexdigest(), "timed_out": cur.stage > 0,
             "truncated": cur.truncated, "shell_restarted": shell_restarted,
+            "oom_kills": max(0, self._oom_kills() - cur.oom_start), "log_error": cur.log_error,
         }
         self.results.store(result)
         for client in cur.waiters:
             self._reply(client, result)
+
+    def _oom_kills(self) -> int:
+        """The sandbox cgroup's OOM kill count so far (0 when unknown)."""
+        if self.oom_fd < 0:
+            return 0
+        try:
+            for line in os.pread(self.oom_fd, 4096, 0).decode().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except (OSError, ValueError):
+            pass
+        return 0
 
     def _lookup(self, exec_id: str) -> dict | None:
         if self.current is not None and self.current.id == exec_id:
@@ -289,7 +308,8 @@ class Runner:
 
     def _check_deadline(self) -> None:
         """Timeout: SIGINT the shell's process group (the shell traps it; background jobs
-        ignore it), then SIGKILL processes the command started, then restart the shell."""
+        ignore it), then SIGKILL every process started since the command began (also those it
+        moved into a new session with setsid), then again and restart the shell."""
         cur = self.current
         if cur is None or time.monotonic() < cur.deadline:
             return
@@ -303,23 +323,36 @@ class Runner:
             cur.deadline = time.monotonic() + KILL_GRACE
         else:
             cur.deadline = time.monotonic() + KILL_GRACE
+            self._kill_started_since(cur.start_ticks)  # a fork loop may have refilled it meanwhile
             self.shell.kill()
 
     def _kill_started_since(self, ticks: int) -> None:
-        pgid = self.shell.pid
+        """SIGKILL every process of the sandbox started at or after `ticks` — whatever its
+        process group or session (`setsid` leaves the shell's group; its orphans are reparented
+        to us) — but PID 1, the shell, and what the runner itself started (`_own_pids`)."""
+        procs: dict[int, tuple[int, int]] = {}  # pid: (ppid, start ticks); /proc shows only the sandbox
         for name in os.listdir("/proc"):
-            if not name.isdigit() or int(name) in (1, pgid):
+            if not name.isdigit():
                 continue
             try:
                 with open(f"/proc/{name}/stat", "rb") as f:
                     fields = f.read().rsplit(b")", 1)[1].split()
-            except OSError:
+                procs[int(name)] = (int(fields[1]), int(fields[19]))
+            except (OSError, IndexError, ValueError):
                 continue
-            if int(fields[2]) == pgid and int(fields[19]) >= ticks - 1:
-                try:
-                    os.kill(int(name), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        spared = {1, self.shell.pid} | self._own_pids()
+        for pid, (_, start) in procs.items():
+            if pid in spared or start < ticks - 1 or _descends(pid, procs, spared - {1, self.shell.pid}):
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _own_pids(self) -> set[int]:
+        """Processes the runner started itself, besides the shell (the processes API's): a
+        command's timeout never touches them or their children."""
+        return set(self.procs.by_pid)
 
     # ------------------------------------------------------------------ clients
     def _accept(self) -> None:
@@ -468,14 +501,24 @@ def _bounded(n) -> int:
     return n
 
 
+def _descends(pid: int, procs: dict[int, tuple[int, int]], ancestors: set[int]) -> bool:
+    """Whether `pid` is one of `ancestors` or below one of them (by parent pid)."""
+    seen = 0
+    while pid in procs and seen < 4096:
+        if pid in ancestors:
+            return True
+        pid, seen = procs[pid][0], seen + 1
+    return pid in ancestors
+
+
 def _valid_id(exec_id) -> bool:
     return (isinstance(exec_id, str) and 0 < len(exec_id) <= 64 and exec_id[0].isalnum()
             and all(c.isalnum() or c in "-_" for c in exec_id) and exec_id.isascii())
 
 
 def run(listener: socket.socket, logs_fd: int, env: dict[str, str],
-        before_exec: Callable[[], None]) -> None:
+        before_exec: Callable[[], None], oom_fd: int = -1) -> None:
     """Entry point, called in the sandbox's PID 1 after setup. Never returns normally."""
-    Runner(listener, logs_fd, env, before_exec).serve()
+    Runner(listener, logs_fd, env, before_exec, oom_fd).serve()
 
 

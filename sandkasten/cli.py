@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, TypeVar
 
 from sandkasten import cli_render as render
+from sandkasten import admission
 from sandkasten import config as config_mod
 from sandkasten.cli_admin import AdminCommands
 from sandkasten.cli_args import (
@@ -329,6 +330,7 @@ class Cli(AdminCommands):
         pid = self.daemon_pid()
 
         async def work(journal) -> dict:
+            admission.check(cfg, await journal.sessions(), command)
             await journal.execute(sid, command, actor="cli")
             if pid is None:
                 return await journal.session(sid)

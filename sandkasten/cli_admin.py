@@ -6,6 +6,7 @@ as `cli_args` exceptions, which `cli.main` prints as one line."""
 from __future__ import annotations
 
 import re
+import sqlite3
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,7 +15,8 @@ from typing import Any
 from sandkasten import __version__
 from sandkasten import cli_render as render
 from sandkasten.cli_args import Exit, Failed, Usage, parse_since, text
-from sandkasten.errors import SessionNotFound
+from sandkasten.errors import SandkastenError, SessionNotFound
+from sandkasten.store import integrity
 
 
 def _why(result) -> str:
@@ -61,27 +63,46 @@ class AdminCommands:
             print(f"sandkasten: exported {count} command{'s' * (count != 1)} to {path}", file=sys.stderr)
 
     def audit_verify(self, json: bool = False) -> None:
-        """Recompute the hash chain over every event; exit 1 naming the first event that disagrees.
+        """Check the journal file (SQLite integrity_check: pages and every index) and recompute the
+        hash chain over every event; exit 1 naming what is damaged or the first event that disagrees.
 
         Args:
-          json: print {ok, checked, first_bad_seq, reason}
+          json: print {ok, checked, first_bad_seq, reason, damage}
         """
         from sandkasten.store import audit
 
-        result = self.journal(audit.verify)
-        reason = _why(result)
+        damage = self._damage()
+        try:
+            result = self.journal(audit.verify)
+        except SandkastenError:
+            if not damage:
+                raise
+            result = None
+        reason = _why(result) if result is not None else "the chain could not be read"
+        ok = result is not None and result.ok and not damage
         if json:
-            render.print_json({"ok": result.ok, "checked": result.checked, "first_bad_seq": result.first_bad_seq,
-                               "reason": reason})
-        elif result.ok:
-            print(f"ok: {result.checked} events verified")
+            render.print_json({"ok": ok, "checked": result.checked if result else 0,
+                               "first_bad_seq": result.first_bad_seq if result else None,
+                               "reason": reason, "damage": damage})
         else:
-            print(f"journal tampered: first bad event seq={result.first_bad_seq} ({reason})")
-        if not result.ok:
+            if damage:
+                print(f"journal file damaged: {integrity.summary(damage)} (with the daemon stopped, "
+                      f"`sandkasten journal rebuild` rebuilds the read tables and every index)")
+            if result is not None and result.ok:
+                print(f"{'chain ' if damage else ''}ok: {result.checked} events verified")
+            elif result is not None:
+                print(f"journal tampered: first bad event seq={result.first_bad_seq} ({reason})")
+        if not ok:
             raise Exit(1)
 
+    def _damage(self) -> list[str]:
+        """What SQLite finds wrong with the journal file ([] when it is fine or absent)."""
+        path = self.cfg.database_path
+        return integrity.problems(path, busy_timeout_s=self.cfg.journal.busy_timeout_s) if path.exists() else []
+
     def journal_rebuild(self, force: bool = False) -> None:
-        """Empty the read tables (sessions, execs, workspaces) and replay every event into them.
+        """Rebuild every index of the journal file from its tables (REINDEX), empty the read tables
+        (sessions, execs, workspaces) and replay every event into them.
 
         Args:
           force: rebuild even when the hash chain is broken (the tables then show tampered events)
@@ -92,33 +113,35 @@ class AdminCommands:
         if pid is not None:
             raise Failed(f"unable to rebuild the journal: the daemon (pid {pid}) is running; "
                          "stop it first (sandkasten stop)")
+        path = self.cfg.database_path
+        if path.exists():
+            try:  # first: a damaged index makes the replay's deletes and lookups fail or miss
+                integrity.reindex(path, self.cfg.journal.busy_timeout_s)
+            except sqlite3.Error as e:
+                raise Failed(f"unable to rebuild the indexes of journal {path}: {e}; restore a backup") from None
         checked = self.journal(audit.verify)
         if not checked.ok and not force:
             raise Failed(f"unable to rebuild the journal: its hash chain breaks at event {checked.first_bad_seq} "
                          f"({_why(checked)}), so the read tables would show what was tampered with; see "
                          "sandkasten audit verify, or pass --force to rebuild anyway")
         count = self.journal(lambda j: j.rebuild())
-        print(f"rebuilt the read tables from {count} event{'s' * (count != 1)}")
+        left = self._damage()
+        if left:
+            raise Failed(f"rebuilt the read tables from {count} event{'s' * (count != 1)}, but the journal file is "
+                         f"still damaged: {integrity.summary(left)}; restore a backup")
+        print(f"rebuilt the read tables and indexes from {count} event{'s' * (count != 1)}")
 
     def security(self, json: bool = False) -> None:
-        """What confines a sandbox under this config: namespaces, privileges, seccomp profile.
+        """What confines a sandbox under this config (namespaces, privileges, seccomp profile, disk,
+        host-wide pools) and the gaps that remain.
 
         Args:
           json: print it as an object
         """
-        from sandkasten.runtime import seccomp
+        from sandkasten import confinement
 
         sec = self.cfg.security
-        report = {
-            "namespaces": ["mnt", "pid", "uts", "ipc", "net", "cgroup"],  # zygote.NAMESPACES
-            "run_as": {"uid": sec.run_as_uid, "gid": sec.run_as_gid},
-            "capabilities": "all dropped (bounding, effective, permitted, inheritable, ambient); securebits locked",
-            "no_new_privs": True,
-            "seccomp": {"profile": sec.seccomp, "denied": list(seccomp.denied(sec.seccomp))},
-            "rootfs": "overlay over the image, pivot_root" + (", read-only" if self.cfg.defaults.readonly_rootfs
-                                                              else ""),
-            "network_default": self.cfg.defaults.network_mode,
-        }
+        report = confinement.report(self.cfg)
         if json:
             render.print_json(report)
             return
@@ -128,36 +151,54 @@ class AdminCommands:
             ["capabilities", report["capabilities"]],
             ["no_new_privs", "on"],
             ["seccomp", f"{sec.seccomp}: {len(report['seccomp']['denied'])} syscalls refused"],
+            ["socket families", report["seccomp"]["socket_families"]],
             ["root filesystem", report["rootfs"]],
+            ["disk", report["disk"]],
+            ["host-wide pools", report["shared_host_pools"]],
             ["network (default)", report["network_default"]],
         ])
         if report["seccomp"]["denied"]:
             print("refused syscalls: " + " ".join(report["seccomp"]["denied"]))
+        print("\nremaining gaps (what this does not protect against):")
+        for gap in report["gaps"]:
+            print(f"  - {gap}")
 
     def doctor(self, json: bool = False) -> None:
-        """Compare the journal with what exists on the host; exit 1 when they disagree.
+        """Check the journal file (SQLite integrity_check) and compare the journal with what exists
+        on the host; exit 1 when the file is damaged or they disagree.
 
         Args:
-          json: print {checked, drift: [...]}
+          json: print {checked, damage: [...], drift: [...]}
         """
         from sandkasten.doctor import find_drift
         from sandkasten.runtime.sandboxes import Runtime
 
         cfg = self.cfg
-        runtime = Runtime.detect(cfg.data_dir, cgroup_parent=cfg.cgroup_parent)
-        try:
-            host = cfg.host_id if cfg.shared_journal else None  # a cluster: this host's sessions
-            drift, checked = self.journal(lambda j: find_drift(j, runtime, host))
-        finally:
-            runtime.close()
+        from sandkasten import install
+
+        damage = self._damage()
+        host = cfg.host_id if cfg.shared_journal else None  # a cluster: this host's sessions
+
+        async def work(journal):  # only once the journal is known to exist: nothing is made before
+            runtime = Runtime.detect(cfg.data_dir, cgroup_parent=install.cgroup_parent(cfg))
+            try:
+                return await find_drift(journal, runtime, host)
+            finally:
+                runtime.close()
+
+        drift, checked = self.journal(work)
         if json:
-            render.print_json({"checked": checked, "drift": [d.__dict__ for d in drift]})
-        elif not drift:
+            render.print_json({"checked": checked, "damage": damage, "drift": [d.__dict__ for d in drift]})
+        elif not drift and not damage:
             print(f"ok: {checked} session{'s' * (checked != 1)} in the journal, no drift with the host")
         else:
-            render.table(["SESSION", "JOURNAL", "KERNEL", "PROBLEM"],
-                         [[d.session_id, d.journal, d.kernel, d.problem] for d in drift])
-        if drift:
+            if damage:
+                print(f"journal file damaged: {integrity.summary(damage)} (with the daemon stopped, "
+                      f"`sandkasten journal rebuild` rebuilds the read tables and every index)")
+            if drift:
+                render.table(["SESSION", "JOURNAL", "KERNEL", "PROBLEM"],
+                             [[d.session_id, d.journal, d.kernel, d.problem] for d in drift])
+        if drift or damage:
             raise Exit(1)
 
     def version(self, json: bool = False) -> None:

@@ -57,16 +57,16 @@ class Attachment:
         tty = os.isatty(stdin_fd)
         if tty and proc.pty:
             self._resize(stdin_fd)
-        reader = threading.Thread(target=self._follow, args=(stdout,), daemon=True)
-        reader.start()
         saved = None
-        if tty:
+        if tty:   # raw before any output shows, and without flushing what was typed already
             import termios
             import tty as tty_mod
 
             saved = termios.tcgetattr(stdin_fd)
-            tty_mod.setraw(stdin_fd)
+            tty_mod.setraw(stdin_fd, termios.TCSANOW)
             previous = signal.signal(signal.SIGWINCH, lambda *_: os.write(self.wake_w, b"w"))
+        reader = threading.Thread(target=self._follow, args=(stdout,), daemon=True)
+        reader.start()
         try:
             detached = self._pump(stdin_fd, tty and bool(proc.pty))
         finally:

@@ -38,6 +38,7 @@ class Defaults:
     network_mode: str = "none"
     readonly_rootfs: bool = False
     max_output_bytes: int = 1_048_576
+    disk_limit_mb: int = 2048     # each sandbox's own disk (its writes to / and /workspace); 0: no quota
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ class Limits:
     max_pids_limit: int = 4096
     max_ttl_seconds: int = 86_400
     max_body_bytes: int = 16 * 1024 * 1024
+    body_timeout_seconds: float = 60.0      # a request body must arrive within this (slow bodies hold memory)
+    max_sessions: int = 256                 # sessions not ended (pool members included) this daemon grants
+    max_total_mem_mb: int = 0               # their mem_limit_mb in all; 0: twice the host's memory
+    log_retention_seconds: int = 7 * 86_400  # exec logs of a session ended this long ago are removed
     max_file_bytes: int = 64 * 1024 * 1024
     max_archive_bytes: int = 1024 * 1024 * 1024   # a whole /workspace as one tar (fs/archive)
 
@@ -89,6 +94,7 @@ class Network:
 class Journal:
     durability: str = "normal"
     busy_timeout_s: float = 10.0   # how long a write waits for another writer's lock
+    startup_check: str = "full"    # full: PRAGMA integrity_check before serving; quick: quick_check
     # "" (the SQLite file db_path), sqlite:///PATH, or postgresql+psycopg|asyncpg://… (a
     # journal shared by several hosts; see docs/cluster.md)
     url: str = ""
@@ -156,7 +162,7 @@ class Config:
     processes: Processes = field(default_factory=Processes)
     audit: Audit = field(default_factory=Audit)
     console: Console = field(default_factory=Console)
-    cgroup_parent: str = "sandkasten"
+    cgroup_parent: str = ""        # "": this install's own (`sandkasten-<id>`, see sandkasten.install)
     database_url: str = ""  # the same as journal.url (DESIGN.md's name for it)
 
     # -- derived paths (one place names every directory under data_dir) --
@@ -440,6 +446,8 @@ def _validate(cfg: Config) -> None:
                 "max_output_bytes"):
         _positive(f"defaults.{key}", getattr(d, key))
     for f in dataclasses.fields(Limits):
+        if f.name == "max_total_mem_mb" and cfg.limits.max_total_mem_mb == 0:
+            continue  # 0: derived from the host's memory
         _positive(f"limits.{f.name}", getattr(cfg.limits, f.name))
     _positive("session_ttl_seconds", cfg.session_ttl_seconds)
     if cfg.idle_timeout_seconds < 0:
@@ -448,12 +456,15 @@ def _validate(cfg: Config) -> None:
                        cfg.limits.max_ttl_seconds), ("idle_timeout_seconds", cfg.idle_timeout_seconds)):
         if value > MAX_SECONDS:
             raise ConfigError(f"invalid config key {key}: at most {MAX_SECONDS} (ten years) (got {value})")
+    if d.disk_limit_mb != 0 and d.disk_limit_mb < 16:
+        raise ConfigError(f"invalid config key defaults.disk_limit_mb: 0 (no quota) or at least 16 (got {d.disk_limit_mb})")
     _one_of("defaults.network_mode", d.network_mode, NETWORK_MODES)
     _one_of("security.seccomp", cfg.security.seccomp, SECCOMP_PROFILES)
     if cfg.security.userns:
         raise ConfigError("invalid config key security.userns: user namespaces are not supported yet "
                           "(sandboxes drop every capability and run as run_as_uid instead)")
     _one_of("journal.durability", cfg.journal.durability, DURABILITIES)
+    _one_of("journal.startup_check", cfg.journal.startup_check, ("quick", "full"))
     _one_of("reconcile.lost_sandbox_policy", cfg.reconcile.lost_sandbox_policy, LOST_SANDBOX_POLICIES)
     _positive("reconcile.resync_seconds", cfg.reconcile.resync_seconds)
     _positive("journal.busy_timeout_s", cfg.journal.busy_timeout_s)
@@ -491,8 +502,9 @@ def _validate(cfg: Config) -> None:
     if cfg.session_ttl_seconds > cfg.limits.max_ttl_seconds:
         raise ConfigError(f"invalid config key session_ttl_seconds: above limits.max_ttl_seconds "
                           f"({cfg.session_ttl_seconds} > {cfg.limits.max_ttl_seconds})")
-    if not cfg.cgroup_parent or "/" in cfg.cgroup_parent.strip("/") and ".." in cfg.cgroup_parent:
-        raise ConfigError(f"invalid config key cgroup_parent: {cfg.cgroup_parent!r}")
+    if cfg.cgroup_parent and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", cfg.cgroup_parent):
+        raise ConfigError(f"invalid config key cgroup_parent: expected 1-128 of [A-Za-z0-9_.-], starting "
+                          f"alphanumeric, or empty for this install's own (got {cfg.cgroup_parent!r})")
     _validate_network(cfg.network)
     if cfg.allowed_images and cfg.default_image not in cfg.allowed_images:
         raise ConfigError(

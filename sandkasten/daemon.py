@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from sandkasten import install
 from sandkasten.config import Config
 from sandkasten.endings import Endings
 from sandkasten.errors import SandkastenError
@@ -60,7 +61,7 @@ class Daemon:
         self.journal = await Journal.open(cfg.journal_target, cfg.journal.durability,
                                           busy_timeout_s=cfg.journal.busy_timeout_s)
         self.journal.listeners.append(self.endings.committed)   # streams wake when an end is committed
-        self.runtime = Runtime.detect(cfg.data_dir, cgroup_parent=cfg.cgroup_parent,
+        self.runtime = Runtime.detect(cfg.data_dir, cgroup_parent=install.cgroup_parent(cfg),
                                       network=network.from_config(cfg.network))
         await asyncio.to_thread(self.runtime.cgroups.ensure_parent)
         self.executor = Executor(cfg, self.journal, self.runtime)
@@ -119,6 +120,10 @@ class Daemon:
         client.close_idle()   # connections kept to the runners
         await asyncio.to_thread(self.runtime.close)
         await asyncio.to_thread(self.runtime.cgroups.release_parent)  # no trace when no sandbox is left
+        try:
+            await asyncio.to_thread(network.release_host, self.runtime.network)  # nor a bridge, nor nft tables
+        except SandkastenError as e:
+            log.warning("unable to remove the bridge %s: %s", self.runtime.network.bridge, e.message)
         await self.journal.close()
         self.log_watch.close()
 
@@ -162,16 +167,12 @@ def preflight(cfg: Config) -> None:
             os.chmod(d, 0o700)
         except OSError as e:
             raise SandkastenError(f"unable to create directory {d}: {e.strerror}") from None
-    Journal.check(cfg.journal_target, cfg.journal.busy_timeout_s)
-    cgroups.detect(parent=cfg.cgroup_parent)
+    Journal.check(cfg.journal_target, cfg.journal.busy_timeout_s, full=cfg.journal.startup_check == "full")
+    cgroups.detect(parent=install.cgroup_parent(cfg))
 
 
 def serve(cfg: Config) -> int:
     """Run in the foreground until SIGINT/SIGTERM."""
-    from sanic import Sanic
-
-    from sandkasten.api.app import create_app
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     other = running_pid(cfg)
@@ -181,9 +182,23 @@ def serve(cfg: Config) -> int:
         return 1
     try:
         preflight(cfg)
+        # held until this process exits: a second daemon on the same cgroup parent refuses to start
+        claim = install.ParentClaim.take(install.cgroup_parent(cfg), cfg.data_dir)
     except SandkastenError as e:
         print(f"sandkasten: {e.message}", file=sys.stderr)
         return 1
+    try:
+        return _serve(cfg)
+    finally:
+        claim.release()
+
+
+def _serve(cfg: Config) -> int:
+    """The Sanic server, once the checks passed and the cgroup parent is ours."""
+    from sanic import Sanic
+
+    from sandkasten.api.app import create_app
+
     daemon = Daemon(cfg)
     app = create_app(daemon)
 
@@ -241,13 +256,25 @@ def start_background(cfg: Config, config_path: str | None, wait_s: float = 30.0)
             return 1
         try:
             if httpx.get(url, timeout=1).status_code == 200 and running_pid(cfg) == proc.pid:
-                print(f"sandkasten: daemon started (pid {proc.pid}), log {logfile}")
-                return 0
-        except httpx.HTTPError:
+                # it answers; started means ready: changes are refused until the start-up reconcile is done
+                ready = httpx.get(f"http://{cfg.host}:{cfg.port}/readyz", timeout=5, headers=_auth(cfg))
+                if ready.status_code == 200:
+                    print(f"sandkasten: daemon started (pid {proc.pid}), log {logfile}")
+                    return 0
+                detail = ready.json().get("detail", {}) if ready.status_code == 503 else {}
+                if detail.get("phase") == "failed":
+                    print(f"sandkasten: the daemon (pid {proc.pid}) runs but its start-up reconcile failed "
+                          f"({detail.get('error')}): it refuses changes; see {logfile}", file=sys.stderr)
+                    return 1
+        except (httpx.HTTPError, ValueError):
             pass
         time.sleep(0.1)
     print(f"sandkasten: the daemon did not answer on {url} within {wait_s:.0f}s; see {logfile}", file=sys.stderr)
     return 1
+
+
+def _auth(cfg: Config) -> dict[str, str]:
+    return {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
 
 
 def _listening(host: str, port: int) -> bool:

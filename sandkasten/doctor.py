@@ -59,8 +59,10 @@ async def find_drift(journal: Journal, runtime: Runtime, host_id: str | None = N
         elif status in ("requested", "destroying"):
             drift.append(Drift(sid, status, seen, f"the session is {status}: work the daemon has not finished"))
     for sid in sorted(runtime.host_sessions() - set(known)):
-        drift.append(Drift(sid, "absent", observed_summary(runtime.observe(sid)),
-                           "host traces of a session the journal does not know (orphan)"))
+        problem = ("the journal lost this session: its exec logs show it ran commands (the daemon keeps "
+                   "its sandbox; the journal file was truncated or restored?)" if runtime.has_exec_logs(sid)
+                   else "host traces of a session the journal does not know (orphan)")
+        drift.append(Drift(sid, "absent", observed_summary(runtime.observe(sid)), problem))
     for e in await journal.pending_execs():
         s = known.get(e["session_id"])
         if s is not None and s["status"] != "running":

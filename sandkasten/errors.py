@@ -97,6 +97,10 @@ class FileNotFound(SandkastenError):
     code = "FILE_NOT_FOUND"
 
 
+class FileBusy(SandkastenError):
+    code = "FILE_BUSY"
+
+
 class TooLarge(SandkastenError):
     code = "PAYLOAD_TOO_LARGE"
 
@@ -123,6 +127,14 @@ class NotReady(SandkastenError):
 
 class Unauthorized(SandkastenError):
     code = "UNAUTHORIZED"
+
+
+class RequestTimeout(SandkastenError):
+    code = "REQUEST_TIMEOUT"
+
+
+class CapacityExceeded(SandkastenError):
+    code = "CAPACITY_EXCEEDED"
 
 
 class SessionEnded(SandkastenError):

@@ -21,7 +21,7 @@ from typing import Any, Awaitable, Callable, Mapping
 from sandkasten.config import Config
 from sandkasten.domain import commands as c
 from sandkasten.domain.session import DuplicateIdempotencyKey  # noqa: F401 - re-exported for the API
-from sandkasten.domain.session import POOL_CLAIMED, POOL_CLAIMING, RUNNING
+from sandkasten.domain.session import INITIAL_CWD, POOL_CLAIMED, POOL_CLAIMING, RUNNING
 from sandkasten.errors import (IllegalTransition, SandboxError, SandkastenError)
 from sandkasten.runtime.sandboxes import Runtime
 from sandkasten.runtime.spec import ExecRequest
@@ -137,9 +137,12 @@ class Executor:
                 sid, state.image, workspace_dir=self.workspace_dir(state.workspace_id),
                 cpu_limit=state.cpu_limit, mem_limit_mb=state.mem_limit_mb, pids_limit=state.pids_limit,
                 network_mode=state.network_mode, readonly_rootfs=state.readonly_rootfs,
+                disk_limit_mb=self.cfg.defaults.disk_limit_mb,
                 egress_allow=tuple(state.egress_allow),
                 env=dict(state.env), seccomp=sec.seccomp, uid=sec.run_as_uid, gid=sec.run_as_gid,
                 hostname=sid)))
+            if state.cwd and state.cwd != INITIAL_CWD:  # recreated after a loss: where the shell was
+                await self._restore_cwd(sid, state.cwd)
         except SandkastenError as e:
             await self.record(sid, c.RecordSandboxFailed(reason=e.message))
             raise
@@ -196,6 +199,14 @@ class Executor:
         if result.exit_code != 0:
             raise SandboxError(f"unable to set up the shell of claimed session {sid}: exit code {result.exit_code}")
 
+    async def _restore_cwd(self, sid: str, cwd: str) -> None:
+        """`cd` the fresh shell of a recreated sandbox to the cwd the journal recorded last (the
+        session's env comes back with the spec). An internal command, not a journaled exec; a
+        directory that is gone leaves the shell in /workspace."""
+        req = ExecRequest(exec_id="restore-" + secrets.token_hex(6), cmd=f"cd {_sh_quote(cwd)} 2>/dev/null; true",
+                          timeout_ms=10_000)
+        await self.runtime.aexec(sid, req)
+
     async def _ensure_workspace(self, workspace_id: str, sid: str) -> None:
         d = self.workspace_dir(workspace_id)
         if not d.exists():
@@ -229,11 +240,15 @@ class Executor:
                 mark.drop()
                 await self.record(sid, c.RecordExecLost(exec_id=exec_id, reason=e.message))
                 raise
+            if result.log_error:  # the output is cut short on disk; the operator must hear of it
+                log.warning("exec %s in session %s: unable to write its output log under %s: %s%s; output "
+                            "truncated", exec_id, sid, self.runtime.paths(sid).logs, result.log_error,
+                            " (disk full)" if result.log_error in ("ENOSPC", "EDQUOT") else "")
             finished = c.RecordExecFinished(
                 exec_id=exec_id, exit_code=result.exit_code, cwd=result.cwd,
                 duration_ms=round(result.duration_ms, 3), stdout_bytes=result.stdout_bytes,
                 stderr_bytes=result.stderr_bytes, output_sha256=result.output_sha256,
-                truncated=result.truncated, timed_out=result.timed_out)
+                truncated=result.truncated, timed_out=result.timed_out, oom_kills=result.oom_kills)
             commands = [*await mark.take(), finished]
             at = journal_now()
             deferred = self.journal.defer_all(sid, commands, actor=ACTOR, at=at) if answering else None

@@ -172,9 +172,17 @@ def exec_command(cfg: Config, body: Mapping[str, Any] | None, idempotency_key: s
     timeout = _number(body, "timeout_ms", d.exec_timeout_ms, int, d.max_exec_timeout_ms)
     output_limit(cfg, body)  # refused before anything runs, not after
     _flag(body, "raw_output", False)
-    if idempotency_key is not None and not TOKEN.match(idempotency_key):
-        raise InvalidRequest("invalid Idempotency-Key: expected 1-200 printable ASCII characters")
+    check_idempotency_key(idempotency_key)
     return c.RequestExec(exec_id=new_exec_id(), cmd=cmd, timeout_ms=timeout, idempotency_key=idempotency_key)
+
+
+def check_idempotency_key(value: str | None) -> str | None:
+    """The Idempotency-Key header, checked before it is looked up anywhere (a header is read as
+    latin-1: bytes that are no UTF-8 arrive as characters no database string may hold)."""
+    if value is not None and not TOKEN.match(value):
+        raise InvalidRequest("invalid Idempotency-Key: expected 1-200 printable ASCII characters",
+                             header="Idempotency-Key")
+    return value
 
 
 def output_limit(cfg: Config, body: Mapping[str, Any]) -> int:

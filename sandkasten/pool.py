@@ -39,11 +39,11 @@ import time
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta, timezone
 
-from sandkasten import intake
+from sandkasten import admission, intake
 from sandkasten.config import Config
 from sandkasten.domain import commands as c
 from sandkasten.domain.session import RUNNING
-from sandkasten.errors import IllegalTransition, SandkastenError
+from sandkasten.errors import CapacityExceeded, IllegalTransition, SandkastenError
 from sandkasten.executor import Executor
 
 log = logging.getLogger("sandkasten.pool")
@@ -93,12 +93,12 @@ class Pool:
 
     def shape(self) -> str:
         """What makes a member besides its journaled fields: the sandbox's seccomp profile and
-        user, the bridge and its egress allow-list (changing any needs a restart)."""
+        user, its disk size, the bridge and its egress allow-list (changing any needs a restart)."""
         sec = self.cfg.security
         network = dataclasses.asdict(self.cfg.network)
         del network["session_egress_within"]  # bounds what clients ask for, not what a member is
         return json.dumps({"seccomp": sec.seccomp, "uid": sec.run_as_uid, "gid": sec.run_as_gid,
-                           "network": network}, sort_keys=True)
+                           "disk_limit_mb": self.cfg.defaults.disk_limit_mb, "network": network}, sort_keys=True)
 
     @property
     def shape_path(self):
@@ -191,7 +191,11 @@ class Pool:
             for _ in range(missing):
                 sid = (self.executor.runtime.reserve_id() if self.executor.cluster is None else None) \
                     or intake.new_session_id()
-                await self.journal.execute(sid, self.template(image), actor=ACTOR)
+                try:
+                    await admission.admitted(self.cfg, self.journal, sid, self.template(image), actor=ACTOR)
+                except CapacityExceeded as e:  # clients come first: the pool waits for room
+                    log.info("pool of %s not refilled: %s", image, e.message)
+                    return requested
                 task = self.executor.ensure_session(sid)
                 task.add_done_callback(lambda t, i=image: self._created(i, t))
                 requested += 1

@@ -12,7 +12,8 @@ to repeat after a crash at any line: work is handed to the executor's keyed, ide
 | running    | alive               | after a restart: `sandbox.adopted` once                   |
 | running    | dead                | `sandbox.lost`, then recreate or fail, per policy         |
 | destroying | alive or partial    | executor tears it down                                    |
-| (none)     | traces on the host  | tear down (orphan: cgroup, dirs, socket)                  |
+| (none)     | traces on the host  | tear down (orphan: cgroup, dirs, socket) — unless exec    |
+|            |                     | logs prove the journal lost it: keep it and say so        |
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from sandkasten.runtime.procfs import proc_start_time
 
 log = logging.getLogger("sandkasten.reconciler")
 ACTOR = "reconciler"
+RECREATE_WAIT_S = 120.0
+PRUNE_EVERY_S = 60.0
 ENDED = ("destroyed", "failed")
 
 
@@ -42,6 +45,7 @@ class Reconciler:
         self.journal = executor.journal
         self.runtime = executor.runtime
         self.stats: dict[str, float] = {}
+        self._pruned = float("-inf")
 
     # ------------------------------------------------------------------ startup
     async def startup(self) -> dict:
@@ -59,16 +63,17 @@ class Reconciler:
                 await self.executor.record(sid, command, actor=ACTOR)
         t_adopted = time.monotonic()
         lost = 0
+        creating: list[asyncio.Future | None] = []
         for row in live:
             sid, obs, status = row["id"], observed[row["id"]], row["status"]
             if status == "running":
                 if not _same_runner(row, obs):
-                    await self.sandbox_died(sid, _reason(obs))
+                    creating.append(await self.sandbox_died(sid, _reason(obs)))
                     lost += 1
             elif status == "lost":
-                await self.apply_policy(sid)
+                creating.append(await self.apply_policy(sid))
             elif status == "requested":
-                self.executor.ensure_session(sid)
+                creating.append(self.executor.ensure_session(sid))
             elif status == "destroying":
                 self.executor.ensure_destroyed(sid)
         for e in await self.journal.pending_execs():
@@ -76,27 +81,44 @@ class Reconciler:
                 self.executor.ensure_exec(e["session_id"], e["id"])
         if self.processes is not None:   # still running in their sandboxes: follow them again
             await self.processes.resume_all(None if self.executor.cluster is None else set(observed))
-        wanted = {r["id"] for r in live}
-        orphans = sorted(self.runtime.host_sessions() - wanted)
+        # /readyz is green once lost sandboxes run again (their failures are journaled by the executor)
+        pending = [f for f in creating if f is not None]
+        if pending:
+            await asyncio.wait(pending, timeout=RECREATE_WAIT_S)
+        await self.pass_once()  # sessions whose TTL ran out while no daemon was up end before /readyz
+        orphans, unknown = await asyncio.to_thread(self.leftovers, {r["id"] for r in rows}, {r["id"] for r in live})
+        for sid in unknown:
+            log.error("session %s ran commands (its exec logs say so) but the journal does not know it: the "
+                      "journal lost it (a truncated WAL? an old backup?); its sandbox is kept, see sandkasten doctor",
+                      sid)
         for sid in orphans:
             try:
                 await asyncio.to_thread(self.runtime.destroy, sid)
             except (SandkastenError, OSError, ValueError) as e:
                 log.warning("unable to remove leftovers of %s: %s", sid, e)
         self.stats = {"sessions": len(live), "adopted": len(adopted), "lost": lost, "orphans_removed": len(orphans),
-                      "seconds": round(time.monotonic() - t0, 3), "observe_s": round(t_observed - t0, 3),
-                      "adopt_s": round(t_adopted - t_observed, 3)}
+                      "unknown_to_journal_kept": unknown, "seconds": round(time.monotonic() - t0, 3),
+                      "observe_s": round(t_observed - t0, 3), "adopt_s": round(t_adopted - t_observed, 3)}
         log.info("reconciled: %s", self.stats)
         return self.stats
 
-    async def sandbox_died(self, sid: str, reason: str) -> None:
+    def leftovers(self, known: set[str], live: set[str]) -> tuple[list[str], list[str]]:
+        """Host traces of sessions that should not exist: (to tear down, to keep). A session the
+        journal never heard of whose exec logs show it ran commands is proof the journal lost
+        it, not an orphan: its sandbox and workspace are kept for an operator to look at."""
+        orphans, unknown = [], []
+        for sid in sorted(self.runtime.host_sessions() - live):
+            (unknown if sid not in known and self.runtime.has_exec_logs(sid) else orphans).append(sid)
+        return orphans, unknown
+
+    async def sandbox_died(self, sid: str, reason: str) -> asyncio.Future | None:
         """Journal the loss, settle its pending execs from what the runner left on disk, then
-        apply the policy."""
+        apply the policy (the recreation under way, if any)."""
         await self.executor.record(sid, c.RecordSandboxLost(reason=reason), actor=ACTOR)
         await self.settle_execs(sid)
         if self.processes is not None:
             await self.processes.settle(sid)
-        await self.apply_policy(sid)
+        return await self.apply_policy(sid)
 
     async def settle_execs(self, sid: str) -> None:
         state = await self.journal.state(sid)
@@ -107,14 +129,16 @@ class Reconciler:
                     exec_id=exec_id, exit_code=result.exit_code, cwd=result.cwd,
                     duration_ms=round(result.duration_ms, 3), stdout_bytes=result.stdout_bytes,
                     stderr_bytes=result.stderr_bytes, output_sha256=result.output_sha256,
-                    truncated=result.truncated, timed_out=result.timed_out), actor=ACTOR)
+                    truncated=result.truncated, timed_out=result.timed_out, oom_kills=result.oom_kills),
+                    actor=ACTOR)
             else:
                 await self.executor.record(sid, c.RecordExecLost(
                     exec_id=exec_id, reason="the sandbox died while the command was pending"), actor=ACTOR)
 
-    async def apply_policy(self, sid: str) -> None:
+    async def apply_policy(self, sid: str) -> asyncio.Future | None:
+        """Recreate or fail a lost sandbox; the recreation under way, if any."""
         if self.cfg.reconcile.lost_sandbox_policy == "recreate":
-            self.executor.ensure_session(sid)
+            return self.executor.ensure_session(sid)
         else:
             await asyncio.to_thread(self.runtime.destroy, sid)
             await self.executor.record(sid, c.RecordSandboxFailed(reason="sandbox lost; policy is fail"),
@@ -129,7 +153,21 @@ class Reconciler:
             except SandkastenError as e:
                 log.warning("watch: %s", e.message)
 
+    async def prune_logs(self) -> int:
+        """Remove the exec logs (logs/<sid>) of sessions that ended more than
+        limits.log_retention_seconds ago; the journal keeps their events and output hashes.
+        Runs at most every PRUNE_EVERY_S (or twice per retention period, if shorter)."""
+        keep = self.cfg.limits.log_retention_seconds
+        if time.monotonic() - self._pruned < min(PRUNE_EVERY_S, keep / 2):
+            return 0
+        self._pruned = time.monotonic()
+        cutoff = datetime.now(timezone.utc).timestamp() - keep
+        old = [r["id"] for r in await self.journal.sessions(include_ended=True)
+               if r["status"] in ENDED and r["ended_at"] and _parse(r["ended_at"]).timestamp() < cutoff]
+        return await asyncio.to_thread(self.runtime.remove_logs, old)
+
     async def pass_once(self) -> None:
+        await self.prune_logs()
         now = datetime.now(timezone.utc)
         for row in await self.journal.sessions():
             sid = row["id"]

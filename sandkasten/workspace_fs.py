@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sandkasten.beneath import MAX_SYMLINKS, RESOLVERS, oserror, openat2_available, remove_tree, walk_tree
-from sandkasten.errors import FileNotFound, InvalidRequest, PathRefused, SandkastenError, TooLarge
+from sandkasten.errors import FileBusy, FileNotFound, InvalidRequest, PathRefused, SandkastenError, TooLarge
 
 MOUNT_POINT = "/workspace"
 MAX_PATH_BYTES = 4096
@@ -127,6 +127,10 @@ _ERRNO_FAILURES: dict[int, tuple[type[SandkastenError], str]] = {
     errno.EEXIST: (InvalidRequest, "file exists"),
     errno.ENOSPC: (TooLarge, "no space left on the workspace's filesystem"),
     errno.EDQUOT: (TooLarge, "disk quota exceeded"),
+    # a process in the sandbox holds a lease (F_SETLEASE) or runs the file: for it to let go
+    errno.EAGAIN: (FileBusy, "a process in the sandbox holds a lease on it: retry later"),
+    errno.ETXTBSY: (FileBusy, "it is a program running in the sandbox"),
+    errno.EBUSY: (FileBusy, "it is busy (a mount point?)"),
 }
 
 

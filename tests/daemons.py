@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import yaml
 
+from sandkasten import install
+from sandkasten.runtime import cgroups as cgroups_mod
 from sandkasten.runtime.sandboxes import Runtime
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,18 +29,26 @@ def free_port() -> int:
 
 
 class DaemonProc:
-    def __init__(self, data_dir: Path, cgroup_parent: str, **overrides):
+    def __init__(self, data_dir: Path, cgroup_parent: str | None, **overrides):
+        """`cgroup_parent=None`: the config leaves it out (the default: this install's own)."""
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = data_dir.parent / "sandkasten.yaml"
         cfg = {"listen": f"127.0.0.1:{self.port}", "api_key": API_KEY, "data_dir": str(data_dir),
-               "cgroup_parent": cgroup_parent, "default_image": "base", **overrides}
+               "default_image": "base", **overrides}
+        if cgroup_parent is not None:
+            cfg["cgroup_parent"] = cgroup_parent
         self.config_path.write_text(yaml.safe_dump(cfg))
-        self.cgroup_parent = cgroup_parent
+        self.own_parent = cgroup_parent is None
+        self._cgroup_parent = cgroup_parent
         self.proc: subprocess.Popen | None = None
         self.client = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"},
                                    timeout=60)
+
+    @property
+    def cgroup_parent(self) -> str:
+        return self._cgroup_parent or install.ensure(self.data_dir).cgroup_parent
 
     def cli(self, *args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "sandkasten"), "--config", str(self.config_path), *args],
@@ -82,6 +92,8 @@ class DaemonProc:
                 rt.destroy(sid)
         finally:
             rt.close()
+        if self.own_parent:  # this install's own parent: nobody else's groups are in it
+            cgroups_mod.detect(parent=self.cgroup_parent).destroy_parent()
 
 
 def make_data_dir(tmp_path: Path, image_cache: Path) -> Path:

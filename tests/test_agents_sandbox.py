@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from sandkasten.runtime.layout import Layout
 from tests.daemons import API_KEY, BIN, REPO
 from tests.scripted_openai import Call, CustomCall, Say, ScriptedOpenAI, Turn, read_conversation
 
@@ -108,7 +109,7 @@ def test_sandbox_agent_survives_a_daemon_sigkill_and_its_own_kill_and_is_audited
             next_step(steps, 1)
             [live] = py_daemon.client.get("/v1/sessions").json()
             sid = live["id"]
-            workspace = py_daemon.data_dir / "sessions" / sid / "workspace"
+            workspace = Layout(py_daemon.data_dir).of(sid).workspace   # sessions/<sid>/disk/workspace
             wait_for(lambda: (workspace / "daemon-step.started").exists(), "the command run through the daemon kill")
             py_daemon.kill()                                   # SIGKILL, mid-command
             time.sleep(0.5)

@@ -198,3 +198,33 @@ def test_query_flags_are_true_or_false_never_silently_false(daemon):
         r = c.get(path, params={name: "maybe", "path": "."})
         assert r.status_code == 400, (path, r.text)
         assert r.json()["error_code"] == "INVALID_REQUEST" and name in r.json()["message"]
+
+
+def test_an_idempotency_key_that_is_no_utf8_is_a_clear_error(daemon):
+    sid = create(daemon)["id"]
+    key = b"Authorization: Bearer test-key-123\r\n"
+    body = b'{"cmd": "echo hi"}'
+    for path in (f"/v1/sessions/{sid}/exec", f"/v1/sessions/{sid}/exec/stream"):
+        status, answer = raw_http(daemon, b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n" + key
+                                  + b"Idempotency-Key: \xff\xfe-key\r\nContent-Type: application/json\r\n"
+                                  + b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
+                                  + body)
+        assert status == 400 and b"invalid Idempotency-Key" in answer, (path, status, answer)
+    assert daemon.client.get(f"/v1/sessions/{sid}/execs").json() == []   # nothing ran
+
+
+def test_reading_a_file_the_sandbox_holds_a_lease_on_is_a_conflict(daemon, python_image):
+    c = daemon.client
+    sid = c.post("/v1/sessions", json={"image": python_image}).json()["id"]
+    hold = ("python3 -c 'import fcntl, signal, time\n"
+            "signal.signal(signal.SIGIO, signal.SIG_IGN)\n"
+            "f = open(\"/workspace/leased\", \"w\")\n"
+            "fcntl.fcntl(f, fcntl.F_SETLEASE, fcntl.F_WRLCK)\n"
+            "print(\"held\", flush=True)\n"
+            "time.sleep(30)' > /tmp/lease.out 2>&1 &\n"
+            "for i in $(seq 50); do grep -q held /tmp/lease.out && break; sleep 0.1; done; cat /tmp/lease.out")
+    r = run(daemon, sid, hold)
+    assert r["stdout"] == "held\n", r
+    got = c.get(f"/v1/sessions/{sid}/fs/read", params={"path": "leased"})
+    assert got.status_code == 409 and got.json()["error_code"] == "FILE_BUSY", got.text
+    assert "lease" in got.json()["message"]

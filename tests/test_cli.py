@@ -24,6 +24,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import httpx
 import pytest
 
 from runner import protocol
@@ -31,6 +32,7 @@ from sandkasten import __version__
 from sandkasten.cli_args import Usage, call_args, exec_args, parse_since, split_config
 from sandkasten.cli_render import duration, exec_header, humanize
 from sandkasten.domain import commands as c
+from sandkasten.runtime.layout import Layout
 from sandkasten.store.journal import Journal
 
 REPO = Path(__file__).resolve().parent.parent
@@ -445,12 +447,12 @@ def test_audit_verify_ok_then_tampered(seeded):
     out = seeded.run("journal", "rebuild")  # would carry the tampered command into the read tables
     assert out.returncode == 1 and f"hash chain breaks at event {seq}" in out.stderr and "--force" in out.stderr
     out = seeded.run("journal", "rebuild", "--force")
-    assert (out.returncode, out.stdout) == (0, "rebuilt the read tables from 15 events\n"), out.stderr
+    assert (out.returncode, out.stdout) == (0, "rebuilt the read tables and indexes from 15 events\n"), out.stderr
 
 
 def test_journal_rebuild_replays_every_event(seeded):
     out = seeded.run("journal", "rebuild")
-    assert (out.returncode, out.stdout) == (0, "rebuilt the read tables from 15 events\n")
+    assert (out.returncode, out.stdout) == (0, "rebuilt the read tables and indexes from 15 events\n")
     assert [r["id"] for r in json.loads(seeded.run("ps", "--json").stdout)] == [LIVE]
 
 
@@ -546,7 +548,7 @@ def test_daemon_runs_what_the_cli_asks(daemon_env):
     assert env.run("exec", sid, "--", "echo", "123").stdout == "123\n"
     assert "exit 4" in env.run("logs", sid).stdout
     # --follow shows a command while it runs: its header says running, not "waiting for the daemon"
-    gate = env.data / "sessions" / sid / "workspace" / "go"
+    gate = Layout(env.data).of(sid).workspace / "go"
     with env.popen("logs", sid, "--follow") as follow, \
             env.popen("exec", sid, "while [ ! -e /workspace/go ]; do sleep 0.1; done; echo released") as running:
         try:
@@ -577,3 +579,39 @@ def test_security_reports_the_confinement(tmp_path):
     cfg.write_text(f"data_dir: {tmp_path / 'data'}\nsecurity:\n  userns: true\n")
     r = subprocess.run([str(SANDKASTEN), "--config", str(cfg), "security"], capture_output=True, text=True)
     assert r.returncode == 2 and "security.userns" in r.stderr
+
+
+def test_security_states_the_remaining_gaps(tmp_path):
+    cfg = tmp_path / "sandkasten.yaml"
+    cfg.write_text(f"data_dir: {tmp_path / 'data'}\n")
+    r = subprocess.run([str(SANDKASTEN), "--config", str(cfg), "security", "--json"], capture_output=True, text=True)
+    gaps = json.loads(r.stdout)["gaps"]
+    assert any("no user namespace" in g and "security.userns is not implemented" in g for g in gaps)
+    assert any("same uid (65534)" in g and "inotify" in g for g in gaps)
+    assert not any("no disk quota" in g for g in gaps)
+    cfg.write_text(f"data_dir: {tmp_path / 'data'}\ndefaults:\n  disk_limit_mb: 0\nsecurity:\n  seccomp: 'off'\n")
+    r = subprocess.run([str(SANDKASTEN), "--config", str(cfg), "security"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    text = r.stdout.split("remaining gaps")[1]
+    assert "no disk quota" in text and "seccomp is off" in text
+
+
+def test_daemon_d_returns_once_the_daemon_is_ready(data_dir, tmp_path, cgroup_parent, runtime):
+    """`daemon -d` says started when the daemon takes changes: after the start-up reconcile (here:
+    recreating a sandbox that died while no daemon ran), not when it merely answers /healthz."""
+    env = Env(tmp_path, data_dir, extra=f"cgroup_parent: {cgroup_parent}\nreconcile:\n  lost_sandbox_policy: recreate\n")
+    url = "http://" + env.config.read_text().split("listen: ")[1].split()[0]
+    try:
+        assert env.run("daemon", "-d").returncode == 0
+        sids = [env.run("create").stdout.strip() for _ in range(6)]
+        assert env.run("stop").returncode == 0
+        for sid in sids:
+            runtime.cgroups.kill(sid)   # they die while no daemon runs: the next start recreates them
+        out = env.run("daemon", "-d")
+        assert out.returncode == 0, out.stderr
+        assert httpx.get(url + "/readyz").status_code == 200
+        assert httpx.post(url + "/v1/sessions", json={}).status_code == 201   # changes are taken at once
+        rows = {r["id"]: r["status"] for r in json.loads(env.run("ps", "--json").stdout)}
+        assert all(rows[sid] == "running" for sid in sids), rows
+    finally:
+        env.run("stop")

@@ -254,7 +254,7 @@ def test_cli_on_one_host_shows_the_whole_cluster(cluster):
 
 
 def test_a_create_no_host_can_take_fails_saying_why(cluster):
-    c = cluster(names=("a", "b"), limits={"max_mem_limit_mb": 10_000_000})
+    c = cluster(names=("a", "b"), limits={"max_mem_limit_mb": 10_000_000, "max_total_mem_mb": 100_000_000})
     r = c["a"].client.post("/v1/sessions", json={"mem_limit_mb": 9_000_000})
     assert r.status_code == 503, r.text
     body = r.json()

@@ -158,7 +158,7 @@ def test_audit_export_filters_by_actor_and_time(daemon):
 
 def test_a_daemon_without_the_console(daemon_factory):
     daemon = daemon_factory(console={"enabled": False}).start()
-    assert httpx.get(daemon.url + "/console/login").status_code == 401   # just another unknown API path
+    assert httpx.get(daemon.url + "/console/login").status_code == 404   # no such page (and nothing revealed)
     assert daemon.client.get("/console/login").status_code == 404
     assert daemon.client.get("/v1/sessions").status_code == 200
 

@@ -271,3 +271,31 @@ def test_a_graceful_stop_answers_requests_in_flight_with_a_retryable_503(daemon)
     assert again.status_code == 200 and again.json()["stdout"] == "finished\n", again.text
     count = daemon.client.post(f"/v1/sessions/{sid}/exec", json={"cmd": "wc -l < /workspace/count"}).json()
     assert count["stdout"] == "1\n"
+
+
+def test_a_recreated_sandbox_gets_its_cwd_and_env_back_before_readyz(daemon_factory):
+    """policy recreate: the new sandbox starts where the journal says the shell was, with the
+    session's env, and /readyz turns green only once it runs."""
+    daemon = daemon_factory(reconcile={"lost_sandbox_policy": "recreate"}).start()
+    sid = create(daemon, env={"GREETING": "hello there"}, workspace_id="keep-cwd")
+    r = daemon.client.post(f"/v1/sessions/{sid}/exec", json={"cmd": "mkdir -p /workspace/deep/er && cd /workspace/deep/er"})
+    assert r.json()["cwd"] == "/workspace/deep/er"
+    daemon.kill()
+    runtime = Runtime.detect(daemon.data_dir, cgroup_parent=daemon.cgroup_parent)
+    try:
+        runtime.cgroups.kill(sid)  # the sandbox dies while the daemon is away
+    finally:
+        runtime.close()
+    daemon.start()  # returns once /readyz is green
+    assert daemon.client.get(f"/v1/sessions/{sid}").json()["status"] == "running"
+    out = daemon.client.post(f"/v1/sessions/{sid}/exec", json={"cmd": "pwd; echo $GREETING"}).json()
+    assert out["stdout"] == "/workspace/deep/er\nhello there\n", out
+
+
+def test_the_readme_crashtest_command_runs_outside_the_venv():
+    """README's line works from a plain shell whose python lacks the project's packages."""
+    line = next(ln for ln in (REPO / "README.md").read_text().splitlines() if ln.startswith("tools/crashtest "))
+    command = line.split("#")[0].split()
+    r = subprocess.run([*command[:1], "--help"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                       env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root")})
+    assert r.returncode == 0 and "--rounds" in r.stdout, r.stderr[-2000:]

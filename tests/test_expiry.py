@@ -53,3 +53,15 @@ def test_ttl_caps_the_lease_even_with_activity(daemon_factory):
     r = d.client.post(f"/v1/sessions/{sid}/exec", json={"cmd": "true"})
     assert r.status_code == 410 and r.json()["error_code"] == "SESSION_ENDED"
     assert "(reason: ttl)" in r.json()["message"], r.text
+
+
+def test_a_session_that_expired_while_the_daemon_was_down_is_not_served_after_the_restart(daemon_factory):
+    d = daemon_factory().start()
+    sid = d.client.post("/v1/sessions", json={"ttl_seconds": 2}).json()["id"]
+    d.kill()
+    time.sleep(2.5)
+    d.start()
+    r = d.client.post(f"/v1/sessions/{sid}/exec", json={"cmd": "echo served"})
+    assert r.status_code == 410 and r.json()["error_code"] == "SESSION_ENDED", r.text
+    assert status(d, sid) in ("destroying", "destroyed")
+    assert wait_ended(d, sid) == "destroyed" and expired_reason(d, sid) == ["ttl"]

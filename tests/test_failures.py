@@ -60,7 +60,7 @@ def small_disk(tmp_path):
     syscalls.umount(str(mnt), syscalls.MNT_DETACH)
 
 
-def test_full_disk_gives_clear_errors_and_loses_nothing(daemon_factory, small_disk):
+def test_full_disk_gives_clear_errors_and_loses_nothing(small_disk, daemon_factory):  # daemons go first
     d = daemon_factory(data_dir=small_disk / "data", journal={"busy_timeout_s": 1}).start()
     sid = d.client.post("/v1/sessions", json={}).json()["id"]
     ok = d.client.post(f"/v1/sessions/{sid}/exec", json={"cmd": "echo kept"}).json()
@@ -73,6 +73,7 @@ def test_full_disk_gives_clear_errors_and_loses_nothing(daemon_factory, small_di
         assert r.json()["truncated"] is True
     else:
         assert r.json()["error_code"] == "JOURNAL_ERROR" and "disk full" in r.json()["message"]
+    assert "disk full" in d.read_log(), "a full disk must show in the daemon log"
     filler.unlink()
     again = d.client.post(f"/v1/sessions/{sid}/exec", json={"cmd": "echo recovered"})
     assert again.status_code == 200 and again.json()["stdout"] == "recovered\n"

@@ -145,7 +145,8 @@ def test_an_archive_cut_short_is_refused_wherever_the_cut_falls(cfg, shell_tar, 
         assert line.startswith(f"imgbuilder: error: unable to import image 'cut' from {path}: {why}"), line
     assert os.listdir(tmp_path / "data" / "images") == []  # nothing half-imported under the name
     line = one_error_line(run("import", "--name", "dir", "--tar", str(tmp_path), "--config", str(cfg)))
-    assert line.endswith(f"from {tmp_path}: it is a directory, not a tar archive")
+    assert line.endswith(f"from {tmp_path}: it is a directory, neither a tar archive nor an OCI image layout "
+                         "(no oci-layout file)")
     # a pipe is not a regular file but imports fine: `--tar <(docker export c)`
     r = subprocess.run(["bash", "-c", f'"$0" import --name piped --tar <(cat "$1") --config "$2"',
                         str(IMGBUILDER), str(shell_tar), str(cfg)], capture_output=True, text=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -268,3 +269,22 @@ def test_daemon_bridge_session_over_http(daemon_factory, outside):
     assert http.delete(f"/v1/sessions/{sid}").status_code == 200
     assert not network.has_veth(sid)
     assert f"sb-{sid}" not in sh("nft", "list", "table", "inet", SETTINGS.table).stdout
+
+
+def test_a_daemon_stopping_with_no_bridged_sandbox_leaves_no_bridge_or_tables(daemon_factory):
+    d = daemon_factory(network={"bridge": SETTINGS.bridge, "subnet": SETTINGS.subnet}).start()
+    try:
+        sid = d.client.post("/v1/sessions", json={"network_mode": "bridge"}).json()["id"]
+        assert (network.SYS_NET / SETTINGS.bridge).exists()
+        kept = d.client.post("/v1/sessions", json={"network_mode": "bridge"}).json()["id"]
+        d.kill(signal.SIGTERM)   # a bridged sandbox outlives the daemon: its bridge stays
+        assert (network.SYS_NET / SETTINGS.bridge).exists()
+        d.start()
+        for s in (sid, kept):
+            assert d.client.delete(f"/v1/sessions/{s}").status_code == 200
+        d.kill(signal.SIGTERM)
+        assert not (network.SYS_NET / SETTINGS.bridge).exists(), "the bridge was left after stop"
+        for family in ("inet", "bridge"):
+            assert sh("nft", "list", "table", family, SETTINGS.table, check=False).returncode != 0
+    finally:
+        network.remove_host(SETTINGS)

@@ -151,7 +151,7 @@ def test_apply_drops_everything_and_ordinary_work_goes_on(profile: str, workdir:
         "unshare_ns": errno.EPERM,
         "setns": errno.EPERM,
         "ptrace_traceme": errno.EPERM,
-        "packet": errno.EPERM if profile == "mvp" else errno.EAFNOSUPPORT,
+        "packet": errno.EAFNOSUPPORT if profile in ("mvp", "strict") else errno.EPERM,
         "inet_raw": errno.EPERM,
         "mknod_chr": errno.EPERM,
         "setuid_root": errno.EPERM,

@@ -141,6 +141,7 @@ def test_verdicts(arch: str) -> None:
             if name in table:
                 assert verdict(name) == EPERM, name
         assert verdict("clone3") == ENOSYS
+        assert verdict("io_setup", 128) == ENOSYS  # host-wide AIO pool (fs.aio-max-nr)
         assert verdict("clone", 0x01200011) == ALLOW  # fork(): CLONE_CHILD_SETTID|CLEARTID|SIGCHLD
         assert verdict("clone", 0x00004111) == ALLOW  # vfork()
         for flag in (0x20000, 0x2000000, 0x4000000, 0x8000000, 0x10000000, 0x20000000, 0x40000000):
@@ -151,9 +152,15 @@ def test_verdicts(arch: str) -> None:
         assert verdict("personality", 0xFFFFFFFF) == ALLOW
     if arch == "x86_64":
         assert run(mvp, 0x40000000 | getpid, arch=audit) == ENOSYS  # x32
-    # socket / mknod argument checks only in strict
+    # socket families: an allow-list in both; mknod argument checks only in strict
     sock = table["socket"]
-    assert run(mvp, sock, 16, 3, arch=audit) == ALLOW  # netlink: mvp leaves it to capabilities
+    assert run(mvp, sock, 16, 3, 0, arch=audit) == ALLOW  # NETLINK_ROUTE (ip): own netns only
+    for protocol in (4, 9, 15):  # sock_diag, audit, kobject_uevent
+        assert run(mvp, sock, 16, 3, protocol, arch=audit) == EAFNOSUPPORT
+    for family in (40, 17, 38, 44, 31):  # vsock, packet, alg, xdp, bluetooth
+        assert run(mvp, sock, family, 1, arch=audit) == EAFNOSUPPORT
+    for family in (1, 2, 10):
+        assert run(mvp, sock, family, 1, arch=audit) == ALLOW
     assert run(strict, sock, 16, 3, arch=audit) == EAFNOSUPPORT  # AF_NETLINK
     assert run(strict, sock, 17, 2, arch=audit) == EAFNOSUPPORT  # AF_PACKET
     assert run(strict, sock, 2, 1 | 0o2000000, arch=audit) == ALLOW  # AF_INET stream, CLOEXEC
@@ -273,7 +280,8 @@ WORKING = {
     "fork": 7, "spawn_true": 0, "file": "hello",
 }  # fmt: skip
 EXPECTED = {
-    "mvp": {**DENIED_BY_BOTH, **WORKING, "mknod_chr": 0, "netlink": 0, "packet": 0, "inet_raw": 0},
+    "mvp": {**DENIED_BY_BOTH, **WORKING, "mknod_chr": 0, "netlink": 0, "packet": errno.EAFNOSUPPORT,
+            "inet_raw": 0},
     "strict": {
         **DENIED_BY_BOTH, **WORKING, "mknod_chr": errno.EPERM, "netlink": errno.EAFNOSUPPORT,
         "packet": errno.EAFNOSUPPORT, "inet_raw": errno.EPERM,
@@ -303,3 +311,64 @@ def test_filter_on_the_real_kernel(profile: str, workdir: str) -> None:
     if seccomp.host_arch() == "x86_64":
         expected["x32_getpid"] = errno.ENOSYS
     assert results == expected
+
+
+VSOCK_PROBE = """
+import errno, socket
+def attempt(family, kind, protocol=0):
+    try:
+        socket.socket(family, kind, protocol).close()
+        return 0
+    except OSError as e:
+        return e.errno
+print(attempt(40, socket.SOCK_STREAM), attempt(16, socket.SOCK_RAW, 15), attempt(16, socket.SOCK_RAW, 4),
+      attempt(16, socket.SOCK_RAW, 0), attempt(2, socket.SOCK_STREAM))
+"""
+
+
+def test_vsock_and_netlink_are_refused_in_a_sandbox_without_network(runtime, python_image):
+    """AF_VSOCK is not confined by the network namespace (it reaches the hypervisor and the host),
+    nor are kernel uevents; with network_mode none the default profile refuses them."""
+    from sandkasten.runtime.spec import ExecRequest
+
+    sid = "s-seccomp-vsock"
+    runtime.create(runtime.spec(sid, python_image, network_mode="none"))
+    res = runtime.exec(sid, ExecRequest("x-probe", f"python3 -c '{VSOCK_PROBE}'"))
+    out = runtime.read_output(sid, "x-probe")
+    assert res.exit_code == 0, out
+    vsock, uevent, diag, route, inet = map(int, out[0].split())
+    assert (vsock, uevent, diag) == (errno.EAFNOSUPPORT,) * 3
+    assert (route, inet) == (0, 0)
+
+
+SHARED_POOLS_PROBE = """
+import ctypes, errno, os
+libc = ctypes.CDLL(None, use_errno=True)
+ctx = ctypes.c_ulong(0)
+nr = {"x86_64": 206, "aarch64": 0}[os.uname().machine]
+rc = libc.syscall(nr, 16, ctypes.byref(ctx))
+print(ctypes.get_errno() if rc != 0 else 0)
+fds = []
+try:
+    while len(fds) < 160:
+        fds.extend(os.openpty())
+except OSError as e:
+    print(len(fds) // 2, errno.errorcode[e.errno])
+else:
+    print(len(fds) // 2, "none")
+"""
+
+
+def test_a_sandbox_cannot_drain_the_hosts_pty_and_aio_pools(runtime, python_image):
+    """ptys (kernel.pty.max) and kernel AIO contexts (fs.aio-max-nr) are host-wide: a sandbox
+    gets at most setup.DEVPTS_MAX ptys, and io_setup answers ENOSYS."""
+    from sandkasten.runtime.setup import DEVPTS_MAX
+    from sandkasten.runtime.spec import ExecRequest
+
+    sid = "s-shared-pools"
+    runtime.create(runtime.spec(sid, python_image))
+    res = runtime.exec(sid, ExecRequest("x-pools", f"python3 -c '{SHARED_POOLS_PROBE}'", timeout_ms=30_000))
+    out = runtime.read_output(sid, "x-pools")[0].decode().split()
+    assert res.exit_code == 0, out
+    assert int(out[0]) == errno.ENOSYS
+    assert (int(out[1]), out[2]) == (DEVPTS_MAX, "ENOSPC"), out

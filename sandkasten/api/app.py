@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -12,10 +13,12 @@ from sanic.exceptions import BadRequest, PayloadTooLarge, SanicException
 
 from sandkasten import intake
 from sandkasten.api import archive, errors, files, processes, sessions, stream, system, workspaces
-from sandkasten.errors import SandkastenError
+from sandkasten.api.errors import Answer
+from sandkasten.errors import InvalidRequest, NotReady, RequestTimeout, SandkastenError, Unauthorized
 
 log = logging.getLogger("sandkasten.api")
 OPEN_PATHS = ("/healthz",)
+READS = ("GET", "HEAD", "OPTIONS")
 
 
 def unparsed(request: Request) -> bool:
@@ -23,6 +26,14 @@ def unparsed(request: Request) -> bool:
     header, a head above the size limit): it carries no headers, so no API key either. Its
     error (400, 413) is the answer, not UNAUTHORIZED; no handler runs for it."""
     return request.method == "NONE"
+
+
+def _drop_body(request: Request) -> None:
+    """Answer without reading what is left of the body, then close the connection (it cannot
+    carry another request with an unread body in front of it)."""
+    if request.stream is not None:
+        request.stream.keep_alive = False
+        request.stream.request_body = None
 
 
 def create_app(daemon) -> Sanic:
@@ -43,8 +54,12 @@ def create_app(daemon) -> Sanic:
         from sandkasten import console
         gate = console.install(app, daemon)
 
-    @app.on_request
-    async def authenticate(request: Request):
+    # Checked right after routing, before Sanic reads the body: a client without the key gets
+    # its 401 at once and the connection is closed with the body unread (20 unauthenticated
+    # 15 MiB bodies held 300 MB of daemon memory for 10 minutes), and an accepted body must
+    # arrive within limits.body_timeout_seconds (a trickle held its connection and memory).
+    @app.signal("http.routing.after")
+    async def authenticate(request: Request, handler=None, **_):
         given_id = request.headers.get("x-request-id")
         request.ctx.request_id = given_id if given_id and intake.TOKEN.match(given_id) else secrets.token_hex(8)
         # An agent run (e.g. an Agents SDK trace id) acting through this key: journaled in the
@@ -52,17 +67,22 @@ def create_app(daemon) -> Sanic:
         run = request.headers.get("x-agent-run")
         request.ctx.actor = key_id if run is None else f"{key_id}/run:{run}"
         if given_id is not None and request.ctx.request_id != given_id:   # it is journaled and echoed
-            return errors.body("INVALID_REQUEST", "invalid X-Request-ID header: expected 1-200 printable "
-                               "ASCII characters", {"header": "X-Request-ID"})
+            _drop_body(request)
+            raise InvalidRequest("invalid X-Request-ID header: expected 1-200 printable ASCII characters",
+                                 header="X-Request-ID")
         if run is not None and not intake.AGENT_RUN.match(run):
-            return errors.body("INVALID_REQUEST", "invalid X-Agent-Run header: expected 1-128 letters, digits, "
-                               "'_', '.', ':' or '-' (e.g. an Agents SDK trace id)", {"header": "X-Agent-Run"})
+            _drop_body(request)
+            raise InvalidRequest("invalid X-Agent-Run header: expected 1-128 letters, digits, '_', '.', ':' or '-' "
+                                 "(e.g. an Agents SDK trace id)", header="X-Agent-Run")
         if unparsed(request):
-            return None
+            return
         if gate is not None and gate.owns(request.path):
+            if request.method not in READS and gate.wants_form(request):
+                await receive_body(request, handler)   # the login key, or a change's CSRF token, is in the form
             refused = gate.check_page(request)   # no cookie: a redirect to the login page
             if refused is not None:
-                return refused
+                _drop_body(request)
+                raise Answer(refused)
         elif key and request.path not in OPEN_PATHS:
             given = request.headers.get("authorization", "")
             scheme, _, token = given.partition(" ")
@@ -71,12 +91,37 @@ def create_app(daemon) -> Sanic:
                     token.strip().encode("utf-8", "surrogateescape"), key):
                 admitted, refused = gate.check_api(request) if gate is not None else (False, None)
                 if not admitted:   # the console's scripts call the API with its cookie + CSRF header
-                    return errors.body("UNAUTHORIZED", "missing or wrong API key: send 'Authorization: Bearer <api_key>'")
+                    _drop_body(request)
+                    raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <api_key>'")
                 if refused is not None:
-                    return refused
+                    _drop_body(request)
+                    raise Answer(refused)
         if daemon.stopping:   # connections still draining; sandboxes and their commands carry on
-            return errors.body("NOT_READY", "the daemon is stopping: retry in a moment")
-        return None
+            _drop_body(request)
+            raise NotReady("the daemon is stopping: retry in a moment")
+        if request.method not in READS and not daemon.ready:
+            # until the start-up reconcile has compared the journal with the host (and never if it
+            # failed) nothing may change: a change now could be swept as an orphan, or built on damage
+            _drop_body(request)
+            phase = daemon.readiness.get("phase")
+            if phase == "failed":
+                raise NotReady(f"unable to accept changes: the daemon's start-up reconcile failed "
+                               f"({daemon.readiness.get('error')}); see /readyz and the daemon log",
+                               phase=phase)
+            raise NotReady(f"the daemon is starting ({phase}): retry in a moment", phase=phase)
+        await receive_body(request, handler)
+
+    async def receive_body(request: Request, handler) -> None:
+        """Read the body now, within limits.body_timeout_seconds (a streaming route reads its own)."""
+        if request.stream is None or not request.stream.request_body or hasattr(handler, "is_stream"):
+            return
+        try:
+            await asyncio.wait_for(request.receive_body(), cfg.limits.body_timeout_seconds)
+        except asyncio.TimeoutError:
+            _drop_body(request)
+            raise RequestTimeout(f"unable to read the request body: it did not arrive within "
+                                 f"{cfg.limits.body_timeout_seconds:g}s (limits.body_timeout_seconds)",
+                                 limit_seconds=cfg.limits.body_timeout_seconds) from None
 
     @app.on_response
     async def tag(request: Request, response):
@@ -86,6 +131,8 @@ def create_app(daemon) -> Sanic:
 
     @app.exception(Exception)
     async def render(request: Request, exc: Exception):
+        if isinstance(exc, Answer):
+            return exc.response
         if isinstance(exc, PayloadTooLarge) and unparsed(request):
             limit = app.config.REQUEST_MAX_HEADER_SIZE
             return errors.body("PAYLOAD_TOO_LARGE", f"request head too large: the request line and headers "
@@ -98,6 +145,9 @@ def create_app(daemon) -> Sanic:
                                {"limit": limit})
         if not isinstance(exc, (SandkastenError, SanicException)):
             log.exception("unhandled error on %s %s", request.method, request.path)
+        elif isinstance(exc, SandkastenError) and errors.STATUS.get(exc.code, 500) >= 500 and exc.code != "NOT_READY":
+            # the host failed us (journal full or locked, the kernel refused): the operator must see it
+            log.warning("%s %s: %s %s", request.method, request.path, exc.code, exc.message)
         return errors.render(exc)
 
     app.blueprint(system.bp)

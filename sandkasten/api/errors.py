@@ -15,10 +15,10 @@ STATUS = {
     "PROCESS_NOT_FOUND": 404,
     "NOT_FOUND": 404, "METHOD_NOT_ALLOWED": 405,
     "SESSION_NOT_RUNNING": 409, "SESSION_BUSY": 409, "ILLEGAL_TRANSITION": 409, "CONFLICT": 409,
-    "WORKSPACE_IN_USE": 409, "DUPLICATE_IDEMPOTENCY_KEY": 409,
+    "WORKSPACE_IN_USE": 409, "FILE_BUSY": 409, "DUPLICATE_IDEMPOTENCY_KEY": 409,
     "PROCESS_EXITED": 409, "TOO_MANY_PROCESSES": 409,
     "SESSION_ENDED": 410, "SANDBOX_LOST": 410,
-    "PAYLOAD_TOO_LARGE": 413, "UNSUPPORTED_MEDIA_TYPE": 415,
+    "REQUEST_TIMEOUT": 408, "PAYLOAD_TOO_LARGE": 413, "CAPACITY_EXCEEDED": 429, "UNSUPPORTED_MEDIA_TYPE": 415,
     "COMMAND_TIMEOUT": 504, "NOT_READY": 503, "SANDBOX_ERROR": 503, "JOURNAL_ERROR": 503,
     "JOURNAL_TAMPERED": 503, "IMAGE_BUILD_FAILED": 503,
     "HOST_FENCED": 409, "NO_HOST_AVAILABLE": 503, "HOST_UNREACHABLE": 503,  # cluster (sandkasten.cluster)
@@ -26,6 +26,15 @@ STATUS = {
 SANIC_CODES = {400: "INVALID_REQUEST", 401: "UNAUTHORIZED", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED",
                413: "PAYLOAD_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE", 408: "REQUEST_TIMEOUT",
                503: "NOT_READY"}
+
+
+class Answer(Exception):
+    """Raised where a response cannot be returned (the auth hook is a signal) to answer with
+    this one; every error handler returns it as it is."""
+
+    def __init__(self, response) -> None:
+        super().__init__("answered early")
+        self.response = response
 
 
 def body(code: str, message: str, details: dict | None = None, status: int | None = None):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
+import logging
 
 from sanic import Request, json
 from sanic.headers import parse_content_header
@@ -14,10 +16,12 @@ from sanic.request.form import parse_multipart_form
 from sandkasten import intake
 from sandkasten.api import blueprint, params
 from sandkasten.api.sessions import json_body, require_running, session_row
-from sandkasten.errors import InvalidRequest, PathRefused, TooLarge
+from sandkasten.domain import commands as c
+from sandkasten.errors import IllegalTransition, InvalidRequest, PathRefused, TooLarge
 from sandkasten.workspace_fs import MOUNT_POINT, WorkspaceFS
 
 bp = blueprint("files", url_prefix="/v1")
+log = logging.getLogger("sandkasten.api")
 
 
 def session_fs(daemon, row: dict) -> WorkspaceFS:
@@ -103,8 +107,26 @@ def parse_uploads(request: Request, fs: WorkspaceFS) -> list[tuple[str, bytes]]:
     return [(path, f.body) for f, path in zip(files, paths)]
 
 
-async def write_uploads(fs: WorkspaceFS, uploads: list[tuple[str, bytes]]) -> list[dict]:
-    return [present_entry(await asyncio.to_thread(fs.write, path, data)) for path, data in uploads]
+async def write_uploads(fs: WorkspaceFS, uploads: list[tuple[str, bytes]]) -> list[tuple[dict, bytes]]:
+    """Each upload written: (its entry, its content)."""
+    return [(present_entry(await asyncio.to_thread(fs.write, path, data)), data) for path, data in uploads]
+
+
+async def audited(request: Request, stream: str, changes: list[c.RecordFileChange]) -> None:
+    """Journal what the file API changed (the audit trail shows who wrote or deleted what, with the
+    content's sha256), after the change: the event records a fact. A session that ended in between
+    is logged, not failed: the change happened."""
+    if not changes:
+        return
+    d = request.app.ctx.daemon
+    try:
+        await d.journal.execute_all(stream, changes, actor=request.ctx.actor, request_id=request.ctx.request_id)
+    except IllegalTransition as e:
+        log.warning("file change in %s not journaled: %s", stream, e.message)
+
+
+def written(entry: dict, data: bytes) -> c.RecordFileChange:
+    return c.RecordFileChange(path=entry["path"], op="write", size=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 
 async def _fs(request: Request, sid: str, verb: str) -> WorkspaceFS:
@@ -118,14 +140,17 @@ async def _fs(request: Request, sid: str, verb: str) -> WorkspaceFS:
 async def write_file(request: Request, sid: str):
     fs = await _fs(request, sid, "write a file")
     path, data = write_request(json_body(request), fs.max_file_bytes)
-    entry = await asyncio.to_thread(fs.write, path, data)
-    return json({"ok": True, **present_entry(entry)})
+    entry = present_entry(await asyncio.to_thread(fs.write, path, data))
+    await audited(request, sid, [written(entry, data)])
+    return json({"ok": True, **entry})
 
 
 @bp.post("/sessions/<sid>/fs/upload")
 async def upload_files(request: Request, sid: str):
     fs = await _fs(request, sid, "upload files")
-    return json({"ok": True, "entries": await write_uploads(fs, parse_uploads(request, fs))})
+    done = await write_uploads(fs, parse_uploads(request, fs))
+    await audited(request, sid, [written(entry, data) for entry, data in done])
+    return json({"ok": True, "entries": [entry for entry, _ in done]})
 
 
 @bp.get("/sessions/<sid>/fs/read")
@@ -152,4 +177,6 @@ async def delete_file(request: Request, sid: str):
     path = params.required(request, "path", "delete")
     recursive = params.flag(request, "recursive")
     await asyncio.to_thread(fs.delete, path, recursive)
+    await audited(request, sid, [c.RecordFileChange(path="/workspace/" + fs.normalize(path, "delete"), op="delete",
+                                                    recursive=recursive)])
     return json({"ok": True})

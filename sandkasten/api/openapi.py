@@ -105,7 +105,9 @@ def document() -> dict:
                     "exec_id": {"type": "string"}, "exit_code": {"type": "integer"}, "cwd": {"type": "string"},
                     "output": {"type": "string"}, "stdout": {"type": "string"}, "stderr": {"type": "string"},
                     "truncated": {"type": "boolean"}, "duration_ms": {"type": "number"},
-                    "timed_out": {"type": "boolean"}}},
+                    "timed_out": {"type": "boolean"},
+                    "oom_kills": {"type": "integer", "description": "processes the kernel's OOM killer ended in "
+                                  "the sandbox while the command ran (the memory limit was reached)"}}},
                 "StartProcess": {"type": "object", "required": ["cmd"], "additionalProperties": False, "properties": {
                     "cmd": {"type": "string", "minLength": 1, "description": "run by sh -c beside the shell"},
                     "cwd": {"type": "string", "description": "absolute path in the sandbox (default /workspace)"},

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import json as jsonlib
+from datetime import datetime, timezone
 
 from sanic import Request, json
 
-from sandkasten import intake
+from sandkasten import admission, intake
 from sandkasten.api import blueprint, params
 from sandkasten.domain import commands as c
-from sandkasten.domain.session import UNCLAIMED, DuplicateIdempotencyKey
+from sandkasten.domain.session import UNCLAIMED, DuplicateIdempotencyKey, iso_utc
 from sandkasten.errors import (
     ExecNotFound,
     IllegalTransition,
@@ -48,6 +49,7 @@ def present_exec(row: dict, daemon, raw: bool = False, limit: int | None = None)
             stdout, stderr, both, cut = daemon.runtime.read_output(
                 row["session_id"], row["id"], limit or daemon.cfg.defaults.max_output_bytes)
         out["truncated"] = out["truncated"] or cut
+        out["oom_kills"] = oom_kills(daemon, row)
         if raw:
             out.update(output_base64=base64.b64encode(both).decode(),
                        stdout_base64=base64.b64encode(stdout).decode(),
@@ -56,6 +58,15 @@ def present_exec(row: dict, daemon, raw: bool = False, limit: int | None = None)
             out.update(output=both.decode("utf-8", "replace"), stdout=stdout.decode("utf-8", "replace"),
                        stderr=stderr.decode("utf-8", "replace"))
     return out
+
+
+def oom_kills(daemon, row: dict) -> int:
+    """Processes the OOM killer ended while a finished exec ran: in its `exec.finished` event when
+    there were any, and in the runner's result next to its log (the read table has no column)."""
+    if row.get("oom_kills") is not None:
+        return row["oom_kills"]
+    result = daemon.runtime.read_result(row["session_id"], row["id"])
+    return result.oom_kills if result is not None else 0
 
 
 async def session_row(daemon, sid: str) -> dict:
@@ -89,7 +100,7 @@ async def create_session(request: Request):
         return json(session_view(await session_row(d, sid)), status=201)
     # an id the spawner has a spare for creates faster (a cluster's session may land elsewhere)
     sid = (d.runtime.reserve_id() if d.cluster is None else None) or intake.new_session_id()
-    await d.journal.execute(sid, cmd, actor=request.ctx.actor, request_id=request.ctx.request_id)
+    await admission.admitted(d.cfg, d.journal, sid, cmd, actor=request.ctx.actor, request_id=request.ctx.request_id)
     try:
         await settle(d, d.executor.ensure_session(sid), f"session {sid} is created once the daemon is back "
                      f"(GET /v1/sessions/{sid})")
@@ -153,6 +164,9 @@ def require_running(row: dict, verb: str) -> None:
     if status != "running":
         raise SessionNotRunning(f"unable to {verb} in session {row['id']}: the session is {status}",
                                 status=status)
+    if row.get("expires_at") and row["expires_at"] <= iso_utc(datetime.now(timezone.utc)):  # the reconciler journals it within a second
+        raise SessionEnded(f"unable to {verb} in session {row['id']}: the session expired at {row['expires_at']} "
+                           f"(reason: ttl)", status="expired", reason="ttl")
     if row["pool"] in UNCLAIMED:
         raise SessionNotRunning(f"unable to {verb} in session {row['id']}: it is an unclaimed pool session",
                                 pool=row["pool"])

@@ -23,7 +23,7 @@ from sanic import Request
 
 from sandkasten import exec_feed
 from sandkasten.api import blueprint, params
-from sandkasten.api.sessions import lost_exec, session_row, submit_exec
+from sandkasten.api.sessions import lost_exec, oom_kills, session_row, submit_exec
 from sandkasten.errors import ExecNotFound, InvalidRequest, SandboxError, SandkastenError
 from sandkasten.exec_feed import Cursor, FeedError, TextDecoder
 from sandkasten.runtime.spec import EXEC_ID, ExecRequest
@@ -165,7 +165,7 @@ async def _outcome(d, sid: str, exec_id: str, offset: int) -> str:
         return event("done", {
             "exec_id": exec_id, "exit_code": row["exit_code"], "cwd": row["cwd"],
             "duration_ms": row["duration_ms"], "timed_out": bool(row["timed_out"]),
-            "truncated": bool(row["truncated"])}, final.format("-done"))
+            "truncated": bool(row["truncated"]), "oom_kills": oom_kills(d, row)}, final.format("-done"))
     error = await lost_exec(d, sid, exec_id, row["lost_reason"] if row is not None else "its journal row is gone")
     return event("error", {"error_code": error.code, "exec_id": exec_id, "message": error.message},
                  final.format("-error"))

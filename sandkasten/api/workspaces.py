@@ -20,7 +20,7 @@ from sanic import Request, json
 
 from sandkasten import intake
 from sandkasten.api import blueprint, params
-from sandkasten.api.files import parse_uploads, present_entry, write_request, write_uploads
+from sandkasten.api.files import audited, parse_uploads, present_entry, write_request, write_uploads, written
 from sandkasten.api.sessions import json_body, settle
 from sandkasten.domain import commands as c
 from sandkasten.domain.events import workspace_stream
@@ -157,8 +157,9 @@ async def write_file(request: Request, wid: str):
     path, data = write_request(json_body(request), fs.max_file_bytes)
     fs.normalize(path, "write")   # refused before the workspace is created
     await ensure_created(d, wid)
-    entry = await asyncio.to_thread(fs.write, path, data)
-    return json({"ok": True, "workspace_id": wid, **present_entry(entry)})
+    entry = present_entry(await asyncio.to_thread(fs.write, path, data))
+    await audited(request, workspace_stream(wid), [written(entry, data)])
+    return json({"ok": True, "workspace_id": wid, **entry})
 
 
 @bp.post("/workspaces/<wid>/fs/upload")
@@ -167,7 +168,9 @@ async def upload_files(request: Request, wid: str):
     fs = writable(d, wid)
     uploads = parse_uploads(request, fs)
     await ensure_created(d, wid)
-    return json({"ok": True, "workspace_id": wid, "entries": await write_uploads(fs, uploads)})
+    done = await write_uploads(fs, uploads)
+    await audited(request, workspace_stream(wid), [written(entry, data) for entry, data in done])
+    return json({"ok": True, "workspace_id": wid, "entries": [entry for entry, _ in done]})
 
 
 @bp.get("/workspaces/<wid>/fs")

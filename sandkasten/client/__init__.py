@@ -12,13 +12,14 @@ typed errors of `sandkasten.client.errors`."""
 
 from sandkasten.client._async import AsyncClient, AsyncSandbox
 from sandkasten.client._sync import Client, Sandbox
-from sandkasten.client.errors import (CommandTimeout, Conflict, DaemonUnreachable, ExecNotFound, FileNotFound,
-                                      Forbidden, ImageNotAllowed, ImageNotFound, InvalidRequest, InvalidURL,
-                                      NotFound, NotReady, PathRefused, PayloadTooLarge, ProcessExited,
-                                      ProcessNotFound, SandboxError, SandboxLost, TooManyProcesses,
-                                      SandkastenError, SessionBusy, SessionEnded, SessionNotFound,
-                                      SessionNotRunning, StreamBroken, Unauthorized, Unavailable,
-                                      WorkspaceInUse, WorkspaceNotFound)
+from sandkasten.client.errors import (CapacityExceeded, CommandTimeout, Conflict, DaemonUnreachable,
+                                      ExecNotFound, FileBusy, FileNotFound, Forbidden, ImageNotAllowed,
+                                      ImageNotFound, InvalidRequest, InvalidURL, NotFound, NotReady,
+                                      PathRefused, PayloadTooLarge, ProcessExited, ProcessNotFound,
+                                      RequestTimeout, SandboxError, SandboxLost, SandkastenError, SessionBusy,
+                                      SessionEnded, SessionNotFound, SessionNotRunning, StreamBroken,
+                                      TooManyProcesses, Unauthorized, Unavailable, WorkspaceInUse,
+                                      WorkspaceNotFound)
 from sandkasten.client.models import (ExecChunk, ExecDone, ExecEvent, ExecRecord, ExecResult, FileContent,
                                       FileEntry, Process, ProcessDone, ProcessEvent, ProcessOutput, Session, Stats,
                                       Workspace)
@@ -28,9 +29,9 @@ __all__ = [
     "ExecChunk", "ExecDone", "ExecEvent", "ExecRecord", "ExecResult", "FileContent", "FileEntry", "Session",
     "Stats", "Workspace", "Process", "ProcessDone", "ProcessEvent", "ProcessOutput",
     "ProcessExited", "ProcessNotFound", "TooManyProcesses",
-    "CommandTimeout", "Conflict", "DaemonUnreachable", "ExecNotFound", "FileNotFound", "Forbidden",
-    "ImageNotAllowed", "ImageNotFound", "InvalidRequest", "InvalidURL", "NotFound", "NotReady", "PathRefused",
-    "PayloadTooLarge", "SandboxError", "SandboxLost", "SandkastenError", "SessionBusy", "SessionEnded",
-    "SessionNotFound", "SessionNotRunning", "StreamBroken", "Unauthorized", "Unavailable", "WorkspaceInUse",
-    "WorkspaceNotFound",
+    "CapacityExceeded", "CommandTimeout", "Conflict", "DaemonUnreachable", "ExecNotFound", "FileBusy",
+    "FileNotFound", "Forbidden", "ImageNotAllowed", "ImageNotFound", "InvalidRequest", "InvalidURL",
+    "NotFound", "NotReady", "PathRefused", "PayloadTooLarge", "RequestTimeout", "SandboxError", "SandboxLost",
+    "SandkastenError", "SessionBusy", "SessionEnded", "SessionNotFound", "SessionNotRunning", "StreamBroken",
+    "Unauthorized", "Unavailable", "WorkspaceInUse", "WorkspaceNotFound",
 ]

@@ -96,6 +96,10 @@ class SessionNotRunning(Conflict):
     code = "SESSION_NOT_RUNNING"
 
 
+class FileBusy(Conflict):
+    code = "FILE_BUSY"
+
+
 class SessionBusy(Conflict):
     code = "SESSION_BUSY"
 
@@ -123,9 +127,21 @@ class SandboxLost(SessionEnded):
     code = "SANDBOX_LOST"
 
 
-# -- 413 / 504 / 503 ----------------------------------------------------------
+# -- 408 / 413 / 504 / 503 ----------------------------------------------------
+class RequestTimeout(SandkastenError):
+    """408: the request body did not arrive in time (limits.body_timeout_seconds)."""
+
+    code = "REQUEST_TIMEOUT"
+
+
 class PayloadTooLarge(SandkastenError):
     code = "PAYLOAD_TOO_LARGE"
+
+
+class CapacityExceeded(SandkastenError):
+    """429: the daemon grants no more sessions (limits.max_sessions) or memory (limits.max_total_mem_mb)."""
+
+    code = "CAPACITY_EXCEEDED"
 
 
 class CommandTimeout(SandkastenError):
@@ -173,14 +189,16 @@ _BY_CODE: dict[str, type[SandkastenError]] = {
     cls.code: cls for cls in (
         InvalidRequest, PathRefused, ImageNotFound, ImageInvalid, ImageNotAllowed, Unauthorized, Forbidden,
         NotFound, SessionNotFound, ExecNotFound, FileNotFound, WorkspaceNotFound, Conflict,
-        SessionNotRunning, SessionBusy, WorkspaceInUse, ProcessNotFound, ProcessExited, TooManyProcesses, SessionEnded, SandboxLost, PayloadTooLarge,
+        SessionNotRunning, SessionBusy, FileBusy, WorkspaceInUse, ProcessNotFound, ProcessExited,
+        TooManyProcesses, SessionEnded, SandboxLost, RequestTimeout, PayloadTooLarge, CapacityExceeded,
         CommandTimeout, NotReady, SandboxError, JournalError)
 }
 _BY_CODE.update({"ILLEGAL_TRANSITION": Conflict, "DUPLICATE_IDEMPOTENCY_KEY": Conflict,
                  "INVALID_JSON": InvalidRequest, "JOURNAL_TAMPERED": JournalError,
                  "IMAGE_BUILD_FAILED": SandboxError})
 _BY_STATUS: dict[int, type[SandkastenError]] = {
-    400: InvalidRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 405: InvalidRequest, 409: Conflict,
+    400: InvalidRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 405: InvalidRequest, 408: RequestTimeout,
+    409: Conflict, 429: CapacityExceeded,
     410: SessionEnded, 413: PayloadTooLarge, 415: InvalidRequest, 422: InvalidRequest, 503: Unavailable,
     504: CommandTimeout,
 }

@@ -58,6 +58,7 @@ class ExecResult:
     truncated: bool = False
     duration_ms: int | None = None
     timed_out: bool = False
+    oom_kills: int = 0
     status: str = "finished"
     cmd: str | None = None
     session_id: str | None = None
@@ -120,6 +121,7 @@ class ExecDone:
     duration_ms: int | None = None
     timed_out: bool = False
     truncated: bool = False
+    oom_kills: int = 0
     exec_id: str | None = None
     event_id: str | None = None
 

@@ -29,6 +29,7 @@ import os
 from datetime import datetime, timezone
 from typing import Any
 
+from sandkasten import install
 from sandkasten.cluster import placement
 from sandkasten.config import Config
 from sandkasten.domain import commands as c
@@ -74,7 +75,8 @@ class Membership:
         cl = self.cfg.cluster
         cmd = h.RegisterHost(
             host_id=self.host_id, address=self.cfg.advertise_address, at=_now().isoformat(),
-            cgroup_parent=self.cfg.cgroup_parent, max_sessions=cl.max_sessions, cpu=float(os.cpu_count() or 1),
+            cgroup_parent=install.cgroup_parent(self.cfg), max_sessions=cl.max_sessions,
+            cpu=float(os.cpu_count() or 1),
             mem_mb=_mem_mb(), images=tuple(self.runtime.images.names()))
         [event] = await self.journal.execute(h.host_stream(self.host_id), cmd, actor=self.actor)
         self.epoch = event.payload["epoch"]

@@ -46,6 +46,8 @@ def install(app: Sanic, daemon) -> auth.Gate:
 
 async def error_page(request: Request, exc: Exception):
     """Errors on console pages as a page; scripts (not asking for HTML) get the API's error body."""
+    if isinstance(exc, errors.Answer):   # the auth hook's redirect to the login page, or its 403
+        return exc.response
     if isinstance(exc, SandkastenError):
         code, message = exc.code, exc.message
         status = errors.STATUS.get(code, 500)

@@ -97,6 +97,12 @@ class Gate:
     def owns(path: str) -> bool:
         return path == PREFIX or path.startswith(PREFIX + "/")
 
+    def wants_form(self, request: Request) -> bool:
+        """Whether a state change on a console path needs its body read before `check_page`:
+        the login form (its key), or a logged-in user's form (its CSRF token). A body from
+        anybody else is never read."""
+        return request.path in PUBLIC or self.read(request.cookies.get(COOKIE)) is not None
+
     def check_page(self, request: Request) -> HTTPResponse | None:
         """For a /console path: None to go on (request.ctx.login set unless public), a redirect
         to the login page without a valid cookie, 403 for a state change without its CSRF token."""

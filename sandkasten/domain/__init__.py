@@ -9,6 +9,7 @@ from sandkasten.domain.commands import (
     RecordExecFinished,
     RecordExecLost,
     RecordExecStarted,
+    RecordFileChange,
     RecordSandboxAdopted,
     RecordSandboxConfigured,
     RecordSandboxFailed,
@@ -35,7 +36,7 @@ from sandkasten.domain.workspace import WorkspaceState
 __all__ = [
     "ClaimSession", "RecordSandboxConfigured",
     "Command", "CreateWorkspace", "DeleteWorkspace", "ExpireSession", "RecordExecFinished", "RecordExecLost",
-    "RecordExecStarted", "RecordSandboxAdopted", "RecordSandboxFailed", "RecordSandboxLost",
+    "RecordExecStarted", "RecordFileChange", "RecordSandboxAdopted", "RecordSandboxFailed", "RecordSandboxLost",
     "RecordSandboxStarted", "RecordSandboxStopped", "RecordSessionDestroyed", "RequestDestroy", "RequestExec",
     "RequestSession", "NewEvent", "RecordedEvent", "workspace_stream", "DuplicateIdempotencyKey", "ExecState",
     "PriorExecs", "SessionState", "State", "decide", "evolve", "WorkspaceState",

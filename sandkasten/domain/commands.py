@@ -116,6 +116,7 @@ class RecordExecFinished:
     output_sha256: str = ""
     truncated: bool = False
     timed_out: bool = False
+    oom_kills: int = 0
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,19 @@ class RecordProcessLost:
 
 
 @dataclass(frozen=True)
+class RecordFileChange:
+    """A client wrote (`op` "write": size and sha256 of the new content) or deleted a file
+    through the file API, in a session's /workspace or in a workspace. `path` as shown to
+    clients (/workspace/...)."""
+
+    path: str
+    op: str = "write"
+    size: int = 0
+    sha256: str = ""
+    recursive: bool = False
+
+
+@dataclass(frozen=True)
 class CreateWorkspace:
     workspace_id: str
 
@@ -194,6 +208,8 @@ SessionCommand = (
     | RecordSandboxStarted | RecordSandboxFailed | RecordSandboxAdopted
     | RecordSandboxLost | RequestDestroy | ExpireSession | RecordSandboxStopped
     | RecordSessionDestroyed | RequestExec | RecordExecStarted | RecordExecFinished | RecordExecLost
+    | RequestProcess | RecordProcessStarted | RecordProcessInput | RecordProcessExited | RecordProcessLost
+    | RecordFileChange
 )
-WorkspaceCommand = CreateWorkspace | DeleteWorkspace
+WorkspaceCommand = CreateWorkspace | DeleteWorkspace | RecordFileChange
 Command = SessionCommand | WorkspaceCommand

@@ -36,6 +36,9 @@ PROCESS_LOST = "process.lost"
 # workspace stream ("ws:<workspace_id>")
 WORKSPACE_CREATED = "workspace.created"
 WORKSPACE_DELETED = "workspace.deleted"
+# either stream: a client changed files through the file API (commands change them unrecorded)
+FILE_WRITTEN = "file.written"
+FILE_DELETED = "file.deleted"
 
 SESSION_EVENT_TYPES = frozenset(
     {
@@ -49,6 +52,7 @@ SESSION_EVENT_TYPES = frozenset(
 WORKSPACE_EVENT_TYPES = frozenset({WORKSPACE_CREATED, WORKSPACE_DELETED})
 EXEC_EVENT_TYPES = frozenset({EXEC_REQUESTED, EXEC_STARTED, EXEC_FINISHED, EXEC_LOST})
 PROCESS_EVENT_TYPES = frozenset({PROCESS_REQUESTED, PROCESS_STARTED, PROCESS_INPUT, PROCESS_EXITED, PROCESS_LOST})
+FILE_EVENT_TYPES = frozenset({FILE_WRITTEN, FILE_DELETED})
 
 WORKSPACE_STREAM_PREFIX = "ws:"
 

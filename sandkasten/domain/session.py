@@ -32,7 +32,7 @@ from sandkasten.domain import events as ev
 from sandkasten.domain import host as h
 from sandkasten.domain import processes as proc
 from sandkasten.domain.processes import ProcessState
-from sandkasten.domain.workspace import WorkspaceState, decide_workspace, evolve_workspace
+from sandkasten.domain.workspace import WorkspaceState, decide_workspace, evolve_workspace, file_event
 from sandkasten.errors import IllegalTransition, InvalidRequest, SessionNotFound
 
 try:  # the lead may move this error into sandkasten.errors; use theirs when it exists
@@ -146,6 +146,7 @@ _VERBS: dict[type, str] = {
     c.RecordProcessInput: "send input to a process in session",
     c.RecordProcessExited: "record process exit in session",
     c.RecordProcessLost: "record lost process in session",
+    c.RecordFileChange: "record a file change in session",
 }
 
 # command -> statuses in which it is legal
@@ -163,6 +164,7 @@ _ALLOWED: dict[type, frozenset[str]] = {
     c.RequestExec: frozenset({RUNNING}),
     c.RequestProcess: frozenset({RUNNING}),
     c.RecordProcessInput: frozenset({RUNNING}),
+    c.RecordFileChange: frozenset({RUNNING}),
 }
 
 
@@ -181,7 +183,8 @@ def decide(
             raise IllegalTransition(f"unable to {_VERBS[type(command)]} {state.session_id}: session is {state.status}",
                                     session_id=state.session_id, status=state.status)
         return decider(state, command, prior or PriorExecs(), _VERBS[type(command)])
-    if isinstance(command, (c.CreateWorkspace, c.DeleteWorkspace)):
+    if isinstance(command, (c.CreateWorkspace, c.DeleteWorkspace)) or (
+            isinstance(command, c.RecordFileChange) and isinstance(state, WorkspaceState)):
         if state is not None and not isinstance(state, WorkspaceState):
             raise InvalidRequest(f"unable to apply {type(command).__name__} to session stream")
         return decide_workspace(state, command)
@@ -366,12 +369,18 @@ def _exec_finished(state: SessionState, cmd: c.RecordExecFinished, prior: PriorE
         "stdout_bytes": cmd.stdout_bytes, "stderr_bytes": cmd.stderr_bytes, "output_sha256": cmd.output_sha256,
         "truncated": cmd.truncated, "timed_out": cmd.timed_out,
     }
+    if cmd.oom_kills:  # only when it happened: older events and readers never see the key
+        payload["oom_kills"] = cmd.oom_kills
     return [ev.NewEvent(ev.EXEC_FINISHED, payload)]
 
 
 def _exec_lost(state: SessionState, cmd: c.RecordExecLost, prior: PriorExecs, verb: str) -> list[ev.NewEvent]:
     _pending_exec(state, cmd.exec_id, verb)
     return [ev.NewEvent(ev.EXEC_LOST, {"exec_id": cmd.exec_id, "reason": cmd.reason})]
+
+
+def _file_change(state: SessionState, cmd: c.RecordFileChange, prior: PriorExecs, verb: str) -> list[ev.NewEvent]:
+    return [file_event(cmd)]
 
 
 _DECIDERS: dict[type, Any] = {
@@ -394,6 +403,7 @@ _DECIDERS: dict[type, Any] = {
     c.RecordProcessInput: _process_input,
     c.RecordProcessExited: proc.exited,
     c.RecordProcessLost: proc.lost,
+    c.RecordFileChange: _file_change,
 }
 
 
@@ -408,7 +418,7 @@ def _with(state: SessionState, **changes: Any) -> SessionState:
 
 def evolve(state: State | None, event: Any) -> State:
     """Apply one event (NewEvent or RecordedEvent) to a stream's state."""
-    if event.type in ev.WORKSPACE_EVENT_TYPES:
+    if event.type in ev.WORKSPACE_EVENT_TYPES or (event.type in ev.FILE_EVENT_TYPES and isinstance(state, WorkspaceState)):
         return evolve_workspace(state if isinstance(state, WorkspaceState) else None, event)
     if event.type in h.HOST_EVENT_TYPES:
         return h.evolve_host(state if isinstance(state, h.HostState) else None, event)
@@ -450,6 +460,8 @@ def evolve(state: State | None, event: Any) -> State:
         return _with(s, version=version, sandbox_stopped=True, runner_pid=None, runner_start_time=None)
     if t == ev.SESSION_DESTROYED:
         return _with(s, version=version, status=DESTROYED)
+    if t in ev.FILE_EVENT_TYPES:
+        return _with(s, version=version)
     if t == ev.EXEC_REQUESTED:
         execs = {**s.execs, p["exec_id"]: ExecState(EXEC_REQUESTED, p.get("idempotency_key"))}
         return _with(s, version=version, execs=MappingProxyType(execs), exec_count=s.exec_count + 1)

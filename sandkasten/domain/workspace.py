@@ -10,8 +10,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from sandkasten.domain import events as ev
-from sandkasten.domain.commands import CreateWorkspace, DeleteWorkspace
-from sandkasten.errors import IllegalTransition, WorkspaceNotFound
+from sandkasten.domain.commands import CreateWorkspace, DeleteWorkspace, RecordFileChange
+from sandkasten.errors import IllegalTransition, InvalidRequest, WorkspaceNotFound
 
 ACTIVE = "active"
 DELETED = "deleted"
@@ -39,7 +39,21 @@ def decide_workspace(state: WorkspaceState | None, command: Any) -> list[ev.NewE
                 workspace_id=command.workspace_id,
             )
         return [ev.NewEvent(ev.WORKSPACE_DELETED, {"workspace_id": command.workspace_id})]
+    if isinstance(command, RecordFileChange):
+        if state is None or state.status == DELETED:
+            raise WorkspaceNotFound("unable to record a file change in workspace: no such workspace")
+        return [file_event(command)]
     raise TypeError(f"not a workspace command: {type(command).__name__}")
+
+
+def file_event(cmd: RecordFileChange) -> ev.NewEvent:
+    """`file.written` {path, size, sha256} or `file.deleted` {path, recursive}: one shape on
+    session and workspace streams."""
+    if cmd.op == "write":
+        return ev.NewEvent(ev.FILE_WRITTEN, {"path": cmd.path, "size": cmd.size, "sha256": cmd.sha256})
+    if cmd.op == "delete":
+        return ev.NewEvent(ev.FILE_DELETED, {"path": cmd.path, "recursive": cmd.recursive})
+    raise InvalidRequest(f"unable to record a file change: op {cmd.op!r} is not write or delete")
 
 
 def evolve_workspace(state: WorkspaceState | None, event: Any) -> WorkspaceState:
@@ -48,4 +62,6 @@ def evolve_workspace(state: WorkspaceState | None, event: Any) -> WorkspaceState
         return WorkspaceState(workspace_id=event.payload["workspace_id"], version=version, status=ACTIVE)
     if event.type == ev.WORKSPACE_DELETED and state is not None:
         return replace(state, version=version, status=DELETED)
+    if event.type in ev.FILE_EVENT_TYPES and state is not None:
+        return replace(state, version=version)
     raise ValueError(f"unable to apply event {event.type} to workspace state")

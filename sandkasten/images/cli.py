@@ -68,11 +68,13 @@ def _name(value: object) -> str:
 # ---------------------------------------------------------------- commands
 
 def import_(name: str = "", tar: str = "", force: bool = False, config: str = "") -> None:
-    """Import a root filesystem from a tar archive (.tar, .tar.gz, .tar.xz; '-' reads stdin).
+    """Import a root filesystem from a tar archive (.tar, .tar.gz, .tar.xz; '-' reads stdin), or an
+    image archive from `docker save IMAGE > x.tar` or an OCI image layout (a directory or its tar),
+    whose layers are applied in order.
 
     Args:
       name: image name (a-z 0-9 . _ -, at most 64 characters)
-      tar: path of the archive, e.g. from `docker export CONTAINER > x.tar`
+      tar: path of the archive, e.g. from `docker export CONTAINER > x.tar` or `docker save IMAGE > x.tar`
       force: replace an existing image of that name
       config: path of sandkasten.yaml
     """

@@ -1,4 +1,6 @@
-"""Import a root filesystem from a tar archive (plain, gzip, bzip2 or xz; e.g. `docker export`).
+"""Import a root filesystem from a tar archive (plain, gzip, bzip2 or xz; e.g. `docker export`),
+or an image archive (`docker save`, an OCI layout directory or tar: see `layers`), whose layers
+are applied in order with their whiteouts.
 
 Who runs this: `imgbuilder import`, as root, on archives of unknown origin. Every member is
 created by hand through directory file descriptors opened with O_NOFOLLOW, never with
@@ -24,6 +26,7 @@ import errno
 import gzip
 import lzma
 import os
+import re
 import shutil
 import stat
 import sys
@@ -35,11 +38,14 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from sandkasten.errors import ImageInvalid, InvalidRequest, SandkastenError
+from sandkasten.images import layers as layers_mod
 from sandkasten.images.store import ImageInfo, ImageStore, check_name
 
 Progress = Callable[[str], None]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_LAYER_DIR = re.compile(r"^[0-9a-f]{64}(\.json)?$")  # docker save before 25: <id>/layer.tar, <config>.json
+WHITEOUT, OPAQUE = ".wh.", ".wh..wh..opq"
 _PROGRESS_EVERY_S = 2.0
 
 
@@ -51,11 +57,13 @@ def import_tar(store: ImageStore, name: str, tar_path: str | os.PathLike,
         source, fileobj = "tar:-", sys.stdin.buffer
     else:
         path = Path(tar_path).absolute()
-        if path.is_dir():
-            raise InvalidRequest(f"unable to import image {name!r} from {path}: it is a directory, not a tar "
-                                 "archive", image=name)
+        if path.is_dir() and not layers_mod.is_layout_dir(path):
+            raise InvalidRequest(f"unable to import image {name!r} from {path}: it is a directory, neither a tar "
+                                 "archive nor an OCI image layout (no oci-layout file)", image=name)
         if not path.exists():  # a pipe (`--tar <(docker export c)`) is fine: it is read once, in order
             raise InvalidRequest(f"unable to import image {name!r} from {path}: no such file", image=name)
+        if path.is_dir() or (path.is_file() and _image_archive_first(path)):
+            return _import_layers(store, name, path, progress, replace)
         source, fileobj = f"tar:{path}", None
     where = f"unable to import image {name!r} from {'stdin' if fileobj is not None else path}"
     with (open(path, "rb") if fileobj is None else nullcontext(fileobj)) as raw, \
@@ -77,6 +85,52 @@ def import_tar(store: ImageStore, name: str, tar_path: str | os.PathLike,
             # tarfile ends quietly at a missing or partial header; a whole archive ends with zero blocks
             raise ImageInvalid(f"{where}: archive is truncated (it ends inside or right after member data, "
                                "without the end-of-archive blocks)", image=name)
+        if any((rootfs / n).is_file() for n in (layers_mod.MANIFEST, layers_mod.OCI_LAYOUT)) \
+                and not (rootfs / "bin").exists():
+            raise ImageInvalid(f"{where}: it is an image archive (docker save or an OCI layout), not a root "
+                               f"filesystem; pass it as a file (--tar FILE), which imports its layers", image=name)
+    return store.get(name)
+
+
+def _image_archive_first(path: Path) -> bool:
+    """Whether the archive's first member is one of an image archive's (docker save puts a
+    layer directory `<64 hex>/` or `blobs/` first; a rootfs tar starts with its own dirs)."""
+    try:
+        with tarfile.open(path, "r|*") as tf:
+            first = next(iter(tf), None)
+    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError):
+        return False  # the streaming import says what is wrong with it
+    if first is None:
+        return False
+    name = "/".join(p for p in first.name.split("/") if p not in ("", "."))
+    top = name.split("/")[0]
+    return (top in ("blobs", layers_mod.MANIFEST, layers_mod.OCI_LAYOUT, layers_mod.OCI_INDEX, "repositories")
+            or bool(_LAYER_DIR.match(top)))
+
+
+def _import_layers(store: ImageStore, name: str, path: Path, progress: Progress | None, replace: bool) -> ImageInfo:
+    """An image archive: each layer extracted in order into one rootfs, whiteouts applied."""
+    where = f"unable to import image {name!r} from {path}"
+    with layers_mod.opened(path) as blobs:
+        if blobs is None:
+            raise ImageInvalid(f"{where}: it looks like an image archive but has no manifest.json or "
+                               f"oci-layout", image=name)
+        found = layers_mod.layers(blobs)
+        with store.staging(name, f"image-archive:{path}", replace=replace) as rootfs:
+            for number, layer in enumerate(found, 1):
+                if progress:
+                    progress(f"layer {number}/{len(found)}: {layer.name}")
+                try:
+                    with blobs.open(layer.name) as raw:
+                        if raw.peek(4)[:4] == b"\x28\xb5\x2f\xfd":
+                            raise ImageInvalid(f"{where}: layer {layer.name} is zstd-compressed, which is not "
+                                               f"supported (save it with gzip or uncompressed layers)", image=name)
+                        with _decompressed(raw) as data, tarfile.open(fileobj=data, mode="r|") as tf:
+                            _Extractor(rootfs, name, progress, layered=True).run(tf)
+                except tarfile.TarError as e:
+                    raise ImageInvalid(f"{where}: layer {layer.name} is not a readable tar ({e})", image=name) from None
+                except (EOFError, zlib.error, lzma.LZMAError) as e:
+                    raise ImageInvalid(f"{where}: layer {layer.name} is truncated or corrupt ({e})", image=name) from None
     return store.get(name)
 
 
@@ -115,10 +169,12 @@ class _Extractor:
     """Creates one member at a time below ROOTFS; directory metadata is applied at the end
     (a 0555 dir must still take its children, and adding children changes its mtime)."""
 
-    def __init__(self, rootfs: Path, image: str, progress: Progress | None) -> None:
+    def __init__(self, rootfs: Path, image: str, progress: Progress | None, layered: bool = False) -> None:
         self.rootfs = rootfs
         self.image = image
         self.progress = progress
+        self.layered = layered               # a layer of an image archive: whiteouts, replacements
+        self.made: set[tuple[str, ...]] = set()  # what this layer created (an opaque dir keeps it)
         self.dirs: dict[tuple[str, ...], tarfile.TarInfo] = {}
         self.count = 0
         self.bytes = 0
@@ -170,6 +226,10 @@ class _Extractor:
         parent = self.open_dir(m, parts[:-1], create=True)
         leaf = parts[-1]
         try:
+            if self.layered and leaf.startswith(WHITEOUT):
+                self.whiteout(m, parts, parent)
+                return
+            self.made.add(tuple(parts))
             existing = _lstat(leaf, parent)
             if m.isdir():
                 if existing is not None and not stat.S_ISDIR(existing.st_mode):
@@ -181,8 +241,11 @@ class _Extractor:
                 return
             if existing is not None:
                 if stat.S_ISDIR(existing.st_mode):
-                    raise self.refuse(m, "would replace a directory with a non-directory")
-                os.unlink(leaf, dir_fd=parent)
+                    if not self.layered:
+                        raise self.refuse(m, "would replace a directory with a non-directory")
+                    shutil.rmtree(leaf, dir_fd=parent)  # a layer replaces what the ones below had
+                else:
+                    os.unlink(leaf, dir_fd=parent)
             if m.isreg():
                 self.write_file(tf, m, leaf, parent)
             elif m.issym():
@@ -198,6 +261,21 @@ class _Extractor:
                 os.utime(leaf, (m.mtime, m.mtime), dir_fd=parent, follow_symlinks=False)
         finally:
             os.close(parent)
+
+    def whiteout(self, m: tarfile.TarInfo, parts: list[str], parent: int) -> None:
+        """`.wh.NAME`: NAME from the layers below is gone; `.wh..wh..opq`: this directory keeps
+        only what this layer put in it. Removal goes by descriptors, never through a symlink."""
+        leaf = parts[-1]
+        if leaf == OPAQUE:
+            here = tuple(parts[:-1])
+            for child in os.listdir(parent):
+                if here + (child,) not in self.made:
+                    _remove(child, parent)
+            return
+        gone = leaf[len(WHITEOUT):]
+        if not gone or gone in (".", ".."):
+            raise self.refuse(m, "a whiteout without a name")
+        _remove(gone, parent)
 
     def write_file(self, tf: tarfile.TarFile, m: tarfile.TarInfo, leaf: str, parent: int) -> None:
         fd = os.open(leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
@@ -282,6 +360,16 @@ class _Extractor:
                 os.utime(fd, (m.mtime, m.mtime))
             finally:
                 os.close(fd)
+
+
+def _remove(name: str, dir_fd: int) -> None:
+    st = _lstat(name, dir_fd)
+    if st is None:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=dir_fd)
+    else:
+        os.unlink(name, dir_fd=dir_fd)
 
 
 def _lstat(name: str, dir_fd: int) -> os.stat_result | None:

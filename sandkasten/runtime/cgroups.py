@@ -91,6 +91,7 @@ class Cgroups(Protocol):
     def kill(self, name: str, timeout: float = KILL_TIMEOUT) -> None: ...
     def remove(self, name: str) -> None: ...
     def stats(self, name: str) -> Stats: ...
+    def oom_events(self, name: str) -> Path: ...
     def names(self) -> list[str]: ...
     def destroy_parent(self) -> None: ...
     def release_parent(self) -> bool: ...
@@ -299,6 +300,10 @@ class HybridCgroups(_Groups):
         for path in order:
             write_file(path, str(mem_bytes))
 
+    def oom_events(self, name: str) -> Path:
+        """The file whose `oom_kill N` line counts the group's OOM kills (kernel >= 4.13)."""
+        return self._dirs(check_name(name))[0] / "memory.oom_control"
+
     def stats(self, name: str) -> Stats:
         memory, pids, _cpu, unified = self._dirs(check_name(name))
         limit = int(read_file(memory / "memory.limit_in_bytes"))
@@ -342,6 +347,11 @@ class V2Cgroups(_Groups):
             write_file(group / "memory.swap.max", "0")
         write_file(group / "pids.max", str(limits.pids))
         write_file(group / "cpu.max", f"{limits.cpu_quota_us} {CPU_PERIOD_US}")
+
+    def oom_events(self, name: str) -> Path:
+        """The file whose `oom_kill N` line counts the group's OOM kills."""
+        (group,) = self._dirs(check_name(name))
+        return group / "memory.events"
 
     def stats(self, name: str) -> Stats:
         (group,) = self._dirs(check_name(name))

@@ -52,12 +52,24 @@ class SessionPaths:
     logs: Path      # logs/<sid>: one framed output log + one meta file per exec (kept after teardown)
 
     @property
+    def disk(self) -> Path:   # the sandbox's own disk (runtime.disk): upper, work, workspace
+        return self.root / "disk"
+
+    @property
+    def disk_image(self) -> Path:
+        return self.root / "disk.img"
+
+    @property
+    def _files(self) -> Path:  # sandboxes made before disks existed keep theirs in root itself
+        return self.disk if self.disk.is_dir() else self.root
+
+    @property
     def upper(self) -> Path:
-        return self.root / "upper"
+        return self._files / "upper"
 
     @property
     def work(self) -> Path:
-        return self.root / "work"
+        return self._files / "work"
 
     @property
     def rootfs(self) -> Path:
@@ -65,7 +77,7 @@ class SessionPaths:
 
     @property
     def workspace(self) -> Path:
-        return self.root / "workspace"
+        return self._files / "workspace"
 
     @cached_property
     def socket(self) -> Path:   # (cached: every call to the runner names it)

@@ -368,6 +368,19 @@ def remove_host(s: Settings) -> None:
         _run(["ip", "link", "del", s.bridge])
 
 
+def release_host(s: Settings) -> bool:
+    """Remove the bridge and our tables if no sandbox is attached to the bridge any more (a
+    daemon stopping): True if nothing is left. Sandboxes outlive a daemon, so a bridge with ports
+    stays for them (and for the next daemon)."""
+    if not (SYS_NET / s.bridge).exists():
+        return True  # never made (no bridged session), or gone already
+    ports = SYS_NET / s.bridge / "brif"
+    if ports.is_dir() and any(ports.iterdir()):
+        return False
+    remove_host(s)
+    return True
+
+
 def from_config(n) -> Settings:
     """Settings from the config's `network:` section (names resolved now, at start)."""
     return resolve_settings(n.bridge, n.subnet, n.egress_allow, n.dns, n.enable_ip_forward)

@@ -18,7 +18,7 @@ from sandkasten.errors import (CommandTimeout, InvalidRequest, SandboxError, San
                                SessionBusy)
 from sandkasten.images.store import ImageStore
 from sandkasten.runtime import cgroups as cgroups_mod
-from sandkasten.runtime import client
+from sandkasten.runtime import client, disk
 from sandkasten.runtime import network as network_mod
 from sandkasten.runtime import spares
 from sandkasten.runtime.layout import Layout, SessionPaths
@@ -80,7 +80,7 @@ class Runtime:
         check_session_id(sid)
         self.images.ensure_valid(image)
         lower = self.images.path(image)
-        ws = Path(workspace_dir) if workspace_dir else self.paths(sid).workspace
+        ws = Path(workspace_dir) if workspace_dir else self.paths(sid).disk / "workspace"  # see create
         return SandboxSpec(session_id=sid, image=image, lower_dir=str(lower), workspace_dir=str(ws),
                            **options).validate()
 
@@ -92,6 +92,8 @@ class Runtime:
         if p.root.exists() or p.run.exists():
             raise SandboxError(f"unable to create sandbox {spec.session_id}: it already exists")
         try:
+            p.root.mkdir(parents=True)
+            disk.prepare(p.disk_image, p.disk, spec.disk_limit_mb)
             for d in (p.upper, p.work, p.rootfs):
                 d.mkdir(parents=True, exist_ok=False)
             p.run.mkdir(parents=True, mode=0o700)
@@ -110,6 +112,9 @@ class Runtime:
         except OSError as e:
             self.destroy(spec.session_id)
             raise SandboxError(f"unable to prepare directories for sandbox {spec.session_id}: {e}") from None
+        except SandboxError:
+            self.destroy(spec.session_id)
+            raise
         except BaseException:
             self.destroy(spec.session_id)
             raise
@@ -189,13 +194,17 @@ class Runtime:
                         populated=True, session_dir=True)
 
     def host_sessions(self) -> set[str]:
-        """Every session id that has any trace on the host: dirs, sockets, cgroups."""
-        found: set[str] = {n for n in self.cgroups.names() if SESSION_ID.match(n)}
-        found.update(n for n in network_mod.leftover_sessions(self.layout.data_dir) if SESSION_ID.match(n))
+        """Every session id of this data_dir that has any trace on the host: dirs, sockets,
+        veths tagged with this data_dir, cgroups. A cgroup under the parent counts only if this
+        data_dir knows its session (`create` makes the dirs before the cgroup, `destroy` removes
+        the cgroup first, exec logs stay): a parent shared with another daemon's data_dir holds
+        groups that are not ours to sweep."""
+        found: set[str] = set(network_mod.leftover_sessions(self.layout.data_dir))
         for base in (self.layout.sessions, self.layout.run):
             if base.is_dir():
-                found.update(e.name for e in base.iterdir() if e.is_dir() and SESSION_ID.match(e.name))
-        return found - spares.live(self.spares_dir)
+                found.update(e.name for e in base.iterdir() if e.is_dir())
+        found.update(n for n in self.cgroups.names() if SESSION_ID.match(n) and (self.layout.logs / n).is_dir())
+        return {sid for sid in found if SESSION_ID.match(sid)} - spares.live(self.spares_dir)
 
     # ------------------------------------------------------------------ exec
     def _exec_msg(self, req: ExecRequest, fresh: bool = False) -> dict:
@@ -264,6 +273,26 @@ class Runtime:
             return protocol.read_output(self.paths(sid).logs / f"{exec_id}.log", limit)
         except FileNotFoundError:
             return b"", b"", b"", False
+
+    def has_exec_logs(self, sid: str) -> bool:
+        """Whether any exec ever ran in this sandbox (its runner wrote a log): proof that a
+        journal which does not know the session lost it."""
+        try:
+            return any(e.name.endswith(".log") for e in os.scandir(self.paths(sid).logs))
+        except OSError:
+            return False
+
+    def remove_logs(self, sids: list[str]) -> int:
+        """Remove the exec logs of these (ended) sessions; how many log dirs went. Never one whose
+        sandbox still has traces on the host."""
+        removed = 0
+        for sid in sids:
+            p = self.paths(sid)
+            if not p.logs.is_dir() or p.root.exists() or p.run.exists():
+                continue
+            self._remove_tree(p.logs)
+            removed += 1
+        return removed
 
     # ------------------------------------------------------------------ teardown
     def destroy(self, sid: str) -> None:

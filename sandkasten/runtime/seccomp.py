@@ -14,14 +14,19 @@ Profiles (`security.seccomp` in the config):
   swap, acct, quotas, syslog, setting clocks), cross-process access (ptrace, process_vm_*,
   pidfd_getfd), file handles (open_by_handle_at, name_to_handle_at), the big unprivileged
   attack surfaces (bpf, keyrings, userfaultfd, perf_event_open, io_uring), x86 port I/O, vhangup,
-  and terminal injection (ioctl TIOCSTI / TIOCLINUX). clone3 gets ENOSYS, because its flags sit
+  and terminal injection (ioctl TIOCSTI / TIOCLINUX). io_setup gets ENOSYS (kernel AIO contexts
+  come from one host-wide pool, fs.aio-max-nr; callers fall back). clone3 gets ENOSYS, because its flags sit
   in memory a filter cannot read; libc then falls back to clone, whose flags the filter checks.
+  Sockets come from an allow-list of families: AF_UNIX, AF_INET, AF_INET6, and AF_NETLINK only
+  for NETLINK_ROUTE (what `ip` needs, confined to the sandbox's own network namespace). Everything
+  else gets EAFNOSUPPORT — above all AF_VSOCK, which no network namespace confines (it reaches the
+  hypervisor and the host's vsock services even with network_mode none), and the other netlink
+  protocols (kernel uevents, audit, sock_diag, …).
   Most of these already need a capability that `privileges.apply` drops; the filter is the second
   wall, in case of a kernel bug behind the first, and the only wall for the ones an unprivileged
   process may use (user namespaces, io_uring, userfaultfd, keyrings, perf, bpf).
-- ``strict``: mvp, plus: sockets only of family AF_UNIX, AF_INET, AF_INET6 (others get
-  EAFNOSUPPORT — netlink, packet, vsock, alg, bluetooth… breaks `ip`, `ss`), no raw or packet
-  sockets (SOCK_RAW, SOCK_PACKET), mknod/mknodat of character or block devices (FIFOs and
+- ``strict``: mvp, plus: sockets only of family AF_UNIX, AF_INET, AF_INET6 (no netlink at all:
+  breaks `ip`, `ss`), no raw or packet sockets (SOCK_RAW, SOCK_PACKET), mknod/mknodat of character or block devices (FIFOs and
   sockets are fine), fanotify_init, move_pages, migrate_pages. Raw sockets and device nodes
   already need CAP_NET_RAW and CAP_MKNOD, which are dropped; strict refuses them also by filter.
 
@@ -48,7 +53,7 @@ PROFILES = ("off", "mvp", "strict")
 # does not exist there and needs no rule.
 SYSCALLS: dict[str, dict[str, int]] = {
     "x86_64": {
-        "ioctl": 16, "socket": 41, "clone": 56, "ptrace": 101, "syslog": 103,
+        "ioctl": 16, "socket": 41, "io_setup": 206, "clone": 56, "ptrace": 101, "syslog": 103,
         "mknod": 133, "uselib": 134, "personality": 135, "vhangup": 153, "pivot_root": 155,
         "adjtimex": 159, "chroot": 161, "acct": 163, "settimeofday": 164, "mount": 165,
         "umount2": 166, "swapon": 167, "swapoff": 168, "reboot": 169, "iopl": 172,
@@ -64,7 +69,7 @@ SYSCALLS: dict[str, dict[str, int]] = {
         "pidfd_getfd": 438, "mount_setattr": 442, "quotactl_fd": 443, "open_tree_attr": 467,
     },
     "aarch64": {
-        "lookup_dcookie": 18, "ioctl": 29, "mknodat": 33, "umount2": 39, "mount": 40,
+        "io_setup": 0, "lookup_dcookie": 18, "ioctl": 29, "mknodat": 33, "umount2": 39, "mount": 40,
         "pivot_root": 41, "chroot": 51, "vhangup": 58, "quotactl": 60, "acct": 89,
         "personality": 92, "unshare": 97, "kexec_load": 104, "init_module": 105,
         "delete_module": 106, "clock_settime": 112, "syslog": 116, "ptrace": 117,
@@ -98,6 +103,10 @@ MVP_DENY = (
     "iopl", "ioperm", "vhangup", "uselib",
 )
 STRICT_DENY = ("fanotify_init", "move_pages", "migrate_pages")
+# Answered ENOSYS ("not implemented here"), which callers treat as a reason to fall back: io_setup
+# takes from fs.aio-max-nr, one limit for the whole host, which one sandbox could use up for all
+# (libaio users fall back to threads; glibc's POSIX AIO never calls it).
+MVP_ENOSYS = ("io_setup",)
 
 # Every CLONE_NEW* flag that fits legacy clone's flags word (CLONE_NEWTIME, 0x80, does not: those
 # bits are clone's exit signal; a time namespace needs unshare or clone3, both refused).
@@ -111,7 +120,8 @@ CLONE_NAMESPACE_FLAGS = (
     | 0x40000000  # CLONE_NEWNET
 )
 TIOCSTI, TIOCLINUX = 0x5412, 0x541C
-AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
+AF_UNIX, AF_INET, AF_INET6, AF_NETLINK = 1, 2, 10, 16
+NETLINK_ROUTE = 0
 SOCK_TYPE_MASK, SOCK_RAW, SOCK_PACKET = 0xF, 3, 10
 S_IFMT, S_IFCHR, S_IFBLK = 0o170000, 0o020000, 0o060000
 X32_SYSCALL_BIT = 0x40000000
@@ -192,11 +202,13 @@ def build_filter(profile: str, arch: str | None = None) -> bytes | None:
     p.jeq(table["clone"], "clone")
     p.jeq(table["clone3"], "enosys")
     p.jeq(table["ioctl"], "ioctl")
+    p.jeq(table["socket"], "socket")
     if strict:
-        p.jeq(table["socket"], "socket")
         if "mknod" in table:
             p.jeq(table["mknod"], "mknod")
         p.jeq(table["mknodat"], "mknodat")
+    for name in MVP_ENOSYS:
+        p.jeq(table[name], "enosys")
     for name in denied(profile, arch):
         p.jeq(table[name], "eperm")
     p.ret(RET_ALLOW)
@@ -212,18 +224,28 @@ def build_filter(profile: str, arch: str | None = None) -> bytes | None:
     p.jeq(TIOCLINUX, "eperm")
     p.ret(RET_ALLOW)
 
-    if strict:
-        p.label("socket")  # socket(domain, type, protocol)
-        p.load(arg_low(0))
-        for family in (AF_UNIX, AF_INET, AF_INET6):
-            p.jeq(family, "socket_type")
+    p.label("socket")  # socket(domain, type, protocol): an allow-list of families
+    p.load(arg_low(0))
+    for family in (AF_UNIX, AF_INET, AF_INET6):
+        p.jeq(family, "socket_type")
+    if not strict:
+        p.jeq(AF_NETLINK, "netlink")
+    p.ret(RET_ERRNO | errno.EAFNOSUPPORT)
+    if not strict:
+        p.label("netlink")  # only routing, in the sandbox's own network namespace
+        p.load(arg_low(2))
+        p.jeq(NETLINK_ROUTE, "allow")
         p.ret(RET_ERRNO | errno.EAFNOSUPPORT)
-        p.label("socket_type")  # type also carries SOCK_NONBLOCK / SOCK_CLOEXEC: mask them off
+    p.label("socket_type")
+    if strict:  # type also carries SOCK_NONBLOCK / SOCK_CLOEXEC: mask them off
         p.load(arg_low(1))
         p.emit(AND_K, SOCK_TYPE_MASK)
         p.jeq(SOCK_RAW, "eperm")
         p.jeq(SOCK_PACKET, "eperm")
-        p.ret(RET_ALLOW)
+    p.label("allow")
+    p.ret(RET_ALLOW)
+
+    if strict:
         # mknod(path, mode, dev) and mknodat(dirfd, path, mode, dev): no device nodes
         for label, mode_arg in (("mknod", 1), ("mknodat", 2)):
             p.label(label)

@@ -27,6 +27,7 @@ DEVICES = {  # name: (major, minor) — the minimal /dev every program expects
     "null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0),
 }
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+DEVPTS_MAX = 64   # ptys per sandbox (each terminal session, `script`, ssh… takes one)
 
 
 @dataclass
@@ -42,6 +43,8 @@ class Context:
     net_fd: int = -1     # bridge mode: the spawner's word that eth0 is configured (see network.py)
     network: dict | None = None
     clock: list | None = None   # [step name, CLOCK_MONOTONIC when it ended] per step, for the spawner's report
+    oom_events: str = ""  # host path of the cgroup file counting OOM kills (cgroups.oom_events)
+    oom_fd: int = -1
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,9 @@ def mount_dev(ctx: Context) -> None:
         os.chmod(path, 0o666)
     pts = os.path.join(dev, "pts")
     os.mkdir(pts, 0o755)
-    sc.mount("devpts", pts, "devpts", sc.MS_NOSUID | sc.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620")
+    # max=: ptys come from one host-wide pool (kernel.pty.max); a sandbox takes at most DEVPTS_MAX
+    sc.mount("devpts", pts, "devpts", sc.MS_NOSUID | sc.MS_NOEXEC,
+             f"newinstance,ptmxmode=0666,mode=620,max={DEVPTS_MAX}")
     shm = os.path.join(dev, "shm")
     os.mkdir(shm, 0o1777)
     sc.mount("tmpfs", shm, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=1777,size=64m")
@@ -127,9 +132,15 @@ def mount_tmp(ctx: Context) -> None:
 
 
 def open_host_endpoints(ctx: Context) -> None:
-    # The only two ways out of the sandbox, both held by the runner alone (close-on-exec,
-    # never passed to the shell): the listening socket and the exec-log directory.
+    # The only ways out of the sandbox, all held by the runner alone (close-on-exec, never
+    # passed to the shell): the listening socket, the exec-log directory and, read-only, its
+    # cgroup's OOM kill counter (each exec reports the kills it saw).
     ctx.logs_fd = os.open(ctx.logs_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    if ctx.oom_events:
+        try:
+            ctx.oom_fd = os.open(ctx.oom_events, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:  # no memory controller file (old kernel): kills are not counted
+            ctx.oom_fd = -1
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     here = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
     try:  # bind by a relative name: AF_UNIX paths are limited to 108 bytes

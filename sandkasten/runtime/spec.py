@@ -42,6 +42,7 @@ class SandboxSpec:
     network_mode: str = "none"
     egress_allow: tuple[str, ...] = ()   # bridge mode: IPv4 CIDRs this sandbox may reach (names resolved)
     readonly_rootfs: bool = False
+    disk_limit_mb: int = 0    # the sandbox's own disk (upper layer + per-session workspace); 0: none
     seccomp: str = "mvp"
     uid: int = 65534
     gid: int = 65534
@@ -65,6 +66,9 @@ class SandboxSpec:
                 raise InvalidRequest(f"invalid {name} {value!r}: must be greater than zero")
         if self.mem_limit_mb < 8:
             raise InvalidRequest(f"invalid mem_limit_mb {self.mem_limit_mb}: at least 8 MB are needed")
+        if isinstance(self.disk_limit_mb, bool) or not isinstance(self.disk_limit_mb, int) \
+                or not (self.disk_limit_mb == 0 or self.disk_limit_mb >= 16):
+            raise InvalidRequest(f"invalid disk_limit_mb {self.disk_limit_mb!r}: 0 (no quota) or at least 16")
         if self.pids_limit < 4:
             raise InvalidRequest(f"invalid pids_limit {self.pids_limit}: at least 4 are needed")
         if self.network_mode not in ("none", "bridge"):
@@ -107,10 +111,14 @@ class ExecResult:
     shell_restarted: bool
     started_at: float
     finished_at: float
+    oom_kills: int = 0        # processes the kernel's OOM killer ended in the sandbox while it ran
+    log_error: str = ""       # errno name when the runner could not write the output log (ENOSPC)
 
     @classmethod
     def from_meta(cls, m: Mapping[str, Any]) -> "ExecResult":
-        return cls(**{k: m["id" if k == "exec_id" else k] for k in cls.__dataclass_fields__})
+        """From a runner's result (one written before a field existed lacks it: its default)."""
+        return cls(**{k: m["id" if k == "exec_id" else k] for k in cls.__dataclass_fields__
+                      if k in m or (k == "exec_id" and "id" in m)})
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ NAMESPACES = (os.CLONE_NEWNS | os.CLONE_NEWUTS | os.CLONE_NEWIPC | os.CLONE_NEWN
               | os.CLONE_NEWPID | os.CLONE_NEWCGROUP)
 READY_TIMEOUT = 20.0
 PR_SET_CHILD_SUBREAPER, PR_SET_DUMPABLE, PR_SET_PDEATHSIG = 36, 4, 1
+OOM_SCORE_ADJ_MIN = -1000
 _libc = ctypes.CDLL(None, use_errno=True)
 BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -77,6 +78,7 @@ class Zygote:
         clock.append(("read the request", time.monotonic()))
         limits = cgroups_mod.Limits(mem_bytes=spec.mem_limit_mb * 1024 * 1024, pids=spec.pids_limit,
                                     cpu=spec.cpu_limit)
+        paths = {**paths, "oom_events": str(self.cgroups.oom_events(spec.session_id))}  # the runner counts OOM kills
         env = {**BASE_ENV, "USER": "root" if spec.uid == 0 else "sandbox", **spec.env}
         net = req.get("network")  # bridge mode: B waits on net_r until we connected it
         spare = None if net else self.spares.take(spec.session_id, req["spec"], paths, env, limits)
@@ -165,7 +167,8 @@ class Zygote:
 
 def _context(spec: SandboxSpec, paths: dict, net_r: int = -1) -> Context:
     return Context(spec=spec, rootfs=paths["rootfs"], upper=paths["upper"], work=paths["work"],
-                   run_dir=paths["run"], logs_dir=paths["logs"], net_fd=net_r, clock=[])
+                   run_dir=paths["run"], logs_dir=paths["logs"], net_fd=net_r, clock=[],
+                   oom_events=paths.get("oom_events", ""))
 
 
 def _join(procs: list[str]) -> None:
@@ -252,8 +255,17 @@ def _child_b(ctx: Context, ready_w: int, env: dict, before_exec, first: str = "f
             os.dup2(devnull, fd)
         os.close(devnull)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        # The OOM killer must never pick PID 1: its death takes the whole sandbox, and a runner
+        # forked from the zygote is bigger than any small process of the workload. -1000 needs
+        # CAP_SYS_RESOURCE (some container hosts withhold it); the shell raises its own score to
+        # +1000 either way (runner.shell), so every command is always chosen before the runner.
+        try:
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write(str(OOM_SCORE_ADJ_MIN))
+        except PermissionError:
+            pass
         run_steps(ctx)
-        keep = {ready_w, ctx.logs_fd, ctx.listener.fileno()}
+        keep = {ready_w, ctx.logs_fd, ctx.oom_fd, ctx.listener.fileno()}
         for fd in _open_fds():
             if fd > 2 and fd not in keep:
                 try:
@@ -266,7 +278,7 @@ def _child_b(ctx: Context, ready_w: int, env: dict, before_exec, first: str = "f
         gc.enable()
         gc.collect(0)
         _libc.malloc_trim(0)   # hand back the heap pages setup dirtied and freed: they would count against it
-        runner_main.run(ctx.listener, ctx.logs_fd, env, before_exec)
+        runner_main.run(ctx.listener, ctx.logs_fd, env, before_exec, oom_fd=ctx.oom_fd)
         os._exit(0)
     except BaseException as e:  # noqa: BLE001
         _write(ready_w, {"ok": False, "error": str(e) if isinstance(e, SetupFailed)

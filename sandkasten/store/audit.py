@@ -1,12 +1,15 @@
 """Audit trail: every command ever run, read from the events (never from read tables).
 
 `sandkasten audit export` writes one row per exec — who (actor), when (requested_at),
-session, exec id, command, cwd, exit code, duration, output hash, status — as JSONL or
-CSV, in order with one row per process started beside the shell (`kind: process`, its id in
-`exec_id`) and one per input sent to a process (`kind: input`: the bytes typed, in `input`,
-unless the daemon runs with `audit.record_input: false`; a resize, a signal or EOF in `cmd`),
-so an auditor sees what was typed into a terminal. `sandkasten audit verify` recomputes the
-hash chain. Read-only; safe with the daemon up.
+session, exec id, command, cwd, exit code, duration, output hash, status, kind "exec" — as
+JSONL or CSV, in order with one row per process started beside the shell (kind "process", its
+id in `exec_id`), one per input sent to a process (kind "input": the bytes typed, in `input`,
+unless the daemon runs with `audit.record_input: false`; a resize, a signal or EOF in `cmd`;
+their sha256 in `output_sha256`), so an auditor sees what was typed into a terminal, and one
+per file written or deleted through the file API (kind "file": cmd "write /workspace/x (N
+bytes)", the content's sha256, status written|deleted; session is the session or
+"ws:<workspace>"). `sandkasten audit verify` recomputes the hash chain. Read-only; safe with
+the daemon up.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ FIELDS = (
     "actor", "requested_at", "session", "exec_id", "cmd", "cwd", "exit_code", "duration_ms",
     "output_sha256", "status", "kind", "input",
 )
-AUDITED_TYPES = ev.EXEC_EVENT_TYPES | ev.PROCESS_EVENT_TYPES
+AUDITED_TYPES = ev.EXEC_EVENT_TYPES | ev.PROCESS_EVENT_TYPES | ev.FILE_EVENT_TYPES
 FORMATS = ("jsonl", "csv")
 _PAGE = 5_000
 
@@ -84,9 +87,20 @@ def _fold(rows: dict[str, dict[str, Any]], event: ev.RecordedEvent, since_iso: s
     if event.type in ev.PROCESS_EVENT_TYPES:
         _fold_process(rows, event, since_iso)
         return
+    p = event.payload
+    if event.type in ev.FILE_EVENT_TYPES:  # a change through the file API: one row of its own
+        if since_iso is None or event.created_at >= since_iso:
+            what = (f"write {p['path']} ({p.get('size', 0)} bytes)" if event.type == ev.FILE_WRITTEN
+                    else f"delete {p['path']}" + (" (recursive)" if p.get("recursive") else ""))
+            rows[f"file:{event.seq}"] = {
+                "actor": event.actor, "requested_at": event.created_at, "session": event.stream_id,
+                "exec_id": None, "cmd": what, "cwd": None, "exit_code": None, "duration_ms": None,
+                "output_sha256": p.get("sha256"), "status": "written" if event.type == ev.FILE_WRITTEN else "deleted",
+                "kind": "file", "input": None,
+            }
+        return
     if event.type not in ev.EXEC_EVENT_TYPES:
         return
-    p = event.payload
     if event.type == ev.EXEC_REQUESTED:
         if since_iso is not None and event.created_at < since_iso:
             return

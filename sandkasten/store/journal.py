@@ -40,7 +40,7 @@ from sandkasten.domain import host
 from sandkasten.domain.events import RecordedEvent
 from sandkasten.domain.session import (DESTROYING, ENDED_STATUSES, POOL_IDLE, UNCLAIMED, PriorExecs, State, decide, evolve)
 from sandkasten.errors import ConcurrencyConflict, InvalidRequest, JournalError, SandkastenError
-from sandkasten.store import fastpath, postgres, projections, queries, schema
+from sandkasten.store import fastpath, integrity, postgres, projections, queries, schema
 from sandkasten.store.group_commit import GroupCommit
 from sandkasten.store.schema import events, execs, processes, sessions, workspaces
 
@@ -224,9 +224,11 @@ class Journal:
         return journal
 
     @classmethod
-    def check(cls, db_path: Path | str, busy_timeout_s: float = 10.0) -> None:
-        """Blocking preflight for the daemon: migrate the file and read its schema once, so a
-        corrupt, locked or unwritable journal stops the start with one clear line."""
+    def check(cls, db_path: Path | str, busy_timeout_s: float = 10.0, full: bool = True) -> None:
+        """Blocking preflight for the daemon: migrate the file, read its schema once and let
+        SQLite check every page (`integrity`), so a corrupt, locked or unwritable journal stops
+        the start with one clear line — before anything is written on top of the damage.
+        A PostgreSQL journal is migrated and read once (the server guards its own pages)."""
         if postgres.is_url(db_path):
             try:
                 postgres.check(str(db_path))
@@ -248,6 +250,11 @@ class Journal:
         except (sa.exc.SQLAlchemyError, sqlite3.Error, OSError) as exc:
             cause = _Guard(db_path, busy_timeout_s)._cause(exc)
             raise JournalError(f"unable to open journal {db_path}: {cause}", path=str(db_path)) from None
+        found = integrity.problems(db_path, full=full, busy_timeout_s=busy_timeout_s)
+        if found:
+            raise JournalError(f"unable to open journal {db_path}: the file is damaged ({integrity.summary(found)}); "
+                               f"with the daemon stopped, `sandkasten journal rebuild` rebuilds the read tables "
+                               f"and every index, else restore a backup", path=str(db_path), problems=found)
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()

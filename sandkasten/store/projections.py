@@ -247,6 +247,11 @@ def _session_claimed(conn: Any, e: ev.RecordedEvent) -> None:
                                                             "v_last_session_id": e.stream_id})
 
 
+def _file_changed(conn: Any, e: ev.RecordedEvent) -> None:
+    if not e.stream_id.startswith(ev.WORKSPACE_STREAM_PREFIX):  # a session's: activity, like an exec
+        _update_session(conn, e, last_activity_at=e.created_at)
+
+
 def _sandbox_configured(conn: Any, e: ev.RecordedEvent) -> None:
     _update_session(conn, e, pool=POOL_CLAIMED)
 
@@ -274,5 +279,7 @@ _PROJECTORS: dict[str, Callable[[Any, ev.RecordedEvent], None]] = {
     ev.PROCESS_LOST: _process_lost,
     ev.WORKSPACE_CREATED: _workspace_created,
     ev.WORKSPACE_DELETED: _workspace_deleted,
+    ev.FILE_WRITTEN: _file_changed,
+    ev.FILE_DELETED: _file_changed,
 }
 _PROJECTORS.update(host_projections.PROJECTORS)  # the cluster's hosts and placements
