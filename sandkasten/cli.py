@@ -231,7 +231,10 @@ class Cli(AdminCommands):
             item = {"event": event.type, "at": event.created_at, "actor": event.actor, **event.payload}
             if output is not None:
                 item["output"] = output.decode("utf-8", "replace")
-            render.print_json_line(item) if follow else collected.append(item)
+            if follow:
+                render.print_json_line(item)
+            else:
+                collected.append(item)
             return
         print(render.process_event_line(event), flush=True)
         if output:

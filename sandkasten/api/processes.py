@@ -143,9 +143,7 @@ async def _journal_input(request: Request, sid: str, process_id: str, verb: str,
         return await append()
     except DuplicateIdempotencyKey:
         raise
-    except (IllegalTransition, SessionNotFound, InvalidRequest) as e:
-        if isinstance(e, InvalidRequest) and "no terminal" in e.message:
-            raise
+    except (IllegalTransition, SessionNotFound):
         await _running(d, sid, process_id, verb)   # raises the precise error ...
         return await append()                      # ... or the process has started meanwhile
 
