@@ -5,7 +5,8 @@ for an RCU grace period on the host kernel (cgroup_threadgroup_rwsem: 5-20 ms he
 everything else a create does), and a fork of the zygote costs another millisecond or more.
 So the zygote keeps SPARES ready: for each, cgroups made under a session id picked in advance,
 a child A that joined them, unshared the namespaces and forked the sandbox's PID 1, which now
-waits on a pipe. A create for that session id (the daemon takes the ids from the markers, see
+waits on a pipe (its mount namespace is made when the spec comes: the create mounts the
+sandbox's own disk on the host first, and PID 1 must see it). A create for that session id (the daemon takes the ids from the markers, see
 Runtime.reserve_id) only rewrites the limits if they differ and hands PID 1 the spec: it runs
 the setup steps as usual. Any other id, or bridge networking, takes the ordinary path.
 

@@ -201,7 +201,7 @@ def _spare_a(zygote: Zygote, procs: list[str], cmd_r: int, ready_w: int) -> None
     try:
         os.setsid()
         _join(procs)
-        os.unshare(NAMESPACES)
+        os.unshare(NAMESPACES & ~os.CLONE_NEWNS)   # the mount namespace once the spec came (_spare_b)
         pid_b = os.fork()
         if pid_b == 0:
             _spare_b(zygote, cmd_r, ready_w)
@@ -224,6 +224,9 @@ def _spare_b(zygote: Zygote, cmd_r: int, ready_w: int) -> None:
                 os._exit(0)
             data += chunk
         os.close(cmd_r)
+        # A copy of the host's mounts as they are now, not as they were when this spare was
+        # made: the create mounted the sandbox's own disk (upper, work, workspace) since.
+        os.unshare(os.CLONE_NEWNS)
         req = json.loads(data)
         spec = SandboxSpec.from_json(req["spec"])
         ctx = _context(spec, req["paths"])
