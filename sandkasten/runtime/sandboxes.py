@@ -275,10 +275,12 @@ class Runtime:
             return b"", b"", b"", False
 
     def has_exec_logs(self, sid: str) -> bool:
-        """Whether any exec ever ran in this sandbox (its runner wrote a log): proof that a
-        journal which does not know the session lost it."""
+        """Whether any exec ever ran in this sandbox (its runner's ledger has a start, or it
+        wrote a log): proof that a journal which does not know the session lost it."""
         try:
-            return any(e.name.endswith(".log") for e in os.scandir(self.paths(sid).logs))
+            with os.scandir(self.paths(sid).logs) as entries:
+                return any(e.name.endswith(".log") or (e.name == results.LEDGER and e.stat().st_size > 0)
+                           for e in entries)
         except OSError:
             return False
 
