@@ -5,7 +5,10 @@ connection — a connect costs microseconds and a dead daemon leaves nothing hal
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from runner import protocol
@@ -24,12 +27,34 @@ def _why(e: BaseException) -> str:
     return getattr(e, "strerror", None) or str(e) or type(e).__name__
 
 
+# sun_path holds 108 bytes with its NUL: a longer path (a deep data_dir) is reached through a
+# descriptor of its directory, as the runner binds it by a relative name (runtime.setup)
+_SUN_PATH_MAX = 107
+
+
+@contextmanager
+def _addressable(sock_path: Path) -> Iterator[str]:
+    path = str(sock_path)
+    if len(os.fsencode(path)) <= _SUN_PATH_MAX:
+        yield path
+        return
+    try:
+        fd = os.open(Path(sock_path).parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise SandboxGone(f"unable to reach {_runner(sock_path)}: {_why(e)}") from None
+    try:
+        yield f"/proc/self/fd/{fd}/{Path(sock_path).name}"
+    finally:
+        os.close(fd)
+
+
 def call(sock_path: Path, msg: dict, timeout: float | None = 10.0) -> dict:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.settimeout(CONNECT_TIMEOUT)
         try:
-            s.connect(str(sock_path))
+            with _addressable(sock_path) as address:
+                s.connect(address)
         except (FileNotFoundError, ConnectionRefusedError, socket.timeout) as e:
             raise SandboxGone(f"unable to reach {_runner(sock_path)}: {_why(e)}") from None
         s.settimeout(timeout)
@@ -49,8 +74,9 @@ async def acall(sock_path: Path, msg: dict, timeout: float | None = 10.0, on_run
     """One request; with `on_running`, an interim `{"state": "running"}` reply is passed to it
     (awaited) and the final reply on the same connection is returned."""
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_unix_connection(str(sock_path), limit=protocol.MAX_LINE), CONNECT_TIMEOUT)
+        with _addressable(sock_path) as address:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(address, limit=protocol.MAX_LINE), CONNECT_TIMEOUT)
     except (FileNotFoundError, ConnectionRefusedError, asyncio.TimeoutError, OSError) as e:
         raise SandboxGone(f"unable to reach {_runner(sock_path)}: {_why(e)}") from None
     try:
