@@ -32,7 +32,7 @@ def run_cli(argv: list[str], cwd: Path | None = None, env: Mapping[str, str] | N
     if env is None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SANDKASTEN_")}
     out, err = _stream(), _stream()
-    with _process_state(cwd, env), _std(out, err, _stream(input or "")):
+    with _process_state(cwd, env), _std(out, err, _stdin(input or "")):
         try:
             code = cli.main(list(argv))
         except SystemExit as e:  # Fire exits on its own for a few usage errors
@@ -40,10 +40,23 @@ def run_cli(argv: list[str], cwd: Path | None = None, env: Mapping[str, str] | N
     return subprocess.CompletedProcess(["sandkasten", *argv], code, _text(out), _text(err))
 
 
-def _stream(text: str = "") -> io.TextIOWrapper:
+def _stream() -> io.TextIOWrapper:
     """A text stream with a `.buffer`, like sys.stdout (the CLI writes command output as bytes)."""
-    return io.TextIOWrapper(io.BytesIO(text.encode()), encoding="utf-8", errors="surrogateescape",
-                            write_through=True)
+    return io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="surrogateescape", write_through=True)
+
+
+def _stdin(text: str) -> io.TextIOWrapper:
+    """A pipe holding TEXT, its writing end closed: a real descriptor, as a subprocess's stdin
+    is (`attach` hands sys.stdin.fileno() to the terminal code)."""
+    data = text.encode()
+    if len(data) > 65536:
+        raise ValueError("run_cli: input beyond a pipe's buffer; run the script as a subprocess")
+    r, w = os.pipe()
+    try:
+        os.write(w, data)
+    finally:
+        os.close(w)
+    return open(r, encoding="utf-8", errors="surrogateescape")
 
 
 def _text(stream: io.TextIOWrapper) -> str:

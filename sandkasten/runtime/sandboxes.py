@@ -221,7 +221,8 @@ class Runtime:
         """Whether any exec ever ran in this sandbox (its runner wrote a log): proof that a
         journal which does not know the session lost it."""
         try:
-            return any(e.name.endswith(".log") for e in os.scandir(self.paths(sid).logs))
+            with os.scandir(self.paths(sid).logs) as entries:  # closed also when any() stops early
+                return any(e.name.endswith(".log") for e in entries)
         except OSError:
             return False
 
