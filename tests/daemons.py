@@ -16,6 +16,7 @@ import yaml
 from sandkasten import install
 from sandkasten.runtime import cgroups as cgroups_mod
 from sandkasten.runtime.sandboxes import Runtime
+from tests.inprocess import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = REPO / ".venv" / "bin"
@@ -50,9 +51,9 @@ class DaemonProc:
     def cgroup_parent(self) -> str:
         return self._cgroup_parent or install.ensure(self.data_dir).cgroup_parent
 
-    def cli(self, *args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "sandkasten"), "--config", str(self.config_path), *args],
-                              capture_output=True, text=True, input=input, timeout=timeout)
+    def cli(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
+        """`sandkasten --config <this daemon's> ARGS`, called in this process (tests/inprocess.py)."""
+        return run_cli(["--config", str(self.config_path), *args], input=input)
 
     def start(self, wait_ready: bool = True) -> "DaemonProc":
         self.log = open(self.data_dir.parent / "daemon.log", "ab")

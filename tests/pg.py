@@ -68,9 +68,18 @@ class PgServer:
         # C collation: text sorts by bytes, as in SQLite (ids and ISO timestamps order alike)
         self._run(initdb, "-D", str(self.data), "-U", self.user, "--auth=trust", "--locale=C",
                   "--encoding=UTF8", "--no-sync")
-        opts = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
-                f"-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
-        self._run(pg_ctl, "-D", str(self.data), "-l", str(self.log), "-o", opts, "-w", "-t", "60", "start")
+        for attempt in range(3):
+            opts = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
+                    f"-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+            try:
+                self._run(pg_ctl, "-D", str(self.data), "-l", str(self.log), "-o", opts, "-w", "-t", "60", "start")
+                break
+            except RuntimeError as e:
+                # the free port was taken between free_port() and the bind (parallel test
+                # workers, other runs on this machine): another free port, at most twice
+                if attempt == 2 or "already in use" not in str(e):
+                    raise
+                self.port = free_port()
         self.started = True
         return self
 

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="tools/bench needs root")
 
 
-def test_bench_quick_exec_and_journal(tmp_path, image_store):
+def test_bench_quick_exec_and_journal(tmp_path, host_tools):
     out_json = tmp_path / "bench.json"
     proc = subprocess.Popen([sys.executable, str(REPO / "tools" / "bench"), "--quick", "--only", "exec,journal",
                              "--json", str(out_json)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

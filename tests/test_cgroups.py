@@ -85,7 +85,7 @@ def new_parent(request, suffix: str = "") -> Cgroups:
 
 
 @pytest.fixture(scope="session")
-def cgroups(request) -> Cgroups:
+def cgroups(request, privileged) -> Cgroups:
     return new_parent(request)
 
 
@@ -282,7 +282,7 @@ def test_bad_names_never_reach_the_filesystem(cgroups):
             cgroups.kill(bad)
 
 
-def test_destroy_parent_kills_and_removes_everything(request, started):
+def test_destroy_parent_kills_and_removes_everything(request, privileged, started):
     cgroups = new_parent(request, "-destroy")
     cgroups.create("a", Limits(mem_bytes=64 * MB, pids=32, cpu=1))
     cgroups.create("b", Limits(mem_bytes=64 * MB, pids=32, cpu=1))
@@ -305,7 +305,7 @@ def test_destroy_parent_kills_and_removes_everything(request, started):
     cgroups.destroy_parent()  # again: nothing left, nothing to do
 
 
-def test_release_parent_removes_only_an_empty_parent_and_create_brings_it_back(request):
+def test_release_parent_removes_only_an_empty_parent_and_create_brings_it_back(request, privileged):
     cgroups = new_parent(request, "-release")
     cgroups.create("held", Limits(mem_bytes=64 << 20, pids=16, cpu=0.5))
     assert cgroups.release_parent() is False  # a sandbox's group is still in it

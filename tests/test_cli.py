@@ -1,9 +1,12 @@
-"""The `sandkasten` console script, run as a real subprocess against a real journal file.
+"""The `sandkasten` console script against a real journal file.
 
 Most tests run without a daemon: the journal is seeded through the Journal API (the same
 events the daemon would append) and exec logs are written in the runner's frame format, then
-`ps`, `logs`, `audit`, `create`, `exec` and `rm` are checked from outside. One test starts a
-real daemon in the background (`daemon -d`) and drives a session end to end.
+`ps`, `logs`, `audit`, `create`, `exec` and `rm` are checked by their output and exit code,
+called in process (tests/inprocess.py). The installed script runs as a real subprocess where
+the process boundary is the point: `version` through the script, `daemon -d` (it forks the
+daemon and waits for it), `logs --follow` read while it runs and stopped by SIGINT, and one
+test that starts a real daemon in the background and drives a session end to end.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from sandkasten.cli_render import duration, exec_header, humanize
 from sandkasten.domain import commands as c
 from sandkasten.runtime.layout import Layout
 from sandkasten.store.journal import Journal
+from tests.inprocess import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 SANDKASTEN = REPO / ".venv" / "bin" / "sandkasten"
@@ -56,9 +60,14 @@ class Env:
         self.db = data / "sandkasten.db"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("SANDKASTEN_")}
 
-    def run(self, *args: str, config: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-        argv = [str(SANDKASTEN), *(["--config", str(self.config)] if config else []), *args]
-        return subprocess.run(argv, capture_output=True, text=True, cwd=self.root, env=self.env, timeout=timeout)
+    def run(self, *args: str, config: bool = True) -> subprocess.CompletedProcess:
+        """`sandkasten ARGS`, called in this process."""
+        return run_cli([*(["--config", str(self.config)] if config else []), *args], cwd=self.root, env=self.env)
+
+    def spawn(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """`sandkasten ARGS` run by the installed console script, in a process of its own."""
+        return subprocess.run([str(SANDKASTEN), "--config", str(self.config), *args], capture_output=True,
+                              text=True, cwd=self.root, env=self.env, timeout=timeout)
 
     def popen(self, *args: str) -> subprocess.Popen:
         return subprocess.Popen([str(SANDKASTEN), "--config", str(self.config), *args], stdout=subprocess.PIPE,
@@ -203,6 +212,8 @@ def test_render_humanizes_times_and_durations():
 def test_version_and_help_need_no_config(tmp_path):
     env = Env(tmp_path, tmp_path / "data")
     env.config.write_text("not_a_key: 1\n")  # never read by version/help
+    out = env.spawn("version")  # the installed console script reaches the entry point
+    assert (out.returncode, out.stdout, out.stderr) == (0, f"sandkasten {__version__}\n", "")
     out = env.run("version")
     assert (out.returncode, out.stdout) == (0, f"sandkasten {__version__}\n")
     assert json.loads(env.run("version", "--json").stdout) == {"version": __version__}
@@ -515,7 +526,7 @@ def test_daemon_d_on_a_port_in_use_fails_instead_of_reporting_the_other_process(
         other.listen()
         port = other.getsockname()[1]
         env.config.write_text(f"data_dir: {env.data}\nlisten: 127.0.0.1:{port}\n")
-        out = env.run("daemon", "-d")
+        out = env.spawn("daemon", "-d")
     assert (out.returncode, out.stdout) == (1, "")
     assert out.stderr == f"sandkasten: unable to start the daemon: 127.0.0.1:{port} is already in use by " \
                          "another process\n"
@@ -536,7 +547,7 @@ def daemon_env(data_dir, tmp_path, cgroup_parent, runtime):
 
 def test_daemon_runs_what_the_cli_asks(daemon_env):
     env = daemon_env
-    out = env.run("daemon", "-d")
+    out = env.spawn("daemon", "-d")
     assert out.returncode == 0, out.stderr + (env.data / "run" / "daemon.log").read_text()
     out = env.run("create")
     assert out.returncode == 0, out.stderr
@@ -571,26 +582,26 @@ def test_daemon_runs_what_the_cli_asks(daemon_env):
 def test_security_reports_the_confinement(tmp_path):
     cfg = tmp_path / "sandkasten.yaml"
     cfg.write_text(f"data_dir: {tmp_path / 'data'}\nsecurity:\n  seccomp: strict\n")
-    r = subprocess.run([str(SANDKASTEN), "--config", str(cfg), "security", "--json"], capture_output=True, text=True)
+    r = run_cli(["--config", str(cfg), "security", "--json"])
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["run_as"] == {"uid": 65534, "gid": 65534} and report["seccomp"]["profile"] == "strict"
     assert {"mount", "unshare", "ptrace", "bpf"} <= set(report["seccomp"]["denied"])
     cfg.write_text(f"data_dir: {tmp_path / 'data'}\nsecurity:\n  userns: true\n")
-    r = subprocess.run([str(SANDKASTEN), "--config", str(cfg), "security"], capture_output=True, text=True)
+    r = run_cli(["--config", str(cfg), "security"])
     assert r.returncode == 2 and "security.userns" in r.stderr
 
 
 def test_security_states_the_remaining_gaps(tmp_path):
     cfg = tmp_path / "sandkasten.yaml"
     cfg.write_text(f"data_dir: {tmp_path / 'data'}\n")
-    r = subprocess.run([str(SANDKASTEN), "--config", str(cfg), "security", "--json"], capture_output=True, text=True)
+    r = run_cli(["--config", str(cfg), "security", "--json"])
     gaps = json.loads(r.stdout)["gaps"]
     assert any("no user namespace" in g and "security.userns is not implemented" in g for g in gaps)
     assert any("same uid (65534)" in g and "inotify" in g for g in gaps)
     assert not any("no disk quota" in g for g in gaps)
     cfg.write_text(f"data_dir: {tmp_path / 'data'}\ndefaults:\n  disk_limit_mb: 0\nsecurity:\n  seccomp: 'off'\n")
-    r = subprocess.run([str(SANDKASTEN), "--config", str(cfg), "security"], capture_output=True, text=True)
+    r = run_cli(["--config", str(cfg), "security"])
     assert r.returncode == 0, r.stderr
     text = r.stdout.split("remaining gaps")[1]
     assert "no disk quota" in text and "seccomp is off" in text
@@ -602,12 +613,12 @@ def test_daemon_d_returns_once_the_daemon_is_ready(data_dir, tmp_path, cgroup_pa
     env = Env(tmp_path, data_dir, extra=f"cgroup_parent: {cgroup_parent}\nreconcile:\n  lost_sandbox_policy: recreate\n")
     url = "http://" + env.config.read_text().split("listen: ")[1].split()[0]
     try:
-        assert env.run("daemon", "-d").returncode == 0
+        assert env.spawn("daemon", "-d").returncode == 0
         sids = [env.run("create").stdout.strip() for _ in range(6)]
         assert env.run("stop").returncode == 0
         for sid in sids:
             runtime.cgroups.kill(sid)   # they die while no daemon runs: the next start recreates them
-        out = env.run("daemon", "-d")
+        out = env.spawn("daemon", "-d")
         assert out.returncode == 0, out.stderr
         assert httpx.get(url + "/readyz").status_code == 200
         assert httpx.post(url + "/v1/sessions", json={}).status_code == 201   # changes are taken at once

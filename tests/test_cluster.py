@@ -300,7 +300,7 @@ def test_a_paused_host_that_was_declared_lost_learns_it_and_removes_its_copy(clu
     assert "host b was fenced" in c["b"].read_log()
 
 
-def test_crashtool_cluster_short_run():
+def test_crashtool_cluster_short_run(host_tools):
     """tools/crashtest --cluster: SIGKILL a random host per round under load; its own checks
     (one terminal event per exec, no command twice across hosts, chain, replay, no leaks)."""
     import subprocess
@@ -349,7 +349,7 @@ def _ppid(pid: int) -> int | None:
         return None
 
 
-def test_bench_cluster_rows():
+def test_bench_cluster_rows(host_tools):
     """tools/bench --only cluster runs and prints its rows (no timing asserted), and leaves no
     cgroup parent behind."""
     import subprocess

@@ -209,7 +209,7 @@ def test_crash_between_intent_and_kernel_converges(daemon):
         runtime.close()
 
 
-def test_crashtool_short_run():
+def test_crashtool_short_run(host_tools):
     r = subprocess.run([sys.executable, str(REPO / "tools" / "crashtest"), "--rounds", "3", "--sessions", "3",
                         "--execs-per-round", "4", "--seed", "7", "--processes"], capture_output=True, text=True,
                        timeout=600)

@@ -15,13 +15,11 @@ from pathlib import Path
 import pytest
 
 from sandkasten.errors import ImageInvalid, ImageNotFound, InvalidRequest
-from sandkasten.images import ImageStore, build, build_base, build_python, import_tar, resolve_inside
+from sandkasten.images import ImageStore, build, build_base, import_tar, resolve_inside
 from sandkasten.images.build import find_busybox, host_mirror
 from sandkasten.images.store import discard
 from sandkasten.runtime.procfs import mounts_under
 
-REPO = Path(__file__).resolve().parents[1]
-IMAGE_CACHE = REPO / ".cache" / "images"  # gitignored; the python image is built once into it
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="image import keeps ownership: needs root")
 
@@ -317,7 +315,7 @@ def test_resolve_inside_clamps_dotdot_and_stops_loops(tmp_path):
     assert resolve_inside(root, "/a/f/x") is None
 
 
-def test_failed_staging_unmounts_and_removes(store):
+def test_failed_staging_unmounts_and_removes(store, privileged):
     """debootstrap mounts /proc inside its target; a failed build must unmount before rm."""
     with pytest.raises(RuntimeError, match="build failed"):
         with store.staging("mounted", "build:test") as rootfs:
@@ -400,20 +398,11 @@ def test_host_mirror_from_deb822_and_one_line_sources(tmp_path):
         host_mirror("trixie", d)
 
 
-@pytest.fixture(scope="session")
-def python_image() -> ImageStore:
-    """The python image, built by debootstrap (about a minute) only when the cache lacks it."""
-    cache = ImageStore(IMAGE_CACHE)
-    if not cache.exists("python"):
-        build_python(cache, lambda msg: print(msg, flush=True))
-    return cache
-
-
-def test_python_image(python_image):
-    info = python_image.get("python")
-    root = python_image.path("python")
+def test_python_image(image_store, python_image):
+    info = image_store.get(python_image)
+    root = image_store.path(python_image)
     assert info.source == "build:python" and info.has_bash and info.shell == "/bin/bash"
-    assert python_image.validate("python") == []
+    assert image_store.validate(python_image) == []
     out = subprocess.run(["chroot", str(root), "/bin/bash", "-c", "python3 -c 'print(6 * 7)'; id -u nobody"],
                          capture_output=True, text=True)
     assert out.stdout == "42\n65534\n", out.stderr

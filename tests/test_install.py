@@ -15,7 +15,7 @@ from tests.daemons import BIN, DaemonProc, make_data_dir
 
 
 @pytest.fixture
-def two_dirs(tmp_path):
+def two_dirs(tmp_path, image_store):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
@@ -26,8 +26,14 @@ def two_dirs(tmp_path):
 def made():
     daemons: list[DaemonProc] = []
     yield daemons
-    for d in daemons:
-        d.close()
+    errors = []
+    for d in daemons:  # every daemon is closed, also when closing an earlier one failed
+        try:
+            d.close()
+        except Exception as e:  # noqa: BLE001 - raised below, after the others are closed
+            errors.append(e)
+    if errors:
+        raise errors[0]
 
 
 def create(d: DaemonProc) -> str:

@@ -111,7 +111,7 @@ echo hi > "$1/sh-$(id -u)" && cat "$1/sh-$(id -u)"
 
 
 @pytest.fixture
-def workdir():
+def workdir(privileged):
     path = tempfile.mkdtemp(prefix="sandkasten-privileges-")
     os.chown(path, NOBODY, NOBODY)
     os.chmod(path, 0o777)

@@ -290,7 +290,7 @@ EXPECTED = {
 
 
 @pytest.fixture
-def workdir():
+def workdir(privileged):
     path = tempfile.mkdtemp(prefix="sandkasten-seccomp-")
     yield path
     shutil.rmtree(path)

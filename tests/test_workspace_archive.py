@@ -185,7 +185,7 @@ def test_a_client_leaving_mid_download_stops_the_packer_and_leaks_nothing(daemon
 def archive_pair(request, tmp_path):
     from sandkasten import workspace_fs
     from sandkasten.workspace_archive import WorkspaceArchive
-    from tests.test_workspace_fs import open_fds, snapshot
+    from tests.test_workspace_fs import fds_left, open_fds, snapshot
 
     if request.param == "openat2" and not workspace_fs.openat2_available():
         pytest.skip("kernel without openat2")
@@ -195,11 +195,11 @@ def archive_pair(request, tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     dst.mkdir()
-    before_fds, before_outside = open_fds(), snapshot(outside)
+    before_fds, before_outside = open_fds(tmp_path), snapshot(outside)
     uid, gid = os.getuid(), os.getgid()
     yield (WorkspaceArchive(src, uid=uid, gid=gid, resolver=request.param),
            WorkspaceArchive(dst, uid=uid, gid=gid, resolver=request.param), outside)
-    assert open_fds() == before_fds, "descriptor leak"
+    assert not fds_left(tmp_path, before_fds), "descriptor leak"
     assert snapshot(outside) == before_outside, "a file outside the workspace changed"
 
 

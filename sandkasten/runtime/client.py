@@ -13,9 +13,15 @@ a line from the runner resolves the waiting call directly, without a stream read
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+<<<<<<< HEAD
 import weakref
 from collections import OrderedDict
+=======
+from collections.abc import Iterator
+from contextlib import contextmanager
+>>>>>>> tiers
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -37,12 +43,34 @@ def _why(e: BaseException) -> str:
     return getattr(e, "strerror", None) or str(e) or type(e).__name__
 
 
+# sun_path holds 108 bytes with its NUL: a longer path (a deep data_dir) is reached through a
+# descriptor of its directory, as the runner binds it by a relative name (runtime.setup)
+_SUN_PATH_MAX = 107
+
+
+@contextmanager
+def _addressable(sock_path: Path) -> Iterator[str]:
+    path = str(sock_path)
+    if len(os.fsencode(path)) <= _SUN_PATH_MAX:
+        yield path
+        return
+    try:
+        fd = os.open(Path(sock_path).parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise SandboxGone(f"unable to reach {_runner(sock_path)}: {_why(e)}") from None
+    try:
+        yield f"/proc/self/fd/{fd}/{Path(sock_path).name}"
+    finally:
+        os.close(fd)
+
+
 def call(sock_path: Path, msg: dict, timeout: float | None = 10.0) -> dict:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.settimeout(CONNECT_TIMEOUT)
         try:
-            s.connect(str(sock_path))
+            with _addressable(sock_path) as address:
+                s.connect(address)
         except (FileNotFoundError, ConnectionRefusedError, socket.timeout) as e:
             raise SandboxGone(f"unable to reach {_runner(sock_path)}: {_why(e)}") from None
         s.settimeout(timeout)
@@ -58,6 +86,7 @@ def call(sock_path: Path, msg: dict, timeout: float | None = 10.0) -> dict:
         s.close()
 
 
+<<<<<<< HEAD
 class _Link(asyncio.Protocol):
     """One connection to a runner: send a line, wait for lines back."""
 
@@ -77,6 +106,20 @@ class _Link(asyncio.Protocol):
         if len(self.buf) > protocol.MAX_LINE:
             self.transport.close()  # type: ignore[union-attr]
             return
+=======
+async def acall(sock_path: Path, msg: dict, timeout: float | None = 10.0, on_running=None) -> dict:
+    """One request; with `on_running`, an interim `{"state": "running"}` reply is passed to it
+    (awaited) and the final reply on the same connection is returned."""
+    try:
+        with _addressable(sock_path) as address:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(address, limit=protocol.MAX_LINE), CONNECT_TIMEOUT)
+    except (FileNotFoundError, ConnectionRefusedError, asyncio.TimeoutError, OSError) as e:
+        raise SandboxGone(f"unable to reach {_runner(sock_path)}: {_why(e)}") from None
+    try:
+        writer.write(protocol.encode(msg))
+        await writer.drain()
+>>>>>>> tiers
         while True:
             end = self.buf.find(b"\n")
             if end < 0:

@@ -278,7 +278,7 @@ class Runtime:
         """Whether any exec ever ran in this sandbox (its runner's ledger has a start, or it
         wrote a log): proof that a journal which does not know the session lost it."""
         try:
-            with os.scandir(self.paths(sid).logs) as entries:
+            with os.scandir(self.paths(sid).logs) as entries:  # closed also when any() stops early
                 return any(e.name.endswith(".log") or (e.name == results.LEDGER and e.stat().st_size > 0)
                            for e in entries)
         except OSError:
