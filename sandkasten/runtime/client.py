@@ -15,13 +15,10 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-<<<<<<< HEAD
 import weakref
 from collections import OrderedDict
-=======
 from collections.abc import Iterator
 from contextlib import contextmanager
->>>>>>> tiers
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -86,7 +83,6 @@ def call(sock_path: Path, msg: dict, timeout: float | None = 10.0) -> dict:
         s.close()
 
 
-<<<<<<< HEAD
 class _Link(asyncio.Protocol):
     """One connection to a runner: send a line, wait for lines back."""
 
@@ -106,20 +102,6 @@ class _Link(asyncio.Protocol):
         if len(self.buf) > protocol.MAX_LINE:
             self.transport.close()  # type: ignore[union-attr]
             return
-=======
-async def acall(sock_path: Path, msg: dict, timeout: float | None = 10.0, on_running=None) -> dict:
-    """One request; with `on_running`, an interim `{"state": "running"}` reply is passed to it
-    (awaited) and the final reply on the same connection is returned."""
-    try:
-        with _addressable(sock_path) as address:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(address, limit=protocol.MAX_LINE), CONNECT_TIMEOUT)
-    except (FileNotFoundError, ConnectionRefusedError, asyncio.TimeoutError, OSError) as e:
-        raise SandboxGone(f"unable to reach {_runner(sock_path)}: {_why(e)}") from None
-    try:
-        writer.write(protocol.encode(msg))
-        await writer.drain()
->>>>>>> tiers
         while True:
             end = self.buf.find(b"\n")
             if end < 0:
@@ -224,8 +206,9 @@ def close_idle() -> None:
 async def _connect(path: str, pool: _Pool) -> _Link:
     loop = asyncio.get_running_loop()
     try:
-        _, link = await asyncio.wait_for(loop.create_unix_connection(lambda: _Link(path, pool), path),
-                                         CONNECT_TIMEOUT)
+        with _addressable(path) as address:
+            _, link = await asyncio.wait_for(loop.create_unix_connection(lambda: _Link(path, pool), address),
+                                             CONNECT_TIMEOUT)
     except (FileNotFoundError, ConnectionRefusedError, asyncio.TimeoutError, OSError) as e:
         raise SandboxGone(f"unable to reach {_runner(path)}: {_why(e)}") from None
     return link
