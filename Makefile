@@ -1,11 +1,12 @@
 # Two commands do all the set-up on a fresh machine (Debian, root):
 #   make run    install, build the default image if missing, start the daemon (127.0.0.1:8080)
 #   make test   install, then run the whole test suite
+#   make lint   ruff, mypy and the import contracts (pyproject.toml); CI runs it before make test
 CONFIG ?= sandkasten.yaml
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test install deps assets images bench clean
+.PHONY: run test lint install deps assets images bench clean
 
 $(BIN)/.installed: pyproject.toml
 	tools/bootstrap
@@ -27,6 +28,15 @@ run: images
 
 test: install
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# every checker runs even when one fails, so one run reports everything; fails if any failed
+LINT_PATHS := sandkasten runner migrations tools/benchlib tools/bench tools/crashtest tools/crashcluster.py
+lint: $(BIN)/.installed
+	@rc=0; \
+	echo "lint: ruff" && $(BIN)/ruff check $(LINT_PATHS) || rc=1; \
+	echo "lint: mypy" && $(BIN)/mypy || rc=1; \
+	echo "lint: import contracts" && $(BIN)/lint-imports --no-cache || rc=1; \
+	exit $$rc
 
 bench: images
 	$(BIN)/python tools/bench $(BENCH_ARGS)
