@@ -24,7 +24,7 @@ import select
 import signal
 import socket
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from runner import protocol
 from runner.processes import Processes
@@ -246,7 +246,8 @@ class Runner:
             return {"ok": True, "id": exec_id, "state": "lost",
                     "reason": "started by an earlier runner that died"}
         self.results.started(exec_id)
-        self.current = Exec(exec_id, -1, max(timeout_ms, 1) / 1000, self._oom_kills())   # the log is created with the first output
+        # the log is created with the first output
+        self.current = Exec(exec_id, -1, max(timeout_ms, 1) / 1000, self._oom_kills())
         self.shell.send(exec_id, cmd)
         return {"ok": True, "id": exec_id, "state": "running"}
 

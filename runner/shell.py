@@ -27,7 +27,7 @@ import os
 import signal
 import socket
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 OUT_FD, ERR_FD, STATUS_FD = 7, 8, 9  # spare stdout and stderr pipes; the status socket
 _UCRED = struct.Struct("iII")        # struct ucred: pid, uid, gid
@@ -126,7 +126,7 @@ class Shell:
             except OSError:
                 return None
             if not data:
-                return None if not lines else lines
+                return lines or None
             writer = next((_UCRED.unpack(d[:_UCRED.size])[0] for level, kind, d in anc
                            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS), None)
             if writer == self.pid:

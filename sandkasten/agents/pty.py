@@ -164,4 +164,5 @@ class ProcessTable:
                                  original_token_count=original_tokens)
         self._processes.pop(number, None)
         return PtyExecUpdate(process_id=None, output=text.encode(),
-                             exit_code=exit_status(answer.exit_code, answer.signal), original_token_count=original_tokens)
+                             exit_code=exit_status(answer.exit_code, answer.signal),
+                             original_token_count=original_tokens)

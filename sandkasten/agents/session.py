@@ -77,7 +77,7 @@ class SandkastenSandboxSession(ProcessTable, BaseSandboxSession):
     def sandbox_id(self) -> str:
         return self.state.sandbox_id
 
-    def _connection(self) -> "Connection":
+    def _connection(self) -> Connection:
         return self._connect()
 
     # -- lifecycle ------------------------------------------------------------------
@@ -188,7 +188,7 @@ class SandkastenSandboxSession(ProcessTable, BaseSandboxSession):
     async def persist_workspace(self) -> io.IOBase:
         """The workspace as a tar in a temporary file (rewound), member names relative to it."""
         root = Path(WORKSPACE)
-        sink = tempfile.TemporaryFile()
+        sink = tempfile.TemporaryFile()  # noqa: SIM115 - handed to the caller open; closed here on error
         try:
             await self._connection().download_archive(self.sandbox_id, sink)
             skip = self._persist_workspace_skip_relpaths()
@@ -231,26 +231,34 @@ class SandkastenSandboxSession(ProcessTable, BaseSandboxSession):
 # --- pieces of one operation each ---------------------------------------------------------
 
 def _one_file_tar(target: str, content: bytes) -> BinaryIO:
-    buf = tempfile.SpooledTemporaryFile(max_size=SMALL_WRITE)
-    info = tarfile.TarInfo(target[len(WORKSPACE) + 1:])
-    info.size, info.mode, info.mtime = len(content), 0o644, int(time.time())
-    with tarfile.open(fileobj=buf, mode="w|") as tar:
-        tar.addfile(info, io.BytesIO(content))
-    buf.seek(0)
+    buf = tempfile.SpooledTemporaryFile(max_size=SMALL_WRITE)  # noqa: SIM115 - returned open; closed here on error
+    try:
+        info = tarfile.TarInfo(target[len(WORKSPACE) + 1:])
+        info.size, info.mode, info.mtime = len(content), 0o644, int(time.time())
+        with tarfile.open(fileobj=buf, mode="w|") as tar:
+            tar.addfile(info, io.BytesIO(content))
+        buf.seek(0)
+    except BaseException:
+        buf.close()
+        raise
     return buf  # type: ignore[return-value]
 
 
 def _without(source: BinaryIO, skip: set[str]) -> BinaryIO:
     """A copy of a tar without the members at or under the `skip` paths (the manifest's
     ephemeral entries: the SDK rebuilds those on resume)."""
-    out = tempfile.TemporaryFile()
-    with source, tarfile.open(fileobj=source, mode="r|") as tin, tarfile.open(fileobj=out, mode="w|") as tout:
-        for member in tin:
-            name = member.name[2:] if member.name.startswith("./") else member.name
-            if any(name == s or name.startswith(s + "/") for s in skip):
-                continue
-            tout.addfile(member, tin.extractfile(member) if member.isfile() else None)
-    out.seek(0)
+    out = tempfile.TemporaryFile()  # noqa: SIM115 - returned open; closed here on error
+    try:
+        with source, tarfile.open(fileobj=source, mode="r|") as tin, tarfile.open(fileobj=out, mode="w|") as tout:
+            for member in tin:
+                name = member.name[2:] if member.name.startswith("./") else member.name
+                if any(name == s or name.startswith(s + "/") for s in skip):
+                    continue
+                tout.addfile(member, tin.extractfile(member) if member.isfile() else None)
+        out.seek(0)
+    except BaseException:
+        out.close()
+        raise
     return out  # type: ignore[return-value]
 
 

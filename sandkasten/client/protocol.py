@@ -9,15 +9,15 @@ import json as jsonlib
 import os
 import secrets
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Mapping, TypeVar
+from typing import Any
 from urllib.parse import quote
 
 import httpx
 
 from sandkasten.client import errors, models, sse
 
-T = TypeVar("T")
 DEFAULT_URL = "http://127.0.0.1:8080"
 # Only these two: the daemon reads every other SANDKASTEN_* variable as a config override
 # (sandkasten/config.py skips SANDKASTEN_URL; SANDKASTEN_API_KEY is its api_key — the same value).
@@ -59,7 +59,7 @@ def new_idempotency_key() -> str:
 
 
 @dataclass(frozen=True)
-class Call(Generic[T]):
+class Call[T]:
     method: str
     path: str
     decode: Callable[[Any], T]
@@ -305,7 +305,7 @@ def health() -> Call[dict]:
 
 
 # ------------------------------------------------------------------ answers and retries
-def decode_answer(call: Call[T], response: httpx.Response) -> T:
+def decode_answer[T](call: Call[T], response: httpx.Response) -> T:
     """The call's result, or the typed error for a non-2xx answer."""
     if response.status_code >= 400:
         raise error_of(response)
@@ -330,7 +330,7 @@ def retryable(call_idempotent: bool) -> Callable[[BaseException], bool]:
     """What a retry covers: a refused connection (the daemon is restarting) always; a connection
     dropped mid-request only when repeating the call is harmless; a daemon still starting up."""
     def check(exc: BaseException) -> bool:
-        if isinstance(exc, NOTHING_SENT) or isinstance(exc, errors.NotReady):
+        if isinstance(exc, (*NOTHING_SENT, errors.NotReady)):
             return True
         return call_idempotent and isinstance(exc, DROPPED)
     return check

@@ -205,8 +205,8 @@ def _table(images: list[ImageInfo]) -> None:
             table.add_row(*r)
         Console().print(table)
         return
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
-    for r in [header] + rows:
+    widths = [max(len(r[i]) for r in [*rows, header]) for i in range(4)]
+    for r in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 

@@ -25,7 +25,8 @@ import tarfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator
+from collections.abc import Iterator
+from typing import IO
 
 from sandkasten.errors import ImageInvalid
 
@@ -97,7 +98,7 @@ def opened(path: Path) -> Iterator[Blobs | None]:
         yield Blobs(path, None) if is_layout_dir(path) else None
         return
     try:
-        tf = tarfile.open(path, "r:*")
+        tf = tarfile.open(path, "r:*")  # noqa: SIM115 - only the open's errors mean "not a tar"; `with tf` below
     except (tarfile.TarError, OSError, EOFError):
         yield None  # not a tar tarfile can seek in: let the streaming import say what it is
         return

@@ -130,7 +130,8 @@ def _import_layers(store: ImageStore, name: str, path: Path, progress: Progress 
                 except tarfile.TarError as e:
                     raise ImageInvalid(f"{where}: layer {layer.name} is not a readable tar ({e})", image=name) from None
                 except (EOFError, zlib.error, lzma.LZMAError) as e:
-                    raise ImageInvalid(f"{where}: layer {layer.name} is truncated or corrupt ({e})", image=name) from None
+                    raise ImageInvalid(f"{where}: layer {layer.name} is truncated or corrupt ({e})",
+                                       image=name) from None
     return store.get(name)
 
 
@@ -269,7 +270,7 @@ class _Extractor:
         if leaf == OPAQUE:
             here = tuple(parts[:-1])
             for child in os.listdir(parent):
-                if here + (child,) not in self.made:
+                if (*here, child) not in self.made:
                     _remove(child, parent)
             return
         gone = leaf[len(WHITEOUT):]

@@ -253,7 +253,8 @@ class _Groups:
         while busy():
             if time.monotonic() >= deadline:
                 raise SandboxError(
-                    f"unable to kill cgroup {lifecycle}: still populated after {timeout:g}s (pids {self._pids(groups)})",
+                    f"unable to kill cgroup {lifecycle}: still populated after {timeout:g}s "
+                    f"(pids {self._pids(groups)})",
                     path=str(lifecycle),
                 )
             for pid in self._pids(groups):

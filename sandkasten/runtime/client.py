@@ -17,7 +17,8 @@ import socket
 import weakref
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from runner import protocol
 from sandkasten.errors import SandboxGone
@@ -43,7 +44,7 @@ def call(sock_path: Path, msg: dict, timeout: float | None = 10.0) -> dict:
         s.settimeout(CONNECT_TIMEOUT)
         try:
             s.connect(str(sock_path))
-        except (FileNotFoundError, ConnectionRefusedError, socket.timeout) as e:
+        except (TimeoutError, FileNotFoundError, ConnectionRefusedError) as e:
             raise SandboxGone(f"unable to reach {_runner(sock_path)}: {_why(e)}") from None
         s.settimeout(timeout)
         s.sendall(protocol.encode(msg))
@@ -61,7 +62,7 @@ def call(sock_path: Path, msg: dict, timeout: float | None = 10.0) -> dict:
 class _Link(asyncio.Protocol):
     """One connection to a runner: send a line, wait for lines back."""
 
-    def __init__(self, path: str, pool: "_Pool") -> None:
+    def __init__(self, path: str, pool: _Pool) -> None:
         self.path, self.pool = path, pool
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
@@ -102,7 +103,7 @@ class _Link(asyncio.Protocol):
                 await self.waiter
             except asyncio.CancelledError:
                 if self.waiter.cancelled() and not asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                    raise asyncio.TimeoutError from None
+                    raise TimeoutError from None
                 raise
             finally:
                 self.waiter = None
@@ -163,7 +164,7 @@ class _Pool:
             link.close()
 
 
-_pools: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pool]" = weakref.WeakKeyDictionary()
+_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pool] = weakref.WeakKeyDictionary()
 
 
 def _pool_of(loop: asyncio.AbstractEventLoop) -> _Pool:
@@ -183,7 +184,7 @@ async def _connect(path: str, pool: _Pool) -> _Link:
     try:
         _, link = await asyncio.wait_for(loop.create_unix_connection(lambda: _Link(path, pool), path),
                                          CONNECT_TIMEOUT)
-    except (FileNotFoundError, ConnectionRefusedError, asyncio.TimeoutError, OSError) as e:
+    except (TimeoutError, FileNotFoundError, ConnectionRefusedError, OSError) as e:
         raise SandboxGone(f"unable to reach {_runner(path)}: {_why(e)}") from None
     return link
 

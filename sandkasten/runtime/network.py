@@ -30,7 +30,7 @@ import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from collections.abc import Iterable
 
 from sandkasten.errors import InvalidRequest, SandboxError
 
@@ -70,7 +70,7 @@ class Settings:
                 "dns": list(self.dns), "enable_ip_forward": self.enable_ip_forward}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Settings":
+    def from_json(cls, d: dict) -> Settings:
         return cls(bridge=d["bridge"], subnet=d["subnet"], egress_allow=tuple(d["egress_allow"]),
                    dns=tuple(d["dns"]), enable_ip_forward=bool(d["enable_ip_forward"]))
 

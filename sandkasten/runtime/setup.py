@@ -18,7 +18,7 @@ import stat
 import struct
 import time
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 from sandkasten.runtime import syscalls as sc
 from sandkasten.runtime.spec import SandboxSpec

@@ -26,7 +26,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from sandkasten.runtime import cgroups as cgroups_mod
 from sandkasten.runtime.procfs import proc_start_time
