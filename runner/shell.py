@@ -117,10 +117,13 @@ class Shell:
     def read_status(self) -> list[str] | None:
         """Status lines the shell process itself wrote (None: the shell closed the channel).
         A line from any other process is dropped: the kernel names the writer's pid."""
+        sock = self.status_sock
+        if sock is None:   # closed already (`close`)
+            return None
         lines: list[str] = []
         while True:
             try:
-                data, anc, _, _ = self.status_sock.recvmsg(65536, socket.CMSG_SPACE(_UCRED.size))
+                data, anc, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(_UCRED.size))
             except (BlockingIOError, InterruptedError):
                 return lines
             except OSError:

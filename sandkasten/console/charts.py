@@ -4,9 +4,9 @@ from journal rows. Pure: no I/O, no clock (callers pass `now`)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from collections.abc import Iterable, Sequence
 
 # exec latency buckets, upper bounds in milliseconds (the last one is open)
 BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, 30_000, 60_000)

@@ -9,8 +9,8 @@ Pure: no I/O. Events of kinds this module does not know (a newer daemon's) still
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass, field
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from sandkasten.domain import events as ev

@@ -22,10 +22,10 @@ import os
 import platform
 import re
 import tarfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
 from typing import IO
 
 from sandkasten.errors import ImageInvalid

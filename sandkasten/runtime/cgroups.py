@@ -26,9 +26,9 @@ import os
 import re
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Protocol
 
 from sandkasten.errors import InvalidRequest, SandboxError
@@ -144,6 +144,10 @@ class _Groups:
         return [h / self.parent / name for h in self.hierarchies]
 
     # -- the interface ----------------------------------------------------------------------
+
+    def ensure_parent(self) -> None:
+        """The parent group in every hierarchy; each layout makes it its own way."""
+        raise NotImplementedError
 
     def procs_paths(self, name: str) -> list[Path]:
         return [d / "cgroup.procs" for d in self._dirs(check_name(name))]

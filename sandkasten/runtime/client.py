@@ -16,9 +16,9 @@ import asyncio
 import socket
 import weakref
 from collections import OrderedDict
-from pathlib import Path
 from collections.abc import Awaitable, Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 from runner import protocol
 from sandkasten.errors import SandboxGone
@@ -71,12 +71,17 @@ class _Link(asyncio.Protocol):
         self.closed: BaseException | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)   # a unix stream connection (`_connect`)
+
+    def send(self, data: bytes) -> None:
+        if self.transport is None:
+            raise ConnectionResetError("not connected")
+        self.transport.write(data)
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
         if len(self.buf) > protocol.MAX_LINE:
-            self.transport.close()  # type: ignore[union-attr]
+            self.close()
             return
         while True:
             end = self.buf.find(b"\n")
@@ -102,7 +107,8 @@ class _Link(asyncio.Protocol):
             try:
                 await self.waiter
             except asyncio.CancelledError:
-                if self.waiter.cancelled() and not asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                task = asyncio.current_task()
+                if self.waiter.cancelled() and not (task is not None and task.cancelling()):
                     raise TimeoutError from None
                 raise
             finally:
@@ -200,7 +206,7 @@ async def acall(sock_path: Path | str, msg: dict, timeout: float | None = 10.0,
     clean = False
     try:
         try:
-            link.transport.write(protocol.encode(msg))  # type: ignore[union-attr]
+            link.send(protocol.encode(msg))
         except (ConnectionResetError, BrokenPipeError, OSError) as e:
             raise SandboxGone(f"{_runner(path)} went away: {_why(e)}") from None
         while True:

@@ -28,9 +28,9 @@ import os
 import re
 import socket
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterable
 
 from sandkasten.errors import InvalidRequest, SandboxError
 
@@ -340,7 +340,7 @@ def _remove_rules(table: str, sid: str, veth: str, chain: str) -> None:
 def leftover_sessions(data_dir: Path) -> set[str]:
     """Session ids of veths this data dir's sandboxes own (found by their ifalias)."""
     tag = data_dir_tag(data_dir)
-    found = set()
+    found: set[str] = set()
     try:
         names = [n for n in os.listdir(SYS_NET) if n.startswith(VETH_PREFIX)]
     except OSError:

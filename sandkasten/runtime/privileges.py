@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+from collections.abc import Callable
 
 from ..errors import ConfigError, SandboxError
 from . import seccomp
@@ -27,7 +28,7 @@ from . import seccomp
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _function(name: str, *argtypes: type) -> ctypes._CFuncPtr:
+def _function(name: str, *argtypes: type) -> Callable[..., int]:
     function = getattr(_libc, name)
     function.argtypes = argtypes
     function.restype = ctypes.c_int
