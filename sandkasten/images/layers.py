@@ -17,6 +17,7 @@ manifest cannot point outside a layout directory.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -26,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import cast
 
 from sandkasten.errors import ImageInvalid
 
@@ -56,7 +57,8 @@ class Blobs:
         return (self.where / name).is_file() and not (self.where / name).is_symlink()
 
     @contextmanager
-    def open(self, name: str) -> Iterator[IO[bytes]]:
+    def open(self, name: str) -> Iterator[io.BufferedReader]:
+        """A buffered reader of the blob (callers peek at its magic bytes)."""
         name = _checked_name(name)
         if self.tf is not None:
             member = self.members.get(name)
@@ -64,7 +66,7 @@ class Blobs:
             if f is None:
                 raise ImageInvalid(f"unable to import image archive {self.where}: it names {name!r}, which it lacks")
             with f:
-                yield f
+                yield cast(io.BufferedReader, f)   # an ExFileObject, typed only as IO[bytes] by typeshed
             return
         path = self.where / name
         try:

@@ -71,7 +71,8 @@ def import_tar(store: ImageStore, name: str, tar_path: str | os.PathLike,
         try:
             with _decompressed(raw) as data:
                 counted = _Counted(data)
-                with tarfile.open(fileobj=counted, mode="r|") as tf:
+                # typeshed asks every mode's methods (write, seek, tell); stream mode "r|" only reads
+                with tarfile.open(fileobj=counted, mode="r|") as tf:  # type: ignore[call-overload]
                     _Extractor(rootfs, name, progress).run(tf)
                     end = tf.offset
                 counted.drain()  # to the end: a compressed stream checks its own end marker
