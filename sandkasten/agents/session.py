@@ -30,7 +30,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import IO, TYPE_CHECKING
 
 from agents.sandbox.errors import (
     ExecTimeoutError,
@@ -207,6 +207,7 @@ class SandkastenSandboxSession(ProcessTable, BaseSandboxSession):
         as symlinks, as persist_workspace found them; the daemon never follows one, and refuses
         absolute names, '..', members through symlinks, devices (WorkspaceArchiveWriteError)."""
         try:
+            # the SDK types `data` as io.IOBase (which has no read); it hands a binary stream
             await self._connection().upload_archive(self.sandbox_id, data,  # type: ignore[arg-type]
                                                     external_symlinks=True)
         except client_errors.SandkastenError as e:
@@ -230,7 +231,7 @@ class SandkastenSandboxSession(ProcessTable, BaseSandboxSession):
 
 # --- pieces of one operation each ---------------------------------------------------------
 
-def _one_file_tar(target: str, content: bytes) -> BinaryIO:
+def _one_file_tar(target: str, content: bytes) -> IO[bytes]:
     buf = tempfile.SpooledTemporaryFile(max_size=SMALL_WRITE)  # noqa: SIM115 - returned open; closed here on error
     try:
         info = tarfile.TarInfo(target[len(WORKSPACE) + 1:])
@@ -241,10 +242,10 @@ def _one_file_tar(target: str, content: bytes) -> BinaryIO:
     except BaseException:
         buf.close()
         raise
-    return buf  # type: ignore[return-value]
+    return buf
 
 
-def _without(source: BinaryIO, skip: set[str]) -> BinaryIO:
+def _without(source: IO[bytes], skip: set[str]) -> io.BufferedRandom:
     """A copy of a tar without the members at or under the `skip` paths (the manifest's
     ephemeral entries: the SDK rebuilds those on resume)."""
     out = tempfile.TemporaryFile()  # noqa: SIM115 - returned open; closed here on error
@@ -259,7 +260,7 @@ def _without(source: BinaryIO, skip: set[str]) -> BinaryIO:
     except BaseException:
         out.close()
         raise
-    return out  # type: ignore[return-value]
+    return out
 
 
 def _own_address(fib_trie: str) -> str | None:

@@ -97,7 +97,7 @@ class AsyncClient:
         async for event in self._follow(p.ExecStreamState(session_id, cmd, timeout_ms)):
             yield event
 
-    async def _follow(self, state: p.ExecStreamState) -> AsyncIterator[Any]:
+    async def _follow(self, state: p.StreamState[Any]) -> AsyncIterator[Any]:
         """Events of one stream, reconnecting with `Last-Event-ID` until its final event."""
         patience = p.Patience(self.retry_for)
         while not state.done:
@@ -113,7 +113,7 @@ class AsyncClient:
                     raise p.unreachable(self.url, e) from e
                 await asyncio.sleep(delay)
 
-    async def _stream_once(self, state: p.ExecStreamState) -> AsyncIterator[Any]:
+    async def _stream_once(self, state: p.StreamState[Any]) -> AsyncIterator[Any]:
         async with self._http.stream(**state.request()) as response:
             if response.status_code >= 400:
                 await response.aread()

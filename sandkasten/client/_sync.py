@@ -98,7 +98,7 @@ class Client:
         resumed with `Last-Event-ID` (nothing lost, nothing repeated); an `error` event raises."""
         yield from self._follow(p.ExecStreamState(session_id, cmd, timeout_ms))
 
-    def _follow(self, state: p.ExecStreamState) -> Iterator[Any]:
+    def _follow(self, state: p.StreamState[Any]) -> Iterator[Any]:
         """Events of one stream, reconnecting with `Last-Event-ID` until its final event."""
         patience = p.Patience(self.retry_for)
         while not state.done:
@@ -114,7 +114,7 @@ class Client:
                     raise p.unreachable(self.url, e) from e
                 time.sleep(delay)
 
-    def _stream_once(self, state: p.ExecStreamState) -> Iterator[Any]:
+    def _stream_once(self, state: p.StreamState[Any]) -> Iterator[Any]:
         with self._http.stream(**state.request()) as response:
             if response.status_code >= 400:
                 response.read()

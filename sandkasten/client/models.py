@@ -9,11 +9,14 @@ import base64
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 
-def _decode[T](cls: type[T], data: Mapping[str, Any], **extra: Any) -> T:
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+def _decode[T: DataclassInstance](cls: type[T], data: Mapping[str, Any], **extra: Any) -> T:
+    names = {f.name for f in dataclasses.fields(cls)}
     known = {k: v for k, v in data.items() if k in names}
     return cls(**known, **extra)
 

@@ -341,17 +341,37 @@ def unreachable(url: str, exc: BaseException) -> errors.DaemonUnreachable:
                                     f"{type(exc).__name__}: {exc or 'connection failed'}")
 
 
-# ------------------------------------------------------------------ exec streams
-class ExecStreamState:
-    """Everything needed to resume one streamed exec: its Idempotency-Key, its exec id once the
-    daemon told it, and the last event id seen (sent back as `Last-Event-ID`)."""
+# ------------------------------------------------------------------ exec and process streams
+class StreamState[E]:
+    """What following one stream of events `E` across reconnects needs: the SSE decoder (it
+    keeps the last event id, sent back as `Last-Event-ID`) and whether the final event came."""
 
-    def __init__(self, session_id: str, cmd: str, timeout_ms: int | None) -> None:
-        self.session_id, self.cmd, self.timeout_ms = session_id, cmd, timeout_ms
-        self.key = new_idempotency_key()
-        self.exec_id: str | None = None
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
         self.decoder = sse.Decoder()
         self.done = False
+
+    def request(self) -> dict[str, Any]:
+        """Keyword arguments for `httpx.Client.stream` for the next (re)connect."""
+        raise NotImplementedError
+
+    def opened(self, response: httpx.Response) -> None:
+        """The answer to `request` arrived (its headers may name what the stream follows)."""
+
+    def feed(self, line: str) -> E | None:
+        """One line of the stream: the event it completes, if any."""
+        raise NotImplementedError
+
+
+class ExecStreamState(StreamState[models.ExecEvent]):
+    """Everything needed to resume one streamed exec: its Idempotency-Key, its exec id once the
+    daemon told it, and the last event id seen."""
+
+    def __init__(self, session_id: str, cmd: str, timeout_ms: int | None) -> None:
+        super().__init__(session_id)
+        self.cmd, self.timeout_ms = cmd, timeout_ms
+        self.key = new_idempotency_key()
+        self.exec_id: str | None = None
 
     def request(self) -> dict[str, Any]:
         """Keyword arguments for `httpx.Client.stream` for the next (re)connect."""
@@ -398,25 +418,22 @@ class ExecStreamState:
         return None  # an event kind this client does not know: skip it
 
 
-class ProcessStreamState(ExecStreamState):
+class ProcessStreamState(StreamState[models.ProcessEvent]):
     """Everything needed to resume watching one process: its ids and the last event id."""
 
     def __init__(self, session_id: str, process_id: str, last_event_id: str | None = None) -> None:
-        super().__init__(session_id, "", None)
-        self.exec_id = process_id
+        super().__init__(session_id)
+        self.process_id = process_id
         self.decoder.last_id = last_event_id
 
     def request(self) -> dict[str, Any]:
         headers = {"Accept": "text/event-stream"}
         if self.decoder.last_id is not None:
             headers["Last-Event-ID"] = self.decoder.last_id
-        return dict(method="GET", url=_proc(self.session_id, self.exec_id) + "/stream", headers=headers,
+        return dict(method="GET", url=_proc(self.session_id, self.process_id) + "/stream", headers=headers,
                     timeout=httpx.Timeout(30.0, read=None))
 
-    def opened(self, response: httpx.Response) -> None:
-        pass
-
-    def feed(self, line: str) -> models.ProcessEvent | None:   # type: ignore[override]
+    def feed(self, line: str) -> models.ProcessEvent | None:
         event = self.decoder.feed(line)
         if event is None or event.event not in ("chunk", "done", "error"):
             return None
