@@ -2,13 +2,14 @@
 #   make run    install, build the default image if missing, start the daemon (127.0.0.1:8080)
 #   make test   install, then run the whole test suite: the unit tier, then the system tier
 #               in parallel workers (README: Tests)
+#   make lint   ruff, mypy and the import contracts (pyproject.toml)
 CONFIG ?= sandkasten.yaml
 VENV := .venv
 BIN := $(VENV)/bin
 # the system tier's workers (pytest-xdist); measured on a 2-core VM (README: Tests)
 XDIST ?= -n 2 --dist load
 
-.PHONY: run test test-unit test-system install deps assets images bench clean
+.PHONY: run test test-unit test-system lint install deps assets images bench clean
 
 $(BIN)/.installed: pyproject.toml
 	tools/bootstrap
@@ -43,6 +44,15 @@ test-unit: install
 
 test-system: install
 	@$(BIN)/pytest -m system $(XDIST) $(PYTEST_ARGS) || [ $$? = 5 ]
+
+# every checker runs even when one fails, so one run reports everything; fails if any failed
+LINT_PATHS := sandkasten runner migrations tools/benchlib tools/bench tools/crashtest tools/crashcluster.py
+lint: $(BIN)/.installed
+	@rc=0; \
+	echo "lint: ruff" && $(BIN)/ruff check $(LINT_PATHS) || rc=1; \
+	echo "lint: mypy" && $(BIN)/mypy || rc=1; \
+	echo "lint: import contracts" && $(BIN)/lint-imports --no-cache || rc=1; \
+	exit $$rc
 
 bench: images
 	$(BIN)/python tools/bench $(BENCH_ARGS)

@@ -26,6 +26,8 @@ import signal
 import struct
 import termios
 import time
+from collections.abc import Callable
+from socket import socket
 
 from runner import protocol
 
@@ -87,8 +89,10 @@ class Proc:
 class Processes:
     """The runner's table of processes: start, feed, resize, signal, reap."""
 
-    def __init__(self, logs_fd: int, poll: select.poll, shell, results) -> None:
+    def __init__(self, logs_fd: int, poll: select.poll, shell, results,
+                 reply: Callable[[socket, dict], None]) -> None:
         self.logs_fd = logs_fd
+        self.reply = reply                     # the runner's: send a message to a client connection
         self.results = results                 # runner.results.Results: shared with the execs
         self.poll = poll
         self.shell = shell                     # its env and its privilege drop are the processes' too
@@ -131,6 +135,7 @@ class Processes:
         return proc.view()
 
     def _spawn(self, proc_id: str, cmd: str, cwd: str, env: dict, pty, log_fd: int, max_log: int) -> Proc:
+        close_after: tuple[int, ...]
         if pty:
             rows, cols = int(pty["rows"]), int(pty["cols"])
             master, slave = os.openpty()
@@ -411,8 +416,6 @@ class Processes:
 
     def listing(self) -> list[dict]:
         return [p.view() for p in self.live.values()]
-
-    reply = None   # set by the runner: reply(conn, msg)
 
 
 def _kill_group(pid: int, signum: int) -> None:

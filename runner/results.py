@@ -77,7 +77,7 @@ def find(logs_dir, result_id: str) -> dict | None:
 
 def _find(dir_fd: int, result_id: str) -> tuple[dict | None, bool]:
     """(its result, whether it started) from the ledger; the result also from `<id>.json`."""
-    result, started = None, False
+    started = False
     try:
         with open(os.open(LEDGER, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd), "rb") as f:
             data = f.read()

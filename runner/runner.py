@@ -24,7 +24,7 @@ import select
 import signal
 import socket
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from runner import protocol
 from runner.processes import Processes
@@ -70,8 +70,7 @@ class Runner:
         self.cwd = "/workspace"
         self.shell_restarts = 0
         self.poll = select.poll()
-        self.procs = Processes(logs_fd, self.poll, self.shell, self.results)
-        self.procs.reply = self._reply
+        self.procs = Processes(logs_fd, self.poll, self.shell, self.results, self._reply)
 
     # ------------------------------------------------------------------ main loop
     def serve(self) -> None:
@@ -246,7 +245,8 @@ class Runner:
             return {"ok": True, "id": exec_id, "state": "lost",
                     "reason": "started by an earlier runner that died"}
         self.results.started(exec_id)
-        self.current = Exec(exec_id, -1, max(timeout_ms, 1) / 1000, self._oom_kills())   # the log is created with the first output
+        # the log is created with the first output
+        self.current = Exec(exec_id, -1, max(timeout_ms, 1) / 1000, self._oom_kills())
         self.shell.send(exec_id, cmd)
         return {"ok": True, "id": exec_id, "state": "running"}
 
@@ -413,6 +413,7 @@ class Runner:
                 self._drop(conn.fileno())
 
     def _handle(self, conn: socket.socket, line: bytes) -> None:
+        reply: dict
         try:
             msg = protocol.decode(line)
             op = msg.get("op")
@@ -425,19 +426,20 @@ class Runner:
                 if not _valid_id(exec_id) or not isinstance(msg.get("cmd"), str):
                     raise ValueError("exec needs a valid id and a string cmd")
                 reply = self._begin(exec_id, msg["cmd"], int(msg.get("timeout_ms", 120_000)), msg.get("fresh") is True)
-                if msg.get("wait") and reply.get("state") == "running":
+                cur = self.current   # running: it is this exec
+                if msg.get("wait") and reply.get("state") == "running" and cur is not None:
                     after = msg.get("ack_after_ms")
-                    if msg.get("ack") and isinstance(after, int) and after > 0 and self.current.ack is None:
-                        self.current.ack = (conn, time.monotonic() + after / 1000)   # "running" later, if still
+                    if msg.get("ack") and isinstance(after, int) and after > 0 and cur.ack is None:
+                        cur.ack = (conn, time.monotonic() + after / 1000)   # "running" later, if still
                     elif msg.get("ack"):  # say "running" now, the result later on this connection
                         self._reply(conn, reply)
-                    self.current.waiters.append(conn)
+                    cur.waiters.append(conn)
                     return
             elif op in ("status", "wait"):
                 exec_id = msg["id"]
                 reply = (self._lookup(exec_id) if _valid_id(exec_id) else None) \
                     or {"ok": True, "id": exec_id, "state": "unknown"}
-                if op == "wait" and reply["state"] == "running":
+                if op == "wait" and reply["state"] == "running" and self.current is not None:
                     self.current.waiters.append(conn)
                     return
             elif op == "env":  # variables for every later shell (a restart keeps them)
@@ -449,9 +451,10 @@ class Runner:
                 self.shell.env.update(values)
                 reply = {"ok": True}
             elif op in _PROC_OPS:
-                reply = self._process_op(conn, op, msg)
-                if reply is None:   # a wait on a running process: answered when it exits
+                answer = self._process_op(conn, op, msg)
+                if answer is None:   # a wait on a running process: answered when it exits
                     return
+                reply = answer
             elif op == "interrupt":
                 if self.current is not None:
                     self.current.deadline = time.monotonic()

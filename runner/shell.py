@@ -27,7 +27,7 @@ import os
 import signal
 import socket
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 OUT_FD, ERR_FD, STATUS_FD = 7, 8, 9  # spare stdout and stderr pipes; the status socket
 _UCRED = struct.Struct("iII")        # struct ucred: pid, uid, gid
@@ -117,16 +117,19 @@ class Shell:
     def read_status(self) -> list[str] | None:
         """Status lines the shell process itself wrote (None: the shell closed the channel).
         A line from any other process is dropped: the kernel names the writer's pid."""
+        sock = self.status_sock
+        if sock is None:   # closed already (`close`)
+            return None
         lines: list[str] = []
         while True:
             try:
-                data, anc, _, _ = self.status_sock.recvmsg(65536, socket.CMSG_SPACE(_UCRED.size))
+                data, anc, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(_UCRED.size))
             except (BlockingIOError, InterruptedError):
                 return lines
             except OSError:
                 return None
             if not data:
-                return None if not lines else lines
+                return lines or None
             writer = next((_UCRED.unpack(d[:_UCRED.size])[0] for level, kind, d in anc
                            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS), None)
             if writer == self.pid:

@@ -15,9 +15,9 @@ except ImportError as e:  # pragma: no cover - depends on the installation
     raise ImportError("sandkasten.agents needs the OpenAI Agents SDK with sandbox support (openai-agents "
                       ">= 0.24): pip install 'sandkasten[agents]'") from e
 
-from sandkasten.agents.client import SandkastenSandboxClient  # noqa: E402
-from sandkasten.agents.session import SandkastenSandboxSession  # noqa: E402
-from sandkasten.agents.state import SandkastenSandboxClientOptions, SandkastenSandboxSessionState  # noqa: E402
+from sandkasten.agents.client import SandkastenSandboxClient
+from sandkasten.agents.session import SandkastenSandboxSession
+from sandkasten.agents.state import SandkastenSandboxClientOptions, SandkastenSandboxSessionState
 
 __all__ = ["SandkastenSandboxClient", "SandkastenSandboxClientOptions", "SandkastenSandboxSession",
            "SandkastenSandboxSessionState"]

@@ -54,7 +54,7 @@ class SandkastenSandboxClient(BaseSandboxClient[SandkastenSandboxClientOptions])
         self._dependencies = dependencies
         self._connections: dict[str, Connection] = {}
 
-    async def __aenter__(self) -> "SandkastenSandboxClient":
+    async def __aenter__(self) -> SandkastenSandboxClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

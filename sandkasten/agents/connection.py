@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator
-from typing import BinaryIO
+from typing import IO
 
 import httpx
 from agents.tracing import get_current_trace
@@ -69,7 +69,7 @@ class Connection:
         await self._raw.aclose()
 
     # -- the workspace as one tar stream -------------------------------------------------
-    async def download_archive(self, session_id: str, sink: BinaryIO) -> int:
+    async def download_archive(self, session_id: str, sink: IO[bytes]) -> int:
         """Write the tar of the session's /workspace into `sink` as it arrives; bytes written.
         A transfer cut by a restarting daemon starts over (the sink is rewound)."""
         path = f"/v1/sessions/{session_id}/fs/archive"
@@ -92,7 +92,7 @@ class Connection:
             except httpx.TransportError as e:
                 await self._wait(patience, e)
 
-    async def upload_archive(self, session_id: str, source: BinaryIO, external_symlinks: bool = False) -> int:
+    async def upload_archive(self, session_id: str, source: IO[bytes], external_symlinks: bool = False) -> int:
         """Send a tar (read from `source` chunk by chunk) to be extracted into the session's
         /workspace; the number of members extracted. Repeated from the start when the daemon
         restarts meanwhile, if `source` can be rewound (extracting twice gives the same files).
@@ -120,6 +120,6 @@ class Connection:
         await asyncio.sleep(delay)
 
 
-async def _chunks(source: BinaryIO) -> AsyncIterator[bytes]:
+async def _chunks(source: IO[bytes]) -> AsyncIterator[bytes]:
     while chunk := source.read(CHUNK):
         yield chunk if isinstance(chunk, bytes) else bytes(chunk)

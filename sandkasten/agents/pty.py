@@ -21,6 +21,7 @@ import signal as signals
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agents.sandbox.errors import PtySessionNotFoundError
 from agents.sandbox.session.pty_types import (
@@ -35,6 +36,10 @@ from agents.sandbox.types import User
 
 from sandkasten.agents.faults import transport_error
 from sandkasten.client import errors as client_errors
+
+if TYPE_CHECKING:
+    from sandkasten.agents.connection import Connection
+    from sandkasten.agents.state import SandkastenSandboxSessionState
 
 PTY_SIZE = (24, 80)
 FINISHED = ("exited", "lost")
@@ -65,6 +70,15 @@ class _Process:
 
 
 class ProcessTable:
+    if TYPE_CHECKING:   # what the session this is mixed into provides (see the module's doc)
+        state: SandkastenSandboxSessionState
+
+        @property
+        def sandbox_id(self) -> str: ...
+        def _connection(self) -> Connection: ...
+        def _prepare_exec_command(self, *command: str | Path, shell: bool | list[str],
+                                  user: str | User | None) -> list[str]: ...
+
     def __init__(self) -> None:
         self._processes: dict[int, _Process] = {}
         self._process_api = False
@@ -164,4 +178,5 @@ class ProcessTable:
                                  original_token_count=original_tokens)
         self._processes.pop(number, None)
         return PtyExecUpdate(process_id=None, output=text.encode(),
-                             exit_code=exit_status(answer.exit_code, answer.signal), original_token_count=original_tokens)
+                             exit_code=exit_status(answer.exit_code, answer.signal),
+                             original_token_count=original_tokens)

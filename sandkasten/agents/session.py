@@ -30,7 +30,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import IO, TYPE_CHECKING
 
 from agents.sandbox.errors import (
     ExecTimeoutError,
@@ -77,7 +77,7 @@ class SandkastenSandboxSession(ProcessTable, BaseSandboxSession):
     def sandbox_id(self) -> str:
         return self.state.sandbox_id
 
-    def _connection(self) -> "Connection":
+    def _connection(self) -> Connection:
         return self._connect()
 
     # -- lifecycle ------------------------------------------------------------------
@@ -188,7 +188,7 @@ class SandkastenSandboxSession(ProcessTable, BaseSandboxSession):
     async def persist_workspace(self) -> io.IOBase:
         """The workspace as a tar in a temporary file (rewound), member names relative to it."""
         root = Path(WORKSPACE)
-        sink = tempfile.TemporaryFile()
+        sink = tempfile.TemporaryFile()  # noqa: SIM115 - handed to the caller open; closed here on error
         try:
             await self._connection().download_archive(self.sandbox_id, sink)
             skip = self._persist_workspace_skip_relpaths()
@@ -207,6 +207,7 @@ class SandkastenSandboxSession(ProcessTable, BaseSandboxSession):
         as symlinks, as persist_workspace found them; the daemon never follows one, and refuses
         absolute names, '..', members through symlinks, devices (WorkspaceArchiveWriteError)."""
         try:
+            # the SDK types `data` as io.IOBase (which has no read); it hands a binary stream
             await self._connection().upload_archive(self.sandbox_id, data,  # type: ignore[arg-type]
                                                     external_symlinks=True)
         except client_errors.SandkastenError as e:
@@ -230,28 +231,36 @@ class SandkastenSandboxSession(ProcessTable, BaseSandboxSession):
 
 # --- pieces of one operation each ---------------------------------------------------------
 
-def _one_file_tar(target: str, content: bytes) -> BinaryIO:
-    buf = tempfile.SpooledTemporaryFile(max_size=SMALL_WRITE)
-    info = tarfile.TarInfo(target[len(WORKSPACE) + 1:])
-    info.size, info.mode, info.mtime = len(content), 0o644, int(time.time())
-    with tarfile.open(fileobj=buf, mode="w|") as tar:
-        tar.addfile(info, io.BytesIO(content))
-    buf.seek(0)
-    return buf  # type: ignore[return-value]
+def _one_file_tar(target: str, content: bytes) -> IO[bytes]:
+    buf = tempfile.SpooledTemporaryFile(max_size=SMALL_WRITE)  # noqa: SIM115 - returned open; closed here on error
+    try:
+        info = tarfile.TarInfo(target[len(WORKSPACE) + 1:])
+        info.size, info.mode, info.mtime = len(content), 0o644, int(time.time())
+        with tarfile.open(fileobj=buf, mode="w|") as tar:
+            tar.addfile(info, io.BytesIO(content))
+        buf.seek(0)
+    except BaseException:
+        buf.close()
+        raise
+    return buf
 
 
-def _without(source: BinaryIO, skip: set[str]) -> BinaryIO:
+def _without(source: IO[bytes], skip: set[str]) -> io.BufferedRandom:
     """A copy of a tar without the members at or under the `skip` paths (the manifest's
     ephemeral entries: the SDK rebuilds those on resume)."""
-    out = tempfile.TemporaryFile()
-    with source, tarfile.open(fileobj=source, mode="r|") as tin, tarfile.open(fileobj=out, mode="w|") as tout:
-        for member in tin:
-            name = member.name[2:] if member.name.startswith("./") else member.name
-            if any(name == s or name.startswith(s + "/") for s in skip):
-                continue
-            tout.addfile(member, tin.extractfile(member) if member.isfile() else None)
-    out.seek(0)
-    return out  # type: ignore[return-value]
+    out = tempfile.TemporaryFile()  # noqa: SIM115 - returned open; closed here on error
+    try:
+        with source, tarfile.open(fileobj=source, mode="r|") as tin, tarfile.open(fileobj=out, mode="w|") as tout:
+            for member in tin:
+                name = member.name[2:] if member.name.startswith("./") else member.name
+                if any(name == s or name.startswith(s + "/") for s in skip):
+                    continue
+                tout.addfile(member, tin.extractfile(member) if member.isfile() else None)
+        out.seek(0)
+    except BaseException:
+        out.close()
+        raise
+    return out
 
 
 def _own_address(fib_trie: str) -> str | None:

@@ -4,15 +4,13 @@ built from `protocol`), awaited. Retries as in the blocking client."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any, Mapping, TypeVar
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 import httpx
 import tenacity
 
 from sandkasten.client import errors, models, protocol as p
-
-T = TypeVar("T")
 
 
 class AsyncClient:
@@ -33,7 +31,7 @@ class AsyncClient:
                                       stop=tenacity.stop_after_delay(self.retry_for),
                                       wait=tenacity.wait_exponential(multiplier=0.05, max=1.0), reraise=True)
 
-    async def _run(self, call: p.Call[T]) -> T:
+    async def _run[T](self, call: p.Call[T]) -> T:
         try:
             async for attempt in self._retrying(call.idempotent):
                 with attempt:
@@ -49,7 +47,7 @@ class AsyncClient:
     async def close(self) -> None:
         await self._http.aclose()
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -73,12 +71,12 @@ class AsyncClient:
     async def stats(self, session_id: str) -> models.Stats:
         return await self._run(p.stats(session_id))
 
-    def session(self, image: str | None = None, **options: Any) -> "AsyncSandbox":
+    def session(self, image: str | None = None, **options: Any) -> AsyncSandbox:
         """A new session as a context manager, created on enter and destroyed on exit:
         `async with client.session() as sb: await sb.exec("ls")`."""
         return AsyncSandbox(self, None, image=image, **options)
 
-    async def attach(self, session_id: str) -> "AsyncSandbox":
+    async def attach(self, session_id: str) -> AsyncSandbox:
         return AsyncSandbox(self, await self.get_session(session_id))
 
     # -- execs ----------------------------------------------------------------
@@ -99,7 +97,7 @@ class AsyncClient:
         async for event in self._follow(p.ExecStreamState(session_id, cmd, timeout_ms)):
             yield event
 
-    async def _follow(self, state: p.ExecStreamState) -> AsyncIterator[Any]:
+    async def _follow(self, state: p.StreamState[Any]) -> AsyncIterator[Any]:
         """Events of one stream, reconnecting with `Last-Event-ID` until its final event."""
         patience = p.Patience(self.retry_for)
         while not state.done:
@@ -115,7 +113,7 @@ class AsyncClient:
                     raise p.unreachable(self.url, e) from e
                 await asyncio.sleep(delay)
 
-    async def _stream_once(self, state: p.ExecStreamState) -> AsyncIterator[Any]:
+    async def _stream_once(self, state: p.StreamState[Any]) -> AsyncIterator[Any]:
         async with self._http.stream(**state.request()) as response:
             if response.status_code >= 400:
                 await response.aread()
@@ -245,13 +243,13 @@ class AsyncSandbox:
     def id(self) -> str:
         return self.info.id
 
-    async def start(self) -> "AsyncSandbox":
+    async def start(self) -> AsyncSandbox:
         if self._info is None:
             create = dict(self._create)
             self._info = await self.client.create_session(create.pop("image", None), **create)
         return self
 
-    async def __aenter__(self) -> "AsyncSandbox":
+    async def __aenter__(self) -> AsyncSandbox:
         return await self.start()
 
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:

@@ -7,15 +7,13 @@ because its Idempotency-Key is fixed per call)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from typing import Any, Mapping, TypeVar
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import httpx
 import tenacity
 
 from sandkasten.client import errors, models, protocol as p
-
-T = TypeVar("T")
 
 
 class Client:
@@ -36,7 +34,7 @@ class Client:
                                  stop=tenacity.stop_after_delay(self.retry_for),
                                  wait=tenacity.wait_exponential(multiplier=0.05, max=1.0), reraise=True)
 
-    def _run(self, call: p.Call[T]) -> T:
+    def _run[T](self, call: p.Call[T]) -> T:
         try:
             for attempt in self._retrying(call.idempotent):
                 with attempt:
@@ -52,7 +50,7 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -76,11 +74,11 @@ class Client:
     def stats(self, session_id: str) -> models.Stats:
         return self._run(p.stats(session_id))
 
-    def session(self, image: str | None = None, **options: Any) -> "Sandbox":
+    def session(self, image: str | None = None, **options: Any) -> Sandbox:
         """A new session as a context manager: `with client.session() as sb: sb.exec("ls")`."""
         return Sandbox(self, self.create_session(image, **options))
 
-    def attach(self, session_id: str) -> "Sandbox":
+    def attach(self, session_id: str) -> Sandbox:
         return Sandbox(self, self.get_session(session_id))
 
     # -- execs ----------------------------------------------------------------
@@ -100,7 +98,7 @@ class Client:
         resumed with `Last-Event-ID` (nothing lost, nothing repeated); an `error` event raises."""
         yield from self._follow(p.ExecStreamState(session_id, cmd, timeout_ms))
 
-    def _follow(self, state: p.ExecStreamState) -> Iterator[Any]:
+    def _follow(self, state: p.StreamState[Any]) -> Iterator[Any]:
         """Events of one stream, reconnecting with `Last-Event-ID` until its final event."""
         patience = p.Patience(self.retry_for)
         while not state.done:
@@ -116,7 +114,7 @@ class Client:
                     raise p.unreachable(self.url, e) from e
                 time.sleep(delay)
 
-    def _stream_once(self, state: p.ExecStreamState) -> Iterator[Any]:
+    def _stream_once(self, state: p.StreamState[Any]) -> Iterator[Any]:
         with self._http.stream(**state.request()) as response:
             if response.status_code >= 400:
                 response.read()
@@ -239,7 +237,7 @@ class Sandbox:
     def id(self) -> str:
         return self.info.id
 
-    def __enter__(self) -> "Sandbox":
+    def __enter__(self) -> Sandbox:
         return self
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, TypeVar, Union
+from typing import TYPE_CHECKING, Any
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 
-def _decode(cls: type[T], data: Mapping[str, Any], **extra: Any) -> T:
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+def _decode[T: DataclassInstance](cls: type[T], data: Mapping[str, Any], **extra: Any) -> T:
+    names = {f.name for f in dataclasses.fields(cls)}
     known = {k: v for k, v in data.items() if k in names}
     return cls(**known, **extra)
 
@@ -37,7 +39,7 @@ class Session:
     lost_reason: str | None = None
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "Session":
+    def from_json(cls, data: Mapping[str, Any]) -> Session:
         return _decode(cls, data)
 
     @property
@@ -64,7 +66,7 @@ class ExecResult:
     session_id: str | None = None
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "ExecResult":
+    def from_json(cls, data: Mapping[str, Any]) -> ExecResult:
         data = dict(data)
         for name in ("output", "stdout", "stderr"):  # raw_output answers carry base64
             if f"{name}_base64" in data and name not in data:
@@ -94,7 +96,7 @@ class ExecRecord:
     lost_reason: str | None = None
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "ExecRecord":
+    def from_json(cls, data: Mapping[str, Any]) -> ExecRecord:
         return _decode(cls, data)
 
 
@@ -108,7 +110,7 @@ class ExecChunk:
     event_id: str | None = None
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any], event_id: str | None = None) -> "ExecChunk":
+    def from_json(cls, data: Mapping[str, Any], event_id: str | None = None) -> ExecChunk:
         return _decode(cls, data, event_id=event_id)
 
 
@@ -127,7 +129,7 @@ class ExecDone:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], event_id: str | None = None,
-                  exec_id: str | None = None) -> "ExecDone":
+                  exec_id: str | None = None) -> ExecDone:
         data = dict(data)
         data.setdefault("exec_id", exec_id)
         return _decode(cls, data, event_id=event_id)
@@ -137,7 +139,7 @@ class ExecDone:
         return self.exit_code == 0 and not self.timed_out
 
 
-ExecEvent = Union[ExecChunk, ExecDone]
+ExecEvent = ExecChunk | ExecDone
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,7 @@ class Process:
     lost_reason: str | None = None
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "Process":
+    def from_json(cls, data: Mapping[str, Any]) -> Process:
         if "process" in data and isinstance(data["process"], Mapping):   # DELETE answers {ok, process}
             data = data["process"]
         return _decode(cls, data)
@@ -193,7 +195,7 @@ class ProcessOutput:
     dropped: bool = False
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "ProcessOutput":
+    def from_json(cls, data: Mapping[str, Any]) -> ProcessOutput:
         data = dict(data)
         data["output"] = base64.b64decode(data.get("output_base64") or "")
         return _decode(cls, data)
@@ -216,11 +218,11 @@ class ProcessDone:
     event_id: str | None = None
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any], event_id: str | None = None) -> "ProcessDone":
+    def from_json(cls, data: Mapping[str, Any], event_id: str | None = None) -> ProcessDone:
         return _decode(cls, data, event_id=event_id)
 
 
-ProcessEvent = Union[ExecChunk, ProcessDone]
+ProcessEvent = ExecChunk | ProcessDone
 
 
 @dataclass(frozen=True)
@@ -233,7 +235,7 @@ class FileEntry:
     mtime: float | str | None = None
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "FileEntry":
+    def from_json(cls, data: Mapping[str, Any]) -> FileEntry:
         return _decode(cls, data)
 
     @property
@@ -249,7 +251,7 @@ class FileContent:
     truncated: bool = False
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "FileContent":
+    def from_json(cls, data: Mapping[str, Any]) -> FileContent:
         content = base64.b64decode(data.get("content_base64") or "")
         return cls(path=data.get("path", ""), content=content, size=data.get("size", len(content)),
                    truncated=bool(data.get("truncated")))
@@ -268,7 +270,7 @@ class Stats:
     oom_kills: int | None = None
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "Stats":
+    def from_json(cls, data: Mapping[str, Any]) -> Stats:
         return _decode(cls, data)
 
 
@@ -284,7 +286,7 @@ class Workspace:
     in_use_by: tuple[str, ...] = ()
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "Workspace":
+    def from_json(cls, data: Mapping[str, Any]) -> Workspace:
         data = dict(data)
         data["in_use_by"] = tuple(data.get("in_use_by") or ())
         return _decode(cls, data)

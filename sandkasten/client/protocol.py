@@ -9,15 +9,15 @@ import json as jsonlib
 import os
 import secrets
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Mapping, TypeVar
+from typing import Any
 from urllib.parse import quote
 
 import httpx
 
 from sandkasten.client import errors, models, sse
 
-T = TypeVar("T")
 DEFAULT_URL = "http://127.0.0.1:8080"
 # Only these two: the daemon reads every other SANDKASTEN_* variable as a config override
 # (sandkasten/config.py skips SANDKASTEN_URL; SANDKASTEN_API_KEY is its api_key — the same value).
@@ -59,7 +59,7 @@ def new_idempotency_key() -> str:
 
 
 @dataclass(frozen=True)
-class Call(Generic[T]):
+class Call[T]:
     method: str
     path: str
     decode: Callable[[Any], T]
@@ -305,7 +305,7 @@ def health() -> Call[dict]:
 
 
 # ------------------------------------------------------------------ answers and retries
-def decode_answer(call: Call[T], response: httpx.Response) -> T:
+def decode_answer[T](call: Call[T], response: httpx.Response) -> T:
     """The call's result, or the typed error for a non-2xx answer."""
     if response.status_code >= 400:
         raise error_of(response)
@@ -330,7 +330,7 @@ def retryable(call_idempotent: bool) -> Callable[[BaseException], bool]:
     """What a retry covers: a refused connection (the daemon is restarting) always; a connection
     dropped mid-request only when repeating the call is harmless; a daemon still starting up."""
     def check(exc: BaseException) -> bool:
-        if isinstance(exc, NOTHING_SENT) or isinstance(exc, errors.NotReady):
+        if isinstance(exc, (*NOTHING_SENT, errors.NotReady)):
             return True
         return call_idempotent and isinstance(exc, DROPPED)
     return check
@@ -341,17 +341,37 @@ def unreachable(url: str, exc: BaseException) -> errors.DaemonUnreachable:
                                     f"{type(exc).__name__}: {exc or 'connection failed'}")
 
 
-# ------------------------------------------------------------------ exec streams
-class ExecStreamState:
-    """Everything needed to resume one streamed exec: its Idempotency-Key, its exec id once the
-    daemon told it, and the last event id seen (sent back as `Last-Event-ID`)."""
+# ------------------------------------------------------------------ exec and process streams
+class StreamState[E]:
+    """What following one stream of events `E` across reconnects needs: the SSE decoder (it
+    keeps the last event id, sent back as `Last-Event-ID`) and whether the final event came."""
 
-    def __init__(self, session_id: str, cmd: str, timeout_ms: int | None) -> None:
-        self.session_id, self.cmd, self.timeout_ms = session_id, cmd, timeout_ms
-        self.key = new_idempotency_key()
-        self.exec_id: str | None = None
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
         self.decoder = sse.Decoder()
         self.done = False
+
+    def request(self) -> dict[str, Any]:
+        """Keyword arguments for `httpx.Client.stream` for the next (re)connect."""
+        raise NotImplementedError
+
+    def opened(self, response: httpx.Response) -> None:
+        """The answer to `request` arrived (its headers may name what the stream follows)."""
+
+    def feed(self, line: str) -> E | None:
+        """One line of the stream: the event it completes, if any."""
+        raise NotImplementedError
+
+
+class ExecStreamState(StreamState[models.ExecEvent]):
+    """Everything needed to resume one streamed exec: its Idempotency-Key, its exec id once the
+    daemon told it, and the last event id seen."""
+
+    def __init__(self, session_id: str, cmd: str, timeout_ms: int | None) -> None:
+        super().__init__(session_id)
+        self.cmd, self.timeout_ms = cmd, timeout_ms
+        self.key = new_idempotency_key()
+        self.exec_id: str | None = None
 
     def request(self) -> dict[str, Any]:
         """Keyword arguments for `httpx.Client.stream` for the next (re)connect."""
@@ -398,25 +418,22 @@ class ExecStreamState:
         return None  # an event kind this client does not know: skip it
 
 
-class ProcessStreamState(ExecStreamState):
+class ProcessStreamState(StreamState[models.ProcessEvent]):
     """Everything needed to resume watching one process: its ids and the last event id."""
 
     def __init__(self, session_id: str, process_id: str, last_event_id: str | None = None) -> None:
-        super().__init__(session_id, "", None)
-        self.exec_id = process_id
+        super().__init__(session_id)
+        self.process_id = process_id
         self.decoder.last_id = last_event_id
 
     def request(self) -> dict[str, Any]:
         headers = {"Accept": "text/event-stream"}
         if self.decoder.last_id is not None:
             headers["Last-Event-ID"] = self.decoder.last_id
-        return dict(method="GET", url=_proc(self.session_id, self.exec_id) + "/stream", headers=headers,
+        return dict(method="GET", url=_proc(self.session_id, self.process_id) + "/stream", headers=headers,
                     timeout=httpx.Timeout(30.0, read=None))
 
-    def opened(self, response: httpx.Response) -> None:
-        pass
-
-    def feed(self, line: str) -> models.ProcessEvent | None:   # type: ignore[override]
+    def feed(self, line: str) -> models.ProcessEvent | None:
         event = self.decoder.feed(line)
         if event is None or event.event not in ("chunk", "done", "error"):
             return None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sandkasten.cluster.membership import Membership
 from sandkasten.errors import SandkastenError
@@ -71,7 +71,7 @@ class Follower:
             self.membership.tick.bump()
             await self.executor.catch_up()
             recreate = self.membership.cfg.reconcile.lost_sandbox_policy == "recreate"
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             for row in await self.journal.sessions():
                 if row["status"] == "requested" and row["host_id"] is None and _orphaned(row, now):
                     try:

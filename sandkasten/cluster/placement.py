@@ -9,9 +9,9 @@ left, then the host id (so the choice is deterministic for tests and logs).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Iterable, Mapping
 
 from sandkasten.errors import SandkastenError
 

@@ -5,7 +5,7 @@ and the hash chain's verification with the first event that breaks it, if any.""
 from __future__ import annotations
 
 import io
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sanic import Request
 from sanic.response import raw
@@ -29,7 +29,7 @@ def moment(request: Request, name: str) -> datetime | None:
     except ValueError:
         raise InvalidRequest(f"invalid {name} {value!r}: expected a time like 2024-05-01T12:00 (UTC)",
                              parameter=name) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def filters(request: Request) -> dict:
@@ -39,7 +39,7 @@ def filters(request: Request) -> dict:
 
 
 def iso(value: datetime | None) -> str | None:
-    return value.astimezone(timezone.utc).isoformat(timespec="microseconds") if value else None
+    return value.astimezone(UTC).isoformat(timespec="microseconds") if value else None
 
 
 @bp.get("/audit")
@@ -66,6 +66,6 @@ async def audit_export(request: Request):
     out = io.StringIO()
     await trail.export(d.journal, fmt, f["since"], f["session"], out, until=f["until"], actor=f["actor"])
     kind = "application/x-ndjson" if fmt == "jsonl" else "text/csv"
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     return raw(out.getvalue().encode(), content_type=f"{kind}; charset=utf-8",
                headers={"content-disposition": f'attachment; filename="sandkasten-audit-{stamp}.{fmt}"'})

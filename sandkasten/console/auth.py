@@ -139,7 +139,8 @@ class Gate:
                                {"origin": origin})
         given = request.headers.get("x-csrf-token")
         if given is None and allow_form and request.content_type.startswith("application/x-www-form-urlencoded"):
-            given = request.form.get("csrf")
+            form = request.form   # typed Optional by sanic; an unparsable body gives an empty one
+            given = form.get("csrf") if form is not None else None
         if not given or not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), login.csrf.encode()):
             return errors.body("FORBIDDEN", "missing or wrong CSRF token: the console sends it as the "
                                "X-CSRF-Token header (reload the page to get a fresh one)")

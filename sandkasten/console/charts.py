@@ -4,9 +4,9 @@ from journal rows. Pure: no I/O, no clock (callers pass `now`)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Iterable, Sequence
 
 # exec latency buckets, upper bounds in milliseconds (the last one is open)
 BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, 30_000, 60_000)
@@ -53,7 +53,7 @@ def histogram(durations_ms: Iterable[float], width: float = 600, height: float =
     peak = max(counts) if values else 0
     slot = width / len(counts)
     bars = []
-    for i, (label, count) in enumerate(zip(labels, counts)):
+    for i, (label, count) in enumerate(zip(labels, counts, strict=True)):
         h = 0.0 if peak == 0 else (height - 4) * count / peak
         bars.append(Bar(label, count, x=i * slot + 2, y=height - h, width=slot - 4, height=h))
     return Histogram(bars, len(values), percentile(values, 50), percentile(values, 90), percentile(values, 99),

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sanic import Request
 
@@ -82,7 +82,7 @@ async def sessions_feed(request: Request):
         now = time.monotonic()
         if seq != seen_seq or now - sent_at >= STATS_S:
             rows = await snapshot(d, ended)
-            await response.send(sse("sessions", {"seq": seq, "now": datetime.now(timezone.utc).isoformat(),
+            await response.send(sse("sessions", {"seq": seq, "now": datetime.now(UTC).isoformat(),
                                                  "sessions": rows}))
             seen_seq, sent_at = seq, now
         await asyncio.sleep(POLL_S)

@@ -58,7 +58,7 @@ async def _session_fs(request: Request, sid: str, verb: str) -> tuple[dict, Work
 
 @bp.get("/sessions/<sid>/files")
 async def session_files(request: Request, sid: str):
-    row, fs = await _session_fs(request, sid, "list files")
+    _, fs = await _session_fs(request, sid, "list files")
     return await listing_page(request, fs, base=f"/console/sessions/{sid}/files",
                               upload_url=f"/v1/sessions/{sid}/fs/upload", section="sessions",
                               title=f"Files of session {sid}", back=(f"/console/sessions/{sid}", sid))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 from sanic import Request
 from sanic.response import redirect
@@ -39,7 +41,9 @@ async def login_form(request: Request):
 @bp.post("/login")
 async def login(request: Request):
     g = gate(request)
-    form = request.form if request.content_type.startswith("application/x-www-form-urlencoded") else {}
+    form: Mapping[str, Any] = {}
+    if request.content_type.startswith("application/x-www-form-urlencoded"):
+        form = request.form or {}   # typed Optional by sanic; an unparsable body gives an empty one
     given = form.get("key") or ""
     target = auth.safe_next(form.get("next"))
     origin = request.headers.get("origin")

@@ -3,7 +3,7 @@ from the journal (the same exec rows the audit export folds) and the pool config
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sanic import Request
 
@@ -18,7 +18,7 @@ bp = blueprint("console_metrics", url_prefix="/console")
 @bp.get("/metrics")
 async def metrics_page(request: Request):
     d = request.app.ctx.daemon
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     execs = [r for r in await trail.collect(d.journal, None, None) if r.get("kind", "exec") == "exec"]
     finished = [r for r in execs if r["status"] == "finished"]
     sessions = await d.journal.sessions(include_ended=True, include_pool=True)

@@ -20,6 +20,7 @@ from sandkasten.api.sessions import session_row
 from sandkasten.api.workspaces import listing as workspace_listing
 from sandkasten.console import assets, timeline
 from sandkasten.console.render import page
+from sandkasten.domain import events as ev
 from sandkasten.errors import ExecNotFound
 from sandkasten.runtime.spec import EXEC_ID
 from sandkasten.views import session_view
@@ -41,9 +42,10 @@ async def sessions_page(request: Request):
     return page(request, "sessions.html", section="sessions")
 
 
-async def read_stream(daemon, sid: str) -> list:
+async def read_stream(daemon, sid: str) -> list[ev.RecordedEvent]:
     """Every event of a session's stream, oldest first."""
-    out, after = [], 0
+    out: list[ev.RecordedEvent] = []
+    after = 0
     while True:
         batch = await daemon.journal.events(after_seq=after, stream_id=sid, limit=2000)
         if not batch:

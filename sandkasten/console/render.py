@@ -8,7 +8,7 @@ time; the terminal page's script gives them the nonce (see static/terminal.js)."
 from __future__ import annotations
 
 import secrets
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import jinja2
 from sanic import Request
@@ -65,7 +65,7 @@ def parse_time(value: str | None) -> datetime | None:
         moment = datetime.fromisoformat(value)
     except ValueError:
         return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def short_time(value: str | None) -> str:
@@ -76,7 +76,7 @@ def short_time(value: str | None) -> str:
 def epoch_time(seconds: float | None) -> str:
     if seconds is None:
         return "—"
-    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def duration(ms: float | int | None) -> str:

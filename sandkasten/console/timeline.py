@@ -9,8 +9,9 @@ Pure: no I/O. Events of kinds this module does not know (a newer daemon's) still
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from sandkasten.domain import events as ev
 
@@ -135,10 +136,10 @@ class Replay:
 
     def _exec(self, event: ev.RecordedEvent, p) -> tuple[ExecEntry | None, bool]:
         if event.type == ev.EXEC_REQUESTED:
-            entry = ExecEntry(exec_id=p["exec_id"], cmd=p["cmd"], seq=event.seq, requested_at=event.created_at,
-                              actor=event.actor, timeout_ms=p.get("timeout_ms"), last_seq=event.seq)
-            self.execs[entry.exec_id] = entry
-            return entry, True
+            made = ExecEntry(exec_id=p["exec_id"], cmd=p["cmd"], seq=event.seq, requested_at=event.created_at,
+                             actor=event.actor, timeout_ms=p.get("timeout_ms"), last_seq=event.seq)
+            self.execs[made.exec_id] = made
+            return made, True
         entry = self.execs.get(p.get("exec_id", ""))
         if entry is None:
             return None, False
@@ -157,10 +158,10 @@ class Replay:
 
     def _process(self, event: ev.RecordedEvent, p) -> tuple[ProcessEntry | None, bool]:
         if event.type == ev.PROCESS_REQUESTED:
-            entry = ProcessEntry(process_id=p["process_id"], cmd=p["cmd"], seq=event.seq,
-                                 requested_at=event.created_at, actor=event.actor, pty=p.get("pty"))
-            self.processes[entry.process_id] = entry
-            return entry, True
+            made = ProcessEntry(process_id=p["process_id"], cmd=p["cmd"], seq=event.seq,
+                                requested_at=event.created_at, actor=event.actor, pty=p.get("pty"))
+            self.processes[made.process_id] = made
+            return made, True
         entry = self.processes.get(p.get("process_id", ""))
         if entry is None:
             return None, False
@@ -184,12 +185,12 @@ def fold(events: Iterable[ev.RecordedEvent]) -> list[Entry]:
     entries: list[Entry] = []
     for event in events:
         entry, new = replay.apply(event)
-        if new:
+        if new and entry is not None:
             entries.append(entry)
     return entries
 
 
-def input_words(p: dict[str, Any]) -> str:
+def input_words(p: Mapping[str, Any]) -> str:
     """What one process.input event sent: the typed text (control characters spelled out, as
     the journal recorded it), or the resize, signal or end of input."""
     kind = p.get("kind")
@@ -209,7 +210,7 @@ def input_words(p: dict[str, Any]) -> str:
     return "end of input (EOF)"
 
 
-def describe(kind: str, payload: dict[str, Any]) -> str:
+def describe(kind: str, payload: Mapping[str, Any]) -> str:
     """An event this module has no words for: its name and its plain fields."""
     shown = [f"{k}={v}" for k, v in payload.items()
              if k not in _QUIET_KEYS and isinstance(v, (str, int, float, bool)) and len(str(v)) <= 200]

@@ -256,7 +256,7 @@ def _summarise(lines, say: Progress, started: float) -> list[str]:
     tail: list[str] = []
     for line in lines:
         line = line.rstrip()
-        tail = (tail + [line])[-30:]
+        tail = [*tail, line][-30:]
         m = re.match(r"^([IWE]): (\S+)(.*)", line)
         if not m:
             continue

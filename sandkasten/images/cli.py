@@ -13,6 +13,7 @@ import json as jsonlib
 import os
 import sys
 import time
+from collections.abc import Callable
 
 from sandkasten import config as config_mod
 from sandkasten.cli_args import Usage, call_args, config_path, show_help, wants_help
@@ -165,18 +166,21 @@ def build(which: str = "", force: bool = False, config: str = "", default: bool 
         print(f"image {which} exists (created {info.created_at}); use --force to rebuild")
         return
     started = time.monotonic()
-    info = build_image(store, which, progress=_progress, force=bool(force))
-    assert info is not None
-    print(f"built image {info.name} ({_size(info.size_bytes)}) in {time.monotonic() - started:.0f}s")
+    built = build_image(store, which, progress=_progress, force=bool(force))
+    if built is None:   # made by someone else since the check above
+        print(f"image {which} exists; use --force to rebuild")
+        return
+    print(f"built image {built.name} ({_size(built.size_bytes)}) in {time.monotonic() - started:.0f}s")
 
 
-COMMANDS = {"import": import_, "list": list_, "validate": validate, "delete": delete, "build": build}
+COMMANDS: dict[str, Callable[..., None]] = {"import": import_, "list": list_, "validate": validate,
+                                             "delete": delete, "build": build}
 POSITIONAL = {"build": ("which",)}  # `build base`; every other optional parameter is a --flag
 
 
 # ---------------------------------------------------------------- output
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -205,8 +209,8 @@ def _table(images: list[ImageInfo]) -> None:
             table.add_row(*r)
         Console().print(table)
         return
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
-    for r in [header] + rows:
+    widths = [max(len(r[i]) for r in [*rows, header]) for i in range(4)]
+    for r in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 

@@ -17,15 +17,17 @@ manifest cannot point outside a layout directory.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
 import re
 import tarfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator
+from typing import cast
 
 from sandkasten.errors import ImageInvalid
 
@@ -55,7 +57,8 @@ class Blobs:
         return (self.where / name).is_file() and not (self.where / name).is_symlink()
 
     @contextmanager
-    def open(self, name: str) -> Iterator[IO[bytes]]:
+    def open(self, name: str) -> Iterator[io.BufferedReader]:
+        """A buffered reader of the blob (callers peek at its magic bytes)."""
         name = _checked_name(name)
         if self.tf is not None:
             member = self.members.get(name)
@@ -63,7 +66,7 @@ class Blobs:
             if f is None:
                 raise ImageInvalid(f"unable to import image archive {self.where}: it names {name!r}, which it lacks")
             with f:
-                yield f
+                yield cast(io.BufferedReader, f)   # an ExFileObject, typed only as IO[bytes] by typeshed
             return
         path = self.where / name
         try:
@@ -97,7 +100,7 @@ def opened(path: Path) -> Iterator[Blobs | None]:
         yield Blobs(path, None) if is_layout_dir(path) else None
         return
     try:
-        tf = tarfile.open(path, "r:*")
+        tf = tarfile.open(path, "r:*")  # noqa: SIM115 - only the open's errors mean "not a tar"; `with tf` below
     except (tarfile.TarError, OSError, EOFError):
         yield None  # not a tar tarfile can seek in: let the streaming import say what it is
         return

@@ -14,6 +14,7 @@ Paths inside an image are resolved *inside* its rootfs: an absolute symlink `/bi
 
 from __future__ import annotations
 
+import builtins
 import ctypes
 import dataclasses
 import datetime as dt
@@ -111,7 +112,7 @@ class ImageStore:
 
     # ------------------------------------------------------------ checking
 
-    def validate(self, name: str) -> list[str]:
+    def validate(self, name: str) -> builtins.list[str]:   # `list` here is the method above
         """Problems that would stop a sandbox from starting on NAME; empty means usable."""
         rootfs = self.path(name)
         problems: list[str] = []

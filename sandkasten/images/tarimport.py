@@ -71,7 +71,8 @@ def import_tar(store: ImageStore, name: str, tar_path: str | os.PathLike,
         try:
             with _decompressed(raw) as data:
                 counted = _Counted(data)
-                with tarfile.open(fileobj=counted, mode="r|") as tf:
+                # typeshed asks every mode's methods (write, seek, tell); stream mode "r|" only reads
+                with tarfile.open(fileobj=counted, mode="r|") as tf:  # type: ignore[call-overload]
                     _Extractor(rootfs, name, progress).run(tf)
                     end = tf.offset
                 counted.drain()  # to the end: a compressed stream checks its own end marker
@@ -130,7 +131,8 @@ def _import_layers(store: ImageStore, name: str, path: Path, progress: Progress 
                 except tarfile.TarError as e:
                     raise ImageInvalid(f"{where}: layer {layer.name} is not a readable tar ({e})", image=name) from None
                 except (EOFError, zlib.error, lzma.LZMAError) as e:
-                    raise ImageInvalid(f"{where}: layer {layer.name} is truncated or corrupt ({e})", image=name) from None
+                    raise ImageInvalid(f"{where}: layer {layer.name} is truncated or corrupt ({e})",
+                                       image=name) from None
     return store.get(name)
 
 
@@ -269,7 +271,7 @@ class _Extractor:
         if leaf == OPAQUE:
             here = tuple(parts[:-1])
             for child in os.listdir(parent):
-                if here + (child,) not in self.made:
+                if (*here, child) not in self.made:
                     _remove(child, parent)
             return
         gone = leaf[len(WHITEOUT):]

@@ -26,9 +26,9 @@ import os
 import re
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Protocol
 
 from sandkasten.errors import InvalidRequest, SandboxError
@@ -145,6 +145,10 @@ class _Groups:
 
     # -- the interface ----------------------------------------------------------------------
 
+    def ensure_parent(self) -> None:
+        """The parent group in every hierarchy; each layout makes it its own way."""
+        raise NotImplementedError
+
     def procs_paths(self, name: str) -> list[Path]:
         return [d / "cgroup.procs" for d in self._dirs(check_name(name))]
 
@@ -253,7 +257,8 @@ class _Groups:
         while busy():
             if time.monotonic() >= deadline:
                 raise SandboxError(
-                    f"unable to kill cgroup {lifecycle}: still populated after {timeout:g}s (pids {self._pids(groups)})",
+                    f"unable to kill cgroup {lifecycle}: still populated after {timeout:g}s "
+                    f"(pids {self._pids(groups)})",
                     path=str(lifecycle),
                 )
             for pid in self._pids(groups):

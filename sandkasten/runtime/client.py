@@ -17,10 +17,10 @@ import os
 import socket
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, cast
 
 from runner import protocol
 from sandkasten.errors import SandboxGone
@@ -68,7 +68,7 @@ def call(sock_path: Path, msg: dict, timeout: float | None = 10.0) -> dict:
         try:
             with _addressable(sock_path) as address:
                 s.connect(address)
-        except (FileNotFoundError, ConnectionRefusedError, socket.timeout) as e:
+        except (TimeoutError, FileNotFoundError, ConnectionRefusedError) as e:
             raise SandboxGone(f"unable to reach {_runner(sock_path)}: {_why(e)}") from None
         s.settimeout(timeout)
         s.sendall(protocol.encode(msg))
@@ -86,7 +86,7 @@ def call(sock_path: Path, msg: dict, timeout: float | None = 10.0) -> dict:
 class _Link(asyncio.Protocol):
     """One connection to a runner: send a line, wait for lines back."""
 
-    def __init__(self, path: str, pool: "_Pool") -> None:
+    def __init__(self, path: str, pool: _Pool) -> None:
         self.path, self.pool = path, pool
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
@@ -95,12 +95,17 @@ class _Link(asyncio.Protocol):
         self.closed: BaseException | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)   # a unix stream connection (`_connect`)
+
+    def send(self, data: bytes) -> None:
+        if self.transport is None:
+            raise ConnectionResetError("not connected")
+        self.transport.write(data)
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
         if len(self.buf) > protocol.MAX_LINE:
-            self.transport.close()  # type: ignore[union-attr]
+            self.close()
             return
         while True:
             end = self.buf.find(b"\n")
@@ -126,8 +131,9 @@ class _Link(asyncio.Protocol):
             try:
                 await self.waiter
             except asyncio.CancelledError:
-                if self.waiter.cancelled() and not asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                    raise asyncio.TimeoutError from None
+                task = asyncio.current_task()
+                if self.waiter.cancelled() and not (task is not None and task.cancelling()):
+                    raise TimeoutError from None
                 raise
             finally:
                 self.waiter = None
@@ -188,7 +194,7 @@ class _Pool:
             link.close()
 
 
-_pools: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pool]" = weakref.WeakKeyDictionary()
+_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pool] = weakref.WeakKeyDictionary()
 
 
 def _pool_of(loop: asyncio.AbstractEventLoop) -> _Pool:
@@ -209,7 +215,7 @@ async def _connect(path: str, pool: _Pool) -> _Link:
         with _addressable(path) as address:
             _, link = await asyncio.wait_for(loop.create_unix_connection(lambda: _Link(path, pool), address),
                                              CONNECT_TIMEOUT)
-    except (FileNotFoundError, ConnectionRefusedError, asyncio.TimeoutError, OSError) as e:
+    except (TimeoutError, FileNotFoundError, ConnectionRefusedError, OSError) as e:
         raise SandboxGone(f"unable to reach {_runner(path)}: {_why(e)}") from None
     return link
 
@@ -225,7 +231,7 @@ async def acall(sock_path: Path | str, msg: dict, timeout: float | None = 10.0,
     clean = False
     try:
         try:
-            link.transport.write(protocol.encode(msg))  # type: ignore[union-attr]
+            link.send(protocol.encode(msg))
         except (ConnectionResetError, BrokenPipeError, OSError) as e:
             raise SandboxGone(f"{_runner(path)} went away: {_why(e)}") from None
         while True:

@@ -30,7 +30,7 @@ class Layout:
     def workspaces(self) -> Path:
         return self.data_dir / "workspaces"
 
-    def of(self, sid: str) -> "SessionPaths":
+    def of(self, sid: str) -> SessionPaths:
         found = _known.get((self.data_dir, sid))
         if found is None:   # building the paths costs more than an exec's journal append: keep them
             check_session_id(sid)
@@ -42,7 +42,7 @@ class Layout:
 
 
 _KNOWN_MAX = 4096
-_known: dict[tuple[Path, str], "SessionPaths"] = {}
+_known: dict[tuple[Path, str], SessionPaths] = {}
 
 
 @dataclass(frozen=True)

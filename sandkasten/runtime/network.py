@@ -28,9 +28,9 @@ import os
 import re
 import socket
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from sandkasten.errors import InvalidRequest, SandboxError
 
@@ -70,7 +70,7 @@ class Settings:
                 "dns": list(self.dns), "enable_ip_forward": self.enable_ip_forward}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Settings":
+    def from_json(cls, d: dict) -> Settings:
         return cls(bridge=d["bridge"], subnet=d["subnet"], egress_allow=tuple(d["egress_allow"]),
                    dns=tuple(d["dns"]), enable_ip_forward=bool(d["enable_ip_forward"]))
 
@@ -340,7 +340,7 @@ def _remove_rules(table: str, sid: str, veth: str, chain: str) -> None:
 def leftover_sessions(data_dir: Path) -> set[str]:
     """Session ids of veths this data dir's sandboxes own (found by their ifalias)."""
     tag = data_dir_tag(data_dir)
-    found = set()
+    found: set[str] = set()
     try:
         names = [n for n in os.listdir(SYS_NET) if n.startswith(VETH_PREFIX)]
     except OSError:

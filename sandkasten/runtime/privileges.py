@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+from collections.abc import Callable
 
 from ..errors import ConfigError, SandboxError
 from . import seccomp
@@ -27,7 +28,7 @@ from . import seccomp
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _function(name: str, *argtypes: type) -> ctypes._CFuncPtr:
+def _function(name: str, *argtypes: type) -> Callable[..., int]:
     function = getattr(_libc, name)
     function.argtypes = argtypes
     function.restype = ctypes.c_int
@@ -162,9 +163,8 @@ def apply(prepared: Prepared) -> None:
         if _prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
             _fail(f"drop capability {cap} from the bounding set")
     # 3. Ambient capabilities (needs no capability). EINVAL: a kernel before 4.3 has none.
-    if _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
-        if ctypes.get_errno() != errno.EINVAL:
-            _fail("clear ambient capabilities")
+    if _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0 and ctypes.get_errno() != errno.EINVAL:
+        _fail("clear ambient capabilities")
     # 4. Groups before the uid: setgroups and setresgid need CAP_SETGID, gone once uid leaves 0.
     _check(_setgroups(0, None), "clear supplementary groups")
     _check(_setresgid(p.gid, p.gid, p.gid), f"set gid {p.gid}")

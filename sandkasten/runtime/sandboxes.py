@@ -46,7 +46,7 @@ class Runtime:
     @classmethod
     def detect(cls, data_dir: Path, cgroup_parent: str = "sandkasten",
                cgroup_root: Path = Path("/sys/fs/cgroup"),
-               network: network_mod.Settings | None = None) -> "Runtime":
+               network: network_mod.Settings | None = None) -> Runtime:
         data_dir = Path(data_dir).absolute()
         return cls(data_dir, ImageStore(data_dir / "images"),
                    cgroups_mod.detect(root=cgroup_root, parent=cgroup_parent), cgroup_root, network)
@@ -176,7 +176,7 @@ class Runtime:
             async with gate:
                 try:
                     reply = await client.acall(self.paths(sid).socket, {"op": "ping"}, timeout=2)
-                except (SandboxGone, OSError, ValueError, asyncio.TimeoutError):
+                except (TimeoutError, SandboxGone, OSError, ValueError):
                     return sid, False
             return sid, bool(reply.get("ok"))
 

@@ -26,8 +26,9 @@ Profiles (`security.seccomp` in the config):
   wall, in case of a kernel bug behind the first, and the only wall for the ones an unprivileged
   process may use (user namespaces, io_uring, userfaultfd, keyrings, perf, bpf).
 - ``strict``: mvp, plus: sockets only of family AF_UNIX, AF_INET, AF_INET6 (no netlink at all:
-  breaks `ip`, `ss`), no raw or packet sockets (SOCK_RAW, SOCK_PACKET), mknod/mknodat of character or block devices (FIFOs and
-  sockets are fine), fanotify_init, move_pages, migrate_pages. Raw sockets and device nodes
+  breaks `ip`, `ss`), no raw or packet sockets (SOCK_RAW, SOCK_PACKET), mknod/mknodat of
+  character or block devices (FIFOs and sockets are fine), fanotify_init, move_pages,
+  migrate_pages. Raw sockets and device nodes
   already need CAP_NET_RAW and CAP_MKNOD, which are dropped; strict refuses them also by filter.
 
 Every program starts by checking seccomp_data.arch against the architecture it was built for

@@ -17,8 +17,8 @@ import socket
 import stat
 import struct
 import time
-from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from sandkasten.runtime import syscalls as sc
 from sandkasten.runtime.spec import SandboxSpec
@@ -42,7 +42,8 @@ class Context:
     logs_fd: int = -1
     net_fd: int = -1     # bridge mode: the spawner's word that eth0 is configured (see network.py)
     network: dict | None = None
-    clock: list | None = None   # [step name, CLOCK_MONOTONIC when it ended] per step, for the spawner's report
+    # (step name, CLOCK_MONOTONIC when it ended) per step, for the spawner's report
+    clock: list[tuple[str, float]] = field(default_factory=list)
     oom_events: str = ""  # host path of the cgroup file counting OOM kills (cgroups.oom_events)
     oom_fd: int = -1
 
@@ -236,8 +237,7 @@ def run_steps(ctx: Context) -> None:
     for step in STEPS:
         try:
             step.run(ctx)
-            if ctx.clock is not None:
-                ctx.clock.append((step.name, time.monotonic()))
+            ctx.clock.append((step.name, time.monotonic()))
         except OSError as e:
             raise SetupFailed(f"unable to {step.name} for sandbox {ctx.spec.session_id}: "
                               f"{e.strerror or e}") from None

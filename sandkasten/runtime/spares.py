@@ -25,9 +25,9 @@ import secrets
 import select
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from sandkasten.runtime import cgroups as cgroups_mod
 from sandkasten.runtime.procfs import proc_start_time
@@ -186,7 +186,7 @@ def is_live(directory: Path, sid: str) -> bool:
 
 def live(directory: Path) -> set[str]:
     """Session ids of the spares whose process lives (read by the daemon and `doctor`)."""
-    found = set()
+    found: set[str] = set()
     try:
         entries = list(os.scandir(directory))
     except OSError:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import IO
 
 from sandkasten.errors import SandboxError
 
@@ -18,15 +19,15 @@ class Spawner:
     def __init__(self, cgroup_root: Path, cgroup_parent: str, spares_dir: Path | None = None):
         self.args = [sys.executable, "-m", "sandkasten.runtime.zygote", str(cgroup_root), cgroup_parent,
                      str(spares_dir or "")]
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.lock = threading.Lock()
 
-    def _ensure(self) -> subprocess.Popen:
+    def _ensure(self) -> subprocess.Popen[bytes]:
         if self.proc is not None and self.proc.poll() is None:
             return self.proc
         self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=None, close_fds=True)
-        hello = self.proc.stdout.readline()
+        hello = _pipes(self.proc)[1].readline()
         if not hello:
             code = self.proc.wait()
             raise SandboxError(f"unable to start the spawner: it exited with code {code}")
@@ -34,11 +35,11 @@ class Spawner:
 
     def request(self, msg: dict) -> dict:
         with self.lock:
-            proc = self._ensure()
+            stdin, stdout = _pipes(self._ensure())
             try:
-                proc.stdin.write((json.dumps(msg) + "\n").encode())
-                proc.stdin.flush()
-                line = proc.stdout.readline()
+                stdin.write((json.dumps(msg) + "\n").encode())
+                stdin.flush()
+                line = stdout.readline()
             except BrokenPipeError:
                 line = b""
             if not line:
@@ -49,11 +50,18 @@ class Spawner:
     def close(self) -> None:
         with self.lock:
             if self.proc is not None:
-                self.proc.stdin.close()
+                stdin, stdout = _pipes(self.proc)
+                stdin.close()
                 try:
                     self.proc.wait(timeout=5)
                 except subprocess.TimeoutExpired:
                     self.proc.kill()
                     self.proc.wait()
-                self.proc.stdout.close()
+                stdout.close()
                 self.proc = None
+
+
+def _pipes(proc: subprocess.Popen[bytes]) -> tuple[IO[bytes], IO[bytes]]:
+    """The zygote's stdin and stdout: always pipes (`_ensure` starts it so)."""
+    assert proc.stdin is not None and proc.stdout is not None
+    return proc.stdin, proc.stdout

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from sandkasten.errors import InvalidRequest
 
@@ -55,10 +56,10 @@ class SandboxSpec:
         return d
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "SandboxSpec":
+    def from_json(cls, d: Mapping[str, Any]) -> SandboxSpec:
         return cls(**{**d, "egress_allow": tuple(d.get("egress_allow") or ())})
 
-    def validate(self) -> "SandboxSpec":
+    def validate(self) -> SandboxSpec:
         check_session_id(self.session_id)
         for name in ("cpu_limit", "mem_limit_mb", "pids_limit"):
             value = getattr(self, name)
@@ -115,7 +116,7 @@ class ExecResult:
     log_error: str = ""       # errno name when the runner could not write the output log (ENOSPC)
 
     @classmethod
-    def from_meta(cls, m: Mapping[str, Any]) -> "ExecResult":
+    def from_meta(cls, m: Mapping[str, Any]) -> ExecResult:
         """From a runner's result (one written before a field existed lacks it: its default)."""
         return cls(**{k: m["id" if k == "exec_id" else k] for k in cls.__dataclass_fields__
                       if k in m or (k == "exec_id" and "id" in m)})

@@ -57,7 +57,7 @@ BASE_ENV = {
 class Zygote:
     def __init__(self, cgroups: cgroups_mod.Cgroups, spares_dir: Path | None = None):
         self.cgroups = cgroups
-        self.prepared: dict[tuple, object] = {}
+        self.prepared: dict[tuple[str, int, int], privileges.Prepared] = {}
         self.spares = Spares(cgroups, spares_dir, _libc)
 
     def fill_spares(self) -> None:
@@ -114,8 +114,8 @@ class Zygote:
         os.close(ready_r)
         clock.append(("ready report read", time.monotonic()))
         pid = report.get("pid")
-        if not report.get("ok"):
-            if pid:
+        if not report.get("ok") or not isinstance(pid, int):   # ok without a pid: A died before saying it
+            if pid or report.get("ok"):
                 self.cgroups.kill(spec.session_id)
             raise SetupFailed(report.get("error") or "sandbox did not report ready")
         st = proc_start_time(pid)
@@ -185,10 +185,10 @@ def _join(procs: list[str]) -> None:
 def _child_a(ctx: Context, procs: list[str], ready_w: int, env: dict, before_exec) -> None:
     """Intermediate child: never returns."""
     try:
-        ctx.clock.append(("fork A", time.monotonic()))   # type: ignore[union-attr]
+        ctx.clock.append(("fork A", time.monotonic()))
         os.setsid()
         _join(procs)
-        ctx.clock.append(("A: join cgroups", time.monotonic()))   # type: ignore[union-attr]
+        ctx.clock.append(("A: join cgroups", time.monotonic()))
         _unshare_and_fork(ctx, ready_w, env, before_exec)
     except BaseException as e:  # noqa: BLE001 - report to the zygote, then die
         _write(ready_w, {"ok": False, "error": f"unable to create namespaces: {e}"})
@@ -240,7 +240,7 @@ def _spare_b(zygote: Zygote, cmd_r: int, ready_w: int) -> None:
 
 def _unshare_and_fork(ctx: Context, ready_w: int, env: dict, before_exec) -> None:
     os.unshare(NAMESPACES)
-    ctx.clock.append(("A: unshare namespaces", time.monotonic()))   # type: ignore[union-attr]
+    ctx.clock.append(("A: unshare namespaces", time.monotonic()))
     pid_b = os.fork()
     if pid_b == 0:
         _child_b(ctx, ready_w, env, before_exec)
@@ -251,7 +251,7 @@ def _unshare_and_fork(ctx: Context, ready_w: int, env: dict, before_exec) -> Non
 def _child_b(ctx: Context, ready_w: int, env: dict, before_exec, first: str = "fork B (PID 1)") -> None:
     """PID 1 of the sandbox: set it up, report, become the runner."""
     try:
-        ctx.clock.append((first, time.monotonic()))   # type: ignore[union-attr]
+        ctx.clock.append((first, time.monotonic()))
         _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
         devnull = os.open("/dev/null", os.O_RDWR)
         for fd in (0, 1, 2):
@@ -268,20 +268,23 @@ def _child_b(ctx: Context, ready_w: int, env: dict, before_exec, first: str = "f
         except PermissionError:
             pass
         run_steps(ctx)
-        keep = {ready_w, ctx.logs_fd, ctx.oom_fd, ctx.listener.fileno()}
+        listener = ctx.listener
+        if listener is None:
+            raise SetupFailed(f"unable to set up sandbox {ctx.spec.session_id}: no runner socket was opened")
+        keep = {ready_w, ctx.logs_fd, ctx.oom_fd, listener.fileno()}
         for fd in _open_fds():
             if fd > 2 and fd not in keep:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
-        ctx.clock.append(("close inherited fds", time.monotonic()))   # type: ignore[union-attr]
+        ctx.clock.append(("close inherited fds", time.monotonic()))
         _write(ready_w, {"ok": True, "clock": ctx.clock})
         os.close(ready_w)
         gc.enable()
         gc.collect(0)
         _libc.malloc_trim(0)   # hand back the heap pages setup dirtied and freed: they would count against it
-        runner_main.run(ctx.listener, ctx.logs_fd, env, before_exec, oom_fd=ctx.oom_fd)
+        runner_main.run(listener, ctx.logs_fd, env, before_exec, oom_fd=ctx.oom_fd)
         os._exit(0)
     except BaseException as e:  # noqa: BLE001
         _write(ready_w, {"ok": False, "error": str(e) if isinstance(e, SetupFailed)
@@ -328,7 +331,8 @@ def _connect_network(net: dict, sid: str, ready_r: int, net_w: int) -> dict:
 def _read_until(fd: int, timeout: float, key: str, what: str) -> dict:
     """Report lines (A's `pid N`, B's JSON) until one gives `key`, one byte at a time so
     nothing after that line is consumed."""
-    deadline, line, report = time.monotonic() + timeout, b"", {}
+    deadline, line = time.monotonic() + timeout, b""
+    report: dict = {}
     while key not in report:
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([fd], [], [], left)[0]:
@@ -365,7 +369,8 @@ def _read_report(fd: int, timeout: float, until_pid: bool = True) -> dict:
     """Lines from A (`pid N`) and B (`{"ok": ...}`); done when B reported or all closed.
     With `until_pid=False` (one child, no pid line) the first JSON line is the report."""
     deadline = time.monotonic() + timeout
-    buf, report = b"", {}
+    buf = b""
+    report: dict = {}
     while True:
         left = deadline - time.monotonic()
         if left <= 0:

@@ -78,7 +78,7 @@ class Http:
 
 
 class BenchDaemon:
-    def __init__(self, fleet: "Fleet", name: str, **overrides):
+    def __init__(self, fleet: Fleet, name: str, **overrides):
         self.work = fleet.tmp / name
         self.data = self.work / "data"
         self.data.mkdir(parents=True)
@@ -98,11 +98,10 @@ class BenchDaemon:
 
     def start(self, argv_prefix: list[str] | None = None) -> tuple[float, float]:
         """Start and wait for /readyz; (seconds until /healthz answered, until /readyz)."""
-        log = open(self.work / "daemon.log", "ab")
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen((argv_prefix or []) + self.argv, stdout=log, stderr=log,
-                                     start_new_session=True)
-        log.close()
+        with open(self.work / "daemon.log", "ab") as log:
+            self.proc = subprocess.Popen((argv_prefix or []) + self.argv, stdout=log, stderr=log,
+                                         start_new_session=True)
         healthy = None
         while True:
             if self.proc.poll() is not None:

@@ -15,6 +15,7 @@ import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from sandkasten.runtime.sandboxes import read_pidfile
 
@@ -47,7 +48,7 @@ def mem_available_kb() -> int:
 
 
 def limits_note(n: int) -> str:
-    pid_max = int(open("/proc/sys/kernel/pid_max").read())
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
     import resource
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return f"pid_max {pid_max}, ulimit -n {nofile}, ~{2 * n + 10} pids needed"

@@ -50,11 +50,11 @@ def round_trips(report: Report, d: BenchDaemon, n: int) -> None:
         sid = http.ok("POST", "/v1/sessions", {})["id"]
         for cmd in (":", "echo hello"):
             report.add(RTT, f"exec.http.{cmd}", f"HTTP exec `{cmd}`",
-                       time_ms(lambda: http_exec(http, sid, cmd), n, warmup=10))
+                       time_ms(lambda cmd=cmd: http_exec(http, sid, cmd), n, warmup=10))
             report.add(RTT, f"exec.socket.{cmd}", f"runner socket exec `{cmd}`",
-                       time_ms(lambda: socket_exec(d, sid, cmd), n, warmup=10))
+                       time_ms(lambda cmd=cmd: socket_exec(d, sid, cmd), n, warmup=10))
             report.add(RTT, f"exec.bash.{cmd}", f"raw pipe to bash `{cmd}` (floor)",
-                       time_ms(lambda: bash.run(cmd), n, warmup=10))
+                       time_ms(lambda cmd=cmd: bash.run(cmd), n, warmup=10))
         report.add(RTT, "spawn.true", "local spawn of /bin/true", baselines.spawn_true(n))
         report.add(RTT, "wake.busy", "baseline: pipe ping-pong, two processes, back to back",
                    baselines.ping_pong(n, idle_s=0))

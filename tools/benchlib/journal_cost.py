@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sandkasten.domain import commands as c
@@ -30,7 +30,7 @@ async def _exec_cost(db: Path, durability: str, n: int) -> tuple[Summary, Summar
     j = await Journal.open(db, durability)
     try:
         sid = "s-bench-journal"
-        expires = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
+        expires = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
         await j.execute(sid, c.RequestSession(image="base", expires_at=expires), actor="bench")
         await j.execute(sid, c.RecordSandboxStarted(pid=1, start_time=1), actor="bench")
         per_exec, per_append = [], []
