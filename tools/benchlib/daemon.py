@@ -90,7 +90,10 @@ class BenchDaemon:
         self.network = network.Settings(bridge=f"skb{os.getpid() % 100000}", subnet=f"10.250.{len(fleet.daemons)}.0/24")
         cfg = {"listen": f"127.0.0.1:{self.port}", "api_key": API_KEY, "data_dir": str(self.data),
                "cgroup_parent": self.cgroup_parent, "default_image": "base", "session_ttl_seconds": 7200,
-               "network": {"bridge": self.network.bridge, "subnet": self.network.subnet}, **overrides}
+               "network": {"bridge": self.network.bridge, "subnet": self.network.subnet},
+               # admission off: recovery and density hold thousands of idle sandboxes, each granted
+               # a memory limit it never uses (the defaults would refuse the 95th on this host)
+               "limits": {"max_sessions": 100_000, "max_total_mem_mb": 1 << 30}, **overrides}
         self.config.write_text(yaml.safe_dump(cfg))
         self.proc: subprocess.Popen | None = None
         self.argv = [str(REPO / ".venv/bin/sandkasten"), "--config", str(self.config)]
