@@ -93,7 +93,11 @@ def json_body(request: Request):
 @bp.post("/sessions")
 async def create_session(request: Request):
     d = request.app.ctx.daemon
-    cmd = intake.session_command(d.cfg, d.runtime.images, json_body(request))
+    body = json_body(request)
+    if isinstance(body, dict) and body.get("egress_allow"):   # host names to resolve: DNS off the event loop
+        cmd = await asyncio.to_thread(intake.session_command, d.cfg, d.runtime.images, body)
+    else:
+        cmd = intake.session_command(d.cfg, d.runtime.images, body)
     pool = getattr(d, "pool", None)
     sid = await pool.claim(cmd, request.ctx.actor, request.ctx.request_id) if pool is not None else None
     if sid is not None:  # a pre-warmed sandbox, already configured as asked ("pooled": true)
