@@ -15,9 +15,10 @@ import os
 import re
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
 
 from sandkasten import cli_render as render
 from sandkasten import admission
@@ -132,7 +133,7 @@ class Cli(AdminCommands):
         if json:
             render.print_json([session_view(r) for r in rows])
         else:
-            render.sessions_table(rows, datetime.now(timezone.utc), bool(all))
+            render.sessions_table(rows, datetime.now(UTC), bool(all))
 
     def _ps_processes(self, sid: str, include_ended: bool, as_json: bool) -> None:
         from sandkasten.views import process_view
@@ -146,7 +147,7 @@ class Cli(AdminCommands):
         if as_json:
             render.print_json([process_view(r) for r in rows])
         else:
-            render.processes_table(rows, datetime.now(timezone.utc), include_ended)
+            render.processes_table(rows, datetime.now(UTC), include_ended)
 
     def logs(self, session: str, follow: bool = False, json: bool = False) -> None:
         """Replay every command of SESSION in order: a header (time, exec id, $ cmd, exit code,

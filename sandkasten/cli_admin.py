@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import sys
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ class AdminCommands:
         fmt = text(format, "--format")
         if fmt not in audit.FORMATS:
             raise Usage(f"--format must be one of {', '.join(audit.FORMATS)} (got {fmt!r})")
-        start = parse_since(since, datetime.now(timezone.utc))
+        start = parse_since(since, datetime.now(UTC))
         sid = text(session, "--session") if session is not None else None
         path = Path(text(output, "--output")) if output is not None else None
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Iterable, Sequence
+from datetime import datetime, UTC
+from typing import Any
+from collections.abc import Iterable, Sequence
 
 SESSION_HEADER = ("SESSION ID", "IMAGE", "STATUS", "CREATED", "EXPIRES", "EXECS", "CWD", "WORKSPACE")
 _ENDED = ("destroyed", "failed")
@@ -36,7 +37,7 @@ def parse_time(iso: str | None) -> datetime | None:
         value = datetime.fromisoformat(iso)
     except ValueError:
         return None
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def humanize(iso: str | None, now: datetime) -> str:
@@ -61,7 +62,7 @@ def stamp(iso: str | None) -> str:
     when = parse_time(iso)
     if when is None:
         return "-"
-    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def duration(ms: float | None) -> str:

@@ -82,7 +82,7 @@ class Daemon:
             if self.cluster is not None:  # a new epoch first: what is ours is known before reconciling
                 await self.cluster.join()
             stats = await self.reconciler.startup()
-        except Exception as e:  # noqa: BLE001 - stay up and say why we are not ready
+        except Exception as e:  # stay up and say why we are not ready
             log.exception("startup reconcile failed")
             self.readiness = {"phase": "failed", "error": str(e)}
             return

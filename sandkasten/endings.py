@@ -12,7 +12,7 @@ own check of the journal whenever it wakes.
 from __future__ import annotations
 
 import asyncio
-from typing import Iterable
+from collections.abc import Iterable
 
 from sandkasten.domain import events as ev
 

@@ -21,7 +21,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from runner.protocol import FRAME, STDERR, STDOUT, STREAM_NAMES
 
@@ -59,7 +59,7 @@ class Cursor:
         return base + suffix
 
     @classmethod
-    def parse(cls, text: str | None) -> "Cursor":
+    def parse(cls, text: str | None) -> Cursor:
         """The cursor an event id names (`Last-Event-ID`); empty means the start."""
         if text is None or not text.strip():
             return cls()

@@ -16,7 +16,8 @@ import secrets
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
 
 from sandkasten.config import Config
 from sandkasten.domain import commands as c
@@ -220,7 +221,7 @@ class Executor:
 
     # ------------------------------------------------------------------ exec
     async def _exec(self, sid: str, exec_id: str, req: ExecRequest | None = None,
-                    answering: bool = False) -> "Observed | None":
+                    answering: bool = False) -> Observed | None:
         """Run one journaled exec (or re-attach to it: the runner runs an exec id at most once)
         and journal its end; returns what `exec.finished` says (payload, time). With `req` the
         caller has just journaled the request, so there is nothing to read first."""

@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 import re
 import secrets
-from datetime import datetime, timedelta, timezone
-from typing import Any, Mapping
+from datetime import datetime, timedelta, UTC
+from typing import Any
+from collections.abc import Mapping
 
 from sandkasten.config import NETWORK_MODES, Config
 from sandkasten.domain import commands as c
@@ -135,7 +136,7 @@ def session_command(cfg: Config, images: ImageStore, body: Mapping[str, Any] | N
         if not cfg.workspace.enabled:
             raise InvalidRequest("invalid workspace_id: persistent workspaces are disabled in this daemon")
     readonly = _flag(body, "readonly_rootfs", d.readonly_rootfs)
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     return c.RequestSession(
         image=image,
         cpu_limit=_number(body, "cpu_limit", d.cpu_limit, float, lim.max_cpu_limit, least=MIN_CPU),

@@ -37,7 +37,7 @@ import logging
 import os
 import time
 from collections import Counter, defaultdict
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 
 from sandkasten import admission, intake
 from sandkasten.config import Config
@@ -71,7 +71,7 @@ class Pool:
     def template(self, image: str, now: datetime | None = None) -> c.RequestSession:
         """The request a pool member of `image` is made from: the configured defaults."""
         d, ttl = self.cfg.defaults, self.cfg.limits.max_ttl_seconds
-        now = now or datetime.now(timezone.utc)
+        now = now or datetime.now(UTC)
         return c.RequestSession(
             image=image, cpu_limit=d.cpu_limit, mem_limit_mb=d.mem_limit_mb, pids_limit=d.pids_limit,
             network_mode=d.network_mode, env={}, ttl_seconds=ttl, workspace_id=None,
@@ -170,7 +170,7 @@ class Pool:
                 log.warning("pool refill: %s", e.message)
             try:
                 await asyncio.wait_for(self._wake.wait(), REFILL_INTERVAL)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def refill(self) -> int:

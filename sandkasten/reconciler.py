@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 from sandkasten.config import Config
 from sandkasten.domain import commands as c
@@ -161,14 +161,14 @@ class Reconciler:
         if time.monotonic() - self._pruned < min(PRUNE_EVERY_S, keep / 2):
             return 0
         self._pruned = time.monotonic()
-        cutoff = datetime.now(timezone.utc).timestamp() - keep
+        cutoff = datetime.now(UTC).timestamp() - keep
         old = [r["id"] for r in await self.journal.sessions(include_ended=True)
                if r["status"] in ENDED and r["ended_at"] and _parse(r["ended_at"]).timestamp() < cutoff]
         return await asyncio.to_thread(self.runtime.remove_logs, old)
 
     async def pass_once(self) -> None:
         await self.prune_logs()
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         for row in await self.journal.sessions():
             sid = row["id"]
             if not self.executor.owns(row):
@@ -198,7 +198,7 @@ def _same_runner(row: dict, obs) -> bool:
 
 def _parse(iso: str) -> datetime:
     dt = datetime.fromisoformat(iso.replace("Z", "+00:00"))
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 def _reason(obs) -> str:

@@ -117,7 +117,7 @@ def create_app(daemon) -> Sanic:
             return
         try:
             await asyncio.wait_for(request.receive_body(), cfg.limits.body_timeout_seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             _drop_body(request)
             raise RequestTimeout(f"unable to read the request body: it did not arrive within "
                                  f"{cfg.limits.body_timeout_seconds:g}s (limits.body_timeout_seconds)",

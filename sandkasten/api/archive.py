@@ -100,7 +100,7 @@ async def upload_archive(request: Request, sid: str):
     except PayloadTooLarge:
         too_large = True
     finally:
-        body.finish(cut=too_large or not unpacking.done() and asyncio.current_task().cancelling() > 0)
+        body.finish(cut=too_large or (not unpacking.done() and asyncio.current_task().cancelling() > 0))
     if too_large:
         with suppress(SandkastenError):                   # it saw the cut; the size is the reason
             await unpacking

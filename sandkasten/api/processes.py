@@ -213,7 +213,7 @@ async def kill_process(request: Request, sid: str, process_id: str):
             await d.processes.send(sid, process_id, {"op": "proc_signal", "signal": 9})
             await asyncio.wait_for(settle(d, d.processes.ensure_watched(sid, process_id), "the process was "
                                           "killed; its exit is journaled once the daemon is back"), KILL_WAIT_S)
-        except (ProcessExited, SessionEnded, SandboxGone, asyncio.TimeoutError):
+        except (TimeoutError, ProcessExited, SessionEnded, SandboxGone):
             pass   # it ended meanwhile, or the session did: the row says how
         row = await process_row(d, sid, process_id)
     return json({"ok": True, "process": process_view(row)})

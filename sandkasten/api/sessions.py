@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json as jsonlib
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 from sanic import Request, json
 
@@ -164,7 +164,7 @@ def require_running(row: dict, verb: str) -> None:
     if status != "running":
         raise SessionNotRunning(f"unable to {verb} in session {row['id']}: the session is {status}",
                                 status=status)
-    if row.get("expires_at") and row["expires_at"] <= iso_utc(datetime.now(timezone.utc)):  # the reconciler journals it within a second
+    if row.get("expires_at") and row["expires_at"] <= iso_utc(datetime.now(UTC)):  # the reconciler journals it within a second
         raise SessionEnded(f"unable to {verb} in session {row['id']}: the session expired at {row['expires_at']} "
                            f"(reason: ttl)", status="expired", reason="ttl")
     if row["pool"] in UNCLAIMED:

@@ -22,10 +22,11 @@ No I/O and no clock reads here: timestamps come in the commands.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
+from datetime import datetime, UTC
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 from sandkasten.domain import commands as c
 from sandkasten.domain import events as ev
@@ -189,7 +190,7 @@ def decide(
             raise InvalidRequest(f"unable to apply {type(command).__name__} to session stream")
         return decide_workspace(state, command)
     if isinstance(command, h.HOST_COMMANDS):
-        if state is not None and not isinstance(state, h.HostState) or not (stream_id or "").startswith(h.HOST_STREAM_PREFIX):
+        if (state is not None and not isinstance(state, h.HostState)) or not (stream_id or "").startswith(h.HOST_STREAM_PREFIX):
             raise InvalidRequest(f"unable to apply {type(command).__name__}: stream {stream_id} is not a host")
         return h.decide_host(state, command, stream_id or "")
     if isinstance(command, h.PlaceSession):
@@ -249,7 +250,7 @@ def iso_utc(value: datetime | str) -> str:
             raise InvalidRequest(f"unable to parse timestamp {value!r}: {exc}") from None
     if value.tzinfo is None:
         raise InvalidRequest(f"unable to use timestamp {value.isoformat()}: no timezone")
-    return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 def _claim(state: SessionState, cmd: c.ClaimSession, prior: PriorExecs, verb: str) -> list[ev.NewEvent]:

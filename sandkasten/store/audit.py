@@ -17,8 +17,9 @@ from __future__ import annotations
 import base64
 import csv
 import json
-from datetime import datetime, timezone
-from typing import Any, Mapping, TextIO
+from datetime import datetime, UTC
+from typing import Any, TextIO
+from collections.abc import Mapping
 
 from sandkasten.domain import events as ev
 from sandkasten.domain.session import EXEC_FINISHED, EXEC_LOST, EXEC_REQUESTED, EXEC_RUNNING
@@ -177,5 +178,5 @@ async def verify(journal: Journal) -> VerifyResult:
 
 def _iso(value: datetime) -> str:
     if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)  # a bare --since from the CLI means UTC
-    return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
+        value = value.replace(tzinfo=UTC)  # a bare --since from the CLI means UTC
+    return value.astimezone(UTC).isoformat(timespec="microseconds")

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import sqlite3
 from collections import namedtuple
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite as sqlite_dialect

@@ -27,9 +27,10 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterable, TypeVar
+from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import sqlalchemy as sa
 from json.encoder import encode_basestring as _encode_string   # = json.dumps(str, ensure_ascii=False)
@@ -38,11 +39,11 @@ from sandkasten.domain import commands as c
 from sandkasten.domain import events as ev
 from sandkasten.domain import host
 from sandkasten.domain.events import RecordedEvent
-from sandkasten.domain.session import (DESTROYING, ENDED_STATUSES, POOL_IDLE, UNCLAIMED, PriorExecs, State, decide, evolve)
+from sandkasten.domain.session import (PriorExecs, State, decide, evolve)
 from sandkasten.errors import ConcurrencyConflict, InvalidRequest, JournalError, SandkastenError
 from sandkasten.store import fastpath, integrity, postgres, projections, queries, schema
 from sandkasten.store.group_commit import GroupCommit
-from sandkasten.store.schema import events, execs, processes, sessions, workspaces
+from sandkasten.store.schema import events, execs, processes, sessions
 
 T = TypeVar("T")
 log = logging.getLogger("sandkasten.journal")
@@ -117,7 +118,7 @@ def _json_text(value: str | None) -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 now = _now   # the journal's timestamps (ISO 8601 UTC, microseconds), for callers that stamp ahead
@@ -179,7 +180,7 @@ class Journal:
     # --- lifecycle ------------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, db_path: Path | str, durability: str = "normal", *, busy_timeout_s: float = 10.0) -> "Journal":
+    async def open(cls, db_path: Path | str, durability: str = "normal", *, busy_timeout_s: float = 10.0) -> Journal:
         """Create the parent dir, migrate (alembic, in a thread, only when behind), connect.
         A `postgresql…://` URL instead of a path opens the shared journal of a cluster."""
         if postgres.is_url(db_path):
@@ -210,7 +211,7 @@ class Journal:
         return journal
 
     @classmethod
-    async def _open_postgres(cls, url: str, durability: str, busy_timeout_s: float) -> "Journal":
+    async def _open_postgres(cls, url: str, durability: str, busy_timeout_s: float) -> Journal:
         """The same journal on PostgreSQL: appends serialised by an advisory lock (see
         store/postgres.py); durability is the server's (synchronous_commit)."""
         where = postgres.label(url)
@@ -282,7 +283,7 @@ class Journal:
             await loop.run_in_executor(self._writer_thread, _close)
             self._writer_thread.shutdown(wait=True)
 
-    def _guard(self, action: str) -> "_Guard":
+    def _guard(self, action: str) -> _Guard:
         return _Guard(self.path, self.busy_timeout_s)(action)  # type: ignore[return-value]
 
     # --- transactions -------------------------------------------------------------------
@@ -318,7 +319,7 @@ class Journal:
         for listener in self.listeners:
             try:
                 listener(recorded)
-            except Exception:  # noqa: BLE001 - a listener must never undo a commit
+            except Exception:  # a listener must never undo a commit
                 log.exception("journal listener failed")
 
     async def _write(self, action: str, fn: Callable[..., T], *args: Any, heavy: bool = False) -> T:
