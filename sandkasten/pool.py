@@ -34,6 +34,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import functools
 import os
 import time
 from collections import Counter, defaultdict
@@ -197,7 +198,7 @@ class Pool:
                     log.info("pool of %s not refilled: %s", image, e.message)
                     return requested
                 task = self.executor.ensure_session(sid)
-                task.add_done_callback(lambda t, i=image: self._created(i, t))
+                task.add_done_callback(functools.partial(self._created, image))
                 requested += 1
         return requested
 

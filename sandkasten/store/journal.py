@@ -39,7 +39,8 @@ from sandkasten.domain import commands as c
 from sandkasten.domain import events as ev
 from sandkasten.domain import host
 from sandkasten.domain.events import RecordedEvent
-from sandkasten.domain.session import (PriorExecs, State, decide, evolve)
+from sandkasten.domain.session import (PriorExecs, SessionState, State, decide, evolve)
+from sandkasten.domain.workspace import WorkspaceState
 from sandkasten.errors import ConcurrencyConflict, InvalidRequest, JournalError, SandkastenError
 from sandkasten.store import fastpath, integrity, postgres, projections, queries, schema
 from sandkasten.store.group_commit import GroupCommit
@@ -612,6 +613,17 @@ class Journal:
         if state is not None:
             self._remember(stream_id, state)
         return state
+
+    async def session_state(self, sid: str) -> SessionState | None:
+        """The folded state of session `sid`; None when it has no stream or its stream is not a
+        session's (a workspace's or a host's id is no session)."""
+        state = await self.state(sid)
+        return state if isinstance(state, SessionState) else None
+
+    async def workspace_state(self, stream_id: str) -> WorkspaceState | None:
+        """The folded state of a workspace's stream (`ws:<id>`); None as for `session_state`."""
+        state = await self.state(stream_id)
+        return state if isinstance(state, WorkspaceState) else None
 
     async def events(
         self, after_seq: int = 0, stream_id: str | None = None, limit: int = 1000, types: Iterable[str] | None = None
