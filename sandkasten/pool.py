@@ -122,7 +122,7 @@ class Pool:
     # ------------------------------------------------------------------ claim
     async def claim(self, cmd: c.RequestSession, actor: str, request_id: str | None = None) -> str | None:
         """The id of a pool member now configured as `cmd` asks, or None (create a cold one)."""
-        if not self.servable(cmd):
+        if not self.servable(cmd) or cmd.expires_at is None:  # (the cold path says it is required)
             return None
         claim = c.ClaimSession(
             ttl_seconds=cmd.ttl_seconds, expires_at=cmd.expires_at, cpu_limit=cmd.cpu_limit,
