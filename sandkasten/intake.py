@@ -258,12 +258,14 @@ def stdin_data(body: Any) -> tuple[bytes, bool]:
             raise InvalidRequest("invalid data: expected a string (or use data_base64 for bytes)", field="data")
         data = text.encode()
     elif b64 is not None:
+        decoded: bytes | None
         try:
-            data = base64.b64decode(b64, validate=True) if isinstance(b64, str) else None
+            decoded = base64.b64decode(b64, validate=True) if isinstance(b64, str) else None
         except (binascii.Error, ValueError):
-            data = None
-        if data is None:
+            decoded = None
+        if decoded is None:
             raise InvalidRequest("invalid data_base64: expected base64 text", field="data_base64")
+        data = decoded
     elif not eof:
         raise InvalidRequest("invalid stdin request: nothing to send (give 'data', 'data_base64' or 'eof': true)")
     else:

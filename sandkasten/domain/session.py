@@ -208,7 +208,7 @@ def decide(
         sid = stream_id or "?"
         raise SessionNotFound(f"unable to {verb} {sid}: no such session", session_id=sid)
     if not isinstance(state, SessionState):
-        raise InvalidRequest(f"unable to {verb} {state.workspace_id}: stream is a workspace")
+        raise InvalidRequest(f"unable to {verb} {stream_id}: stream is not a session's")
     sid = state.session_id
     allowed = _ALLOWED.get(type(command))
     if allowed is not None and state.status not in allowed:
