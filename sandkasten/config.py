@@ -298,6 +298,7 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
         if not name.startswith("SANDKASTEN_") or name in skip:
             continue
         key = name[len("SANDKASTEN_"):].lower()
+        section: str | None
         if "__" in key:
             section, sub = key.split("__", 1)
         else:

@@ -156,6 +156,7 @@ class WorkspaceArchive(WorkspaceFS):
 
         if member.isdev() or member.isfifo():
             raise refuse(PathRefused, "device nodes and fifos are refused")
+        source: str | None = None   # a hard link's (checked) target
         if member.issym():
             _check_symlink_target(rel, member.linkname, refuse, external_symlinks)
         elif member.islnk():
@@ -184,8 +185,8 @@ class WorkspaceArchive(WorkspaceFS):
             elif member.issym():
                 _place(parent_fd, name, refuse, lambda tmp: os.symlink(member.linkname, tmp, dir_fd=parent_fd),
                        lambda tmp: os.chown(tmp, self.uid, self.gid, dir_fd=parent_fd, follow_symlinks=False))
-            elif member.islnk():
-                src_parent, _, src_name = self._member_name(member.linkname).rpartition("/")
+            elif source is not None:   # a hard link
+                src_parent, _, src_name = source.rpartition("/")
                 src_fd = self._parent_without_symlinks(root_fd, src_parent)
                 try:
                     _place(parent_fd, name, refuse, lambda tmp: os.link(src_name, tmp, src_dir_fd=src_fd,

@@ -291,8 +291,9 @@ def _read_output(path, offset: int, limit: int) -> tuple[int, list[exec_feed.Fra
     with open(path, "rb") as f:
         f.seek(offset)
         buf = f.read(limit + exec_feed.FRAME.size + 65536)
-    frames, used = exec_feed.parse_frames(buf, offset)
-    taken, total = [], 0
+    frames, _ = exec_feed.parse_frames(buf, offset)
+    taken: list[exec_feed.Frame] = []
+    total = 0
     for frame in frames:
         if taken and total + len(frame.data) > limit:
             break

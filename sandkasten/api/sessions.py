@@ -255,7 +255,8 @@ async def settle(d, task: asyncio.Future, on_stop: str):
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
-        if d.stopping and not asyncio.current_task().cancelling():
+        current = asyncio.current_task()
+        if d.stopping and not (current is not None and current.cancelling()):
             raise NotReady(f"the daemon is stopping: {on_stop}") from None
         raise
 
