@@ -86,7 +86,7 @@ def create_app(daemon) -> Sanic:
                 raise Answer(refused)
         elif key and request.path not in OPEN_PATHS:
             given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
+            scheme, _sep, token = given.partition(" ")
             # headers are read as latin-1/surrogates: a byte that is no UTF-8 must compare, not raise
             if scheme.lower() != "bearer" or not hmac.compare_digest(
                     token.strip().encode("utf-8", "surrogateescape"), key):

@@ -284,8 +284,8 @@ class Journal:
             await loop.run_in_executor(self._writer_thread, _close)
             self._writer_thread.shutdown(wait=True)
 
-    def _guard(self, action: str) -> _Guard:
-        return _Guard(self.path, self.busy_timeout_s)(action)  # type: ignore[return-value]
+    def _guard(self, action: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return _Guard(self.path, self.busy_timeout_s)(action)
 
     # --- transactions -------------------------------------------------------------------
 
@@ -487,7 +487,7 @@ class Journal:
             seq, version = seq + 1, version + 1
             payload = dict(new.payload)
             payload_json = canonical_json(payload)
-            row = {"seq": seq, "stream_id": stream_id, "stream_version": version, "type": new.type,
+            row: dict[str, Any] = {"seq": seq, "stream_id": stream_id, "stream_version": version, "type": new.type,
                    "schema_version": new.schema_version, "payload": payload, "actor": actor,
                    "request_id": request_id, "created_at": created_at}
             row_hash = _chain_hash_of(prev_hash, row, payload_json)
@@ -532,7 +532,7 @@ class Journal:
                 f"unable to append to stream {row['stream_id']}: version {row['stream_version']} already exists"
             ) from exc
 
-    def _catch_up_query(self, stream_id: str, head: bool) -> tuple[sa.Executable, dict[str, Any], State | None]:
+    def _catch_up_query(self, stream_id: str, head: bool) -> tuple[sa.ClauseElement, dict[str, Any], State | None]:
         """The stream's events newer than its cached state (returned too: the base to fold them
         onto, whatever another thread does to the cache meanwhile) and, with `head`, in the
         same query, the journal's last event, whose seq and hash the next append chains to."""
@@ -592,7 +592,7 @@ class Journal:
         async with self._guard(action):
             return await asyncio.get_running_loop().run_in_executor(self._reader_thread, read)
 
-    async def _point(self, stmt: sa.Select, params: dict[str, Any], action: str = "read") -> list[Any]:
+    async def _point(self, stmt: sa.ClauseElement, params: dict[str, Any], action: str = "read") -> list[Any]:
         """Rows of a prebuilt statement: on SQLite right here on the loop through the driver
         (a read in WAL mode never waits for a writer), elsewhere on the reader thread."""
         if self._point_reader is None:
@@ -602,7 +602,7 @@ class Journal:
         except (sqlite3.Error, OSError) as exc:
             raise _Guard(self.path, self.busy_timeout_s).error(action, exc) from exc
 
-    async def _point_read(self, stmt: sa.Select, params: dict[str, Any]) -> dict[str, Any] | None:
+    async def _point_read(self, stmt: sa.ClauseElement, params: dict[str, Any]) -> dict[str, Any] | None:
         """One row by a prebuilt statement (a session, an exec, a process)."""
         rows = await self._point(stmt, params)
         return fastpath.mapping(rows[0]) if rows else None
@@ -806,7 +806,7 @@ def _check_row(row: Any, prev_hash: str) -> str | None:
 class _Guard:
     """The one place foreign errors (sqlite, SQLAlchemy, OS) become JournalError."""
 
-    def __init__(self, path: Path, busy_timeout_s: float) -> None:
+    def __init__(self, path: Path | str, busy_timeout_s: float) -> None:   # (str: a PostgreSQL URL)
         self.path, self.busy_timeout_s = path, busy_timeout_s
 
     @contextlib.asynccontextmanager
