@@ -285,7 +285,7 @@ def call_args(fn: Callable[..., Any], args: list[str],
             value, i = args[i], i + 1
         kwargs[name] = DefaultParseValue(value)
     free = [n for n in positional if n not in kwargs]
-    for name, word in zip(free, words):
+    for name, word in zip(free, words, strict=False):   # fewer words than parameters, or more (the rest)
         kwargs[name] = word
     rest = words[len(free):]
     if rest and not varargs:

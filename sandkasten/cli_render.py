@@ -68,7 +68,7 @@ def stamp(iso: str | None) -> str:
 def duration(ms: float | None) -> str:
     if ms is None:
         return "-"
-    ms = int(round(ms))
+    ms = round(ms)
     if ms < 1000:
         return f"{ms} ms"
     if ms < 60_000:
@@ -134,7 +134,7 @@ def exec_json(row: dict[str, Any], output: Output | None = None) -> dict[str, An
     out = {
         "exec_id": row["id"], "session_id": row["session_id"], "cmd": row["cmd"], "status": row["status"],
         "exit_code": row["exit_code"], "cwd": row["cwd"],
-        "duration_ms": None if row["duration_ms"] is None else int(round(row["duration_ms"])),
+        "duration_ms": None if row["duration_ms"] is None else round(row["duration_ms"]),
         "timed_out": bool(row["timed_out"]), "truncated": bool(row["truncated"]),
         "requested_at": row["requested_at"], "finished_at": row["finished_at"], "actor": row["actor"],
         "stdout_bytes": row["stdout_bytes"], "stderr_bytes": row["stderr_bytes"],
@@ -153,7 +153,7 @@ def exec_outcome(row: dict[str, Any]) -> str:
         parts = [f"exit {row['exit_code']}", duration(row["duration_ms"]), f"cwd {row['cwd']}"]
         if row["timed_out"]:
             parts.append("timed out")
-        return ", ".join(parts + ["finished"])
+        return ", ".join([*parts, "finished"])
     if status == "requested":
         return "requested, waiting for the daemon"
     return status

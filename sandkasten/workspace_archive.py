@@ -115,7 +115,8 @@ class WorkspaceArchive(WorkspaceFS):
         files: set[str] = set()
         with self._failures("extract into", "") as root_fd:
             try:
-                tar = tarfile.open(fileobj=source, mode="r|*")
+                # opened apart to tell a bad stream from a failure inside; closed by `with tar` below
+                tar = tarfile.open(fileobj=source, mode="r|*")  # noqa: SIM115
             except tarfile.TarError as e:
                 raise InvalidRequest(f"unable to extract the archive: not a tar stream ({e})") from None
             with tar:

@@ -103,7 +103,8 @@ async def upload_archive(request: Request, sid: str):
     too_large = False
     try:
         while not unpacking.done() and (chunk := await stream.read()) is not None:
-            while not body.offer(chunk) and not unpacking.done():
+            # the extractor's thread takes from a queue.Queue: no event to await, a 1 ms poll
+            while not body.offer(chunk) and not unpacking.done():  # noqa: ASYNC110
                 await asyncio.sleep(0.001)   # the extractor is behind: hold the rest of the body back
     except PayloadTooLarge:
         too_large = True
@@ -153,7 +154,7 @@ class BodyReader(io.RawIOBase):
             except queue.Empty:
                 if self.ended:
                     if self.cut:
-                        raise OSError(errno.EPIPE, "the request body was cut off")
+                        raise OSError(errno.EPIPE, "the request body was cut off") from None
                     return 0
                 continue
             self.pending = item or b""

@@ -136,9 +136,9 @@ def _fold_process(rows: dict[str, dict[str, Any]], event: ev.RecordedEvent, sinc
         }
         return
     row = rows.get(pid)
-    if row is None:  # started before `since`; its inputs after `since` still count
-        if event.type != ev.PROCESS_INPUT or (since_iso is not None and event.created_at < since_iso):
-            return
+    # started before `since`: its inputs after `since` still count
+    if row is None and (event.type != ev.PROCESS_INPUT or (since_iso is not None and event.created_at < since_iso)):
+        return
     if event.type == ev.PROCESS_INPUT:
         rows[f"{pid}#{event.seq}"] = {
             "actor": event.actor, "requested_at": event.created_at, "session": event.stream_id, "exec_id": pid,

@@ -139,7 +139,8 @@ class GroupCommit:
 
     async def drain(self) -> None:
         """Wait until everything submitted so far is written (on close)."""
-        while self.queue or self.in_thread or self.scheduled:
+        # the writer thread's state, no event to await; polled on close only
+        while self.queue or self.in_thread or self.scheduled:  # noqa: ASYNC110
             await asyncio.sleep(0.001)
 
     def close(self) -> None:

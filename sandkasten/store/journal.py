@@ -186,7 +186,7 @@ class Journal:
         A `postgresql…://` URL instead of a path opens the shared journal of a cluster."""
         if postgres.is_url(db_path):
             return await cls._open_postgres(str(db_path), durability, busy_timeout_s)
-        db_path = Path(db_path).absolute()
+        db_path = Path(db_path).absolute()  # noqa: ASYNC240 - reads the cwd, no file I/O
         if durability not in DURABILITIES:
             raise JournalError(f"unable to open journal {db_path}: durability {durability!r} is not normal|full")
         sync = DURABILITIES[durability]
