@@ -473,7 +473,8 @@ def _validate(cfg: Config) -> None:
         if value > MAX_SECONDS:
             raise ConfigError(f"invalid config key {key}: at most {MAX_SECONDS} (ten years) (got {value})")
     if d.disk_limit_mb != 0 and d.disk_limit_mb < 16:
-        raise ConfigError(f"invalid config key defaults.disk_limit_mb: 0 (no quota) or at least 16 (got {d.disk_limit_mb})")
+        raise ConfigError(f"invalid config key defaults.disk_limit_mb: 0 (no quota) or at least 16 "
+                          f"(got {d.disk_limit_mb})")
     _one_of("defaults.network_mode", d.network_mode, NETWORK_MODES)
     _one_of("security.seccomp", cfg.security.seccomp, SECCOMP_PROFILES)
     if cfg.security.userns:

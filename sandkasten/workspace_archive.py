@@ -11,7 +11,8 @@ the API client owns the tar being unpacked, so neither is trusted:
   Member names are relative to /workspace (`src/app.py`), as the SDK's portable tars are.
 - unpack: refuses absolute names, `..`, NUL; symlinks whose target leaves /workspace; hard
   links to anything but an earlier member of the same tar; devices and fifos; files above
-  `max_file_bytes` (symlinks out are allowed on request: `unpack`). A member's parent is looked up beneath the root with *no* symlinks allowed
+  `max_file_bytes` (symlinks out are allowed on request: `unpack`). A member's parent is
+  looked up beneath the root with *no* symlinks allowed
   (RESOLVE_NO_SYMLINKS), so a symlink — one the tar made a moment ago, or one already in the
   workspace — is never followed on the host. Files are written next to their final name and
   renamed over it (renameat replaces an entry, never writes through it), owned by the sandbox

@@ -164,7 +164,8 @@ def require_running(row: dict, verb: str) -> None:
     if status != "running":
         raise SessionNotRunning(f"unable to {verb} in session {row['id']}: the session is {status}",
                                 status=status)
-    if row.get("expires_at") and row["expires_at"] <= iso_utc(datetime.now(UTC)):  # the reconciler journals it within a second
+    # the reconciler journals it within a second
+    if row.get("expires_at") and row["expires_at"] <= iso_utc(datetime.now(UTC)):
         raise SessionEnded(f"unable to {verb} in session {row['id']}: the session expired at {row['expires_at']} "
                            f"(reason: ttl)", status="expired", reason="ttl")
     if row["pool"] in UNCLAIMED:

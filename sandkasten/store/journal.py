@@ -95,9 +95,13 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+# an event's identifying fields, hashed into the chain with its payload
+_HASHED_FIELDS = ("seq", "stream_id", "stream_version", "type", "schema_version", "actor", "request_id", "created_at")
+
+
 def chain_hash(prev_hash: str, row: dict[str, Any]) -> str:
     """sha256(prev_hash + canonical JSON of the event's identifying fields)."""
-    body = {k: row[k] for k in ("seq", "stream_id", "stream_version", "type", "schema_version", "actor", "request_id", "created_at")}
+    body = {k: row[k] for k in _HASHED_FIELDS}
     body["payload"] = row["payload"]
     return hashlib.sha256((prev_hash + canonical_json(body)).encode()).hexdigest()
 
@@ -546,7 +550,8 @@ class Journal:
         seq, prev_hash, seen = 0, GENESIS_HASH, set()
         for row in rows:
             seq, prev_hash = max((seq, prev_hash), (row.seq, row.hash))
-            if row.stream_id == stream_id and row.seq not in seen and (state is None or row.stream_version > state.version):
+            mine = row.stream_id == stream_id and row.seq not in seen
+            if mine and (state is None or row.stream_version > state.version):
                 seen.add(row.seq)
                 state = evolve(state, _recorded(row))
         return state, seq, prev_hash
@@ -782,10 +787,10 @@ def _check_stream(stream_id: str, command: c.Command) -> None:
     if isinstance(command, host.HOST_COMMANDS) != stream_id.startswith(host.HOST_STREAM_PREFIX):
         raise InvalidRequest(f"unable to apply {type(command).__name__} to stream {stream_id}: host commands "
                              f"go to {host.HOST_STREAM_PREFIX}<host_id> streams, and only they")
-    if isinstance(command, (c.CreateWorkspace, c.DeleteWorkspace)) and stream_id != ev.workspace_stream(command.workspace_id):
-        raise InvalidRequest(
-            f"unable to change workspace {command.workspace_id}: stream must be {ev.workspace_stream(command.workspace_id)}"
-        )
+    if isinstance(command, (c.CreateWorkspace, c.DeleteWorkspace)):
+        wanted = ev.workspace_stream(command.workspace_id)
+        if stream_id != wanted:
+            raise InvalidRequest(f"unable to change workspace {command.workspace_id}: stream must be {wanted}")
 
 
 def _check_row(row: Any, prev_hash: str) -> str | None:
@@ -797,7 +802,7 @@ def _check_row(row: Any, prev_hash: str) -> str | None:
         return "payload is not valid JSON"
     if canonical_json(payload) != row.payload:
         return "payload is not in canonical form (edited by hand)"
-    fields = {k: getattr(row, k) for k in ("seq", "stream_id", "stream_version", "type", "schema_version", "actor", "request_id", "created_at")}
+    fields = {k: getattr(row, k) for k in _HASHED_FIELDS}
     if chain_hash(prev_hash, {**fields, "payload": payload}) != row.hash:
         return "hash does not match the event's content (the row was changed)"
     return None
