@@ -16,7 +16,7 @@ from sandkasten.config import Config
 from sandkasten.domain import commands as c
 from sandkasten.errors import CapacityExceeded
 
-_locks: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock]" = weakref.WeakKeyDictionary()
+_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
 
 
 def host_memory_mb() -> int:

@@ -15,9 +15,10 @@ import os
 import re
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
 
 from sandkasten import cli_render as render
 from sandkasten import admission
@@ -58,6 +59,7 @@ class Cli(AdminCommands):
     def __init__(self, config: str | None) -> None:
         self.config_path = config_path(config)
         self._cfg: config_mod.Config | None = None
+        self._remote: str | None = None  # a cluster: the address of the host the session runs on
 
     @property
     def cfg(self) -> config_mod.Config:
@@ -73,7 +75,7 @@ class Cli(AdminCommands):
 
         cfg = self.cfg
         target = cfg.journal_target
-        if not create and not cfg.shared_journal and not target.exists():
+        if not create and not cfg.shared_journal and isinstance(target, Path) and not target.exists():
             raise Failed(f"unable to open the journal {target}: no such file (neither the daemon nor "
                          f"`sandkasten create` has used data_dir {cfg.data_dir}; is --config right?)")
 
@@ -132,7 +134,7 @@ class Cli(AdminCommands):
         if json:
             render.print_json([session_view(r) for r in rows])
         else:
-            render.sessions_table(rows, datetime.now(timezone.utc), bool(all))
+            render.sessions_table(rows, datetime.now(UTC), bool(all))
 
     def _ps_processes(self, sid: str, include_ended: bool, as_json: bool) -> None:
         from sandkasten.views import process_view
@@ -146,7 +148,7 @@ class Cli(AdminCommands):
         if as_json:
             render.print_json([process_view(r) for r in rows])
         else:
-            render.processes_table(rows, datetime.now(timezone.utc), include_ended)
+            render.processes_table(rows, datetime.now(UTC), include_ended)
 
     def logs(self, session: str, follow: bool = False, json: bool = False) -> None:
         """Replay every command of SESSION in order: a header (time, exec id, $ cmd, exit code,
@@ -278,10 +280,11 @@ class Cli(AdminCommands):
 
         if row["status"] == "requested":
             return None
-        if getattr(self, "_remote", None):  # the session runs on another host of the cluster
+        remote_address = self._remote
+        if remote_address:  # the session runs on another host of the cluster
             from sandkasten.cluster import remote
 
-            return render.Output(*remote.exec_output(self.cfg, self._remote, sid, row["id"]))
+            return render.Output(*remote.exec_output(self.cfg, remote_address, sid, row["id"]))
         try:
             path = Layout(self.cfg.data_dir).of(sid).logs / f"{row['id']}.log"
             return render.Output(*protocol.read_output(path, limit))
@@ -411,7 +414,7 @@ class Cli(AdminCommands):
         pid = self.daemon_pid()
 
         async def work(journal) -> list[dict]:
-            results = []
+            results: list[dict[str, Any]] = []
             for sid in sids:
                 try:
                     row = await journal.session(sid)
@@ -460,7 +463,7 @@ class Cli(AdminCommands):
                 return row
             if time.monotonic() - checked > 1.0:
                 checked = time.monotonic()
-                if self.daemon_pid() is None and not getattr(self, "_remote", None):
+                if self.daemon_pid() is None and not self._remote:
                     return row
             await asyncio.sleep(0.05)
 

@@ -5,18 +5,25 @@ as `cli_args` exceptions, which `cli.main` prints as one line."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import sqlite3
 import sys
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sandkasten import __version__
 from sandkasten import cli_render as render
 from sandkasten.cli_args import Exit, Failed, Usage, parse_since, text
 from sandkasten.errors import SandkastenError, SessionNotFound
 from sandkasten.store import integrity
+
+if TYPE_CHECKING:
+    from sandkasten.config import Config
+
+T = TypeVar("T")
 
 
 def _why(result) -> str:
@@ -25,6 +32,14 @@ def _why(result) -> str:
 
 
 class AdminCommands:
+    if TYPE_CHECKING:  # what the mixin uses of `Cli` (sandkasten/cli.py), which defines them
+        @property
+        def cfg(self) -> Config: ...
+
+        def journal(self, work: Callable[[Any], Awaitable[T]], create: bool = False) -> T: ...
+
+        def daemon_pid(self) -> int | None: ...
+
     def audit_export(self, format: str = "jsonl", since: Any = None, session: Any = None,  # noqa: A002
                      output: Any = None) -> None:
         """Write every command ever run (actor, time, session, exec id, cmd, cwd, exit code,
@@ -41,7 +56,7 @@ class AdminCommands:
         fmt = text(format, "--format")
         if fmt not in audit.FORMATS:
             raise Usage(f"--format must be one of {', '.join(audit.FORMATS)} (got {fmt!r})")
-        start = parse_since(since, datetime.now(timezone.utc))
+        start = parse_since(since, datetime.now(UTC))
         sid = text(session, "--session") if session is not None else None
         path = Path(text(output, "--output")) if output is not None else None
 
@@ -51,7 +66,7 @@ class AdminCommands:
             if path is None:
                 return await audit.export(journal, fmt, start, sid, out=sys.stdout)
             try:
-                out = open(path, "w", newline="", encoding="utf-8")
+                out = await asyncio.to_thread(open, path, "w", newline="", encoding="utf-8")
             except OSError as e:
                 why = f"directory {path.parent} does not exist" if isinstance(e, FileNotFoundError) else e.strerror
                 raise Failed(f"unable to write the audit export to {path}: {why}") from None

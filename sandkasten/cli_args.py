@@ -7,9 +7,10 @@ from __future__ import annotations
 import inspect
 import os
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from sandkasten.config import yes_no
 
@@ -115,7 +116,7 @@ def parse_since(value: Any, now: datetime) -> datetime | None:
     except ValueError:
         raise Usage(f"invalid --since {raw!r}: expected an age like 30m, 1h, 2d or an ISO time "
                     "like 2024-05-01T12:00:00Z") from None
-    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def group_usage(group: str) -> str:
@@ -284,7 +285,7 @@ def call_args(fn: Callable[..., Any], args: list[str],
             value, i = args[i], i + 1
         kwargs[name] = DefaultParseValue(value)
     free = [n for n in positional if n not in kwargs]
-    for name, word in zip(free, words):
+    for name, word in zip(free, words, strict=False):   # fewer words than parameters, or more (the rest)
         kwargs[name] = word
     rest = words[len(free):]
     if rest and not varargs:

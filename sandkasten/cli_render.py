@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Iterable, Sequence
+from datetime import datetime, UTC
+from typing import Any
+from collections.abc import Iterable, Sequence
 
 SESSION_HEADER = ("SESSION ID", "IMAGE", "STATUS", "CREATED", "EXPIRES", "EXECS", "CWD", "WORKSPACE")
 _ENDED = ("destroyed", "failed")
@@ -36,7 +37,7 @@ def parse_time(iso: str | None) -> datetime | None:
         value = datetime.fromisoformat(iso)
     except ValueError:
         return None
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def humanize(iso: str | None, now: datetime) -> str:
@@ -61,13 +62,13 @@ def stamp(iso: str | None) -> str:
     when = parse_time(iso)
     if when is None:
         return "-"
-    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def duration(ms: float | None) -> str:
     if ms is None:
         return "-"
-    ms = int(round(ms))
+    ms = round(ms)
     if ms < 1000:
         return f"{ms} ms"
     if ms < 60_000:
@@ -133,7 +134,7 @@ def exec_json(row: dict[str, Any], output: Output | None = None) -> dict[str, An
     out = {
         "exec_id": row["id"], "session_id": row["session_id"], "cmd": row["cmd"], "status": row["status"],
         "exit_code": row["exit_code"], "cwd": row["cwd"],
-        "duration_ms": None if row["duration_ms"] is None else int(round(row["duration_ms"])),
+        "duration_ms": None if row["duration_ms"] is None else round(row["duration_ms"]),
         "timed_out": bool(row["timed_out"]), "truncated": bool(row["truncated"]),
         "requested_at": row["requested_at"], "finished_at": row["finished_at"], "actor": row["actor"],
         "stdout_bytes": row["stdout_bytes"], "stderr_bytes": row["stderr_bytes"],
@@ -152,7 +153,7 @@ def exec_outcome(row: dict[str, Any]) -> str:
         parts = [f"exit {row['exit_code']}", duration(row["duration_ms"]), f"cwd {row['cwd']}"]
         if row["timed_out"]:
             parts.append("timed out")
-        return ", ".join(parts + ["finished"])
+        return ", ".join([*parts, "finished"])
     if status == "requested":
         return "requested, waiting for the daemon"
     return status

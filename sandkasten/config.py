@@ -14,7 +14,8 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import yaml
 
@@ -61,7 +62,6 @@ class Limits:
 @dataclass(frozen=True)
 class Workspace:
     enabled: bool = True
-    persist_by_default: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,6 @@ class Audit:
 @dataclass(frozen=True)
 class Reconcile:
     lost_sandbox_policy: str = "fail"
-    resync_seconds: float = 15.0
 
 
 @dataclass(frozen=True)
@@ -299,6 +298,7 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
         if not name.startswith("SANDKASTEN_") or name in skip:
             continue
         key = name[len("SANDKASTEN_"):].lower()
+        section: str | None
         if "__" in key:
             section, sub = key.split("__", 1)
         else:
@@ -310,6 +310,7 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
             out[key] = parsed if key not in ("api_key", "listen") else value
         else:
             if section not in _SECTIONS or sub not in {f.name for f in dataclasses.fields(_SECTIONS[section])}:
+                _removed(f"{section}.{sub}")
                 raise ConfigError(f"unknown config key from environment {name}")
             sect = out.setdefault(section, {})
             if not isinstance(sect, dict):
@@ -340,6 +341,20 @@ def from_mapping(raw: Mapping[str, Any]) -> Config:
     return cfg
 
 
+# Keys a config once had that never did anything: a config that still sets one is told to drop
+# it (by name), like any unknown key, rather than silently keeping a setting that does nothing.
+REMOVED_KEYS = {
+    "reconcile.resync_seconds": "the reconciler watches sandboxes continuously, it has no resync period",
+    "workspace.persist_by_default": "a session's files persist only in a workspace it names (workspace_id)",
+}
+
+
+def _removed(key: str) -> None:
+    if key in REMOVED_KEYS:
+        raise ConfigError(f"config key {key!r} was removed, it had no effect: {REMOVED_KEYS[key]}; "
+                          f"delete it from the config")
+
+
 def _section(name: str, cls: type, value: Any) -> Any:
     if value is None:
         return cls()
@@ -349,6 +364,7 @@ def _section(name: str, cls: type, value: Any) -> Any:
     kwargs = {}
     for k, v in value.items():
         if k not in fields:
+            _removed(f"{name}.{k}")
             raise ConfigError(f"unknown config key '{name}.{k}'")
         kwargs[k] = _coerce(f"{name}.{k}", fields[k].type, v)
     return cls(**kwargs)
@@ -457,7 +473,8 @@ def _validate(cfg: Config) -> None:
         if value > MAX_SECONDS:
             raise ConfigError(f"invalid config key {key}: at most {MAX_SECONDS} (ten years) (got {value})")
     if d.disk_limit_mb != 0 and d.disk_limit_mb < 16:
-        raise ConfigError(f"invalid config key defaults.disk_limit_mb: 0 (no quota) or at least 16 (got {d.disk_limit_mb})")
+        raise ConfigError(f"invalid config key defaults.disk_limit_mb: 0 (no quota) or at least 16 "
+                          f"(got {d.disk_limit_mb})")
     _one_of("defaults.network_mode", d.network_mode, NETWORK_MODES)
     _one_of("security.seccomp", cfg.security.seccomp, SECCOMP_PROFILES)
     if cfg.security.userns:
@@ -466,7 +483,6 @@ def _validate(cfg: Config) -> None:
     _one_of("journal.durability", cfg.journal.durability, DURABILITIES)
     _one_of("journal.startup_check", cfg.journal.startup_check, ("quick", "full"))
     _one_of("reconcile.lost_sandbox_policy", cfg.reconcile.lost_sandbox_policy, LOST_SANDBOX_POLICIES)
-    _positive("reconcile.resync_seconds", cfg.reconcile.resync_seconds)
     _positive("journal.busy_timeout_s", cfg.journal.busy_timeout_s)
     for key, url in (("journal.url", cfg.journal.url), ("database_url", cfg.database_url)):
         if url and not re.match(r"^(sqlite:///.+|postgres(ql)?(\+(psycopg|asyncpg))?://.+)$", url):
@@ -502,9 +518,13 @@ def _validate(cfg: Config) -> None:
     if cfg.session_ttl_seconds > cfg.limits.max_ttl_seconds:
         raise ConfigError(f"invalid config key session_ttl_seconds: above limits.max_ttl_seconds "
                           f"({cfg.session_ttl_seconds} > {cfg.limits.max_ttl_seconds})")
-    if cfg.cgroup_parent and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", cfg.cgroup_parent):
-        raise ConfigError(f"invalid config key cgroup_parent: expected 1-128 of [A-Za-z0-9_.-], starting "
-                          f"alphanumeric, or empty for this install's own (got {cfg.cgroup_parent!r})")
+    # one directory name under the cgroup roots: no path (no "/", so no absolute path and no
+    # empty segment) and no ".." anywhere
+    if cfg.cgroup_parent and (not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", cfg.cgroup_parent)
+                              or ".." in cfg.cgroup_parent):
+        raise ConfigError(f"invalid config key cgroup_parent: expected one directory name, 1-128 of "
+                          f"[A-Za-z0-9_.-] starting alphanumeric, without '..' and without '/', or empty for "
+                          f"this install's own (got {cfg.cgroup_parent!r})")
     _validate_network(cfg.network)
     if cfg.allowed_images and cfg.default_image not in cfg.allowed_images:
         raise ConfigError(

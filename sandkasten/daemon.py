@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sandkasten import install
 from sandkasten.config import Config
@@ -32,6 +33,9 @@ from sandkasten.runtime.procfs import proc_start_time
 from sandkasten.runtime.sandboxes import Runtime, read_pidfile
 from sandkasten.store.journal import Journal
 
+if TYPE_CHECKING:  # imported when the journal is shared only (import time)
+    from sandkasten.cluster.membership import Membership
+
 log = logging.getLogger("sandkasten.daemon")
 
 
@@ -47,7 +51,7 @@ class Daemon:
         self.executor: Executor
         self.reconciler: Reconciler
         self.pool: Pool
-        self.cluster = None  # sandkasten.cluster.membership.Membership when the journal is shared
+        self.cluster: Membership | None = None  # when the journal is shared
         self.processes: ProcessControl
         self.log_watch = LogWatch()
         self.endings = Endings()
@@ -71,8 +75,9 @@ class Daemon:
         if cfg.shared_journal:  # one host of several on a journal in PostgreSQL (docs/cluster.md)
             from sandkasten.cluster.membership import Membership
 
-            self.cluster = self.executor.cluster = Membership(cfg, self.executor)
-            self.cluster.reconciler = self.reconciler
+            cluster = Membership(cfg, self.executor)
+            cluster.reconciler = self.reconciler
+            self.cluster = self.executor.cluster = cluster
         self.phases["journal_open_s"] = _process_age()
         self.tasks.append(asyncio.ensure_future(self._become_ready()))
 
@@ -82,7 +87,7 @@ class Daemon:
             if self.cluster is not None:  # a new epoch first: what is ours is known before reconciling
                 await self.cluster.join()
             stats = await self.reconciler.startup()
-        except Exception as e:  # noqa: BLE001 - stay up and say why we are not ready
+        except Exception as e:  # stay up and say why we are not ready
             log.exception("startup reconcile failed")
             self.readiness = {"phase": "failed", "error": str(e)}
             return

@@ -12,7 +12,7 @@ own check of the journal whenever it wakes.
 from __future__ import annotations
 
 import asyncio
-from typing import Iterable
+from collections.abc import Iterable
 
 from sandkasten.domain import events as ev
 
@@ -45,8 +45,8 @@ class Endings:
         for event in recorded:
             if event.type in ENDS:
                 key = event.payload.get("exec_id") or event.payload.get("process_id")
-                waiting = self.waiting.get(key)
-                if waiting:
+                waiting = self.waiting.get(key) if key else None
+                if key and waiting:
                     self.ended.add(key)
                     for wake in waiting:
                         wake.set()

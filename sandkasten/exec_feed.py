@@ -21,7 +21,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from runner.protocol import FRAME, STDERR, STDOUT, STREAM_NAMES
 
@@ -59,7 +59,7 @@ class Cursor:
         return base + suffix
 
     @classmethod
-    def parse(cls, text: str | None) -> "Cursor":
+    def parse(cls, text: str | None) -> Cursor:
         """The cursor an event id names (`Last-Event-ID`); empty means the start."""
         if text is None or not text.strip():
             return cls()
@@ -192,12 +192,13 @@ async def follow(path: Path, offset: int, is_done: Callable[[], Awaitable[bool]]
     woken = wake is not None and watch is not None
     try:
         while True:
-            if woken:
+            if woken and wake is not None:
                 wake.clear()   # (an end committed meanwhile is still seen: `is_done` below)
             ticket = watch.arm(path, wake if woken else None) if watch is not None and not settled else None
             chunk = _read(path, read_at)
             if chunk:
-                ticket = _closed(ticket)
+                _close(ticket)
+                ticket = None
                 buf += chunk
                 read_at += len(chunk)
                 if buf[0] == 0:   # at a frame boundary inside a punched hole
@@ -221,10 +222,12 @@ async def follow(path: Path, offset: int, is_done: Callable[[], Awaitable[bool]]
                 return     # done was seen before this empty read: everything it wrote has been read
             if await is_done():
                 settled = True
-                ticket = _closed(ticket)
+                _close(ticket)
+                ticket = None
                 continue
             if heartbeat_s is not None and loop.time() - quiet_since >= heartbeat_s:
-                ticket = _closed(ticket)
+                _close(ticket)
+                ticket = None
                 yield None
                 quiet_since = loop.time()
                 continue
@@ -240,13 +243,12 @@ async def follow(path: Path, offset: int, is_done: Callable[[], Awaitable[bool]]
                 await asyncio.sleep(sleep_s)
             sleep_s = min(sleep_s * 2, POLL_MAX_S)
     finally:
-        _closed(ticket)
+        _close(ticket)
 
 
-def _closed(ticket) -> None:
+def _close(ticket) -> None:
     if ticket is not None:
         ticket.close()
-    return None
 
 
 def _read(path: Path, at: int) -> bytes:

@@ -9,6 +9,7 @@ writers appended (the CLI) and the reconciler hands over what a crash left pendi
 
 from __future__ import annotations
 
+import functools
 import asyncio
 import logging
 import os
@@ -16,7 +17,8 @@ import secrets
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
 
 from sandkasten.config import Config
 from sandkasten.domain import commands as c
@@ -60,7 +62,7 @@ class Executor:
         if task is None or task.done():
             task = asyncio.ensure_future(make())
             self.tasks[key] = task
-            task.add_done_callback(lambda t, k=key: self._done(k, t))
+            task.add_done_callback(functools.partial(self._done, key))
         return task
 
     async def stop(self) -> None:
@@ -114,16 +116,20 @@ class Executor:
 
     # ------------------------------------------------------------------ create
     def workspace_dir(self, workspace_id: str | None) -> Path | None:
-        return self.cfg.workspaces_dir / workspace_id if workspace_id else None
+        return self.workspace_path(workspace_id) if workspace_id else None
+
+    def workspace_path(self, workspace_id: str) -> Path:
+        return self.cfg.workspaces_dir / workspace_id
 
     async def _create(self, sid: str) -> None:
-        state = await self.journal.state(sid)
+        state = await self.journal.session_state(sid)
         if state is None or state.status not in ("requested", "lost"):
             return
         obs = await asyncio.to_thread(self.runtime.observe, sid)
         pooled = state.pool is not None
         if obs.healthy:  # created before a crash, never journaled: adopt, don't duplicate
-            await self.record(sid, c.RecordSandboxStarted(pid=obs.pid, start_time=obs.start_time,
+            pid, start_time = obs.identity
+            await self.record(sid, c.RecordSandboxStarted(pid=pid, start_time=start_time,
                                                           cgroup=self.runtime.cgroups.parent + "/" + sid,
                                                           pooled=pooled))
             return
@@ -143,10 +149,11 @@ class Executor:
                 hostname=sid)))
             if state.cwd and state.cwd != INITIAL_CWD:  # recreated after a loss: where the shell was
                 await self._restore_cwd(sid, state.cwd)
+            pid, start_time = obs.identity
         except SandkastenError as e:
             await self.record(sid, c.RecordSandboxFailed(reason=e.message))
             raise
-        await self.record(sid, c.RecordSandboxStarted(pid=obs.pid, start_time=obs.start_time,
+        await self.record(sid, c.RecordSandboxStarted(pid=pid, start_time=start_time,
                                                       cgroup=self.runtime.cgroups.parent + "/" + sid,
                                                       pooled=pooled))
         if pooled:
@@ -169,7 +176,7 @@ class Executor:
         repeat (a crash before `sandbox.configured` makes the next start do it again). If
         it fails the session is destroyed: its client never got it. True once configured."""
         async with self.session_locks[sid]:
-            state = await self.journal.state(sid)
+            state = await self.journal.session_state(sid)
             if state is None or state.status != RUNNING or state.pool != POOL_CLAIMING:
                 return state is not None and state.status == RUNNING and state.pool == POOL_CLAIMED
             try:
@@ -177,7 +184,7 @@ class Executor:
                                         state.pids_limit)
                 if state.workspace_id:
                     await self._ensure_workspace(state.workspace_id, sid)
-                    await asyncio.to_thread(self.runtime.bind_workspace, sid, self.workspace_dir(state.workspace_id))
+                    await asyncio.to_thread(self.runtime.bind_workspace, sid, self.workspace_path(state.workspace_id))
                 if state.env or state.workspace_id:
                     await self._setup_shell(sid, state.env)
             except SandkastenError as e:
@@ -208,7 +215,7 @@ class Executor:
         await self.runtime.aexec(sid, req)
 
     async def _ensure_workspace(self, workspace_id: str, sid: str) -> None:
-        d = self.workspace_dir(workspace_id)
+        d = self.workspace_path(workspace_id)
         if not d.exists():
             d.mkdir(parents=True, mode=0o755)
             os.chown(d, self.cfg.security.run_as_uid, self.cfg.security.run_as_gid)
@@ -220,7 +227,7 @@ class Executor:
 
     # ------------------------------------------------------------------ exec
     async def _exec(self, sid: str, exec_id: str, req: ExecRequest | None = None,
-                    answering: bool = False) -> "Observed | None":
+                    answering: bool = False) -> Observed | None:
         """Run one journaled exec (or re-attach to it: the runner runs an exec id at most once)
         and journal its end; returns what `exec.finished` says (payload, time). With `req` the
         caller has just journaled the request, so there is nothing to read first."""
@@ -265,7 +272,7 @@ class Executor:
 
     # ------------------------------------------------------------------ destroy
     async def _destroy(self, sid: str) -> None:
-        state = await self.journal.state(sid)
+        state = await self.journal.session_state(sid)
         if state is None or state.status == "destroyed":
             return
         if state.status != "destroying":

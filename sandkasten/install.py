@@ -93,7 +93,7 @@ class ParentClaim:
         self.fd, self.path = fd, path
 
     @classmethod
-    def take(cls, parent: str, data_dir: Path, claims_dir: Path = CLAIMS_DIR) -> "ParentClaim":
+    def take(cls, parent: str, data_dir: Path, claims_dir: Path = CLAIMS_DIR) -> ParentClaim:
         path = claims_dir / f"cgroup-{parent}.lock"
         try:
             claims_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

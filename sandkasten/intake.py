@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 import re
 import secrets
-from datetime import datetime, timedelta, timezone
-from typing import Any, Mapping
+from datetime import datetime, timedelta, UTC
+from typing import Any
+from collections.abc import Mapping
 
 from sandkasten.config import NETWORK_MODES, Config
 from sandkasten.domain import commands as c
@@ -135,7 +136,7 @@ def session_command(cfg: Config, images: ImageStore, body: Mapping[str, Any] | N
         if not cfg.workspace.enabled:
             raise InvalidRequest("invalid workspace_id: persistent workspaces are disabled in this daemon")
     readonly = _flag(body, "readonly_rootfs", d.readonly_rootfs)
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     return c.RequestSession(
         image=image,
         cpu_limit=_number(body, "cpu_limit", d.cpu_limit, float, lim.max_cpu_limit, least=MIN_CPU),
@@ -257,12 +258,14 @@ def stdin_data(body: Any) -> tuple[bytes, bool]:
             raise InvalidRequest("invalid data: expected a string (or use data_base64 for bytes)", field="data")
         data = text.encode()
     elif b64 is not None:
+        decoded: bytes | None
         try:
-            data = base64.b64decode(b64, validate=True) if isinstance(b64, str) else None
+            decoded = base64.b64decode(b64, validate=True) if isinstance(b64, str) else None
         except (binascii.Error, ValueError):
-            data = None
-        if data is None:
+            decoded = None
+        if decoded is None:
             raise InvalidRequest("invalid data_base64: expected base64 text", field="data_base64")
+        data = decoded
     elif not eof:
         raise InvalidRequest("invalid stdin request: nothing to send (give 'data', 'data_base64' or 'eof': true)")
     else:

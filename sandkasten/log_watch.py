@@ -36,7 +36,7 @@ def _key(name: str) -> str:
 class Ticket:
     """One follower's interest in one file, armed before its last read."""
 
-    def __init__(self, watch: "LogWatch", directory: str, key: str, event: asyncio.Event | None = None) -> None:
+    def __init__(self, watch: LogWatch, directory: str, key: str, event: asyncio.Event | None = None) -> None:
         self.watch, self.directory, self.key = watch, directory, key
         self.event = event or asyncio.Event()
 
@@ -45,7 +45,7 @@ class Ticket:
         try:
             await asyncio.wait_for(self.event.wait(), timeout)
             return True
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             return False
         finally:
             self.close()

@@ -34,10 +34,11 @@ import asyncio
 import dataclasses
 import json
 import logging
+import functools
 import os
 import time
 from collections import Counter, defaultdict
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 
 from sandkasten import admission, intake
 from sandkasten.config import Config
@@ -71,7 +72,7 @@ class Pool:
     def template(self, image: str, now: datetime | None = None) -> c.RequestSession:
         """The request a pool member of `image` is made from: the configured defaults."""
         d, ttl = self.cfg.defaults, self.cfg.limits.max_ttl_seconds
-        now = now or datetime.now(timezone.utc)
+        now = now or datetime.now(UTC)
         return c.RequestSession(
             image=image, cpu_limit=d.cpu_limit, mem_limit_mb=d.mem_limit_mb, pids_limit=d.pids_limit,
             network_mode=d.network_mode, env={}, ttl_seconds=ttl, workspace_id=None,
@@ -121,7 +122,7 @@ class Pool:
     # ------------------------------------------------------------------ claim
     async def claim(self, cmd: c.RequestSession, actor: str, request_id: str | None = None) -> str | None:
         """The id of a pool member now configured as `cmd` asks, or None (create a cold one)."""
-        if not self.servable(cmd):
+        if not self.servable(cmd) or cmd.expires_at is None:  # (the cold path says it is required)
             return None
         claim = c.ClaimSession(
             ttl_seconds=cmd.ttl_seconds, expires_at=cmd.expires_at, cpu_limit=cmd.cpu_limit,
@@ -170,7 +171,7 @@ class Pool:
                 log.warning("pool refill: %s", e.message)
             try:
                 await asyncio.wait_for(self._wake.wait(), REFILL_INTERVAL)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def refill(self) -> int:
@@ -197,7 +198,7 @@ class Pool:
                     log.info("pool of %s not refilled: %s", image, e.message)
                     return requested
                 task = self.executor.ensure_session(sid)
-                task.add_done_callback(lambda t, i=image: self._created(i, t))
+                task.add_done_callback(functools.partial(self._created, image))
                 requested += 1
         return requested
 

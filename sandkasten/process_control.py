@@ -118,8 +118,8 @@ class ProcessControl:
 
     async def settle(self, sid: str) -> None:
         """The sandbox died: each pending process exited before it (its result is on disk) or is lost."""
-        state = await self.journal.state(sid)
-        for process_id in (list(state.processes) if state is not None and hasattr(state, "processes") else []):
+        state = await self.journal.session_state(sid)
+        for process_id in (list(state.processes) if state is not None else []):
             result = await asyncio.to_thread(self.runtime.read_process_result, sid, process_id)
             if result is not None and result.get("state") == "exited":
                 await self._record(sid, exited_command(process_id, result))

@@ -21,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import datetime, UTC
+from typing import Any
 
 from sandkasten.config import Config
 from sandkasten.domain import commands as c
@@ -29,6 +30,7 @@ from sandkasten.domain.session import UNCLAIMED
 from sandkasten.errors import IllegalTransition, SandkastenError
 from sandkasten.executor import Executor
 from sandkasten.runtime.procfs import proc_start_time
+from sandkasten.runtime.spec import Observed
 
 log = logging.getLogger("sandkasten.reconciler")
 ACTOR = "reconciler"
@@ -44,7 +46,7 @@ class Reconciler:
         self.processes = processes
         self.journal = executor.journal
         self.runtime = executor.runtime
-        self.stats: dict[str, float] = {}
+        self.stats: dict[str, Any] = {}
         self._pruned = float("-inf")
 
     # ------------------------------------------------------------------ startup
@@ -54,8 +56,9 @@ class Reconciler:
         live = [r for r in rows if r["status"] not in ENDED and self.executor.owns(r)]  # a cluster: ours only
         observed = await self.runtime.aobserve_all([r["id"] for r in live])
         t_observed = time.monotonic()
-        adopted = [(r["id"], c.RecordSandboxAdopted(pid=observed[r["id"]].pid, start_time=observed[r["id"]].start_time))
-                   for r in live if r["status"] == "running" and _same_runner(r, observed[r["id"]])]
+        adopted: list[tuple[str, c.Command]] = [
+            (r["id"], _adopted(observed[r["id"]]))
+            for r in live if r["status"] == "running" and _same_runner(r, observed[r["id"]])]
         try:  # one commit for all of them: a restart with many live sessions stays fast
             await self.journal.execute_many(adopted, actor=ACTOR)
         except IllegalTransition:  # one moved on meanwhile (e.g. `sandkasten rm`): one by one
@@ -106,7 +109,8 @@ class Reconciler:
         """Host traces of sessions that should not exist: (to tear down, to keep). A session the
         journal never heard of whose exec logs show it ran commands is proof the journal lost
         it, not an orphan: its sandbox and workspace are kept for an operator to look at."""
-        orphans, unknown = [], []
+        orphans: list[str] = []
+        unknown: list[str] = []
         for sid in sorted(self.runtime.host_sessions() - live):
             (unknown if sid not in known and self.runtime.has_exec_logs(sid) else orphans).append(sid)
         return orphans, unknown
@@ -121,7 +125,7 @@ class Reconciler:
         return await self.apply_policy(sid)
 
     async def settle_execs(self, sid: str) -> None:
-        state = await self.journal.state(sid)
+        state = await self.journal.session_state(sid)
         for exec_id in (state.pending_exec_ids if state else []):
             result = await asyncio.to_thread(self.runtime.read_result, sid, exec_id)
             if result is not None:  # it finished before the runner died: its result is on disk
@@ -143,6 +147,7 @@ class Reconciler:
             await asyncio.to_thread(self.runtime.destroy, sid)
             await self.executor.record(sid, c.RecordSandboxFailed(reason="sandbox lost; policy is fail"),
                                        actor=ACTOR)
+            return None
 
     # ------------------------------------------------------------------ while running
     async def watch(self, interval: float = 1.0) -> None:
@@ -161,14 +166,14 @@ class Reconciler:
         if time.monotonic() - self._pruned < min(PRUNE_EVERY_S, keep / 2):
             return 0
         self._pruned = time.monotonic()
-        cutoff = datetime.now(timezone.utc).timestamp() - keep
+        cutoff = datetime.now(UTC).timestamp() - keep
         old = [r["id"] for r in await self.journal.sessions(include_ended=True)
                if r["status"] in ENDED and r["ended_at"] and _parse(r["ended_at"]).timestamp() < cutoff]
         return await asyncio.to_thread(self.runtime.remove_logs, old)
 
     async def pass_once(self) -> None:
         await self.prune_logs()
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         for row in await self.journal.sessions():
             sid = row["id"]
             if not self.executor.owns(row):
@@ -191,14 +196,19 @@ class Reconciler:
                 await self.sandbox_died(sid, "the runner exited")
 
 
-def _same_runner(row: dict, obs) -> bool:
+def _adopted(obs: Observed) -> c.RecordSandboxAdopted:
+    pid, start_time = obs.identity
+    return c.RecordSandboxAdopted(pid=pid, start_time=start_time)
+
+
+def _same_runner(row: dict, obs: Observed) -> bool:
     """The sandbox the journal recorded is alive and answering (pid and start time match)."""
     return obs.healthy and obs.pid == row["runner_pid"] and obs.start_time == row["runner_start_time"]
 
 
 def _parse(iso: str) -> datetime:
     dt = datetime.fromisoformat(iso.replace("Z", "+00:00"))
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 def _reason(obs) -> str:

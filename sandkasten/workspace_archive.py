@@ -11,7 +11,8 @@ the API client owns the tar being unpacked, so neither is trusted:
   Member names are relative to /workspace (`src/app.py`), as the SDK's portable tars are.
 - unpack: refuses absolute names, `..`, NUL; symlinks whose target leaves /workspace; hard
   links to anything but an earlier member of the same tar; devices and fifos; files above
-  `max_file_bytes` (symlinks out are allowed on request: `unpack`). A member's parent is looked up beneath the root with *no* symlinks allowed
+  `max_file_bytes` (symlinks out are allowed on request: `unpack`). A member's parent is
+  looked up beneath the root with *no* symlinks allowed
   (RESOLVE_NO_SYMLINKS), so a symlink — one the tar made a moment ago, or one already in the
   workspace — is never followed on the host. Files are written next to their final name and
   renamed over it (renameat replaces an entry, never writes through it), owned by the sandbox
@@ -115,7 +116,8 @@ class WorkspaceArchive(WorkspaceFS):
         files: set[str] = set()
         with self._failures("extract into", "") as root_fd:
             try:
-                tar = tarfile.open(fileobj=source, mode="r|*")
+                # opened apart to tell a bad stream from a failure inside; closed by `with tar` below
+                tar = tarfile.open(fileobj=source, mode="r|*")  # noqa: SIM115
             except tarfile.TarError as e:
                 raise InvalidRequest(f"unable to extract the archive: not a tar stream ({e})") from None
             with tar:
@@ -156,6 +158,7 @@ class WorkspaceArchive(WorkspaceFS):
 
         if member.isdev() or member.isfifo():
             raise refuse(PathRefused, "device nodes and fifos are refused")
+        source: str | None = None   # a hard link's (checked) target
         if member.issym():
             _check_symlink_target(rel, member.linkname, refuse, external_symlinks)
         elif member.islnk():
@@ -184,8 +187,8 @@ class WorkspaceArchive(WorkspaceFS):
             elif member.issym():
                 _place(parent_fd, name, refuse, lambda tmp: os.symlink(member.linkname, tmp, dir_fd=parent_fd),
                        lambda tmp: os.chown(tmp, self.uid, self.gid, dir_fd=parent_fd, follow_symlinks=False))
-            elif member.islnk():
-                src_parent, _, src_name = self._member_name(member.linkname).rpartition("/")
+            elif source is not None:   # a hard link
+                src_parent, _, src_name = source.rpartition("/")
                 src_fd = self._parent_without_symlinks(root_fd, src_parent)
                 try:
                     _place(parent_fd, name, refuse, lambda tmp: os.link(src_name, tmp, src_dir_fd=src_fd,

@@ -192,7 +192,7 @@ class WorkspaceFS:
             root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
             raise FileNotFound(f"unable to {verb} '{shown}': the workspace directory is missing",
-                               path=shown, errno=errno.errorcode.get(e.errno, "?")) from None
+                               path=shown, errno=errno.errorcode.get(e.errno or 0, "?")) from None
         try:
             yield root_fd
         except _Refused as r:
@@ -356,7 +356,7 @@ class WorkspaceFS:
         try:
             fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
         except OSError as e:
-            raise oserror(errno.ENOTDIR if e.errno == errno.ELOOP else e.errno) from None
+            raise oserror(errno.ENOTDIR if e.errno == errno.ELOOP else (e.errno or errno.EIO)) from None
         if created:
             os.fchown(fd, self.uid, self.gid)
             os.fchmod(fd, _DIR_MODE)

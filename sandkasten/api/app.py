@@ -10,6 +10,7 @@ import secrets
 
 from sanic import Request, Sanic
 from sanic.exceptions import BadRequest, PayloadTooLarge, SanicException
+from sanic.http import Http
 
 from sandkasten import intake
 from sandkasten.api import archive, errors, files, processes, sessions, stream, system, workspaces
@@ -31,7 +32,7 @@ def unparsed(request: Request) -> bool:
 def _drop_body(request: Request) -> None:
     """Answer without reading what is left of the body, then close the connection (it cannot
     carry another request with an unread body in front of it)."""
-    if request.stream is not None:
+    if isinstance(request.stream, Http):   # (typed as its base class, which has neither attribute)
         request.stream.keep_alive = False
         request.stream.request_body = None
 
@@ -85,17 +86,17 @@ def create_app(daemon) -> Sanic:
                 raise Answer(refused)
         elif key and request.path not in OPEN_PATHS:
             given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
+            scheme, _sep, token = given.partition(" ")
             # headers are read as latin-1/surrogates: a byte that is no UTF-8 must compare, not raise
             if scheme.lower() != "bearer" or not hmac.compare_digest(
                     token.strip().encode("utf-8", "surrogateescape"), key):
-                admitted, refused = gate.check_api(request) if gate is not None else (False, None)
+                admitted, api_refused = gate.check_api(request) if gate is not None else (False, None)
                 if not admitted:   # the console's scripts call the API with its cookie + CSRF header
                     _drop_body(request)
                     raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <api_key>'")
-                if refused is not None:
+                if api_refused is not None:
                     _drop_body(request)
-                    raise Answer(refused)
+                    raise Answer(api_refused)
         if daemon.stopping:   # connections still draining; sandboxes and their commands carry on
             _drop_body(request)
             raise NotReady("the daemon is stopping: retry in a moment")
@@ -117,7 +118,7 @@ def create_app(daemon) -> Sanic:
             return
         try:
             await asyncio.wait_for(request.receive_body(), cfg.limits.body_timeout_seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             _drop_body(request)
             raise RequestTimeout(f"unable to read the request body: it did not arrive within "
                                  f"{cfg.limits.body_timeout_seconds:g}s (limits.body_timeout_seconds)",

@@ -26,6 +26,7 @@ from contextlib import suppress
 
 from sanic import Request, json
 from sanic.exceptions import PayloadTooLarge
+from sanic.http import Http
 
 from sandkasten.api import blueprint, params
 from sandkasten.api.files import session_fs
@@ -72,7 +73,11 @@ async def download_archive(request: Request, sid: str):
         members = await packing
     except (SandkastenError, OSError) as e:
         log.warning("archive of session %s failed while streaming: %s", sid, e)
-        request.transport.abort()                        # no chunked end: the client sees a cut
+        connection = request.transport
+        if isinstance(connection, asyncio.Transport):    # (typed as a protocol that lacks abort)
+            connection.abort()                           # no chunked end: the client sees a cut
+        else:
+            connection.close()
         return
     log.debug("archive of session %s: %d members", sid, members)
     await response.eof()
@@ -84,7 +89,10 @@ async def upload_archive(request: Request, sid: str):
     archive = await _archive(request, sid, "extract an archive")
     external = params.flag(request, "external_symlinks")
     limit = d.cfg.limits.max_archive_bytes
-    request.stream.request_max_size = limit
+    stream = request.stream
+    if not isinstance(stream, Http):   # a streamed handler always has one (typed as its base class)
+        raise SandkastenError("unable to extract an archive: the request has no body stream")
+    stream.request_max_size = limit
     body = BodyReader()
 
     def unpack() -> int:
@@ -94,13 +102,16 @@ async def upload_archive(request: Request, sid: str):
     unpacking = asyncio.ensure_future(asyncio.to_thread(unpack))
     too_large = False
     try:
-        while not unpacking.done() and (chunk := await request.stream.read()) is not None:
-            while not body.offer(chunk) and not unpacking.done():
+        while not unpacking.done() and (chunk := await stream.read()) is not None:
+            # the extractor's thread takes from a queue.Queue: no event to await, a 1 ms poll
+            while not body.offer(chunk) and not unpacking.done():  # noqa: ASYNC110
                 await asyncio.sleep(0.001)   # the extractor is behind: hold the rest of the body back
     except PayloadTooLarge:
         too_large = True
     finally:
-        body.finish(cut=too_large or not unpacking.done() and asyncio.current_task().cancelling() > 0)
+        current = asyncio.current_task()
+        cancelling = current is not None and current.cancelling() > 0
+        body.finish(cut=too_large or (not unpacking.done() and cancelling))
     if too_large:
         with suppress(SandkastenError):                   # it saw the cut; the size is the reason
             await unpacking
@@ -143,7 +154,7 @@ class BodyReader(io.RawIOBase):
             except queue.Empty:
                 if self.ended:
                     if self.cut:
-                        raise OSError(errno.EPIPE, "the request body was cut off")
+                        raise OSError(errno.EPIPE, "the request body was cut off") from None
                     return 0
                 continue
             self.pending = item or b""

@@ -99,12 +99,12 @@ def parse_uploads(request: Request, fs: WorkspaceFS) -> list[tuple[str, bytes]]:
     paths = [target.rstrip("/") + "/" + upload_name(f.name) for f in files]
     if len(set(paths)) != len(paths):
         raise InvalidRequest("invalid upload: the same file name appears twice")
-    for f, path in zip(files, paths):
+    for f, path in zip(files, paths, strict=True):
         fs.normalize(path, "upload")   # refuses an escaping 'dir'
         if len(f.body) > fs.max_file_bytes:
             raise TooLarge(f"unable to upload {f.name!r}: {len(f.body)} bytes is above the limit of "
                            f"{fs.max_file_bytes}", limit=fs.max_file_bytes, name=f.name)
-    return [(path, f.body) for f, path in zip(files, paths)]
+    return [(path, f.body) for f, path in zip(files, paths, strict=True)]
 
 
 async def write_uploads(fs: WorkspaceFS, uploads: list[tuple[str, bytes]]) -> list[tuple[dict, bytes]]:

@@ -39,7 +39,8 @@ SID = {"name": "sid", "in": "path", "required": True, "schema": {"type": "string
 PID = {"name": "process_id", "in": "path", "required": True, "schema": {"type": "string"}}
 IDEMPOTENCY_KEY = {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"}}
 TERMINAL = {"type": "object", "additionalProperties": False, "properties": {
-    "rows": {"type": "integer", "minimum": 1, "maximum": 1000}, "cols": {"type": "integer", "minimum": 1, "maximum": 1000}}}
+    "rows": {"type": "integer", "minimum": 1, "maximum": 1000},
+    "cols": {"type": "integer", "minimum": 1, "maximum": 1000}}}
 EID = {"name": "exec_id", "in": "path", "required": True, "schema": {"type": "string"}}
 WID = {"name": "wid", "in": "path", "required": True,
        "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"}}

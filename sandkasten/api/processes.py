@@ -213,7 +213,7 @@ async def kill_process(request: Request, sid: str, process_id: str):
             await d.processes.send(sid, process_id, {"op": "proc_signal", "signal": 9})
             await asyncio.wait_for(settle(d, d.processes.ensure_watched(sid, process_id), "the process was "
                                           "killed; its exit is journaled once the daemon is back"), KILL_WAIT_S)
-        except (ProcessExited, SessionEnded, SandboxGone, asyncio.TimeoutError):
+        except (TimeoutError, ProcessExited, SessionEnded, SandboxGone):
             pass   # it ended meanwhile, or the session did: the row says how
         row = await process_row(d, sid, process_id)
     return json({"ok": True, "process": process_view(row)})
@@ -291,8 +291,9 @@ def _read_output(path, offset: int, limit: int) -> tuple[int, list[exec_feed.Fra
     with open(path, "rb") as f:
         f.seek(offset)
         buf = f.read(limit + exec_feed.FRAME.size + 65536)
-    frames, used = exec_feed.parse_frames(buf, offset)
-    taken, total = [], 0
+    frames, _ = exec_feed.parse_frames(buf, offset)
+    taken: list[exec_feed.Frame] = []
+    total = 0
     for frame in frames:
         if taken and total + len(frame.data) > limit:
             break

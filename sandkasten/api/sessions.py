@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json as jsonlib
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 from sanic import Request, json
 
@@ -168,7 +168,8 @@ def require_running(row: dict, verb: str) -> None:
     if status != "running":
         raise SessionNotRunning(f"unable to {verb} in session {row['id']}: the session is {status}",
                                 status=status)
-    if row.get("expires_at") and row["expires_at"] <= iso_utc(datetime.now(timezone.utc)):  # the reconciler journals it within a second
+    # the reconciler journals it within a second
+    if row.get("expires_at") and row["expires_at"] <= iso_utc(datetime.now(UTC)):
         raise SessionEnded(f"unable to {verb} in session {row['id']}: the session expired at {row['expires_at']} "
                            f"(reason: ttl)", status="expired", reason="ttl")
     if row["pool"] in UNCLAIMED:
@@ -259,7 +260,8 @@ async def settle(d, task: asyncio.Future, on_stop: str):
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
-        if d.stopping and not asyncio.current_task().cancelling():
+        current = asyncio.current_task()
+        if d.stopping and not (current is not None and current.cancelling()):
             raise NotReady(f"the daemon is stopping: {on_stop}") from None
         raise
 

@@ -109,12 +109,12 @@ async def send_feed(request: Request, path, cursor: Cursor, raw: bool, settled, 
             raise _Stopping
         return await settled()
 
-    if wake is not None:
+    if wake is not None and endings is not None:
         endings.subscribe(key, wake)
     try:
         await _send_frames(request, d, path, cursor, raw, done, outcome, headers, started, what, wake)
     finally:
-        if wake is not None:
+        if wake is not None and endings is not None:
             endings.unsubscribe(key, wake)
 
 

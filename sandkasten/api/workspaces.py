@@ -42,7 +42,7 @@ def workspace_fs(daemon, wid: str) -> WorkspaceFS:
 async def existing(daemon, wid: str, verb: str) -> str:
     """The workspace id, validated, if the journal says the workspace exists; else 404."""
     intake.check_workspace_id(wid)
-    state = await daemon.journal.state(workspace_stream(wid))
+    state = await daemon.journal.workspace_state(workspace_stream(wid))
     if not isinstance(state, WorkspaceState) or state.status != ACTIVE:
         raise WorkspaceNotFound(f"unable to {verb} workspace {wid!r}: no such workspace", workspace_id=wid)
     return wid
@@ -59,7 +59,7 @@ def writable(daemon, wid: str) -> WorkspaceFS:
 async def ensure_created(daemon, wid: str) -> None:
     """Writing creates a workspace: directory owned by the sandbox user + `workspace.created`
     (the executor's method, the one place that creates workspaces)."""
-    state = await daemon.journal.state(workspace_stream(wid))
+    state = await daemon.journal.workspace_state(workspace_stream(wid))
     if isinstance(state, WorkspaceState) and state.status == ACTIVE and (daemon.cfg.workspaces_dir / wid).is_dir():
         return
     await daemon.executor._ensure_workspace(wid, "api")

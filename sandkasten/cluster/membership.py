@@ -164,11 +164,11 @@ class Membership:
         if row["status"] == "running":
             await self.executor.record(sid, c.RecordSandboxLost(reason=reason), actor=self.actor)
         if row["status"] in ("running", "lost", "requested"):
-            state = await self.journal.state(sid)
+            state = await self.journal.session_state(sid)
             for exec_id in (state.pending_exec_ids if state else []):
                 await self.executor.record(sid, c.RecordExecLost(
                     exec_id=exec_id, reason=f"{reason}: the command's fate is unknown"), actor=self.actor)
-            for process_id in list(getattr(state, "processes", None) or ()):
+            for process_id in (list(state.processes) if state else []):
                 await self.executor.record(sid, c.RecordProcessLost(
                     process_id=process_id, reason=f"{reason}: the process's fate is unknown"), actor=self.actor)
         if row["status"] == "destroying":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Mapping
+from collections.abc import Mapping
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ old payloads are upcast on read through `upcast`. Pure: no I/O here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
+from collections.abc import Callable, Mapping
 
 SCHEMA_VERSION = 1
 

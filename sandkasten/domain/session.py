@@ -22,10 +22,11 @@ No I/O and no clock reads here: timestamps come in the commands.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
+from datetime import datetime, UTC
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 from sandkasten.domain import commands as c
 from sandkasten.domain import events as ev
@@ -189,7 +190,8 @@ def decide(
             raise InvalidRequest(f"unable to apply {type(command).__name__} to session stream")
         return decide_workspace(state, command)
     if isinstance(command, h.HOST_COMMANDS):
-        if state is not None and not isinstance(state, h.HostState) or not (stream_id or "").startswith(h.HOST_STREAM_PREFIX):
+        if ((state is not None and not isinstance(state, h.HostState))
+                or not (stream_id or "").startswith(h.HOST_STREAM_PREFIX)):
             raise InvalidRequest(f"unable to apply {type(command).__name__}: stream {stream_id} is not a host")
         return h.decide_host(state, command, stream_id or "")
     if isinstance(command, h.PlaceSession):
@@ -207,11 +209,12 @@ def decide(
         sid = stream_id or "?"
         raise SessionNotFound(f"unable to {verb} {sid}: no such session", session_id=sid)
     if not isinstance(state, SessionState):
-        raise InvalidRequest(f"unable to {verb} {state.workspace_id}: stream is a workspace")
+        raise InvalidRequest(f"unable to {verb} {stream_id}: stream is not a session's")
     sid = state.session_id
     allowed = _ALLOWED.get(type(command))
     if allowed is not None and state.status not in allowed:
-        raise IllegalTransition(f"unable to {verb} {sid}: session is {state.status}", session_id=sid, status=state.status)
+        raise IllegalTransition(f"unable to {verb} {sid}: session is {state.status}", session_id=sid,
+                                status=state.status)
     return _DECIDERS[type(command)](state, command, prior or PriorExecs(), verb)
 
 
@@ -249,7 +252,7 @@ def iso_utc(value: datetime | str) -> str:
             raise InvalidRequest(f"unable to parse timestamp {value!r}: {exc}") from None
     if value.tzinfo is None:
         raise InvalidRequest(f"unable to use timestamp {value.isoformat()}: no timezone")
-    return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 def _claim(state: SessionState, cmd: c.ClaimSession, prior: PriorExecs, verb: str) -> list[ev.NewEvent]:
@@ -273,7 +276,8 @@ def _configured(state: SessionState, cmd: c.RecordSandboxConfigured, prior: Prio
 
 
 def _started(state: SessionState, cmd: c.RecordSandboxStarted, prior: PriorExecs, verb: str) -> list[ev.NewEvent]:
-    return [ev.NewEvent(ev.SANDBOX_STARTED, {"pid": cmd.pid, "start_time": cmd.start_time, "cgroup": cmd.cgroup, "pooled": cmd.pooled})]
+    return [ev.NewEvent(ev.SANDBOX_STARTED, {"pid": cmd.pid, "start_time": cmd.start_time, "cgroup": cmd.cgroup,
+                                             "pooled": cmd.pooled})]
 
 
 def _failed(state: SessionState, cmd: c.RecordSandboxFailed, prior: PriorExecs, verb: str) -> list[ev.NewEvent]:
@@ -351,7 +355,8 @@ def _pending_exec(state: SessionState, exec_id: str, verb: str) -> ExecState:
     found = state.execs.get(exec_id)
     if found is None:
         raise IllegalTransition(
-            f"unable to {verb} {state.session_id}: exec {exec_id} is not pending", session_id=state.session_id, exec_id=exec_id
+            f"unable to {verb} {state.session_id}: exec {exec_id} is not pending", session_id=state.session_id,
+            exec_id=exec_id,
         )
     return found
 
@@ -418,7 +423,8 @@ def _with(state: SessionState, **changes: Any) -> SessionState:
 
 def evolve(state: State | None, event: Any) -> State:
     """Apply one event (NewEvent or RecordedEvent) to a stream's state."""
-    if event.type in ev.WORKSPACE_EVENT_TYPES or (event.type in ev.FILE_EVENT_TYPES and isinstance(state, WorkspaceState)):
+    if event.type in ev.WORKSPACE_EVENT_TYPES or (
+            event.type in ev.FILE_EVENT_TYPES and isinstance(state, WorkspaceState)):
         return evolve_workspace(state if isinstance(state, WorkspaceState) else None, event)
     if event.type in h.HOST_EVENT_TYPES:
         return h.evolve_host(state if isinstance(state, h.HostState) else None, event)
@@ -440,7 +446,8 @@ def evolve(state: State | None, event: Any) -> State:
     t = event.type
     if t in (ev.SANDBOX_STARTED, ev.SANDBOX_ADOPTED):
         extra = {"cgroup": p.get("cgroup") or None, "pooled": bool(p.get("pooled"))} if t == ev.SANDBOX_STARTED else {}
-        return _with(s, version=version, status=RUNNING, runner_pid=p["pid"], runner_start_time=p["start_time"], lost_reason=None, **extra)
+        return _with(s, version=version, status=RUNNING, runner_pid=p["pid"], runner_start_time=p["start_time"],
+                     lost_reason=None, **extra)
     if t == ev.SESSION_CLAIMED:
         return _with(s, version=version, pool=POOL_CLAIMED if p.get("configured") else POOL_CLAIMING,
                      ttl_seconds=p["ttl_seconds"], expires_at=p["expires_at"],
@@ -451,9 +458,11 @@ def evolve(state: State | None, event: Any) -> State:
     if t == h.SESSION_PLACED:
         return _with(s, version=version, host_id=p["host_id"], host_epoch=p["host_epoch"])
     if t == ev.SANDBOX_FAILED:
-        return _with(s, version=version, status=FAILED, end_reason=p.get("reason"), runner_pid=None, runner_start_time=None)
+        return _with(s, version=version, status=FAILED, end_reason=p.get("reason"), runner_pid=None,
+                     runner_start_time=None)
     if t == ev.SANDBOX_LOST:
-        return _with(s, version=version, status=LOST, lost_reason=p.get("reason"), runner_pid=None, runner_start_time=None)
+        return _with(s, version=version, status=LOST, lost_reason=p.get("reason"), runner_pid=None,
+                     runner_start_time=None)
     if t in (ev.SESSION_DESTROY_REQUESTED, ev.SESSION_EXPIRED):
         return _with(s, version=version, status=DESTROYING, end_reason=p.get("reason"))
     if t == ev.SANDBOX_STOPPED:
@@ -474,6 +483,7 @@ def evolve(state: State | None, event: Any) -> State:
     if t in (ev.EXEC_FINISHED, ev.EXEC_LOST):
         execs = {k: v for k, v in s.execs.items() if k != p["exec_id"]}
         if t == ev.EXEC_FINISHED:
-            return _with(s, version=version, execs=MappingProxyType(execs), finished_count=s.finished_count + 1, cwd=p.get("cwd") or s.cwd)
+            return _with(s, version=version, execs=MappingProxyType(execs), finished_count=s.finished_count + 1,
+                         cwd=p.get("cwd") or s.cwd)
         return _with(s, version=version, execs=MappingProxyType(execs), lost_count=s.lost_count + 1)
     raise ValueError(f"unable to apply event {t}: unknown event type")

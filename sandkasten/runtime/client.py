@@ -46,7 +46,7 @@ _SUN_PATH_MAX = 107
 
 
 @contextmanager
-def _addressable(sock_path: Path) -> Iterator[str]:
+def _addressable(sock_path: Path | str) -> Iterator[str]:
     path = str(sock_path)
     if len(os.fsencode(path)) <= _SUN_PATH_MAX:
         yield path

@@ -6,9 +6,10 @@ everything else a create does), and a fork of the zygote costs another milliseco
 So the zygote keeps SPARES ready: for each, cgroups made under a session id picked in advance,
 a child A that joined them, unshared the namespaces and forked the sandbox's PID 1, which now
 waits on a pipe (its mount namespace is made when the spec comes: the create mounts the
-sandbox's own disk on the host first, and PID 1 must see it). A create for that session id (the daemon takes the ids from the markers, see
-Runtime.reserve_id) only rewrites the limits if they differ and hands PID 1 the spec: it runs
-the setup steps as usual. Any other id, or bridge networking, takes the ordinary path.
+sandbox's own disk on the host first, and PID 1 must see it). A create for that session id
+(the daemon takes the ids from the markers, see Runtime.reserve_id) only rewrites the limits
+if they differ and hands PID 1 the spec: it runs the setup steps as usual. Any other id, or
+bridge networking, takes the ordinary path.
 
 On disk: `run/.spares/<sid>` holds the spare's pid and start time, so the daemon can find the
 ids and no sweep or doctor mistakes a spare's cgroups for an orphan while its process lives.

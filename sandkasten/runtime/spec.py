@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sandkasten.errors import InvalidRequest
+from sandkasten.errors import InvalidRequest, SandboxError
 
 SESSION_ID = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}$")
 EXEC_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -138,6 +138,13 @@ class Observed:
     @property
     def healthy(self) -> bool:
         return self.alive and self.answering
+
+    @property
+    def identity(self) -> tuple[int, int]:
+        """(pid, start_time) of the runner, the pair the journal records of a started sandbox."""
+        if self.pid is None or self.start_time is None:
+            raise SandboxError(f"unable to identify the sandbox of session {self.session_id}: it has no runner")
+        return self.pid, self.start_time
 
     @property
     def leftovers(self) -> bool:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import base64
 import csv
 import json
-from datetime import datetime, timezone
-from typing import Any, Mapping, TextIO
+from datetime import datetime, UTC
+from typing import Any, TextIO
+from collections.abc import Mapping
 
 from sandkasten.domain import events as ev
 from sandkasten.domain.session import EXEC_FINISHED, EXEC_LOST, EXEC_REQUESTED, EXEC_RUNNING
@@ -135,22 +136,24 @@ def _fold_process(rows: dict[str, dict[str, Any]], event: ev.RecordedEvent, sinc
         }
         return
     row = rows.get(pid)
-    if row is None:  # started before `since`; its inputs after `since` still count
-        if event.type != ev.PROCESS_INPUT or (since_iso is not None and event.created_at < since_iso):
-            return
-    if event.type == ev.PROCESS_STARTED:
+    # started before `since`: its inputs after `since` still count
+    if row is None and (event.type != ev.PROCESS_INPUT or (since_iso is not None and event.created_at < since_iso)):
+        return
+    if event.type == ev.PROCESS_INPUT:
+        rows[f"{pid}#{event.seq}"] = {
+            "actor": event.actor, "requested_at": event.created_at, "session": event.stream_id, "exec_id": pid,
+            "cmd": _input_summary(p), "cwd": None, "exit_code": None, "duration_ms": None,
+            "output_sha256": p.get("sha256"), "status": p["kind"], "kind": "input", "input": _typed(p),
+        }
+    elif row is None:
+        return
+    elif event.type == ev.PROCESS_STARTED:
         row["status"] = "running"
     elif event.type == ev.PROCESS_EXITED:
         row.update(status="exited", exit_code=p.get("exit_code") if p.get("signal") is None else p["signal"],
                    duration_ms=p.get("duration_ms"), output_sha256=p.get("output_sha256"))
     elif event.type == ev.PROCESS_LOST:
         row["status"] = "lost"
-    elif event.type == ev.PROCESS_INPUT:
-        rows[f"{pid}#{event.seq}"] = {
-            "actor": event.actor, "requested_at": event.created_at, "session": event.stream_id, "exec_id": pid,
-            "cmd": _input_summary(p), "cwd": None, "exit_code": None, "duration_ms": None,
-            "output_sha256": p.get("sha256"), "status": p["kind"], "kind": "input", "input": _typed(p),
-        }
 
 
 def _typed(p: Mapping[str, Any]) -> str | None:
@@ -177,5 +180,5 @@ async def verify(journal: Journal) -> VerifyResult:
 
 def _iso(value: datetime) -> str:
     if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)  # a bare --since from the CLI means UTC
-    return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
+        value = value.replace(tzinfo=UTC)  # a bare --since from the CLI means UTC
+    return value.astimezone(UTC).isoformat(timespec="microseconds")

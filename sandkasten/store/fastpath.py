@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import sqlite3
 from collections import namedtuple
-from typing import Any, Callable
+from typing import Any, cast
+from collections.abc import Callable
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.sql.compiler import SQLCompiler
 
 DIALECT = sqlite_dialect.dialect()
 
@@ -26,9 +28,10 @@ DIALECT = sqlite_dialect.dialect()
 class _Compiled:
     __slots__ = ("stmt", "sql", "names", "defaults", "binders", "row_type", "results")
 
-    def __init__(self, stmt: sa.Executable) -> None:
+    def __init__(self, stmt: sa.ClauseElement) -> None:
         # constant IN lists become one placeholder per value (their values are defaults below)
-        c = stmt.compile(dialect=DIALECT, compile_kwargs={"render_postcompile": True})
+        # a statement compiles to an SQLCompiler (typed as its base, which lacks positiontup and binds)
+        c = cast(SQLCompiler, stmt.compile(dialect=DIALECT, compile_kwargs={"render_postcompile": True}))
         self.stmt = stmt
         self.sql = str(c)
         self.names = tuple(c.positiontup or ())
@@ -36,13 +39,13 @@ class _Compiled:
         binds = [c.binds[k] if k in c.binds else c.binds.get(k.rsplit("_", 1)[0]) for k in self.names]
         self.binders = tuple(b.type._cached_bind_processor(DIALECT) if b is not None else None for b in binds)
         columns = getattr(c, "_result_columns", None) or []
-        self.row_type = namedtuple("Row", [col.keyname for col in columns], rename=True) if columns else None  # type: ignore[misc]
+        self.row_type = namedtuple("Row", [col.keyname for col in columns], rename=True) if columns else None
         self.results: tuple[Callable[[Any], Any] | None, ...] = tuple(
             col.type._cached_result_processor(DIALECT, None) for col in columns)
 
     def args(self, params: dict[str, Any]) -> tuple:
         out = []
-        for name, bind in zip(self.names, self.binders):
+        for name, bind in zip(self.names, self.binders, strict=True):
             value = params[name] if name in params else self.defaults[name]
             out.append(bind(value) if bind is not None and value is not None else value)
         return tuple(out)
@@ -52,14 +55,14 @@ class _Compiled:
             return raw
         procs = self.results
         if any(procs):
-            raw = [tuple(p(v) if p is not None else v for p, v in zip(procs, r)) for r in raw]
+            raw = [tuple(p(v) if p is not None else v for p, v in zip(procs, r, strict=True)) for r in raw]
         return [self.row_type(*r) for r in raw]
 
 
 _compiled: dict[int, _Compiled] = {}
 
 
-def compiled(stmt: sa.Executable) -> _Compiled:
+def compiled(stmt: sa.ClauseElement) -> _Compiled:
     entry = _compiled.get(id(stmt))
     if entry is None or entry.stmt is not stmt:
         entry = _compiled[id(stmt)] = _Compiled(stmt)
@@ -75,7 +78,7 @@ def driver(conn: Any) -> sqlite3.Connection | None:
     return None
 
 
-def execute(conn: Any, stmt: sa.Executable, params: dict[str, Any]) -> list[Any]:
+def execute(conn: Any, stmt: sa.ClauseElement, params: dict[str, Any]) -> list[Any]:
     """Run `stmt` (a module-level statement) with `params`; rows (attribute access) for a SELECT."""
     raw = driver(conn)
     if raw is None:
@@ -89,7 +92,7 @@ def execute(conn: Any, stmt: sa.Executable, params: dict[str, Any]) -> list[Any]
         cursor.close()
 
 
-def changed(conn: Any, stmt: sa.Executable, params: dict[str, Any]) -> int:
+def changed(conn: Any, stmt: sa.ClauseElement, params: dict[str, Any]) -> int:
     """Run a DML statement; how many rows it changed."""
     raw = driver(conn)
     if raw is None:

@@ -27,7 +27,8 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 INLINE_MAX = 16              # a batch with more items than this is written on the thread
 CHECKPOINT_EVERY = 256       # commits between two passive checkpoints
@@ -138,7 +139,8 @@ class GroupCommit:
 
     async def drain(self) -> None:
         """Wait until everything submitted so far is written (on close)."""
-        while self.queue or self.in_thread or self.scheduled:
+        # the writer thread's state, no event to await; polled on close only
+        while self.queue or self.in_thread or self.scheduled:  # noqa: ASYNC110
             await asyncio.sleep(0.001)
 
     def close(self) -> None:
@@ -172,7 +174,7 @@ class GroupCommit:
                     conn.execute("SAVEPOINT item")
                 try:
                     value = item.work(conn)
-                except Exception as refused:  # noqa: BLE001 - refused (decide) or failed: this item alone
+                except Exception as refused:  # refused (decide) or failed: this item alone
                     if isinstance(refused, sqlite3.Error):
                         raise
                     if several:

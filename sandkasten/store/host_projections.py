@@ -4,7 +4,8 @@ the append's transaction and in replay, uses only the event and rows earlier eve
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import sqlalchemy as sa
 

@@ -27,9 +27,10 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterable, TypeVar
+from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import sqlalchemy as sa
 from json.encoder import encode_basestring as _encode_string   # = json.dumps(str, ensure_ascii=False)
@@ -38,11 +39,12 @@ from sandkasten.domain import commands as c
 from sandkasten.domain import events as ev
 from sandkasten.domain import host
 from sandkasten.domain.events import RecordedEvent
-from sandkasten.domain.session import (DESTROYING, ENDED_STATUSES, POOL_IDLE, UNCLAIMED, PriorExecs, State, decide, evolve)
+from sandkasten.domain.session import (PriorExecs, SessionState, State, decide, evolve)
+from sandkasten.domain.workspace import WorkspaceState
 from sandkasten.errors import ConcurrencyConflict, InvalidRequest, JournalError, SandkastenError
 from sandkasten.store import fastpath, integrity, postgres, projections, queries, schema
 from sandkasten.store.group_commit import GroupCommit
-from sandkasten.store.schema import events, execs, processes, sessions, workspaces
+from sandkasten.store.schema import events, execs, processes, sessions
 
 T = TypeVar("T")
 log = logging.getLogger("sandkasten.journal")
@@ -93,9 +95,13 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+# an event's identifying fields, hashed into the chain with its payload
+_HASHED_FIELDS = ("seq", "stream_id", "stream_version", "type", "schema_version", "actor", "request_id", "created_at")
+
+
 def chain_hash(prev_hash: str, row: dict[str, Any]) -> str:
     """sha256(prev_hash + canonical JSON of the event's identifying fields)."""
-    body = {k: row[k] for k in ("seq", "stream_id", "stream_version", "type", "schema_version", "actor", "request_id", "created_at")}
+    body = {k: row[k] for k in _HASHED_FIELDS}
     body["payload"] = row["payload"]
     return hashlib.sha256((prev_hash + canonical_json(body)).encode()).hexdigest()
 
@@ -117,7 +123,7 @@ def _json_text(value: str | None) -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 now = _now   # the journal's timestamps (ISO 8601 UTC, microseconds), for callers that stamp ahead
@@ -179,12 +185,12 @@ class Journal:
     # --- lifecycle ------------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, db_path: Path | str, durability: str = "normal", *, busy_timeout_s: float = 10.0) -> "Journal":
+    async def open(cls, db_path: Path | str, durability: str = "normal", *, busy_timeout_s: float = 10.0) -> Journal:
         """Create the parent dir, migrate (alembic, in a thread, only when behind), connect.
         A `postgresql…://` URL instead of a path opens the shared journal of a cluster."""
         if postgres.is_url(db_path):
             return await cls._open_postgres(str(db_path), durability, busy_timeout_s)
-        db_path = Path(db_path).absolute()
+        db_path = Path(db_path).absolute()  # noqa: ASYNC240 - reads the cwd, no file I/O
         if durability not in DURABILITIES:
             raise JournalError(f"unable to open journal {db_path}: durability {durability!r} is not normal|full")
         sync = DURABILITIES[durability]
@@ -210,7 +216,7 @@ class Journal:
         return journal
 
     @classmethod
-    async def _open_postgres(cls, url: str, durability: str, busy_timeout_s: float) -> "Journal":
+    async def _open_postgres(cls, url: str, durability: str, busy_timeout_s: float) -> Journal:
         """The same journal on PostgreSQL: appends serialised by an advisory lock (see
         store/postgres.py); durability is the server's (synchronous_commit)."""
         where = postgres.label(url)
@@ -282,8 +288,8 @@ class Journal:
             await loop.run_in_executor(self._writer_thread, _close)
             self._writer_thread.shutdown(wait=True)
 
-    def _guard(self, action: str) -> "_Guard":
-        return _Guard(self.path, self.busy_timeout_s)(action)  # type: ignore[return-value]
+    def _guard(self, action: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return _Guard(self.path, self.busy_timeout_s)(action)
 
     # --- transactions -------------------------------------------------------------------
 
@@ -318,7 +324,7 @@ class Journal:
         for listener in self.listeners:
             try:
                 listener(recorded)
-            except Exception:  # noqa: BLE001 - a listener must never undo a commit
+            except Exception:  # a listener must never undo a commit
                 log.exception("journal listener failed")
 
     async def _write(self, action: str, fn: Callable[..., T], *args: Any, heavy: bool = False) -> T:
@@ -485,7 +491,7 @@ class Journal:
             seq, version = seq + 1, version + 1
             payload = dict(new.payload)
             payload_json = canonical_json(payload)
-            row = {"seq": seq, "stream_id": stream_id, "stream_version": version, "type": new.type,
+            row: dict[str, Any] = {"seq": seq, "stream_id": stream_id, "stream_version": version, "type": new.type,
                    "schema_version": new.schema_version, "payload": payload, "actor": actor,
                    "request_id": request_id, "created_at": created_at}
             row_hash = _chain_hash_of(prev_hash, row, payload_json)
@@ -530,7 +536,7 @@ class Journal:
                 f"unable to append to stream {row['stream_id']}: version {row['stream_version']} already exists"
             ) from exc
 
-    def _catch_up_query(self, stream_id: str, head: bool) -> tuple[sa.Executable, dict[str, Any], State | None]:
+    def _catch_up_query(self, stream_id: str, head: bool) -> tuple[sa.ClauseElement, dict[str, Any], State | None]:
         """The stream's events newer than its cached state (returned too: the base to fold them
         onto, whatever another thread does to the cache meanwhile) and, with `head`, in the
         same query, the journal's last event, whose seq and hash the next append chains to."""
@@ -544,7 +550,8 @@ class Journal:
         seq, prev_hash, seen = 0, GENESIS_HASH, set()
         for row in rows:
             seq, prev_hash = max((seq, prev_hash), (row.seq, row.hash))
-            if row.stream_id == stream_id and row.seq not in seen and (state is None or row.stream_version > state.version):
+            mine = row.stream_id == stream_id and row.seq not in seen
+            if mine and (state is None or row.stream_version > state.version):
                 seen.add(row.seq)
                 state = evolve(state, _recorded(row))
         return state, seq, prev_hash
@@ -590,7 +597,7 @@ class Journal:
         async with self._guard(action):
             return await asyncio.get_running_loop().run_in_executor(self._reader_thread, read)
 
-    async def _point(self, stmt: sa.Select, params: dict[str, Any], action: str = "read") -> list[Any]:
+    async def _point(self, stmt: sa.ClauseElement, params: dict[str, Any], action: str = "read") -> list[Any]:
         """Rows of a prebuilt statement: on SQLite right here on the loop through the driver
         (a read in WAL mode never waits for a writer), elsewhere on the reader thread."""
         if self._point_reader is None:
@@ -600,7 +607,7 @@ class Journal:
         except (sqlite3.Error, OSError) as exc:
             raise _Guard(self.path, self.busy_timeout_s).error(action, exc) from exc
 
-    async def _point_read(self, stmt: sa.Select, params: dict[str, Any]) -> dict[str, Any] | None:
+    async def _point_read(self, stmt: sa.ClauseElement, params: dict[str, Any]) -> dict[str, Any] | None:
         """One row by a prebuilt statement (a session, an exec, a process)."""
         rows = await self._point(stmt, params)
         return fastpath.mapping(rows[0]) if rows else None
@@ -611,6 +618,17 @@ class Journal:
         if state is not None:
             self._remember(stream_id, state)
         return state
+
+    async def session_state(self, sid: str) -> SessionState | None:
+        """The folded state of session `sid`; None when it has no stream or its stream is not a
+        session's (a workspace's or a host's id is no session)."""
+        state = await self.state(sid)
+        return state if isinstance(state, SessionState) else None
+
+    async def workspace_state(self, stream_id: str) -> WorkspaceState | None:
+        """The folded state of a workspace's stream (`ws:<id>`); None as for `session_state`."""
+        state = await self.state(stream_id)
+        return state if isinstance(state, WorkspaceState) else None
 
     async def events(
         self, after_seq: int = 0, stream_id: str | None = None, limit: int = 1000, types: Iterable[str] | None = None
@@ -769,10 +787,10 @@ def _check_stream(stream_id: str, command: c.Command) -> None:
     if isinstance(command, host.HOST_COMMANDS) != stream_id.startswith(host.HOST_STREAM_PREFIX):
         raise InvalidRequest(f"unable to apply {type(command).__name__} to stream {stream_id}: host commands "
                              f"go to {host.HOST_STREAM_PREFIX}<host_id> streams, and only they")
-    if isinstance(command, (c.CreateWorkspace, c.DeleteWorkspace)) and stream_id != ev.workspace_stream(command.workspace_id):
-        raise InvalidRequest(
-            f"unable to change workspace {command.workspace_id}: stream must be {ev.workspace_stream(command.workspace_id)}"
-        )
+    if isinstance(command, (c.CreateWorkspace, c.DeleteWorkspace)):
+        wanted = ev.workspace_stream(command.workspace_id)
+        if stream_id != wanted:
+            raise InvalidRequest(f"unable to change workspace {command.workspace_id}: stream must be {wanted}")
 
 
 def _check_row(row: Any, prev_hash: str) -> str | None:
@@ -784,7 +802,7 @@ def _check_row(row: Any, prev_hash: str) -> str | None:
         return "payload is not valid JSON"
     if canonical_json(payload) != row.payload:
         return "payload is not in canonical form (edited by hand)"
-    fields = {k: getattr(row, k) for k in ("seq", "stream_id", "stream_version", "type", "schema_version", "actor", "request_id", "created_at")}
+    fields = {k: getattr(row, k) for k in _HASHED_FIELDS}
     if chain_hash(prev_hash, {**fields, "payload": payload}) != row.hash:
         return "hash does not match the event's content (the row was changed)"
     return None
@@ -793,7 +811,7 @@ def _check_row(row: Any, prev_hash: str) -> str | None:
 class _Guard:
     """The one place foreign errors (sqlite, SQLAlchemy, OS) become JournalError."""
 
-    def __init__(self, path: Path, busy_timeout_s: float) -> None:
+    def __init__(self, path: Path | str, busy_timeout_s: float) -> None:   # (str: a PostgreSQL URL)
         self.path, self.busy_timeout_s = path, busy_timeout_s
 
     @contextlib.asynccontextmanager

@@ -9,7 +9,8 @@ written by earlier events are used — never the clock, never the kernel.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import sqlalchemy as sa
 

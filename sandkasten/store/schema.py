@@ -210,7 +210,7 @@ def migrations_dir() -> Path:
     return Path(__file__).resolve().parent.parent.parent / "migrations"
 
 
-def alembic_config(url: str) -> "alembic.config.Config":
+def alembic_config(url: str) -> alembic.config.Config:
     from alembic.config import Config
 
     cfg = Config()
