@@ -190,7 +190,8 @@ class Pool:
                 self._failed(image, e)
                 continue
             for _ in range(missing):
-                sid = (self.executor.runtime.reserve_id() if self.executor.cluster is None else None) \
+                spare = self.executor.cluster is None and self.template(image).network_mode != "bridge"
+                sid = (self.executor.runtime.reserve_id() if spare else None) \
                     or intake.new_session_id()
                 try:
                     await admission.admitted(self.cfg, self.journal, sid, self.template(image), actor=ACTOR)

@@ -102,8 +102,10 @@ async def create_session(request: Request):
     sid = await pool.claim(cmd, request.ctx.actor, request.ctx.request_id) if pool is not None else None
     if sid is not None:  # a pre-warmed sandbox, already configured as asked ("pooled": true)
         return json(session_view(await session_row(d, sid)), status=201)
-    # an id the spawner has a spare for creates faster (a cluster's session may land elsewhere)
-    sid = (d.runtime.reserve_id() if d.cluster is None else None) or intake.new_session_id()
+    # an id the spawner has a spare for creates faster (not in a cluster: the session may land
+    # elsewhere; not bridged: a bridged sandbox never takes a spare, so not a spare's id either)
+    spare = d.cluster is None and cmd.network_mode != "bridge"
+    sid = (d.runtime.reserve_id() if spare else None) or intake.new_session_id()
     await admission.admitted(d.cfg, d.journal, sid, cmd, actor=request.ctx.actor, request_id=request.ctx.request_id)
     try:
         await settle(d, d.executor.ensure_session(sid), f"session {sid} is created once the daemon is back "
