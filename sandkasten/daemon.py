@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING
 
 from sandkasten import install
 from sandkasten.config import Config
-from sandkasten.endings import Endings
+from sandkasten.control.endings import Endings
 from sandkasten.errors import SandkastenError
-from sandkasten.executor import Executor
-from sandkasten.log_watch import LogWatch
-from sandkasten.pool import Pool
-from sandkasten.process_control import ProcessControl
-from sandkasten.reconciler import Reconciler
+from sandkasten.control.executor import Executor
+from sandkasten.files.log_watch import LogWatch
+from sandkasten.control.pool import Pool
+from sandkasten.control.process_control import ProcessControl
+from sandkasten.control.reconciler import Reconciler
 from sandkasten.runtime import client, network
 from sandkasten.runtime.layout import Layout
 from sandkasten.runtime.procfs import proc_start_time
@@ -250,7 +250,7 @@ def start_background(cfg: Config, config_path: str | None, wait_s: float = 30.0)
         return 1
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     logfile = cfg.run_dir / "daemon.log"
-    args = [sys.executable, "-m", "sandkasten.cli"] + (["--config", config_path] if config_path else [])
+    args = [sys.executable, "-m", "sandkasten.cli.main"] + (["--config", config_path] if config_path else [])
     with open(logfile, "ab") as out:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
     deadline = time.monotonic() + wait_s

@@ -1,5 +1,5 @@
 """The `sandkasten` console script called in this process: the entry point the script runs
-(`sandkasten.cli:main`, see pyproject's [project.scripts]) with its own stdin, stdout, stderr,
+(`sandkasten.cli.main:main`, see pyproject's [project.scripts]) with its own stdin, stdout, stderr,
 working directory and environment, restored afterwards.
 
 A subprocess costs about a second here (interpreter start and the package's imports, on a
@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from sandkasten import cli
+from sandkasten.cli import main as cli
 
 
 def run_cli(argv: list[str], cwd: Path | None = None, env: Mapping[str, str] | None = None,

@@ -32,8 +32,8 @@ import pytest
 
 from runner import protocol
 from sandkasten import __version__
-from sandkasten.cli_args import Usage, call_args, exec_args, parse_since, split_config
-from sandkasten.cli_render import duration, exec_header, humanize
+from sandkasten.cli.args import Usage, call_args, exec_args, parse_since, split_config
+from sandkasten.cli.render import duration, exec_header, humanize
 from sandkasten.domain import commands as c
 from sandkasten.runtime.layout import Layout
 from sandkasten.store.journal import Journal

@@ -17,7 +17,7 @@ from sandkasten.domain import commands as c
 from sandkasten.domain import events as ev
 from sandkasten.domain.session import POOL_CLAIMED, POOL_CLAIMING, POOL_IDLE, decide, evolve
 from sandkasten.errors import IllegalTransition
-from sandkasten.executor import _sh_quote
+from sandkasten.control.executor import _sh_quote
 from sandkasten.runtime.procfs import mounts_under
 from sandkasten.runtime.sandboxes import Runtime
 from sandkasten.store.journal import Journal

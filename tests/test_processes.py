@@ -413,7 +413,7 @@ def _attach(daemon, sid, pid, size=(24, 80)):
 
     child, fd = pty.fork()
     if child == 0:
-        os.execv(sys_executable(), [sys_executable(), "-m", "sandkasten.cli", "--config", str(daemon.config_path), "attach", sid, pid])
+        os.execv(sys_executable(), [sys_executable(), "-m", "sandkasten.cli.main", "--config", str(daemon.config_path), "attach", sid, pid])
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", *size, 0, 0))
     return child, fd
 

@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from runner.protocol import STDERR, STDOUT, frame
-from sandkasten import exec_feed
-from sandkasten.exec_feed import Cursor, FeedError, Frame, TextDecoder
+from sandkasten.files import exec_feed
+from sandkasten.files.exec_feed import Cursor, FeedError, Frame, TextDecoder
 from tests.test_api import assert_error, create
 
 GATE = "while [ ! -e /workspace/go ]; do sleep 0.02; done"
@@ -113,8 +113,8 @@ def test_a_follower_sleeps_until_output_or_its_end_is_committed(tmp_path):
     """With inotify and the journal's commit listener (`endings`) a follower asks `is_done`
     only when something happened — not on a 5-20 ms timer — and its end arrives at once."""
     from sandkasten.domain import events as ev
-    from sandkasten.endings import Endings
-    from sandkasten.log_watch import LogWatch
+    from sandkasten.control.endings import Endings
+    from sandkasten.files.log_watch import LogWatch
 
     path = tmp_path / "x-9.log"
     path.write_bytes(frame(STDOUT, b"one", 1.0))

@@ -183,8 +183,8 @@ def test_a_client_leaving_mid_download_stops_the_packer_and_leaks_nothing(daemon
 # ------------------------------------------------------------------ the same, in-process, with both resolvers
 @pytest.fixture(params=["openat2", "walk"])
 def archive_pair(request, tmp_path):
-    from sandkasten import workspace_fs
-    from sandkasten.workspace_archive import WorkspaceArchive
+    from sandkasten.files import workspace_fs
+    from sandkasten.files.workspace_archive import WorkspaceArchive
     from tests.test_workspace_fs import fds_left, open_fds, snapshot
 
     if request.param == "openat2" and not workspace_fs.openat2_available():

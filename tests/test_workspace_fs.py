@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from sandkasten import workspace_fs
+from sandkasten.files import workspace_fs
 from sandkasten.errors import FileNotFound, InvalidRequest, PathRefused, TooLarge
-from sandkasten.workspace_fs import Entry, WorkspaceFS
+from sandkasten.files.workspace_fs import Entry, WorkspaceFS
 
 NOBODY = 65534
 

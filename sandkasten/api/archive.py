@@ -7,7 +7,7 @@ persist_workspace / hydrate_workspace):
   `limits.max_archive_bytes`; the event loop hands the body to the extractor thread through a
   small queue); symlinks pointing out of /workspace only on request.
 
-The tar is made and read host-side by `sandkasten.workspace_archive` (confined like the file
+The tar is made and read host-side by `sandkasten.files.workspace_archive` (confined like the file
 API) in a worker thread; an OS pipe joins the packing thread to the response, a small queue of
 chunks joins the request body to the extracting thread, so neither side ever holds the
 archive in memory. A failure after the first byte went out cannot
@@ -32,7 +32,7 @@ from sandkasten.api import blueprint, params
 from sandkasten.api.files import session_fs
 from sandkasten.api.sessions import require_running, session_row
 from sandkasten.errors import SandkastenError, TooLarge
-from sandkasten.workspace_archive import WorkspaceArchive
+from sandkasten.files.workspace_archive import WorkspaceArchive
 
 bp = blueprint("archive", url_prefix="/v1")
 log = logging.getLogger("sandkasten.api.archive")

@@ -18,7 +18,7 @@ from sandkasten.api import blueprint, params
 from sandkasten.api.sessions import json_body, require_running, session_row
 from sandkasten.domain import commands as c
 from sandkasten.errors import IllegalTransition, InvalidRequest, PathRefused, TooLarge
-from sandkasten.workspace_fs import MOUNT_POINT, WorkspaceFS
+from sandkasten.files.workspace_fs import MOUNT_POINT, WorkspaceFS
 
 bp = blueprint("files", url_prefix="/v1")
 log = logging.getLogger("sandkasten.api")

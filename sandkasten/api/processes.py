@@ -15,7 +15,9 @@ from dataclasses import replace
 
 from sanic import Request, json
 
-from sandkasten import exec_feed, intake
+from sandkasten import intake
+
+from sandkasten.files import exec_feed
 from sandkasten.api import blueprint, params
 from sandkasten.api.sessions import json_body, require_running, session_row, settle
 from sandkasten.api.stream import event, resume_cursor, send_feed

@@ -10,7 +10,9 @@ from datetime import datetime, UTC
 
 from sanic import Request, json
 
-from sandkasten import admission, intake
+from sandkasten import intake
+
+from sandkasten.control import admission
 from sandkasten.api import blueprint, params
 from sandkasten.domain import commands as c
 from sandkasten.domain.session import UNCLAIMED, DuplicateIdempotencyKey, iso_utc

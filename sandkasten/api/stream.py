@@ -21,11 +21,11 @@ import logging
 
 from sanic import Request
 
-from sandkasten import exec_feed
+from sandkasten.files import exec_feed
 from sandkasten.api import blueprint, params
 from sandkasten.api.sessions import lost_exec, oom_kills, session_row, submit_exec
 from sandkasten.errors import ExecNotFound, InvalidRequest, SandboxError, SandkastenError
-from sandkasten.exec_feed import Cursor, FeedError, TextDecoder
+from sandkasten.files.exec_feed import Cursor, FeedError, TextDecoder
 from sandkasten.runtime.spec import EXEC_ID, ExecRequest
 
 bp = blueprint("stream", url_prefix="/v1")

@@ -28,7 +28,7 @@ from sandkasten.domain.workspace import ACTIVE, WorkspaceState
 from sandkasten.errors import (IllegalTransition, InvalidRequest, SandboxError, WorkspaceInUse,
                                WorkspaceNotFound)
 from sandkasten.runtime.procfs import mounts_under
-from sandkasten.workspace_fs import WorkspaceFS
+from sandkasten.files.workspace_fs import WorkspaceFS
 
 bp = blueprint("workspaces", url_prefix="/v1")
 

@@ -17,7 +17,7 @@ from sandkasten.api.files import present_entry, session_fs
 from sandkasten.api.sessions import require_running, session_row
 from sandkasten.api.workspaces import existing, workspace_fs
 from sandkasten.console.render import page
-from sandkasten.workspace_fs import MOUNT_POINT, WorkspaceFS
+from sandkasten.files.workspace_fs import MOUNT_POINT, WorkspaceFS
 
 bp = blueprint("console_files", url_prefix="/console")
 LISTED = 2000   # entries shown per directory

@@ -25,7 +25,7 @@ class RequestSession:
     readonly_rootfs: bool = False
     expires_at: datetime | str | None = None  # required; aware datetime or ISO UTC string
     session_id: str | None = None  # filled in by the journal from the stream id
-    pool: bool = False  # an idle pool member, waiting for a ClaimSession (see sandkasten.pool)
+    pool: bool = False  # an idle pool member, waiting for a ClaimSession (see sandkasten.control.pool)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from sandkasten import config as config_mod
-from sandkasten.cli_args import Usage, call_args, config_path, show_help, wants_help
+from sandkasten.cli.args import Usage, call_args, config_path, show_help, wants_help
 from sandkasten.errors import SandkastenError
 from sandkasten.images.build import build as build_image
 from sandkasten.images.store import ImageInfo, ImageStore, check_name

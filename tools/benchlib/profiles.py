@@ -63,7 +63,7 @@ def launch_prefix(out: Path, rate: int = 1000) -> list[str]:
     return [tool, "record", "--format", "raw", "--output", str(out), "--rate", str(rate), "--threads", "--"]
 
 
-WRAPPERS = ("threading.py", "concurrent/futures/thread.py", "sandkasten/cli.py", "sanic/mixins/",
+WRAPPERS = ("threading.py", "concurrent/futures/thread.py", "sandkasten/cli/main.py", "sanic/mixins/",
             "sanic/worker/", "sanic/server/runners.py", "asyncio/events.py", "asyncio/base_events.py",
             "<frozen importlib", "runpy.py")
 

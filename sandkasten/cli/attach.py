@@ -17,7 +17,7 @@ import sys
 import threading
 from typing import Any
 
-from sandkasten.cli_args import Failed, Usage
+from sandkasten.cli.args import Failed, Usage
 
 DETACH_KEYS = {"ctrl-]": b"\x1d", "ctrl-\\": b"\x1c", "ctrl-q": b"\x11", "ctrl-p": b"\x10"}
 

@@ -29,9 +29,9 @@ import tarfile
 from contextlib import suppress
 from typing import BinaryIO
 
-from sandkasten.beneath import walk_tree
+from sandkasten.files.beneath import walk_tree
 from sandkasten.errors import InvalidRequest, PathRefused, TooLarge
-from sandkasten.workspace_fs import MAX_NAME_BYTES, MAX_PATH_BYTES, MOUNT_POINT, WorkspaceFS
+from sandkasten.files.workspace_fs import MAX_NAME_BYTES, MAX_PATH_BYTES, MOUNT_POINT, WorkspaceFS
 
 _COPY = 1 << 20
 _FILE_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY

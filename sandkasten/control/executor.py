@@ -30,7 +30,7 @@ from sandkasten.runtime.spec import ExecRequest
 from sandkasten.store.journal import Journal
 from sandkasten.store.journal import now as journal_now
 
-log = logging.getLogger("sandkasten.executor")
+log = logging.getLogger("sandkasten.control.executor")
 ACTOR = "executor"
 FOLLOW_INTERVAL = 0.2
 STARTED_DELAY = 0.02

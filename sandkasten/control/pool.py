@@ -40,14 +40,16 @@ import time
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta, UTC
 
-from sandkasten import admission, intake
+from sandkasten import intake
+
+from sandkasten.control import admission
 from sandkasten.config import Config
 from sandkasten.domain import commands as c
 from sandkasten.domain.session import RUNNING
 from sandkasten.errors import CapacityExceeded, IllegalTransition, SandkastenError
-from sandkasten.executor import Executor
+from sandkasten.control.executor import Executor
 
-log = logging.getLogger("sandkasten.pool")
+log = logging.getLogger("sandkasten.control.pool")
 ACTOR = "pool"
 REFILL_INTERVAL = 1.0   # seconds between checks when nothing wakes the refill earlier
 REFILL_DELAY = 0.2      # after a claim: let the client's first commands run before the refill competes

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 from collections.abc import Awaitable, Callable
 
-from sandkasten import cli_render as render
-from sandkasten import admission
+from sandkasten.cli import render
+from sandkasten.control import admission
 from sandkasten import config as config_mod
-from sandkasten.cli_admin import AdminCommands
-from sandkasten.cli_args import (
+from sandkasten.cli.admin import AdminCommands
+from sandkasten.cli.args import (
     COMMANDS,
     DAEMON_USAGE,
     EXEC_USAGE,
@@ -246,7 +246,7 @@ class Cli(AdminCommands):
     async def _stream(self, journal, sid: str, row: dict) -> dict:
         """A running exec as it runs: its header, its output from the same feed as the SSE
         stream (the runner's log), then how it ended. Returns the final row."""
-        from sandkasten import exec_feed
+        from sandkasten.files import exec_feed
         from sandkasten.runtime.layout import Layout
 
         # a daemon is about to pick up a requested exec: it is not "waiting for the daemon"
@@ -303,7 +303,7 @@ class Cli(AdminCommands):
           process: process id (sandkasten ps SESSION lists them)
           detach_key: ctrl-] (default), ctrl-\\, ctrl-q or ctrl-p
         """
-        from sandkasten.cli_attach import attach
+        from sandkasten.cli.attach import attach
 
         raise Exit(attach(self.cfg, text(session, "SESSION"), text(process, "PROCESS"),
                           text(detach_key, "--detach-key")))

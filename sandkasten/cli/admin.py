@@ -1,7 +1,7 @@
 """The `sandkasten` commands that look after the journal and the host rather than drive
 sessions: audit export and verify, journal rebuild, doctor, security, version. A mixin of
-`sandkasten.cli.Cli`, whose `cfg`, `journal()` and `daemon_pid()` it uses; errors are raised
-as `cli_args` exceptions, which `cli.main` prints as one line."""
+`sandkasten.cli.main.Cli`, whose `cfg`, `journal()` and `daemon_pid()` it uses; errors are raised
+as `cli.args` exceptions, which `cli.main` prints as one line."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sandkasten import __version__
-from sandkasten import cli_render as render
-from sandkasten.cli_args import Exit, Failed, Usage, parse_since, text
+from sandkasten.cli import render
+from sandkasten.cli.args import Exit, Failed, Usage, parse_since, text
 from sandkasten.errors import SandkastenError, SessionNotFound
 from sandkasten.store import integrity
 
@@ -32,7 +32,7 @@ def _why(result) -> str:
 
 
 class AdminCommands:
-    if TYPE_CHECKING:  # what the mixin uses of `Cli` (sandkasten/cli.py), which defines them
+    if TYPE_CHECKING:  # what the mixin uses of `Cli` (sandkasten/cli/main.py), which defines them
         @property
         def cfg(self) -> Config: ...
 
@@ -185,7 +185,7 @@ class AdminCommands:
         Args:
           json: print {checked, damage: [...], drift: [...]}
         """
-        from sandkasten.doctor import find_drift
+        from sandkasten.control.doctor import find_drift
         from sandkasten.runtime.sandboxes import Runtime
 
         cfg = self.cfg

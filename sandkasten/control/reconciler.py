@@ -28,11 +28,11 @@ from sandkasten.config import Config
 from sandkasten.domain import commands as c
 from sandkasten.domain.session import UNCLAIMED
 from sandkasten.errors import IllegalTransition, SandkastenError
-from sandkasten.executor import Executor
+from sandkasten.control.executor import Executor
 from sandkasten.runtime.procfs import proc_start_time
 from sandkasten.runtime.spec import Observed
 
-log = logging.getLogger("sandkasten.reconciler")
+log = logging.getLogger("sandkasten.control.reconciler")
 ACTOR = "reconciler"
 RECREATE_WAIT_S = 120.0
 PRUNE_EVERY_S = 60.0

@@ -13,7 +13,7 @@ API clients own the paths. So nothing here trusts a path string after it leaves 
 - after the lookup every change is one name relative to a directory descriptor (mkdirat,
   renameat, unlinkat, fchown), and none of those follows a final symlink.
 
-The lookups and the tree walks live in `sandkasten.beneath`; this module adds the API's rules
+The lookups and the tree walks live in `sandkasten.files.beneath`; this module adds the API's rules
 (paths, sizes, what may be read or replaced) on top.
 
 Foreign exceptions (OSError) are translated into `sandkasten.errors` at one boundary,
@@ -31,7 +31,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from sandkasten.beneath import MAX_SYMLINKS, RESOLVERS, oserror, openat2_available, remove_tree, walk_tree
+from sandkasten.files.beneath import MAX_SYMLINKS, RESOLVERS, oserror, openat2_available, remove_tree, walk_tree
 from sandkasten.errors import FileBusy, FileNotFound, InvalidRequest, PathRefused, SandkastenError, TooLarge
 
 MOUNT_POINT = "/workspace"

@@ -19,7 +19,7 @@ import os
 import struct
 from pathlib import Path
 
-log = logging.getLogger("sandkasten.log_watch")
+log = logging.getLogger("sandkasten.files.log_watch")
 IN_MODIFY, IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE = 0x2, 0x8, 0x80, 0x100
 IN_Q_OVERFLOW, IN_IGNORED = 0x4000, 0x8000
 IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC

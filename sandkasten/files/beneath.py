@@ -5,7 +5,7 @@ which the kernel makes atomic, and, on kernels without it (< 5.6), a walk that o
 name per step with O_NOFOLLOW, expands symlinks itself and answers `..` from its own stack of
 descriptors. Escapes are EXDEV either way. The tree walks (list, delete) open every child by
 its single name with O_NOFOLLOW and hold a bounded number of descriptors however deep the tree.
-Used by `sandkasten.workspace_fs`, which translates the OSErrors raised here.
+Used by `sandkasten.files.workspace_fs`, which translates the OSErrors raised here.
 """
 
 from __future__ import annotations
