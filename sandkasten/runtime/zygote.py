@@ -434,32 +434,34 @@ def main() -> None:
     out = sys.stdout.buffer
     out.write(b'{"ok": true, "ready": true}\n')
     out.flush()
-    zygote.fill_spares()
-    for line in sys.stdin.buffer:
+    try:   # however the loop ends (the daemon gone mid-answer: BrokenPipeError), the spares go
+        zygote.fill_spares()
+        for line in sys.stdin.buffer:
+            zygote.reap()
+            try:
+                req = json.loads(line)
+                if req.get("op") == "spawn":
+                    reply = zygote.spawn(req)
+                elif req.get("op") == "mount_workspace":
+                    reply = zygote.mount_workspace(req)
+                elif req.get("op") == "ping":
+                    reply = {"ok": True}
+                else:
+                    reply = {"ok": False, "error": f"unknown op {req.get('op')!r}"}
+            except SetupFailed as e:
+                reply = {"ok": False, "error": str(e)}
+            except Exception as e:  # noqa: BLE001 - one failed sandbox never takes the spawner down
+                reply = {"ok": False, "error": f"{type(e).__name__}: {e}",
+                         "code": getattr(e, "code", None)}
+            out.write((json.dumps(reply) + "\n").encode())
+            out.flush()
+            try:   # between requests: the next creates' slow half
+                zygote.fill_spares()
+            except Exception:  # noqa: BLE001 - without spares, creates take the ordinary path
+                pass
+    finally:
+        zygote.spares.close()
         zygote.reap()
-        try:
-            req = json.loads(line)
-            if req.get("op") == "spawn":
-                reply = zygote.spawn(req)
-            elif req.get("op") == "mount_workspace":
-                reply = zygote.mount_workspace(req)
-            elif req.get("op") == "ping":
-                reply = {"ok": True}
-            else:
-                reply = {"ok": False, "error": f"unknown op {req.get('op')!r}"}
-        except SetupFailed as e:
-            reply = {"ok": False, "error": str(e)}
-        except Exception as e:  # noqa: BLE001 - one failed sandbox never takes the spawner down
-            reply = {"ok": False, "error": f"{type(e).__name__}: {e}",
-                     "code": getattr(e, "code", None)}
-        out.write((json.dumps(reply) + "\n").encode())
-        out.flush()
-        try:   # between requests: the next creates' slow half
-            zygote.fill_spares()
-        except Exception:  # noqa: BLE001 - without spares, creates take the ordinary path
-            pass
-    zygote.spares.close()
-    zygote.reap()
 
 
 if __name__ == "__main__":
