@@ -75,9 +75,13 @@ class Database(Protocol):
         `committed`); errors translated. A cancelled caller does not cut the work short."""
         ...
 
-    def defer(self, work: Work[T]) -> asyncio.Future[T] | None:
-        """`work` queued until `flush` (or shortly after), when that cannot change its outcome
-        (no fsync owed, nothing queued ahead); else None."""
+    def deferrable(self) -> bool:
+        """Whether a write queued until `flush` (or shortly after) would have the outcome it has
+        now: no fsync owed, nothing queued ahead."""
+        ...
+
+    def defer(self, work: Work[T]) -> asyncio.Future[T]:
+        """`work` queued until `flush` (or shortly after); only when `deferrable()`."""
         ...
 
     def flush(self) -> None: ...
@@ -130,9 +134,10 @@ class SqliteDatabase:
         except (sqlite3.Error, sa.exc.SQLAlchemyError, OSError) as exc:
             raise self.guard.error(action, exc) from exc
 
-    def defer(self, work: Work[T]) -> asyncio.Future[T] | None:
-        if not self.group.inline or not self.group.idle():
-            return None
+    def deferrable(self) -> bool:
+        return self.group.inline and self.group.idle()
+
+    def defer(self, work: Work[T]) -> asyncio.Future[T]:
         return self.group.submit(work, defer=True)
 
     def flush(self) -> None:
@@ -294,8 +299,11 @@ class PostgresDatabase:
         async with self._write_lock, self.guard(action):
             return await asyncio.shield(asyncio.get_running_loop().run_in_executor(self._writer_thread, call))
 
-    def defer(self, work: Work[T]) -> asyncio.Future[T] | None:
-        return None
+    def deferrable(self) -> bool:
+        return False   # (a commit here is a round trip to the server either way)
+
+    def defer(self, work: Work[T]) -> asyncio.Future[T]:
+        raise NotImplementedError("unable to defer a write to a PostgreSQL journal: it is never deferrable")
 
     def flush(self) -> None:
         pass

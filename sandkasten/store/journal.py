@@ -54,8 +54,11 @@ class Journal(Reads):
         self.durability = durability
         self.busy_timeout_s = busy_timeout_s
         self._handler = handler
-        # called on the event loop with the events of every commit of this journal (in order)
-        self.listeners: list[Callable[[list[RecordedEvent]], None]] = handler.listeners
+
+    @property
+    def listeners(self) -> list[Callable[[list[RecordedEvent]], None]]:
+        """Called on the event loop with the events of every commit of this journal, in order."""
+        return self._handler.listeners
 
     @property
     def fence(self) -> tuple[str, int] | None:
@@ -139,7 +142,7 @@ class Journal(Reads):
         either way; a crash before the commit is recovered from the runner, which keeps the
         result), nothing queued ahead, the stream's state known to be current and `decide`
         accepting every command on it. Otherwise None: append the usual way."""
-        if self.durability != "normal":
+        if self.durability != "normal" or not self._db.deferrable():
             return None
         planned = self._handler.plan(stream_id, commands)
         if planned is None:
@@ -149,8 +152,7 @@ class Journal(Reads):
         def append_all(conn: Any) -> list[RecordedEvent]:
             return [e for command in commands for e in handler.append(conn, stream_id, command, actor, None, at)]
 
-        future = self._db.defer(lambda conn: handler.in_txn(append_all, conn))
-        return None if future is None else (future, planned)
+        return self._db.defer(lambda conn: handler.in_txn(append_all, conn)), planned
 
     def flush(self) -> None:
         """Write deferred appends now (an HTTP handler calls this once its answer is sent)."""
