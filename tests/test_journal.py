@@ -83,6 +83,19 @@ async def test_open_creates_parent_dir_and_wal(tmp_path):
     await j.close()
 
 
+async def test_durability_full_commits_with_synchronous_full_off_the_loop(tmp_path):
+    for durability, level in (("normal", 1), ("full", 2)):   # PRAGMA synchronous: NORMAL = 1, FULL = 2
+        j = await Journal.open(tmp_path / f"{durability}.db", durability=durability)
+        try:
+            group = j._db.group
+            assert group.conn.execute("PRAGMA synchronous").fetchone()[0] == level
+            assert group.inline is (durability == "normal")   # an fsync never runs on the event loop
+            await start_session(j, "s-1")
+            assert group.commits == 2
+        finally:
+            await j.close()
+
+
 async def test_bad_durability_is_refused(tmp_path):
     with pytest.raises(JournalError, match="durability"):
         await Journal.open(tmp_path / "j.db", durability="sometimes")
