@@ -3,9 +3,9 @@ transaction; foreign errors become `JournalError` here (`Guard`).
 
 Who uses this: `store.journal` opens a `SqliteDatabase` (one host) or a `PostgresDatabase` (a
 cluster) and hands it to the event store, the command handler and the reads, which run their
-statements (store/statements.py) on the connections it lends them. Nothing else in the daemon
-or the CLI opens the journal's database (the preflight `check` below, alembic and
-store/integrity.py read a journal nobody has open yet).
+statements (store/statements.py) on the connections it lends them. Nothing else opens the
+journal's database, besides short-lived connections of their own for the preflight `check`
+below, alembic's migrations (store/schema.py) and SQLite's page checks (store/integrity.py).
 
 Which thread owns what, on SQLite (three connections, each with one owner at a time):
 
