@@ -83,6 +83,19 @@ async def test_open_creates_parent_dir_and_wal(tmp_path):
     await j.close()
 
 
+async def test_durability_full_commits_with_synchronous_full_off_the_loop(tmp_path):
+    for durability, level in (("normal", 1), ("full", 2)):   # PRAGMA synchronous: NORMAL = 1, FULL = 2
+        j = await Journal.open(tmp_path / f"{durability}.db", durability=durability)
+        try:
+            group = j._db.group
+            assert group.conn.execute("PRAGMA synchronous").fetchone()[0] == level
+            assert group.inline is (durability == "normal")   # an fsync never runs on the event loop
+            await start_session(j, "s-1")
+            assert group.commits == 2
+        finally:
+            await j.close()
+
+
 async def test_bad_durability_is_refused(tmp_path):
     with pytest.raises(JournalError, match="durability"):
         await Journal.open(tmp_path / "j.db", durability="sometimes")
@@ -409,7 +422,7 @@ async def test_concurrent_appends_share_commits_and_the_chain_stays_one_line(sql
     sids = [f"s-g{i}" for i in range(8)]
     for sid in sids:
         await start_session(j, sid)
-    commits = j._group.commits
+    commits = j._db.group.commits
 
     async def work(sid: str) -> None:
         for k in range(20):
@@ -419,7 +432,7 @@ async def test_concurrent_appends_share_commits_and_the_chain_stays_one_line(sql
 
     await asyncio.gather(*(work(sid) for sid in sids))
     appended = 8 * 20 * 2
-    assert j._group.commits - commits < appended        # appends that came together shared a COMMIT
+    assert j._db.group.commits - commits < appended        # appends that came together shared a COMMIT
     events = await j.events(limit=10_000)
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
     assert (await j.verify()).ok
@@ -479,12 +492,24 @@ async def test_an_end_deferred_behind_the_answer_is_written_on_flush(tmp_path):
 async def test_lists_read_through_the_driver_equal_sqlalchemy_rows(journal):
     import sqlalchemy as sa
 
+    from sandkasten.store import postgres
     from sandkasten.store.schema import sessions
 
     await start_session(journal, "s-1", env={"A": "1"}, readonly_rootfs=True)
     await start_session(journal, "s-2", pool=True)
     await run_exec(journal, "s-1", "e-1")
-    rows = await journal._rows(sa.select(sessions).order_by(sessions.c.created_at, sessions.c.id))
+
+    def read_with_sqlalchemy() -> list[dict]:   # SQLAlchemy's own engine, rows and types
+        url = postgres.urls(journal.url)[0] if journal.url else f"sqlite:///{journal.path}"
+        engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        try:
+            with engine.connect() as conn:
+                query = sa.select(sessions).order_by(sessions.c.created_at, sessions.c.id)
+                return [dict(row._mapping) for row in conn.execute(query)]
+        finally:
+            engine.dispose()
+
+    rows = await asyncio.to_thread(read_with_sqlalchemy)
     assert await journal.sessions(include_ended=True) == rows
     assert rows[0]["env"] == {"A": "1"} and rows[0]["readonly_rootfs"] is True
     assert [r["id"] for r in await journal.sessions(include_pool=False)] == ["s-1"]

@@ -20,6 +20,12 @@ another process wrote since its last transaction); `committed(ok)` after COMMIT 
 the thread that ran the batch. Checkpoints never run on the commit path: the connection's
 auto-checkpoint is off and `checkpoint()` copies the WAL back on another thread every
 CHECKPOINT_EVERY commits.
+
+Threads: the queue, `scheduled`, `in_thread` and the futures are the event loop's alone. The
+connection and the counters (`commits`, `items`, `_since_checkpoint`) belong to whoever writes
+the current batch — the loop, or the writer thread while `in_thread` is set, during which the
+loop starts no batch of its own and reads none of them; it takes them back in `_thread_done`,
+after the thread's future is done.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from sandkasten.domain import host as h
 from sandkasten.domain.events import RecordedEvent
-from sandkasten.store import fastpath
+from sandkasten.store import statements
 from sandkasten.store.schema import hosts, sessions
 
 _HOST_ROW = sa.select(hosts.c.id).where(hosts.c.id == sa.bindparam("id"))
@@ -36,25 +36,26 @@ def _host_registered(conn: Any, e: RecordedEvent) -> None:
         status=h.LIVE, epoch=p["epoch"], address=p["address"], cgroup_parent=p["cgroup_parent"],
         max_sessions=p["max_sessions"], cpu=p["cpu"], mem_mb=p["mem_mb"], images=list(p["images"]),
         registered_at=p["at"], heartbeat_at=p["at"], lost_at=None, lost_reason=None, version=e.stream_version)
-    if fastpath.execute(conn, _HOST_ROW, {"id": p["host_id"]}):
-        fastpath.execute(conn, _REGISTER, {"row_id": p["host_id"], **{f"v_{k}": v for k, v in values.items()}})
+    if statements.execute(conn, _HOST_ROW, {"id": p["host_id"]}):
+        statements.execute(conn, _REGISTER, {"row_id": p["host_id"], **{f"v_{k}": v for k, v in values.items()}})
     else:
-        fastpath.execute(conn, _INSERT_HOST, {"id": p["host_id"], **values})
+        statements.execute(conn, _INSERT_HOST, {"id": p["host_id"], **values})
 
 
 def _host_heartbeat(conn: Any, e: RecordedEvent) -> None:
-    fastpath.execute(conn, _HEARTBEAT, {"row_id": _host_id(e), "v_at": e.payload["at"], "v_version": e.stream_version})
+    statements.execute(conn, _HEARTBEAT, {"row_id": _host_id(e), "v_at": e.payload["at"],
+                                           "v_version": e.stream_version})
 
 
 def _host_lost(conn: Any, e: RecordedEvent) -> None:
-    fastpath.execute(conn, _LOST, {"row_id": _host_id(e), "v_lost_at": e.payload["at"],
-                                   "v_lost_reason": e.payload["reason"], "v_version": e.stream_version})
+    statements.execute(conn, _LOST, {"row_id": _host_id(e), "v_lost_at": e.payload["at"],
+                                     "v_lost_reason": e.payload["reason"], "v_version": e.stream_version})
 
 
 def _session_placed(conn: Any, e: RecordedEvent) -> None:
-    fastpath.execute(conn, _PLACE, {"row_id": e.stream_id, "v_host_id": e.payload["host_id"],
-                                    "v_host_epoch": e.payload["host_epoch"], "v_updated_at": e.created_at,
-                                    "v_version": e.stream_version})
+    statements.execute(conn, _PLACE, {"row_id": e.stream_id, "v_host_id": e.payload["host_id"],
+                                      "v_host_epoch": e.payload["host_epoch"], "v_updated_at": e.created_at,
+                                      "v_version": e.stream_version})
 
 
 def _host_id(e: RecordedEvent) -> str:

@@ -1,14 +1,17 @@
-"""Read tables from events: `apply(conn, event)` updates `sessions`, `execs`, `workspaces`.
+"""Read tables from events: `apply(conn, event)` updates `sessions`, `execs`, `workspaces`;
+`rebuild(conn)` empties them and replays every event.
 
 Synchronous: runs inside the append's transaction (live: on the event loop or the journal's
-writer thread, see store/group_commit.py) and inside `Journal.rebuild` (replay), so both paths
+writer thread, see store/connection.py) and inside `Journal.rebuild` (replay), so both paths
 produce the same rows by construction. Every statement is prebuilt (module constants or
-`_update`'s cache) and run through `fastpath`. Only the event and the rows already
+`_update`'s cache, which every journal's writer shares: entries are added under `_building`
+and never changed) and run through store/statements.py. Only the event and the rows already
 written by earlier events are used — never the clock, never the kernel.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 from collections.abc import Callable
 
@@ -17,8 +20,8 @@ import sqlalchemy as sa
 from sandkasten.domain import events as ev
 from sandkasten.domain.session import (DESTROYED, DESTROYING, FAILED, INITIAL_CWD, LOST, POOL_CLAIMED, POOL_CLAIMING,
                                        POOL_IDLE, REQUESTED, RUNNING)
-from sandkasten.store import fastpath, host_projections
-from sandkasten.store.schema import execs, processes, sessions, workspaces
+from sandkasten.store import events, host_projections, statements
+from sandkasten.store.schema import READ_TABLES, execs, processes, sessions, workspaces
 
 
 def apply(conn: Any, event: ev.RecordedEvent) -> None:
@@ -27,7 +30,24 @@ def apply(conn: Any, event: ev.RecordedEvent) -> None:
         project(conn, event)
 
 
+_CLEAR = [sa.delete(table) for table in READ_TABLES]
+
+
+def rebuild(conn: Any) -> int:
+    """Inside a write transaction: empty the read tables and replay every event into them;
+    how many events were replayed."""
+    for clear in _CLEAR:
+        statements.execute(conn, clear, {})
+    count = 0
+    for rows in events.pages(conn):
+        for row in rows:
+            apply(conn, events.recorded(row))
+        count += len(rows)
+    return count
+
+
 _STATEMENTS: dict[tuple, tuple[sa.Update, tuple[str, ...]]] = {}
+_building = threading.Lock()
 
 
 def _update(conn: Any, table: sa.Table, row_id: str, values: dict[str, Any]) -> None:
@@ -42,11 +62,12 @@ def _update(conn: Any, table: sa.Table, row_id: str, values: dict[str, Any]) -> 
         names = tuple(k for k in values if k not in exprs)
         stmt = sa.update(table).where(table.c.id == sa.bindparam("row_id")).values(
             **{k: sa.bindparam(f"v_{k}") for k in names}, **exprs)
-        entry = _STATEMENTS[key] = (stmt, names)
+        with _building:   # the first one built is the one kept (statements' cache knows it by identity)
+            entry = _STATEMENTS.setdefault(key, (stmt, names))
     stmt, names = entry
     params = {f"v_{k}": values[k] for k in names}
     params["row_id"] = row_id
-    fastpath.execute(conn, stmt, params)
+    statements.execute(conn, stmt, params)
 
 
 def _update_session(conn: Any, event: ev.RecordedEvent, **values: Any) -> None:
@@ -65,7 +86,7 @@ _LAST_SESSION_OF_WORKSPACE = sa.update(workspaces).where(workspaces.c.id == sa.b
 
 def _session_requested(conn: Any, e: ev.RecordedEvent) -> None:
     p = e.payload
-    fastpath.execute(conn, _INSERT_SESSION, dict(
+    statements.execute(conn, _INSERT_SESSION, dict(
         id=e.stream_id, status=REQUESTED, image=p["image"], workspace_id=p.get("workspace_id"),
         cpu_limit=p["cpu_limit"], mem_limit_mb=p["mem_limit_mb"], pids_limit=p["pids_limit"],
         network_mode=p["network_mode"], env=dict(p.get("env") or {}), ttl_seconds=p["ttl_seconds"],
@@ -76,8 +97,8 @@ def _session_requested(conn: Any, e: ev.RecordedEvent) -> None:
         host_id=None, host_epoch=None,
     ))
     if p.get("workspace_id"):
-        fastpath.execute(conn, _LAST_SESSION_OF_WORKSPACE, {"row_id": p["workspace_id"],
-                                                            "v_last_session_id": e.stream_id})
+        statements.execute(conn, _LAST_SESSION_OF_WORKSPACE, {"row_id": p["workspace_id"],
+                                                              "v_last_session_id": e.stream_id})
 
 
 def _sandbox_started(conn: Any, e: ev.RecordedEvent) -> None:
@@ -128,7 +149,7 @@ _INSERT_EXEC = sa.insert(execs).values(
 def _exec_requested(conn: Any, e: ev.RecordedEvent) -> None:
     p = e.payload
     _update_session(conn, e, exec_count=_EXEC_COUNT_PLUS_ONE, last_activity_at=e.created_at)
-    fastpath.execute(conn, _INSERT_EXEC, {
+    statements.execute(conn, _INSERT_EXEC, {
         "id": p["exec_id"], "session_id": e.stream_id, "cmd": p["cmd"], "status": "requested",
         "actor": e.actor, "request_id": e.request_id, "idempotency_key": p.get("idempotency_key"),
         "timeout_ms": p["timeout_ms"], "requested_at": e.created_at})
@@ -163,7 +184,7 @@ _INSERT_PROCESS = sa.insert(processes)
 def _process_requested(conn: Any, e: ev.RecordedEvent) -> None:
     p = e.payload
     pty = p.get("pty") or {}
-    fastpath.execute(conn, _INSERT_PROCESS, dict(
+    statements.execute(conn, _INSERT_PROCESS, dict(
         id=p["process_id"], session_id=e.stream_id, cmd=p["cmd"], cwd=p.get("cwd"), env=dict(p.get("env") or {}),
         pty_rows=pty.get("rows"), pty_cols=pty.get("cols"), timeout_ms=p.get("timeout_ms"), status="requested",
         pid=None, actor=e.actor, request_id=e.request_id, idempotency_key=p.get("idempotency_key"),
@@ -191,7 +212,7 @@ def _process_input(conn: Any, e: ev.RecordedEvent) -> None:
     p = e.payload
     _update_session(conn, e, last_activity_at=e.created_at)
     if p["kind"] == "stdin":
-        fastpath.execute(conn, _STDIN, {"row_id": p["process_id"], "v_size": p.get("size") or 0})
+        statements.execute(conn, _STDIN, {"row_id": p["process_id"], "v_size": p.get("size") or 0})
     elif p["kind"] == "resize":
         _update_process(conn, e, input_count=_INPUT_COUNT_PLUS_ONE, pty_rows=p["rows"], pty_cols=p["cols"])
     else:
@@ -221,11 +242,11 @@ _INSERT_WORKSPACE = sa.insert(workspaces)
 
 def _workspace_created(conn: Any, e: ev.RecordedEvent) -> None:
     wid = e.payload["workspace_id"]
-    if fastpath.changed(conn, _WORKSPACE_CREATED, {"row_id": wid, "v_created_at": e.created_at}) == 0:
+    if statements.changed(conn, _WORKSPACE_CREATED, {"row_id": wid, "v_created_at": e.created_at}) == 0:
         # the session that asked for it was projected before it existed
-        last = fastpath.execute(conn, _LAST_SESSION_USING, {"wid": wid})
-        fastpath.execute(conn, _INSERT_WORKSPACE, {"id": wid, "created_at": e.created_at, "deleted_at": None,
-                                                   "last_session_id": last[0].id if last else None})
+        last = statements.execute(conn, _LAST_SESSION_USING, {"wid": wid})
+        statements.execute(conn, _INSERT_WORKSPACE, {"id": wid, "created_at": e.created_at, "deleted_at": None,
+                                                     "last_session_id": last[0].id if last else None})
 
 
 def _workspace_deleted(conn: Any, e: ev.RecordedEvent) -> None:
@@ -244,8 +265,8 @@ def _session_claimed(conn: Any, e: ev.RecordedEvent) -> None:
         last_activity_at=e.created_at, actor=e.actor,
     )
     if p.get("workspace_id"):
-        fastpath.execute(conn, _LAST_SESSION_OF_WORKSPACE, {"row_id": p["workspace_id"],
-                                                            "v_last_session_id": e.stream_id})
+        statements.execute(conn, _LAST_SESSION_OF_WORKSPACE, {"row_id": p["workspace_id"],
+                                                              "v_last_session_id": e.stream_id})
 
 
 def _file_changed(conn: Any, e: ev.RecordedEvent) -> None:

@@ -1,15 +1,16 @@
-"""The journal's list reads as prebuilt statements: built and compiled once (`fastpath`), run
+"""The journal's read statements, prebuilt: built and compiled once (store/statements.py), run
 with bound parameters — not a new SQLAlchemy statement per call (building and compiling one
-costs about a millisecond, far more than SQLite takes to answer it).
+costs about a millisecond, far more than SQLite takes to answer it). Module constants, never
+changed: any thread may run them.
 
-Who uses this: `store.journal` (its `sessions()`, `idle_pool()`, `pending_execs()`, …)."""
+Who uses this: store/reads.py (`Journal.sessions()`, `idle_pool()`, `exec()`, …)."""
 
 from __future__ import annotations
 
 import sqlalchemy as sa
 
 from sandkasten.domain.session import DESTROYING, ENDED_STATUSES, POOL_IDLE, UNCLAIMED
-from sandkasten.store.schema import execs, hosts, processes, sessions, workspaces
+from sandkasten.store.schema import READ_TABLES, execs, hosts, processes, sessions, workspaces
 
 _PENDING = ("requested", "running")
 _BY_AGE = (sessions.c.created_at, sessions.c.id)
@@ -39,3 +40,14 @@ PENDING_PROCESSES = (sa.select(processes).where(processes.c.status.in_(_PENDING)
                      .order_by(processes.c.requested_at, processes.c.id))
 WORKSPACES = sa.select(workspaces).order_by(workspaces.c.created_at, workspaces.c.id)
 HOSTS = sa.select(hosts).order_by(hosts.c.id)
+
+# point reads: one row by its key
+SESSION_BY_ID = sa.select(sessions).where(sessions.c.id == sa.bindparam("id"))
+EXEC_BY_ID = sa.select(execs).where(execs.c.id == sa.bindparam("id"))
+EXEC_BY_KEY = sa.select(execs).where(execs.c.session_id == sa.bindparam("sid"),
+                                     execs.c.idempotency_key == sa.bindparam("key"))
+PROCESS_BY_ID = sa.select(processes).where(processes.c.id == sa.bindparam("id"))
+PROCESS_BY_KEY = sa.select(processes).where(processes.c.session_id == sa.bindparam("sid"),
+                                            processes.c.idempotency_key == sa.bindparam("key"))
+# every read table whole, by primary key (snapshots: a test proves replay equals the live tables)
+WHOLE_TABLES = {table.name: sa.select(table).order_by(*table.primary_key.columns) for table in READ_TABLES}
