@@ -4,7 +4,13 @@ upper layer fill that, never the host's disk."""
 from __future__ import annotations
 
 import subprocess
+from dataclasses import replace
+from pathlib import Path
 
+import pytest
+
+from sandkasten.errors import SandboxError
+from sandkasten.runtime import disk
 from sandkasten.runtime.procfs import mounts_under
 from sandkasten.runtime.spec import ExecRequest
 
@@ -52,3 +58,81 @@ def test_the_file_api_reports_a_full_disk(daemon_factory):
     assert r.json()["exit_code"] == 0 and "No space left" in r.json()["stderr"], r.json()
     w = d.client.post(f"/v1/sessions/{sid}/fs/write", json={"path": "more.txt", "text": "x" * 2_000_000})
     assert w.status_code == 413 and "no space left" in w.json()["message"], w.text
+
+
+def our_loop_devices(data_dir) -> list[str]:
+    """Loop devices backed by a file under `data_dir` (never anybody else's)."""
+    found = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            name = backing.read_text().strip()
+        except OSError:
+            continue   # detached meanwhile
+        if name.startswith(str(data_dir)):
+            found.append(name)
+    return found
+
+
+def superblock(image: Path) -> bytes:
+    with open(image, "rb") as f:
+        f.seek(1024)
+        return f.read(1024)
+
+
+def test_each_sandbox_gets_a_fresh_disk_copied_from_an_unmounted_template(runtime):
+    a, b = "s-disk-a", "s-disk-b"
+    runtime.create(runtime.spec(a, "base", disk_limit_mb=64))
+    run(runtime, a, "x-a", "echo secret > /workspace/mine; sync")
+    runtime.create(runtime.spec(b, "base", disk_limit_mb=64))
+    res, out, _ = run(runtime, b, "x-b", "ls -A /workspace; df -k /workspace | tail -1")
+    assert "mine" not in out and "secret" not in out, out
+    used_kb = int(out.split()[-4])
+    assert used_kb < 4096, f"a new disk should be empty: {out}"
+    pa, pb = runtime.paths(a), runtime.paths(b)
+    assert pa.disk_image.stat().st_ino != pb.disk_image.stat().st_ino
+    templates = list(runtime.layout.disk_templates.iterdir())
+    assert [t.name for t in templates] == [disk.template_name(64)]
+    assert disk.fresh_ext4(superblock(templates[0])), "the template was mounted or written"
+    assert not disk.fresh_ext4(superblock(pa.disk_image)), "a sandbox's disk is its mounted copy"
+    assert sorted(our_loop_devices(runtime.layout.data_dir)) == sorted([str(pa.disk_image), str(pb.disk_image)])
+    runtime.destroy(a)
+    runtime.destroy(b)
+    assert our_loop_devices(runtime.layout.data_dir) == []
+
+
+def test_a_template_that_was_ever_mounted_is_made_again(runtime):
+    runtime.create(runtime.spec("s-disk-t1", "base", disk_limit_mb=32))
+    runtime.destroy("s-disk-t1")
+    template = runtime.layout.disk_templates / disk.template_name(32)
+    before = template.stat().st_ino
+    template.chmod(0o600)
+    with open(template, "r+b") as f:   # what a mount leaves: a mount count
+        f.seek(1024 + 0x34)
+        f.write((1).to_bytes(2, "little"))
+    assert not disk.fresh_ext4(superblock(template))
+    sid = "s-disk-t2"
+    runtime.create(runtime.spec(sid, "base", disk_limit_mb=32))
+    assert run(runtime, sid, "x-t", "echo ok > /workspace/f; cat /workspace/f")[1] == "ok\n"
+    assert template.stat().st_ino != before and disk.fresh_ext4(superblock(template))
+
+
+def test_a_create_that_fails_after_the_disk_leaves_no_loop_device_image_or_mount(runtime, tmp_path):
+    data = runtime.layout.data_dir
+    # the spawner fails (no lower layer) after the disk was attached and mounted
+    sid = "s-disk-fail1"
+    spec = replace(runtime.spec(sid, "base", disk_limit_mb=32), lower_dir=str(tmp_path / "missing"))
+    with pytest.raises(SandboxError):
+        runtime.create(spec)
+    # the mount itself fails after the attach: a template whose superblock ext4 refuses
+    template = runtime.layout.disk_templates / disk.template_name(32)
+    template.chmod(0o600)
+    with open(template, "r+b") as f:
+        f.seek(1024 + 0x60)   # s_feature_incompat: a feature no kernel knows
+        f.write((0x80000000).to_bytes(4, "little"))
+    with pytest.raises(SandboxError, match="unable to mount the disk of s-disk-fail2"):
+        runtime.create(runtime.spec("s-disk-fail2", "base", disk_limit_mb=32))
+    for sid in ("s-disk-fail1", "s-disk-fail2"):
+        p = runtime.paths(sid)
+        assert not p.root.exists() and not p.run.exists()
+    assert not mounts_under(data / "sessions")
+    assert our_loop_devices(data) == [], "a loop device outlived the failed create"

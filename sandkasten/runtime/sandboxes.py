@@ -93,7 +93,7 @@ class Runtime:
             raise SandboxError(f"unable to create sandbox {spec.session_id}: it already exists")
         try:
             p.root.mkdir(parents=True)
-            disk.prepare(p.disk_image, p.disk, spec.disk_limit_mb)
+            disk.prepare(p.disk_image, p.disk, spec.disk_limit_mb, self.layout.disk_templates)
             for d in (p.upper, p.work, p.rootfs):
                 d.mkdir(parents=True, exist_ok=False)
             p.run.mkdir(parents=True, mode=0o700)
