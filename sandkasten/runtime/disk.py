@@ -217,7 +217,7 @@ def fresh_ext4(superblock: bytes) -> bool:
     count, no mount or write time)."""
     if len(superblock) < 0x40:
         return False
-    mtime, wtime, mnt_count, _max, magic = struct.unpack_from("<IIHhH", superblock, 0x2C)
+    mtime, _wtime, mnt_count, _max, magic = struct.unpack_from("<IIHhH", superblock, 0x2C)
     return magic == 0xEF53 and mnt_count == 0 and mtime == 0
 
 
