@@ -23,12 +23,7 @@ def run(rt, sid, eid, cmd):
     return res, out.decode(), err.decode()
 
 
-def loop_devices() -> int:
-    return len(subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout.splitlines())
-
-
 def test_a_sandbox_fills_its_own_disk_not_the_hosts(runtime):
-    loops = loop_devices()
     sid = "s-disk-quota"
     runtime.create(runtime.spec(sid, "base", disk_limit_mb=32, uid=0, gid=0))  # root may write to /var
     p = runtime.paths(sid)
@@ -44,7 +39,8 @@ def test_a_sandbox_fills_its_own_disk_not_the_hosts(runtime):
     assert not p.root.exists() and not mounts_under(p.root.parent)
     assert str(p.disk_image) not in our_loop_devices(runtime.layout.data_dir), "the loop device outlived the sandbox"
     runtime.ready_disks.close()   # the disks it made ahead for the next create go too
-    assert loop_devices() == loops, "a loop device outlived the sandbox"
+    # (not a count of every loop device on the host: other test runs attach theirs meanwhile)
+    assert our_loop_devices(runtime.layout.data_dir) == [], "a loop device outlived the sandbox"
 
 
 def test_without_a_quota_the_sandbox_writes_into_its_session_dir(runtime):
@@ -107,6 +103,7 @@ def test_each_sandbox_gets_a_fresh_disk_copied_from_an_unmounted_template(runtim
 def test_a_template_that_was_ever_mounted_is_made_again(runtime):
     runtime.create(runtime.spec("s-disk-t1", "base", disk_limit_mb=32))
     runtime.destroy("s-disk-t1")
+    runtime.ready_disks.close()   # the next create copies the template itself
     template = runtime.layout.disk_templates / disk.template_name(32)
     before = template.stat().st_ino
     template.chmod(0o600)

@@ -1,15 +1,16 @@
 """Disks made ahead: a sandbox's own disk (runtime.disk) copied, attached and mounted between
 creates, so a create only moves one into place.
 
-Why: attaching a loop device and mounting ext4 on it cost about 10 ms of kernel time (the
-queue freeze of LOOP_CONFIGURE, the mount's reads through the loop device), more than the rest
-of a create. So after each create that wanted a disk, a thread of this process makes disks of
-that size until KEEP are ready, each an image `<n>.img` mounted on `<n>/` under
-`<data_dir>/ready-disks/<pid>-<start time>/`. A create of that size takes one: a bind mount of
-`<n>/` onto the session's disk directory, `<n>/` unmounted (the disk now has only the session's
-mount), the image renamed into the session dir (the loop device follows its file). Any other
-size, or none ready, takes the ordinary path (`disk.prepare`). A ready disk is as fresh as one
-made at the create: a copy of the never-mounted template, mounted, nothing written by anybody.
+Why: attaching a loop device and mounting ext4 on it cost 5-10 ms of kernel time (the queue
+freeze of LOOP_CONFIGURE, the mount's reads through the loop device), as much as the rest of a
+create. So after a create that wanted a disk is over (not during it: the two would compete for
+the CPU and the kernel's locks), a thread of this process makes disks of that size until KEEP
+are ready, each an image `<n>.img` in `<data_dir>/ready-disks/<pid>-<start time>/` mounted on
+`mnt/<n>/` there (`mnt` a private bind mount of itself, so the mounts below it can be moved). A
+create of that size takes one: the image is renamed into the session dir (the loop device
+follows its file) and the mount moved (MS_MOVE, 0.1 ms) onto the session's disk directory. Any other size, or none
+ready, takes the ordinary path (`disk.prepare`). A ready disk is as fresh as one made at the
+create: a copy of the never-mounted template, mounted, nothing written to it by anybody.
 
 Cleanup: `close` (the daemon stops) unmounts and removes every ready disk; their loop devices
 detach themselves (autoclear). After a crash, `sweep` (the next daemon's `Runtime.warm`) does
@@ -21,6 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 from sandkasten.errors import SandboxError
@@ -29,6 +31,9 @@ from sandkasten.runtime.procfs import mounts_under, proc_start_time
 
 KEEP = 2
 RETRY_S = 5.0   # after a failed make (the next create reports the cause itself)
+# a make competes for the CPU and the kernel's locks with the create it would be made for, and
+# with that sandbox's first command: none starts while a create runs, nor this soon after one
+QUIET_S = 0.01
 
 
 class ReadyDisks:
@@ -40,6 +45,8 @@ class ReadyDisks:
         self.want = 0        # the size to keep ready: the last create's
         self.taken = 0       # creates served by a ready disk
         self.closed = False
+        self._creating = 0   # creates between `take` and `settled`
+        self._settled_at = 0.0
         self._made = 0
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -47,10 +54,12 @@ class ReadyDisks:
 
     def take(self, limit_mb: int, image: Path, mount_point: Path) -> bool:
         """Put a ready disk of `limit_mb` MiB at `mount_point` (made here) with its image at
-        `image`; False when none is ready (nothing was done). Asks for more either way."""
+        `image`; False when none is ready (nothing was done). Asks for more either way, to be
+        made after `settled` (the caller's create is over, however it ended)."""
         with self._lock:
             if self.closed:
                 return False
+            self._creating += 1
             self.want = limit_mb
             found = next((d for d in self.ready if d[0] == limit_mb), None)
             if found is not None:
@@ -62,16 +71,29 @@ class ReadyDisks:
         if found is None:
             return False
         ready = found[1]
-        mount_point.mkdir(mode=0o755)
-        try:
-            syscalls.mount(str(ready), str(mount_point), None, syscalls.MS_BIND)  # keeps nodev,nosuid,noatime
+        try:   # the image first: it stays on the host's filesystem, the mount's move cannot fail on it
+            os.rename(_image_of(ready), image)
         except OSError:
-            mount_point.rmdir()
             _discard(ready)
             return False
-        _discard(ready, image)   # unmount the ready place, the image moves to the session
+        mount_point.mkdir(mode=0o755)
+        try:   # (keeps nodev,nosuid,noatime; an unmount here would wait for an RCU grace period)
+            syscalls.mount(str(ready), str(mount_point), None, syscalls.MS_MOVE)
+        except OSError:
+            mount_point.rmdir()
+            image.unlink()
+            _discard(ready)
+            return False
+        ready.rmdir()
         self.taken += 1
         return True
+
+    def settled(self) -> None:
+        """A create that called `take` is over: disks may be made again (after QUIET_S)."""
+        with self._lock:
+            self._creating = max(0, self._creating - 1)
+            self._settled_at = time.monotonic()
+            self._wake.notify()
 
     def close(self) -> None:
         """Stop making disks; unmount and remove the ready ones (their loop devices detach)."""
@@ -110,6 +132,8 @@ class ReadyDisks:
             with self._lock:
                 while not self.closed and sum(1 for d in self.ready if d[0] == self.want) >= KEEP:
                     self._wake.wait()
+                while not self.closed and (self._creating or time.monotonic() < self._settled_at + QUIET_S):
+                    self._wake.wait(None if self._creating else self._settled_at + QUIET_S - time.monotonic())
                 if self.closed:
                     return
                 size = self.want
@@ -132,9 +156,15 @@ class ReadyDisks:
             return
 
     def _make(self, size: int) -> Path:
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mounts = self.dir / "mnt"
+        if not self._made:   # a mount of its own, private: mounts below it can be moved (MS_MOVE
+            # refuses a mount whose parent propagates, as / does on most hosts)
+            mounts.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not os.path.ismount(mounts):
+                syscalls.mount(str(mounts), str(mounts), None, syscalls.MS_BIND)
+            syscalls.mount(None, str(mounts), None, syscalls.MS_PRIVATE)
         self._made += 1
-        mnt = self.dir / str(self._made)
+        mnt = mounts / str(self._made)
         try:
             disk.prepare(_image_of(mnt), mnt, size, self.templates)
         except BaseException:
@@ -144,22 +174,19 @@ class ReadyDisks:
 
 
 def _image_of(mnt: Path) -> Path:
-    return mnt.with_name(mnt.name + ".img")
+    """A ready disk's image: next to the private mount its mount point is in (an image below
+    that mount could not be renamed into a session dir: another mount)."""
+    return mnt.parent.parent / f"{mnt.name}.img"
 
 
-def _discard(mnt: Path, keep_image_as: Path | None = None) -> None:
-    """Unmount a ready disk's place and remove it; its image is removed, or renamed to
-    `keep_image_as` (a session's disk now mounted elsewhere)."""
+def _discard(mnt: Path) -> None:
+    """Unmount a ready disk and remove its mount point and image."""
     if os.path.ismount(mnt):
         syscalls.umount(str(mnt), syscalls.MNT_DETACH)
-    image = _image_of(mnt)
-    if keep_image_as is not None:
-        os.rename(image, keep_image_as)
-    else:
-        try:
-            image.unlink()
-        except FileNotFoundError:
-            pass
+    try:
+        _image_of(mnt).unlink()
+    except FileNotFoundError:
+        pass
     try:
         mnt.rmdir()
     except FileNotFoundError:

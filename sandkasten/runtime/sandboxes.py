@@ -93,6 +93,13 @@ class Runtime:
         """Create the sandbox and return once its runner answers. On failure nothing is
         left behind (cgroup, dirs) and SandboxError says which step failed."""
         spec.validate()
+        try:
+            return self._create(spec)
+        finally:
+            if spec.disk_limit_mb > 0:
+                self.ready_disks.settled()   # the next disk is made ahead now, not during this create
+
+    def _create(self, spec: SandboxSpec) -> Observed:
         p = self.paths(spec.session_id)
         if p.root.exists() or p.run.exists():
             raise SandboxError(f"unable to create sandbox {spec.session_id}: it already exists")
