@@ -199,3 +199,25 @@ def test_the_disks_a_dead_daemon_made_ahead_are_swept_and_a_live_ones_are_not(ru
         alive.wait()
     runtime.warm()   # now its owner is gone too
     assert not live_owner.exists() and our_loop_devices(base) == []
+
+
+def test_a_killed_daemons_disks_made_ahead_are_swept_by_the_next_and_its_sandboxes_adopted(daemon_factory):
+    d = daemon_factory(defaults={"disk_limit_mb": 32}).start()
+    sid = d.client.post("/v1/sessions", json={}).json()["id"]
+    assert d.client.post(f"/v1/sessions/{sid}/exec", json={"cmd": "echo kept > /workspace/f"}).json()["exit_code"] == 0
+    base = d.data_dir / "ready-disks"
+    deadline = time.monotonic() + 20
+    while len(our_loop_devices(base)) < ready_disks.KEEP:
+        assert time.monotonic() < deadline, "the daemon made no disks ahead"
+        time.sleep(0.05)
+    owners = [p for p in base.iterdir()]
+    d.kill()
+    assert mounts_under(owners[0] / "mnt"), "a killed daemon leaves its disks made ahead mounted"
+    d.start()
+    deadline = time.monotonic() + 20
+    while any(o.exists() for o in owners):
+        assert time.monotonic() < deadline, "the next daemon did not sweep the disks made ahead"
+        time.sleep(0.05)
+    assert not any(our_loop_devices(o) for o in owners) and not any(mounts_under(o) for o in owners)
+    r = d.client.post(f"/v1/sessions/{sid}/exec", json={"cmd": "cat /workspace/f"}).json()
+    assert r["exit_code"] == 0 and r["stdout"] == "kept\n", r   # adopted, its own disk still there

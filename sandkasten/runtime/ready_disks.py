@@ -23,6 +23,8 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sandkasten.errors import SandboxError
@@ -45,7 +47,7 @@ class ReadyDisks:
         self.want = 0        # the size to keep ready: the last create's
         self.taken = 0       # creates served by a ready disk
         self.closed = False
-        self._creating = 0   # creates between `take` and `settled`
+        self._creating = 0   # creates running (see `creating`)
         self._settled_at = 0.0
         self._made = 0
         self._lock = threading.Lock()
@@ -55,11 +57,10 @@ class ReadyDisks:
     def take(self, limit_mb: int, image: Path, mount_point: Path) -> bool:
         """Put a ready disk of `limit_mb` MiB at `mount_point` (made here) with its image at
         `image`; False when none is ready (nothing was done). Asks for more either way, to be
-        made after `settled` (the caller's create is over, however it ended)."""
+        made after the caller's create is over (see `creating`)."""
         with self._lock:
             if self.closed:
                 return False
-            self._creating += 1
             self.want = limit_mb
             found = next((d for d in self.ready if d[0] == limit_mb), None)
             if found is not None:
@@ -88,12 +89,18 @@ class ReadyDisks:
         self.taken += 1
         return True
 
-    def settled(self) -> None:
-        """A create that called `take` is over: disks may be made again (after QUIET_S)."""
+    @contextmanager
+    def creating(self) -> Iterator[None]:
+        """Around a create that may `take`: no disk is made while one runs, nor QUIET_S after."""
         with self._lock:
-            self._creating = max(0, self._creating - 1)
-            self._settled_at = time.monotonic()
-            self._wake.notify()
+            self._creating += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._creating -= 1
+                self._settled_at = time.monotonic()
+                self._wake.notify()
 
     def close(self) -> None:
         """Stop making disks; unmount and remove the ready ones (their loop devices detach)."""
@@ -160,7 +167,7 @@ class ReadyDisks:
         if not self._made:   # a mount of its own, private: mounts below it can be moved (MS_MOVE
             # refuses a mount whose parent propagates, as / does on most hosts)
             mounts.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if not os.path.ismount(mounts):
+            if str(mounts) not in mounts_under(mounts):
                 syscalls.mount(str(mounts), str(mounts), None, syscalls.MS_BIND)
             syscalls.mount(None, str(mounts), None, syscalls.MS_PRIVATE)
         self._made += 1
@@ -181,7 +188,7 @@ def _image_of(mnt: Path) -> Path:
 
 def _discard(mnt: Path) -> None:
     """Unmount a ready disk and remove its mount point and image."""
-    if os.path.ismount(mnt):
+    if os.path.ismount(mnt):   # (an ext4 of its own: another st_dev)
         syscalls.umount(str(mnt), syscalls.MNT_DETACH)
     try:
         _image_of(mnt).unlink()

@@ -93,11 +93,10 @@ class Runtime:
         """Create the sandbox and return once its runner answers. On failure nothing is
         left behind (cgroup, dirs) and SandboxError says which step failed."""
         spec.validate()
-        try:
+        if spec.disk_limit_mb <= 0:
             return self._create(spec)
-        finally:
-            if spec.disk_limit_mb > 0:
-                self.ready_disks.settled()   # the next disk is made ahead now, not during this create
+        with self.ready_disks.creating():   # the next disk is made ahead after this create, not during it
+            return self._create(spec)
 
     def _create(self, spec: SandboxSpec) -> Observed:
         p = self.paths(spec.session_id)
