@@ -30,6 +30,14 @@ class Layout:
     def workspaces(self) -> Path:
         return self.data_dir / "workspaces"
 
+    @property
+    def disk_templates(self) -> Path:   # runtime.disk: one empty ext4 per disk size, copied per sandbox
+        return self.data_dir / "disk-templates"
+
+    @property
+    def ready_disks(self) -> Path:   # runtime.ready_disks: disks mounted ahead, one dir per daemon
+        return self.data_dir / "ready-disks"
+
     def of(self, sid: str) -> SessionPaths:
         found = _known.get((self.data_dir, sid))
         if found is None:   # building the paths costs more than an exec's journal append: keep them

@@ -23,6 +23,7 @@ from sandkasten.runtime import network as network_mod
 from sandkasten.runtime import spares
 from sandkasten.runtime.layout import Layout, SessionPaths
 from sandkasten.runtime.procfs import mounts_under, proc_start_time
+from sandkasten.runtime.ready_disks import ReadyDisks
 from sandkasten.runtime.spawner import Spawner
 from sandkasten.runtime.spec import (SESSION_ID, ExecRequest, ExecResult, Observed, SandboxSpec,
                                      check_exec_id, check_session_id)
@@ -40,6 +41,7 @@ class Runtime:
         self.spares_dir = self.layout.run / ".spares"   # see runtime/spares.py (not a session id: no sweep takes it)
         self._reserved: set[str] = set()
         self.spawner = Spawner(cgroup_root, cgroups.parent, self.spares_dir)
+        self.ready_disks = ReadyDisks(self.layout.ready_disks, self.layout.disk_templates)  # made after a create
         # [step, ms since the spawner took the request] of the last create (see zygote.spawn)
         self.last_steps: list[list] = []
 
@@ -52,10 +54,13 @@ class Runtime:
                    cgroups_mod.detect(root=cgroup_root, parent=cgroup_parent), cgroup_root, network)
 
     def close(self) -> None:
+        self.ready_disks.close()
         self.spawner.close()
 
     def warm(self) -> None:
-        """Start the spawner now (it then makes its spares) rather than on the first create."""
+        """Start the spawner now (it then makes its spares) rather than on the first create;
+        remove the disks a crashed daemon had made ahead."""
+        self.ready_disks.sweep()
         try:
             self.spawner.request({"op": "ping"})
         except SandboxError:
@@ -88,12 +93,19 @@ class Runtime:
         """Create the sandbox and return once its runner answers. On failure nothing is
         left behind (cgroup, dirs) and SandboxError says which step failed."""
         spec.validate()
+        if spec.disk_limit_mb <= 0:
+            return self._create(spec)
+        with self.ready_disks.creating():   # the next disk is made ahead after this create, not during it
+            return self._create(spec)
+
+    def _create(self, spec: SandboxSpec) -> Observed:
         p = self.paths(spec.session_id)
         if p.root.exists() or p.run.exists():
             raise SandboxError(f"unable to create sandbox {spec.session_id}: it already exists")
         try:
             p.root.mkdir(parents=True)
-            disk.prepare(p.disk_image, p.disk, spec.disk_limit_mb)
+            if spec.disk_limit_mb <= 0 or not self.ready_disks.take(spec.disk_limit_mb, p.disk_image, p.disk):
+                disk.prepare(p.disk_image, p.disk, spec.disk_limit_mb, self.layout.disk_templates)
             for d in (p.upper, p.work, p.rootfs):
                 d.mkdir(parents=True, exist_ok=False)
             p.run.mkdir(parents=True, mode=0o700)
