@@ -1,14 +1,19 @@
 """Intake: turn what a client sent (HTTP body or CLI flags) into a validated domain command.
 
 Shared by the HTTP API and the CLI so both refuse the same bad input with the same
-message. Pure apart from the image store lookup.
+message. A body is first converted into its request struct (sandkasten.schema.requests:
+fields, types, fixed bounds — msgspec's complaint put in our words by `_refused`), then
+checked against the config (maxima, images, workspaces). Pure apart from the image store
+lookup (and DNS for egress_allow host names).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import secrets
+import typing
 from datetime import datetime, timedelta, UTC
 from typing import Any
 from collections.abc import Mapping
@@ -21,10 +26,9 @@ from sandkasten.errors import ImageNotAllowed, InvalidRequest, TooLarge
 from sandkasten.images.store import ImageStore
 from sandkasten.runtime import network as network_mod
 from sandkasten.schema import requests as rq
-from sandkasten.schema.vocabulary import (AGENT_RUN, TOKEN, WORKSPACE_ID, ExecId, ProcessId, SessionId,
-                                          WorkspaceId)
+from sandkasten.schema.vocabulary import AGENT_RUN as AGENT_RUN   # the header patterns, for the API
+from sandkasten.schema.vocabulary import TOKEN, WORKSPACE_ID, ExecId, ProcessId, SessionId, WorkspaceId
 
-__all__ = ["AGENT_RUN", "TOKEN", "WORKSPACE_ID"]   # the patterns, defined in sandkasten.schema.vocabulary
 ENV_ENTRY_MAX_BYTES = 128 * 1024 - 1   # MAX_ARG_STRLEN (32 pages), less the NUL
 ENV_TOTAL_MAX_BYTES = 1 << 20          # execve allows a quarter of the stack limit (2 MiB of 8 MiB) in all
 
@@ -50,10 +54,21 @@ def parse[B: rq.Body](kind: type[B], body: Any) -> B:
     if not isinstance(body, Mapping):
         raise InvalidRequest(f"invalid {kind.what} request: the body must be a JSON object{kind.needs}")
     refuse_unknown(body, set(kind.__struct_fields__), kind.what)
+    whole = {k: int(v) for k, v in body.items()   # 60.0 is the integer 60, as JSON has it
+             if k in _integers(kind) and isinstance(v, float) and v.is_integer()}
     try:
-        return msgspec.convert(body, kind)
+        return msgspec.convert({**body, **whole} if whole else body, kind)
     except msgspec.ValidationError as e:
         raise _refused(kind, body, str(e)) from None
+
+
+@functools.cache
+def _integers(kind: type[rq.Body]) -> frozenset[str]:
+    """The fields of `kind` that take an integer."""
+    def takes_int(hint: Any) -> bool:
+        return hint is int or any(takes_int(arg) for arg in typing.get_args(hint))
+    hints = typing.get_type_hints(kind, include_extras=True)
+    return frozenset(name for name in kind.__struct_fields__ if takes_int(hints[name]))
 
 
 def _refused(kind: type[rq.Body], body: Mapping[str, Any], error: str) -> InvalidRequest:
