@@ -20,8 +20,8 @@ from collections.abc import Mapping
 import yaml
 
 from sandkasten.errors import ConfigError
+from sandkasten.schema.vocabulary import NETWORK_MODES
 
-NETWORK_MODES = ("none", "bridge")
 SECCOMP_PROFILES = ("off", "mvp", "strict")
 DURABILITIES = ("normal", "full")
 LOST_SANDBOX_POLICIES = ("recreate", "fail")

@@ -37,8 +37,9 @@ from sandkasten.agents.session import WORKSPACE, SandkastenSandboxSession
 from sandkasten.agents.state import BACKEND_ID, SandkastenSandboxClientOptions, SandkastenSandboxSessionState
 from sandkasten.client import errors as client_errors
 from sandkasten.client import protocol
+from sandkasten.schema.vocabulary import SessionStatus
 
-LIVE = ("running", "requested")
+LIVE = (SessionStatus.RUNNING, SessionStatus.REQUESTED)
 
 
 class SandkastenSandboxClient(BaseSandboxClient[SandkastenSandboxClientOptions]):

@@ -36,13 +36,13 @@ from agents.sandbox.types import User
 
 from sandkasten.agents.faults import transport_error
 from sandkasten.client import errors as client_errors
+from sandkasten.schema.vocabulary import PROCESS_ENDED, ProcessStatus
 
 if TYPE_CHECKING:
     from sandkasten.agents.connection import Connection
     from sandkasten.agents.state import SandkastenSandboxSessionState
 
 PTY_SIZE = (24, 80)
-FINISHED = ("exited", "lost")
 POLL_FIRST_S, POLL_MAX_S = 0.02, 0.25
 
 
@@ -161,7 +161,7 @@ class ProcessTable:
             output += answer.output
             process.offset = answer.next_offset
             status = answer.status
-            if status in FINISHED and answer.eof:
+            if status in PROCESS_ENDED and answer.eof:
                 break
             left = deadline - time.monotonic()
             if left <= 0:
@@ -170,10 +170,10 @@ class ProcessTable:
             pause = min(pause * 2, POLL_MAX_S)
         process.last_used = time.monotonic()
         text = output.decode("utf-8", "replace")
-        if status == "lost":
+        if status == ProcessStatus.LOST:
             text += "\n(the process was lost: its sandbox ended or its fate is unknown)"
         text, original_tokens = truncate_text_by_tokens(text, max_output_tokens)
-        if status not in FINISHED:
+        if status not in PROCESS_ENDED:
             return PtyExecUpdate(process_id=number, output=text.encode(), exit_code=None,
                                  original_token_count=original_tokens)
         self._processes.pop(number, None)

@@ -49,6 +49,7 @@ from sandkasten.agents.faults import reason_of, transport_error
 from sandkasten.agents.pty import ProcessTable
 from sandkasten.agents.state import SandkastenSandboxSessionState
 from sandkasten.client import errors as client_errors
+from sandkasten.schema.vocabulary import SessionStatus
 
 if TYPE_CHECKING:
     from sandkasten.agents.connection import Connection
@@ -89,7 +90,7 @@ class SandkastenSandboxSession(ProcessTable, BaseSandboxSession):
             info = await self._connection().api.get_session(self.sandbox_id)
         except client_errors.SandkastenError:
             return False
-        return info.status == "running"
+        return info.status == SessionStatus.RUNNING
 
     async def _shutdown_backend(self) -> None:
         """Destroy the Sandkasten session (a persistent workspace keeps its files)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import hashlib
 import logging
 
@@ -37,32 +36,9 @@ def present_entry(e) -> dict:
             "size": e.size, "mode": oct(e.mode & 0o7777), "mtime": e.mtime}
 
 
-WRITE_FIELDS = {"path", "text", "content_base64"}
-
-
 def write_request(body, limit: int) -> tuple[str, bytes]:
-    """(path, bytes) of a JSON write body: {path, text | content_base64}."""
-    if not isinstance(body, dict) or not isinstance(body.get("path"), str):
-        raise InvalidRequest("invalid write: 'path' (string) is required")
-    intake.refuse_unknown(body, WRITE_FIELDS, "write")
-    return body["path"], decode_content(body, limit)
-
-
-def decode_content(body: dict, limit: int) -> bytes:
-    if "text" in body and "content_base64" in body:
-        raise InvalidRequest("invalid write: give either 'text' or 'content_base64', not both")
-    if isinstance(body.get("text"), str):
-        data = body["text"].encode()
-    elif isinstance(body.get("content_base64"), str):
-        try:
-            data = base64.b64decode(body["content_base64"], validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidRequest("invalid content_base64: not valid base64") from None
-    else:
-        raise InvalidRequest("invalid write: 'text' (string) or 'content_base64' is required")
-    if len(data) > limit:
-        raise TooLarge(f"unable to write file: {len(data)} bytes is above the limit of {limit}", limit=limit)
-    return data
+    """(path, bytes) of a JSON write body: {path, text | content_base64} (sandkasten.schema)."""
+    return intake.write_request(body, limit)
 
 
 def upload_name(name: object) -> str:

@@ -1,8 +1,11 @@
-"""The OpenAPI 3.1 document, written by hand so it says exactly what the routes do."""
+"""The OpenAPI 3.1 document: paths and answers written by hand so they say exactly what the
+routes do; request bodies from the structs the daemon validates them with (sandkasten.schema)."""
 
 from __future__ import annotations
 
 from sandkasten import __version__
+from sandkasten.schema import requests
+from sandkasten.schema.vocabulary import WORKSPACE_ID_PATTERN, ProcessStatus, SessionStatus
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 
@@ -43,7 +46,7 @@ TERMINAL = {"type": "object", "additionalProperties": False, "properties": {
     "cols": {"type": "integer", "minimum": 1, "maximum": 1000}}}
 EID = {"name": "exec_id", "in": "path", "required": True, "schema": {"type": "string"}}
 WID = {"name": "wid", "in": "path", "required": True,
-       "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"}}
+       "schema": {"type": "string", "pattern": WORKSPACE_ID_PATTERN}}
 LAST_EVENT_ID = {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"},
                  "description": "resume after this event id (also ?last_event_id=)"}
 SSE_DOC = ("text/event-stream. Events: `started` {exec_id, session_id}; `chunk` {chunk, stream: "
@@ -84,24 +87,11 @@ def document() -> dict:
                 "Error": {"type": "object", "required": ["error_code", "message"], "properties": {
                     "error_code": {"type": "string"}, "message": {"type": "string"},
                     "details": {"type": "object"}}},
-                "CreateSession": {"type": "object", "additionalProperties": False, "properties": {
-                    "image": {"type": "string"}, "ttl_seconds": {"type": "integer", "minimum": 1},
-                    "workspace_id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
-                    "cpu_limit": {"type": "number", "exclusiveMinimum": 0},
-                    "mem_limit_mb": {"type": "integer", "minimum": 8},
-                    "pids_limit": {"type": "integer", "minimum": 4},
-                    "network_mode": {"type": "string", "enum": ["none", "bridge"]},
-                    "egress_allow": {"type": "array", "items": {"type": "string"},
-                                     "description": "bridge mode: CIDRs or host names the sandbox may reach"},
-                    "env": {"type": "object", "additionalProperties": {"type": "string"}},
-                    "readonly_rootfs": {"type": "boolean"}}},
                 "Session": {"type": "object", "properties": {
-                    "id": {"type": "string"}, "image": {"type": "string"}, "status": {"type": "string"},
+                    "id": {"type": "string"}, "image": {"type": "string"},
+                    "status": {"type": "string", "enum": [s.value for s in SessionStatus]},
                     "cwd": {"type": "string"}, "workspace_id": {"type": ["string", "null"]},
                     "created_at": {"type": "string"}, "expires_at": {"type": "string"}}},
-                "Exec": {"type": "object", "required": ["cmd"], "additionalProperties": False, "properties": {
-                    "cmd": {"type": "string", "minLength": 1}, "timeout_ms": {"type": "integer", "minimum": 1},
-                    "raw_output": {"type": "boolean"}, "max_output_bytes": {"type": "integer"}}},
                 "ExecResult": {"type": "object", "properties": {
                     "exec_id": {"type": "string"}, "exit_code": {"type": "integer"}, "cwd": {"type": "string"},
                     "output": {"type": "string"}, "stdout": {"type": "string"}, "stderr": {"type": "string"},
@@ -109,17 +99,9 @@ def document() -> dict:
                     "timed_out": {"type": "boolean"},
                     "oom_kills": {"type": "integer", "description": "processes the kernel's OOM killer ended in "
                                   "the sandbox while the command ran (the memory limit was reached)"}}},
-                "StartProcess": {"type": "object", "required": ["cmd"], "additionalProperties": False, "properties": {
-                    "cmd": {"type": "string", "minLength": 1, "description": "run by sh -c beside the shell"},
-                    "cwd": {"type": "string", "description": "absolute path in the sandbox (default /workspace)"},
-                    "env": {"type": "object", "additionalProperties": {"type": "string"}},
-                    "pty": {"description": "a terminal of this size (true: 24x80); output is then one stream",
-                            "oneOf": [TERMINAL, {"type": "boolean"}]},
-                    "timeout_ms": {"type": "integer", "minimum": 1,
-                                   "description": "SIGTERM to its process group after this long, SIGKILL 2 s later"}}},
                 "Process": {"type": "object", "properties": {
                     "process_id": {"type": "string"}, "session_id": {"type": "string"}, "cmd": {"type": "string"},
-                    "status": {"type": "string", "enum": ["requested", "running", "exited", "lost"]},
+                    "status": {"type": "string", "enum": [s.value for s in ProcessStatus]},
                     "pid": {"type": ["integer", "null"]}, "exit_code": {"type": ["integer", "null"]},
                     "signal": {"type": ["string", "null"], "description": "the signal that ended it"},
                     "pty": {"oneOf": [TERMINAL, {"type": "null"}]}, "started_at": {"type": ["string", "null"]},
@@ -127,15 +109,7 @@ def document() -> dict:
                     "stderr_bytes": {"type": "integer"}, "output_bytes": {"type": "integer"},
                     "output_sha256": {"type": ["string", "null"]}, "dropped_bytes": {"type": "integer"},
                     "input_bytes": {"type": "integer"}}},
-                "Stdin": {"type": "object", "additionalProperties": False, "properties": {
-                    "data": {"type": "string"}, "data_base64": {"type": "string"}, "eof": {"type": "boolean"}}},
-                "Resize": {**TERMINAL, "required": ["rows", "cols"]},
-                "Signal": {"type": "object", "required": ["signal"], "additionalProperties": False, "properties": {
-                    "signal": {"oneOf": [{"type": "string"}, {"type": "integer"}],
-                               "description": "SIGTERM, TERM, term or 15"}}},
-                "WriteFile": {"type": "object", "required": ["path"], "properties": {
-                    "path": {"type": "string"}, "text": {"type": "string"},
-                    "content_base64": {"type": "string"}}},
+                **requests.components(),   # the request bodies, from their structs
             },
         },
         "security": [{"bearer": []}],

@@ -26,10 +26,10 @@ from sandkasten.domain.session import DuplicateIdempotencyKey
 from sandkasten.errors import (IllegalTransition, InvalidRequest, ProcessExited, ProcessNotFound, SandboxError,
                                SandboxGone, SandkastenError, SessionEnded, SessionNotFound)
 from sandkasten.runtime.spec import EXEC_ID
+from sandkasten.schema.vocabulary import PROCESS_ENDED as ENDED
 from sandkasten.views import process_view
 
 bp = blueprint("processes", url_prefix="/v1")
-ENDED = ("exited", "lost")
 OUTPUT_DEFAULT_BYTES = 64 * 1024
 KILL_WAIT_S = 5.0
 
@@ -181,11 +181,7 @@ async def write_stdin(request: Request, sid: str, process_id: str):
 @bp.post("/sessions/<sid>/processes/<process_id>/resize")
 async def resize(request: Request, sid: str, process_id: str):
     d = request.app.ctx.daemon
-    body = json_body(request)
-    if not isinstance(body, dict):
-        raise InvalidRequest("invalid resize request: the body must be a JSON object with 'rows' and 'cols'")
-    intake.refuse_unknown(body, {"rows", "cols"}, "resize")
-    rows, cols = intake.terminal_size(body, "resize")
+    rows, cols = intake.resize_request(json_body(request))
     await _journal_input(request, sid, process_id, "resize",
                          c.RecordProcessInput(process_id=process_id, kind="resize", rows=rows, cols=cols))
     await d.processes.send(sid, process_id, {"op": "proc_resize", "rows": rows, "cols": cols})

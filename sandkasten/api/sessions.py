@@ -28,10 +28,10 @@ from sandkasten.errors import (
     SessionNotRunning,
 )
 from sandkasten.runtime.spec import SESSION_ID, ExecRequest
+from sandkasten.schema.vocabulary import SESSION_ENDED, SessionStatus
 from sandkasten.views import session_view
 
 bp = blueprint("sessions", url_prefix="/v1")
-ENDED = ("destroyed", "failed")
 
 
 def present_exec(row: dict, daemon, raw: bool = False, limit: int | None = None) -> dict:
@@ -163,10 +163,10 @@ def _reason(session: dict) -> str:
 
 def require_running(row: dict, verb: str) -> None:
     status = row["status"]
-    if status in ENDED or status == "destroying":
+    if status in SESSION_ENDED or status == SessionStatus.DESTROYING:
         raise SessionEnded(f"unable to {verb} in session {row['id']}: the session is {status}{_reason(row)}",
                            status=status, reason=row.get("end_reason"))
-    if status == "lost":
+    if status == SessionStatus.LOST:
         raise SandboxGone(f"unable to {verb} in session {row['id']}: its sandbox was lost "
                           f"({row['lost_reason']})", status=status)
     if status != "running":

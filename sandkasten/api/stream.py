@@ -27,11 +27,11 @@ from sandkasten.api.sessions import lost_exec, oom_kills, session_row, submit_ex
 from sandkasten.errors import ExecNotFound, InvalidRequest, SandboxError, SandkastenError
 from sandkasten.files.exec_feed import Cursor, FeedError, TextDecoder
 from sandkasten.runtime.spec import EXEC_ID, ExecRequest
+from sandkasten.schema.vocabulary import EXEC_ENDED
 
 bp = blueprint("stream", url_prefix="/v1")
 log = logging.getLogger("sandkasten.api.stream")
 HEARTBEAT_S = 10.0
-SETTLED = ("finished", "lost")
 
 
 class _Stopping(Exception):
@@ -84,7 +84,7 @@ async def _stream(request: Request, sid: str, exec_id: str, cursor: Cursor, raw:
 
     async def settled() -> bool:
         row = await d.journal.exec(exec_id)
-        return row is None or row["status"] in SETTLED
+        return row is None or row["status"] in EXEC_ENDED
 
     await send_feed(request, d.runtime.paths(sid).logs / f"{exec_id}.log", cursor, raw, settled,
                     lambda offset: _outcome(d, sid, exec_id, offset),

@@ -18,7 +18,7 @@ import time
 from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any, TypeVar
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 
 from sandkasten.cli import render
 from sandkasten.control import admission
@@ -43,10 +43,11 @@ from sandkasten.cli.args import (
     wants_help,
 )
 from sandkasten.errors import ConfigError, SandkastenError, SessionNotFound
+from sandkasten.schema.vocabulary import EXEC_ENDED
+from sandkasten.schema.vocabulary import SESSION_ENDED as ENDED
 from sandkasten.views import session_view
 
 T = TypeVar("T")
-ENDED = ("destroyed", "failed")
 NO_DAEMON_EXIT = 3
 POSITIONAL = {"ps": ("session",)}   # words a command takes beyond its required ones
 WAIT_S = 30.0
@@ -188,7 +189,7 @@ class Cli(AdminCommands):
                         continue
                     if row["id"] in shown:
                         continue
-                    if follow and not ended and row["status"] in ("requested", "running"):
+                    if follow and not ended and row["status"] not in EXEC_ENDED:
                         if as_json:
                             break  # one finished object per line; later execs wait for this one
                         row = await self._stream(journal, sid, row)
@@ -257,7 +258,7 @@ class Cli(AdminCommands):
         async def settled() -> bool:
             nonlocal final
             final = await journal.exec(row["id"])
-            return final["status"] in ("finished", "lost")
+            return final["status"] in EXEC_ENDED
 
         path = Layout(self.cfg.data_dir).of(sid).logs / f"{row['id']}.log"
         tail = b""
@@ -446,7 +447,7 @@ class Cli(AdminCommands):
         if any(r["error"] is not None for r in results):
             raise Exit(1)
 
-    async def _await_session(self, journal, sid: str, statuses: tuple[str, ...]) -> dict:
+    async def _await_session(self, journal, sid: str, statuses: Collection[str]) -> dict:
         deadline = time.monotonic() + WAIT_S
         while True:
             row = await journal.session(sid)

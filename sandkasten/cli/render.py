@@ -14,8 +14,9 @@ from datetime import datetime, UTC
 from typing import Any
 from collections.abc import Iterable, Sequence
 
+from sandkasten.schema.vocabulary import SESSION_ENDED
+
 SESSION_HEADER = ("SESSION ID", "IMAGE", "STATUS", "CREATED", "EXPIRES", "EXECS", "CWD", "WORKSPACE")
-_ENDED = ("destroyed", "failed")
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
 # ---------------------------------------------------------------- sessions
 
 def session_cells(row: dict[str, Any], now: datetime) -> tuple[str, ...]:
-    ended = row["status"] in _ENDED
+    ended = row["status"] in SESSION_ENDED
     status = row["status"]
     if ended and row["ended_at"]:
         status = f"{status} {humanize(row['ended_at'], now)}"

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from sandkasten.schema.vocabulary import PROCESS_ENDED, ProcessStatus, SessionStatus
+
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
@@ -44,7 +46,7 @@ class Session:
 
     @property
     def running(self) -> bool:
-        return self.status == "running"
+        return self.status == SessionStatus.RUNNING
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,7 @@ class Process:
 
     @property
     def running(self) -> bool:
-        return self.status in ("requested", "running")
+        return self.status not in PROCESS_ENDED
 
 
 @dataclass(frozen=True)
@@ -188,7 +190,7 @@ class ProcessOutput:
     offset: int
     next_offset: int
     output: bytes = b""
-    status: str = "running"
+    status: str = ProcessStatus.RUNNING
     exit_code: int | None = None
     signal: str | None = None
     eof: bool = False

@@ -11,12 +11,14 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import httpx
 
 from sandkasten.client import errors, models, sse
+from sandkasten.schema import requests as rq
+from sandkasten.schema.vocabulary import NetworkMode
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 # Only these two: the daemon reads every other SANDKASTEN_* variable as a config override
@@ -87,10 +89,10 @@ def create_session(image: str | None = None, *, workspace_id: str | None = None,
                    cpu_limit: float | None = None, mem_limit_mb: int | None = None,
                    pids_limit: int | None = None, env: Mapping[str, str] | None = None,
                    network_mode: str | None = None, readonly_rootfs: bool | None = None) -> Call[models.Session]:
-    body = {k: v for k, v in dict(image=image, workspace_id=workspace_id, ttl_seconds=ttl_seconds,
-                                  cpu_limit=cpu_limit, mem_limit_mb=mem_limit_mb, pids_limit=pids_limit,
-                                  env=dict(env) if env else None, network_mode=network_mode,
-                                  readonly_rootfs=readonly_rootfs).items() if v is not None}
+    body = rq.CreateSession(image=image, workspace_id=workspace_id, ttl_seconds=ttl_seconds, cpu_limit=cpu_limit,
+                            mem_limit_mb=mem_limit_mb, pids_limit=pids_limit, env=dict(env) if env else None,
+                            network_mode=cast(NetworkMode | None, network_mode),   # the daemon judges it
+                            readonly_rootfs=readonly_rootfs).body()
     # Not idempotent: a retry after the request went out could make a second session.
     return Call("POST", "/v1/sessions", models.Session.from_json, json=body, idempotent=False)
 
@@ -114,7 +116,7 @@ def stats(session_id: str) -> Call[models.Stats]:
 
 # ------------------------------------------------------------------ execs
 def exec_body(cmd: str, timeout_ms: int | None) -> dict[str, Any]:
-    return {"cmd": cmd, **({"timeout_ms": timeout_ms} if timeout_ms is not None else {})}
+    return rq.Exec(cmd=cmd, timeout_ms=timeout_ms).body()
 
 
 def read_timeout(timeout_ms: int | None) -> float:
@@ -147,22 +149,22 @@ def _proc(session_id: str, process_id: str | None = None) -> str:
     return base if process_id is None else f"{base}/{quote(process_id, safe='')}"
 
 
-def _terminal(pty: bool | tuple[int, int] | Mapping[str, int] | None) -> dict[str, int] | None:
+def _terminal(pty: bool | tuple[int, int] | Mapping[str, int] | None) -> rq.Terminal | None:
     if pty is None or pty is False:
         return None
     if pty is True:
-        return {"rows": 24, "cols": 80}
+        return rq.Terminal(rows=24, cols=80)
     if isinstance(pty, tuple):
-        return {"rows": pty[0], "cols": pty[1]}
-    return dict(pty)
+        return rq.Terminal(rows=pty[0], cols=pty[1])
+    return rq.Terminal(**pty)
 
 
 def start_process(session_id: str, cmd: str, *, cwd: str | None = None, env: Mapping[str, str] | None = None,
                   pty: bool | tuple[int, int] | Mapping[str, int] | None = None, timeout_ms: int | None = None,
                   idempotency_key: str | None = None) -> Call[models.Process]:
     """One Idempotency-Key per call: a retry reaches the process the first attempt started."""
-    body = {k: v for k, v in dict(cmd=cmd, cwd=cwd, env=dict(env) if env else None, pty=_terminal(pty),
-                                  timeout_ms=timeout_ms).items() if v is not None}
+    body = rq.StartProcess(cmd=cmd, cwd=cwd, env=dict(env) if env else None, pty=_terminal(pty),
+                           timeout_ms=timeout_ms).body()
     return Call("POST", _proc(session_id), models.Process.from_json, json=body,
                 headers={"Idempotency-Key": idempotency_key or new_idempotency_key()})
 
@@ -180,19 +182,18 @@ def write_stdin(session_id: str, process_id: str, data: str | bytes, eof: bool =
                 idempotency_key: str | None = None) -> Call[int]:
     """One Idempotency-Key per call: a retry after a dropped connection types nothing twice."""
     import base64
-    body: dict[str, Any] = {"data": data} if isinstance(data, str) else {"data_base64": base64.b64encode(data).decode()}
-    if eof:
-        body["eof"] = True
-    return Call("POST", _proc(session_id, process_id) + "/stdin", lambda b: int(b.get("bytes", 0)), json=body,
+    body = (rq.Stdin(data=data) if isinstance(data, str) else rq.Stdin(data_base64=base64.b64encode(data).decode()))
+    body.eof = eof or None
+    return Call("POST", _proc(session_id, process_id) + "/stdin", lambda b: int(b.get("bytes", 0)), json=body.body(),
                 headers={"Idempotency-Key": idempotency_key or new_idempotency_key()})
 
 
 def resize(session_id: str, process_id: str, rows: int, cols: int) -> Call[None]:
-    return Call("POST", _proc(session_id, process_id) + "/resize", _ok, json={"rows": rows, "cols": cols})
+    return Call("POST", _proc(session_id, process_id) + "/resize", _ok, json=rq.Resize(rows=rows, cols=cols).body())
 
 
 def signal_process(session_id: str, process_id: str, signal: str | int) -> Call[None]:
-    return Call("POST", _proc(session_id, process_id) + "/signal", _ok, json={"signal": signal})
+    return Call("POST", _proc(session_id, process_id) + "/signal", _ok, json=rq.Signal(signal=signal).body())
 
 
 def kill_process(session_id: str, process_id: str) -> Call[models.Process]:
@@ -219,11 +220,8 @@ def _fs_root(session_id: str | None, workspace_id: str | None) -> str:
 def write(path: str, content: str | bytes, *, session_id: str | None = None,
           workspace_id: str | None = None) -> Call[models.FileEntry]:
     import base64
-    body: dict[str, Any] = {"path": path}
-    if isinstance(content, str):
-        body["text"] = content
-    else:
-        body["content_base64"] = base64.b64encode(content).decode()
+    body = (rq.WriteFile(path=path, text=content) if isinstance(content, str)
+            else rq.WriteFile(path=path, content_base64=base64.b64encode(content).decode())).body()
     return Call("POST", _fs_root(session_id, workspace_id) + "/write", models.FileEntry.from_json, json=body)
 
 

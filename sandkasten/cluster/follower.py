@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 from sandkasten.cluster.membership import Membership
 from sandkasten.errors import SandkastenError
+from sandkasten.schema.vocabulary import SessionStatus
 from sandkasten.store import postgres
 
 log = logging.getLogger("sandkasten.cluster")
@@ -73,7 +74,7 @@ class Follower:
             recreate = self.membership.cfg.reconcile.lost_sandbox_policy == "recreate"
             now = datetime.now(UTC)
             for row in await self.journal.sessions():
-                if row["status"] == "requested" and row["host_id"] is None and _orphaned(row, now):
+                if row["status"] == SessionStatus.REQUESTED and row["host_id"] is None and _orphaned(row, now):
                     try:
                         placed = await self.membership.place(row["id"])  # one node wins
                     except SandkastenError as e:
@@ -81,7 +82,7 @@ class Follower:
                         continue
                     if placed is not None and self.membership.owns(placed):
                         self.executor.ensure_session(row["id"])
-                elif recreate and row["status"] == "lost" and self.membership.owns(row) \
+                elif recreate and row["status"] == SessionStatus.LOST and self.membership.owns(row) \
                         and row["host_epoch"] == self.membership.epoch:
                     self.executor.ensure_session(row["id"])   # re-placed here after its host was lost
         except SandkastenError as e:

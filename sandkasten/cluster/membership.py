@@ -35,9 +35,9 @@ from sandkasten.config import Config
 from sandkasten.domain import commands as c
 from sandkasten.domain import host as h
 from sandkasten.errors import IllegalTransition, SandkastenError
+from sandkasten.schema.vocabulary import SESSION_ENDED, SessionStatus
 
 log = logging.getLogger("sandkasten.cluster")
-ENDED = ("destroyed", "failed")
 REMOTE_CREATE_WAIT_S = 120.0
 
 
@@ -154,16 +154,16 @@ class Membership:
             return
         for row in await self.journal.sessions():
             host = lost.get(row["host_id"])
-            if host is None or row["status"] in ENDED:
+            if host is None or row["status"] in SESSION_ENDED:
                 continue
             await self._recover_session(row, host)
 
     async def _recover_session(self, row: dict, host: dict) -> None:
         sid = row["id"]
         reason = f"host {host['id']} was lost ({host['lost_reason']})"
-        if row["status"] == "running":
+        if row["status"] == SessionStatus.RUNNING:
             await self.executor.record(sid, c.RecordSandboxLost(reason=reason), actor=self.actor)
-        if row["status"] in ("running", "lost", "requested"):
+        if row["status"] in (SessionStatus.RUNNING, SessionStatus.LOST, SessionStatus.REQUESTED):
             state = await self.journal.session_state(sid)
             for exec_id in (state.pending_exec_ids if state else []):
                 await self.executor.record(sid, c.RecordExecLost(
@@ -171,10 +171,10 @@ class Membership:
             for process_id in (list(state.processes) if state else []):
                 await self.executor.record(sid, c.RecordProcessLost(
                     process_id=process_id, reason=f"{reason}: the process's fate is unknown"), actor=self.actor)
-        if row["status"] == "destroying":
+        if row["status"] == SessionStatus.DESTROYING:
             return  # its sandbox is on the lost host: that host finishes the teardown when it is back
         expected = (row["host_id"], row["host_epoch"])
-        if self.cfg.reconcile.lost_sandbox_policy == "recreate" or row["status"] == "requested":
+        if self.cfg.reconcile.lost_sandbox_policy == "recreate" or row["status"] == SessionStatus.REQUESTED:
             try:
                 target = await self.choose(row, exclude=(host["id"],))
             except placement.NoHostAvailable as e:
@@ -215,7 +215,7 @@ class Membership:
         the session's row after. With no host able to take it the session fails, saying why
         (it would wait for ever otherwise), and NoHostAvailable is raised."""
         row = await self.journal.session(sid)
-        if row is None or row["status"] != "requested" or row["host_id"] is not None:
+        if row is None or row["status"] != SessionStatus.REQUESTED or row["host_id"] is not None:
             return row
         try:
             target = await self.choose(row)
@@ -229,19 +229,19 @@ class Membership:
         row = await self.place(sid)
         if row is None:
             return
-        if row["status"] == "failed":
+        if row["status"] == SessionStatus.FAILED:
             from sandkasten.errors import SandboxError
 
             raise SandboxError(f"the session failed: {row['end_reason']}", session_id=sid)
-        if row["status"] in ENDED:
+        if row["status"] in SESSION_ENDED:
             return
         if self.owns(row):
             await self.executor._create(sid)
             return
-        await self.wait_for(sid, lambda r: r is None or r["status"] != "requested" or r["host_id"] is None,
+        await self.wait_for(sid, lambda r: r is None or r["status"] != SessionStatus.REQUESTED or r["host_id"] is None,
                             REMOTE_CREATE_WAIT_S)
         row = await self.journal.session(sid)
-        if row is not None and row["status"] == "failed":
+        if row is not None and row["status"] == SessionStatus.FAILED:
             from sandkasten.errors import SandboxError
 
             raise SandboxError(f"host {row['host_id']} could not start it: {row['end_reason']}", session_id=sid)

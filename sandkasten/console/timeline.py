@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sandkasten.domain import events as ev
+from sandkasten.schema.vocabulary import EXEC_ENDED, PROCESS_ENDED
 
 # What a session-level event says, from its payload; never env values or other secrets.
 _SAY = {
@@ -65,7 +66,7 @@ class ExecEntry:
 
     @property
     def settled(self) -> bool:
-        return self.status in ("finished", "lost")
+        return self.status in EXEC_ENDED
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ class ProcessEntry:
 
     @property
     def settled(self) -> bool:
-        return self.status in ("exited", "lost")
+        return self.status in PROCESS_ENDED
 
 
 Entry = ExecEntry | ProcessEntry | FactEntry

@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sandkasten.runtime.sandboxes import Runtime
+from sandkasten.schema.vocabulary import SESSION_ENDED, SessionStatus
 from sandkasten.store.journal import Journal
 
-LIVE = ("requested", "running", "destroying")
+LIVE = (SessionStatus.REQUESTED, SessionStatus.RUNNING, SessionStatus.DESTROYING)
 
 
 @dataclass(frozen=True)
@@ -49,14 +50,14 @@ async def find_drift(journal: Journal, runtime: Runtime, host_id: str | None = N
         sid, status = row["id"], row["status"]
         obs = runtime.observe(sid)
         seen = observed_summary(obs)
-        if status == "running":
+        if status == SessionStatus.RUNNING:
             if not obs.healthy:
                 drift.append(Drift(sid, status, seen, "the journal says running but the sandbox is not healthy"))
             elif (obs.pid, obs.start_time) != (row["runner_pid"], row["runner_start_time"]):
                 drift.append(Drift(sid, status, seen, "a different runner than the journal recorded (pid reuse?)"))
-        elif status in ("destroyed", "failed", "lost") and (obs.alive or obs.cgroup or obs.session_dir):
+        elif status in (*SESSION_ENDED, SessionStatus.LOST) and (obs.alive or obs.cgroup or obs.session_dir):
             drift.append(Drift(sid, status, seen, f"the session is {status} but leftovers remain on the host"))
-        elif status in ("requested", "destroying"):
+        elif status in (SessionStatus.REQUESTED, SessionStatus.DESTROYING):
             drift.append(Drift(sid, status, seen, f"the session is {status}: work the daemon has not finished"))
     for sid in sorted(runtime.host_sessions() - set(known)):
         problem = ("the journal lost this session: its exec logs show it ran commands (the daemon keeps "
@@ -65,7 +66,7 @@ async def find_drift(journal: Journal, runtime: Runtime, host_id: str | None = N
         drift.append(Drift(sid, "absent", observed_summary(runtime.observe(sid)), problem))
     for e in await journal.pending_execs():
         s = known.get(e["session_id"])
-        if s is not None and s["status"] != "running":
+        if s is not None and s["status"] != SessionStatus.RUNNING:
             drift.append(Drift(e["session_id"], s["status"], f"exec {e['id']} {e['status']}",
                                "an exec is pending on a session that is not running"))
     return drift, len(rows)

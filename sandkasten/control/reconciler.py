@@ -31,12 +31,12 @@ from sandkasten.errors import IllegalTransition, SandkastenError
 from sandkasten.control.executor import Executor
 from sandkasten.runtime.procfs import proc_start_time
 from sandkasten.runtime.spec import Observed
+from sandkasten.schema.vocabulary import SESSION_ENDED, SessionStatus
 
 log = logging.getLogger("sandkasten.control.reconciler")
 ACTOR = "reconciler"
 RECREATE_WAIT_S = 120.0
 PRUNE_EVERY_S = 60.0
-ENDED = ("destroyed", "failed")
 
 
 class Reconciler:
@@ -53,12 +53,12 @@ class Reconciler:
     async def startup(self) -> dict:
         t0 = time.monotonic()
         rows = await self.journal.sessions(include_ended=True)
-        live = [r for r in rows if r["status"] not in ENDED and self.executor.owns(r)]  # a cluster: ours only
+        live = [r for r in rows if r["status"] not in SESSION_ENDED and self.executor.owns(r)]  # a cluster: ours only
         observed = await self.runtime.aobserve_all([r["id"] for r in live])
         t_observed = time.monotonic()
         adopted: list[tuple[str, c.Command]] = [
             (r["id"], _adopted(observed[r["id"]]))
-            for r in live if r["status"] == "running" and _same_runner(r, observed[r["id"]])]
+            for r in live if r["status"] == SessionStatus.RUNNING and _same_runner(r, observed[r["id"]])]
         try:  # one commit for all of them: a restart with many live sessions stays fast
             await self.journal.execute_many(adopted, actor=ACTOR)
         except IllegalTransition:  # one moved on meanwhile (e.g. `sandkasten rm`): one by one
@@ -69,15 +69,15 @@ class Reconciler:
         creating: list[asyncio.Future | None] = []
         for row in live:
             sid, obs, status = row["id"], observed[row["id"]], row["status"]
-            if status == "running":
+            if status == SessionStatus.RUNNING:
                 if not _same_runner(row, obs):
                     creating.append(await self.sandbox_died(sid, _reason(obs)))
                     lost += 1
-            elif status == "lost":
+            elif status == SessionStatus.LOST:
                 creating.append(await self.apply_policy(sid))
-            elif status == "requested":
+            elif status == SessionStatus.REQUESTED:
                 creating.append(self.executor.ensure_session(sid))
-            elif status == "destroying":
+            elif status == SessionStatus.DESTROYING:
                 self.executor.ensure_destroyed(sid)
         for e in await self.journal.pending_execs():
             if e["session_id"] in observed:
@@ -168,7 +168,7 @@ class Reconciler:
         self._pruned = time.monotonic()
         cutoff = datetime.now(UTC).timestamp() - keep
         old = [r["id"] for r in await self.journal.sessions(include_ended=True)
-               if r["status"] in ENDED and r["ended_at"] and _parse(r["ended_at"]).timestamp() < cutoff]
+               if r["status"] in SESSION_ENDED and r["ended_at"] and _parse(r["ended_at"]).timestamp() < cutoff]
         return await asyncio.to_thread(self.runtime.remove_logs, old)
 
     async def pass_once(self) -> None:
@@ -178,19 +178,20 @@ class Reconciler:
             sid = row["id"]
             if not self.executor.owns(row):
                 continue  # another host's session (a cluster): that host expires and watches it
-            if row["status"] in ("running", "requested", "lost") and row["expires_at"] \
+            if row["status"] not in (*SESSION_ENDED, SessionStatus.DESTROYING) and row["expires_at"] \
                     and _parse(row["expires_at"]) <= now:
                 await self.executor.record(sid, c.ExpireSession(reason="ttl", at=now), actor=ACTOR)
                 self.executor.ensure_destroyed(sid)
                 continue
             idle = self.cfg.idle_timeout_seconds
-            if idle and row["status"] == "running" and row["last_activity_at"] and row["pool"] not in UNCLAIMED \
+            if idle and row["status"] == SessionStatus.RUNNING and row["last_activity_at"] \
+                    and row["pool"] not in UNCLAIMED \
                     and (now - _parse(row["last_activity_at"])).total_seconds() > idle \
                     and not self.executor.busy(sid):
                 await self.executor.record(sid, c.ExpireSession(reason="idle", at=now), actor=ACTOR)
                 self.executor.ensure_destroyed(sid)
                 continue
-            if row["status"] == "running" and row["runner_pid"] \
+            if row["status"] == SessionStatus.RUNNING and row["runner_pid"] \
                     and proc_start_time(row["runner_pid"]) != row["runner_start_time"] \
                     and f"create:{sid}" not in self.executor.tasks:
                 await self.sandbox_died(sid, "the runner exited")

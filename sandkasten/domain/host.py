@@ -23,6 +23,7 @@ from typing import Any
 from sandkasten.domain import commands as c
 from sandkasten.domain import events as ev
 from sandkasten.errors import IllegalTransition
+from sandkasten.schema.vocabulary import HostStatus
 
 HOST_STREAM_PREFIX = "host:"
 HOST_REGISTERED = "host.registered"
@@ -30,8 +31,8 @@ HOST_HEARTBEAT = "host.heartbeat"
 HOST_LOST = "host.lost"
 SESSION_PLACED = "session.placed"
 HOST_EVENT_TYPES = frozenset({HOST_REGISTERED, HOST_HEARTBEAT, HOST_LOST})
-LIVE = "live"
-LOST = "lost"
+LIVE = HostStatus.LIVE
+LOST = HostStatus.LOST
 
 
 def host_stream(host_id: str) -> str:

@@ -16,12 +16,13 @@ from typing import Any
 from sandkasten.domain import commands as c
 from sandkasten.domain import events as ev
 from sandkasten.errors import IllegalTransition, InvalidRequest, ProcessExited, TooManyProcesses
+from sandkasten.schema.vocabulary import ProcessStatus
 
-PROCESS_REQUESTED = "requested"
-PROCESS_RUNNING = "running"
-PROCESS_EXITED = "exited"
-PROCESS_LOST = "lost"
-PROCESS_ENDED = frozenset({PROCESS_EXITED, PROCESS_LOST})
+# the statuses are defined once, in sandkasten.schema.vocabulary (PROCESS_ENDED too)
+PROCESS_REQUESTED = ProcessStatus.REQUESTED
+PROCESS_RUNNING = ProcessStatus.RUNNING
+PROCESS_EXITED = ProcessStatus.EXITED
+PROCESS_LOST = ProcessStatus.LOST
 INPUT_KINDS = frozenset({"stdin", "eof", "resize", "signal"})
 DELIVERED_IN_ORDER = frozenset({"stdin", "eof"})   # numbered (`seq`): the runner takes each once
 KEEP_KEYS = 64   # idempotency keys of recent inputs a process remembers

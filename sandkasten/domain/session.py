@@ -35,6 +35,7 @@ from sandkasten.domain import processes as proc
 from sandkasten.domain.processes import ProcessState
 from sandkasten.domain.workspace import WorkspaceState, decide_workspace, evolve_workspace, file_event
 from sandkasten.errors import IllegalTransition, InvalidRequest, SessionNotFound
+from sandkasten.schema.vocabulary import POOL_UNCLAIMED, SESSION_ENDED, ExecStatus, PoolState, SessionStatus
 
 try:  # the lead may move this error into sandkasten.errors; use theirs when it exists
     from sandkasten.errors import DuplicateIdempotencyKey  # type: ignore[attr-defined]
@@ -50,25 +51,26 @@ except ImportError:
             self.exec_id = exec_id
 
 
-REQUESTED = "requested"
-RUNNING = "running"
-LOST = "lost"
-FAILED = "failed"
-DESTROYING = "destroying"
-DESTROYED = "destroyed"
-ENDED_STATUSES = frozenset({FAILED, DESTROYED})  # sessions() hides these unless asked
+# the statuses are defined once, in sandkasten.schema.vocabulary; these names are its members
+REQUESTED = SessionStatus.REQUESTED
+RUNNING = SessionStatus.RUNNING
+LOST = SessionStatus.LOST
+FAILED = SessionStatus.FAILED
+DESTROYING = SessionStatus.DESTROYING
+DESTROYED = SessionStatus.DESTROYED
+ENDED_STATUSES = SESSION_ENDED  # sessions() hides these unless asked
 
-EXEC_REQUESTED = "requested"
-EXEC_RUNNING = "running"
-EXEC_FINISHED = "finished"
-EXEC_LOST = "lost"
+EXEC_REQUESTED = ExecStatus.REQUESTED
+EXEC_RUNNING = ExecStatus.RUNNING
+EXEC_FINISHED = ExecStatus.FINISHED
+EXEC_LOST = ExecStatus.LOST
 
 INITIAL_CWD = "/workspace"
 
-POOL_IDLE = "idle"
-POOL_CLAIMING = "claiming"
-POOL_CLAIMED = "claimed"
-UNCLAIMED = frozenset({POOL_IDLE, POOL_CLAIMING})  # not (yet) a client's session
+POOL_IDLE = PoolState.IDLE
+POOL_CLAIMING = PoolState.CLAIMING
+POOL_CLAIMED = PoolState.CLAIMED
+UNCLAIMED = POOL_UNCLAIMED  # not (yet) a client's session
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Protocol
 
 from sandkasten.errors import InvalidRequest, SandboxError
+from sandkasten.schema.vocabulary import MIN_CPU   # the kernel refuses a cfs quota below 1000 us
 
 CPU_PERIOD_US = 100_000
-MIN_CPU = 0.01  # the kernel refuses a cfs quota below 1000 us (1 ms per 100 ms period)
 KILL_TIMEOUT = 5.0
 _V2_CONTROLLERS = ("memory", "pids", "cpu")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")

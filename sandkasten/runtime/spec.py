@@ -11,9 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sandkasten.errors import InvalidRequest, SandboxError
-
-SESSION_ID = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}$")
-EXEC_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+from sandkasten.schema.vocabulary import EXEC_ID, SESSION_ID
 
 
 def check_session_id(sid: str) -> str:

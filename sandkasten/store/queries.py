@@ -10,9 +10,10 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from sandkasten.domain.session import DESTROYING, ENDED_STATUSES, POOL_IDLE, UNCLAIMED
+from sandkasten.schema.vocabulary import ExecStatus
 from sandkasten.store.schema import READ_TABLES, execs, hosts, processes, sessions, workspaces
 
-_PENDING = ("requested", "running")
+_PENDING = (ExecStatus.REQUESTED, ExecStatus.RUNNING)   # and ProcessStatus's: the same two words
 _BY_AGE = (sessions.c.created_at, sessions.c.id)
 
 
