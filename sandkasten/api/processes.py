@@ -39,7 +39,7 @@ OUTPUT_DEFAULT_BYTES = 64 * 1024
 KILL_WAIT_S = 5.0
 
 
-async def process_row(d, sid: str, process_id: str) -> dict:
+async def process_row(d: Daemon, sid: str, process_id: str) -> dict:
     await session_row(d, sid)
     row = await d.journal.process(process_id) if EXEC_ID.match(process_id) else None
     if row is None or row["session_id"] != sid:
@@ -47,7 +47,7 @@ async def process_row(d, sid: str, process_id: str) -> dict:
     return row
 
 
-async def _live(d, sid: str, process_id: str) -> dict | None:
+async def _live(d: Daemon, sid: str, process_id: str) -> dict | None:
     """The runner's record of a running process (byte counts so far); None if unreachable."""
     try:
         return await d.runtime.aprocess(sid, {"op": "proc_status", "id": process_id}, timeout=2)
@@ -123,7 +123,7 @@ async def get_process(request: Request, sid: str, process_id: str):
     return json(process_view(row, live))
 
 
-async def _running(d, sid: str, process_id: str, verb: str) -> dict:
+async def _running(d: Daemon, sid: str, process_id: str, verb: str) -> dict:
     """The process row, if the process can take input: its session runs and it has not ended."""
     require_running(await session_row(d, sid), verb)
     row = await process_row(d, sid, process_id)

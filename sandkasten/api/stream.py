@@ -18,6 +18,7 @@ import asyncio
 import base64
 import json as jsonlib
 import logging
+from typing import TYPE_CHECKING
 
 from sanic import Request
 
@@ -27,6 +28,9 @@ from sandkasten.api.sessions import json_body, lost_exec, oom_kills, session_row
 from sandkasten.errors import ExecNotFound, InvalidRequest, SandboxError, SandkastenError
 from sandkasten.files.exec_feed import Cursor, FeedError, TextDecoder
 from sandkasten.runtime.spec import EXEC_ID
+
+if TYPE_CHECKING:
+    from sandkasten.daemon import Daemon
 
 bp = blueprint("stream", url_prefix="/v1")
 log = logging.getLogger("sandkasten.api.stream")
@@ -118,7 +122,7 @@ async def send_feed(request: Request, path, cursor: Cursor, raw: bool, settled, 
             endings.unsubscribe(key, wake)
 
 
-async def _send_frames(request: Request, d, path, cursor: Cursor, raw: bool, done, outcome, headers: dict,
+async def _send_frames(request: Request, d: Daemon, path, cursor: Cursor, raw: bool, done, outcome, headers: dict,
                        started: dict, what: str, wake) -> None:
     response = await request.respond(content_type="text/event-stream; charset=utf-8", headers={
         "cache-control": "no-cache", "x-accel-buffering": "no", **headers})
@@ -158,7 +162,7 @@ async def _send_frames(request: Request, d, path, cursor: Cursor, raw: bool, don
     await response.eof()
 
 
-async def _outcome(d, sid: str, exec_id: str, offset: int) -> str:
+async def _outcome(d: Daemon, sid: str, exec_id: str, offset: int) -> str:
     row = await d.journal.exec(exec_id)
     final = Cursor(offset)
     if row is not None and row["status"] == "finished":
