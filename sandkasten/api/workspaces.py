@@ -79,7 +79,9 @@ async def listing(d: Daemon) -> list[dict]:
 
 @bp.delete("/workspaces/<wid>")
 async def delete_workspace(request: Request, wid: str):
-    destroyed = await daemon_of(request).service.workspaces.delete(wid, params.flag(request, "force"), caller(request))
+    workspaces = daemon_of(request).service.workspaces
+    await workspaces.existing(wid, "delete")   # a 404 before a bad `force` is a 400
+    destroyed = await workspaces.delete(wid, params.flag(request, "force"), caller(request))
     return json({"ok": True, "destroyed_sessions": destroyed})
 
 

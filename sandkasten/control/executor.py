@@ -2,9 +2,10 @@
 
 Who runs this: the daemon, on its event loop. Every unit of work is keyed (a session to
 start, an exec to run, a session to tear down) and idempotent: `ensure_*` returns the one
-task in flight for that key or starts it. HTTP handlers call `ensure_*` right after
-appending their intent (so a request waits for its own work); `follow` finds intents other
-writers appended (the CLI) and the reconciler hands over what a crash left pending.
+task in flight for that key or starts it. The service (`sandkasten.service`, for the HTTP
+handlers) calls `ensure_*` right after appending an intent (so a request waits for its own
+work); `follow` finds intents other writers appended (the CLI) and the reconciler hands over
+what a crash left pending.
 """
 
 from __future__ import annotations
