@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from sandkasten import install
 from sandkasten.config import Config
 from sandkasten.control.endings import Endings
+from sandkasten.domain.commands import RequestSession
 from sandkasten.errors import SandkastenError
 from sandkasten.control.executor import Executor
 from sandkasten.files.log_watch import LogWatch
@@ -31,6 +32,7 @@ from sandkasten.runtime import client, network
 from sandkasten.runtime.layout import Layout
 from sandkasten.runtime.procfs import proc_start_time
 from sandkasten.runtime.sandboxes import Runtime, read_pidfile
+from sandkasten.service import Files, Service, Sessions, Settling, Workspaces
 from sandkasten.store.journal import Journal
 
 if TYPE_CHECKING:  # imported when the journal is shared only (import time)
@@ -53,6 +55,7 @@ class Daemon:
         self.pool: Pool
         self.cluster: Membership | None = None  # when the journal is shared
         self.processes: ProcessControl
+        self.service: Service   # what the API's handlers call (create, exec, destroy, files, workspaces)
         self.log_watch = LogWatch()
         self.endings = Endings()
         # seconds since this process started, when serve() began (imports done), the app and
@@ -78,8 +81,20 @@ class Daemon:
             cluster = Membership(cfg, self.executor)
             cluster.reconciler = self.reconciler
             self.cluster = self.executor.cluster = cluster
+        waiter = Settling(self.executor, lambda: self.stopping)
+        files = Files(self.journal)
+        self.service = Service(
+            sessions=Sessions(cfg, self.journal, waiter, pool=self.pool, reserve_id=self._spare_id),
+            files=files, workspaces=Workspaces(cfg, self.journal, waiter, files, self.executor))
         self.phases["journal_open_s"] = _process_age()
         self.tasks.append(asyncio.ensure_future(self._become_ready()))
+
+    def _spare_id(self, cmd: RequestSession) -> str | None:
+        """An id the spawner has a spare for creates faster (not in a cluster: the session may land
+        elsewhere; not bridged: a bridged sandbox never takes a spare, so not a spare's id either)."""
+        if self.cluster is not None or cmd.network_mode == "bridge":
+            return None
+        return self.runtime.reserve_id()
 
     async def _become_ready(self) -> None:
         self.readiness = {"phase": "reconciling"}

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sanic import Blueprint
+from sanic import Blueprint, Request
+
+from sandkasten.service import Caller
+
+if TYPE_CHECKING:   # the daemon imports the API (create_app) when it serves
+    from sandkasten.daemon import Daemon
 
 
 class _Blueprint(Blueprint):
@@ -17,3 +22,13 @@ def blueprint(name: str, **options: Any) -> Blueprint:
     front: Sanic would otherwise parse every handler's source at import to guess the format
     (~2 ms per route, a sixth of a restart)."""
     return _Blueprint(name, **options)
+
+
+def daemon_of(request: Request) -> Daemon:
+    """The daemon serving this request: its service, journal, runtime, config (typed)."""
+    return request.app.ctx.daemon
+
+
+def caller(request: Request) -> Caller:
+    """Who asks, for the journal: the API key's id (and agent run) and the request id."""
+    return Caller(request.ctx.actor, request.ctx.request_id)

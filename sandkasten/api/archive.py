@@ -28,7 +28,7 @@ from sanic import Request, json
 from sanic.exceptions import PayloadTooLarge
 from sanic.http import Http
 
-from sandkasten.api import blueprint, params
+from sandkasten.api import blueprint, daemon_of, params
 from sandkasten.api.files import session_fs
 from sandkasten.api.sessions import require_running, session_row
 from sandkasten.errors import SandkastenError, TooLarge
@@ -40,7 +40,7 @@ CHUNK = 1 << 16
 
 
 async def _archive(request: Request, sid: str, verb: str) -> WorkspaceArchive:
-    d = request.app.ctx.daemon
+    d = daemon_of(request)
     row = await session_row(d, sid)
     require_running(row, verb)
     fs = session_fs(d, row)
@@ -85,7 +85,7 @@ async def download_archive(request: Request, sid: str):
 
 @bp.post("/sessions/<sid>/fs/archive", stream=True)
 async def upload_archive(request: Request, sid: str):
-    d = request.app.ctx.daemon
+    d = daemon_of(request)
     archive = await _archive(request, sid, "extract an archive")
     external = params.flag(request, "external_symlinks")
     limit = d.cfg.limits.max_archive_bytes

@@ -5,25 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
-import logging
+from typing import TYPE_CHECKING
 
 from sanic import Request, json
 from sanic.headers import parse_content_header
 from sanic.request.form import parse_multipart_form
 
 from sandkasten import intake
-from sandkasten.api import blueprint, params
+from sandkasten.api import blueprint, caller, daemon_of, params
 from sandkasten.api.sessions import json_body, require_running, session_row
-from sandkasten.domain import commands as c
-from sandkasten.errors import IllegalTransition, InvalidRequest, PathRefused, TooLarge
-from sandkasten.files.workspace_fs import MOUNT_POINT, WorkspaceFS
+from sandkasten.errors import InvalidRequest, PathRefused, TooLarge
+from sandkasten.files.workspace_fs import MOUNT_POINT, Entry, WorkspaceFS
+from sandkasten.service.files import shown_path
+
+if TYPE_CHECKING:
+    from sandkasten.daemon import Daemon
 
 bp = blueprint("files", url_prefix="/v1")
-log = logging.getLogger("sandkasten.api")
 
 
-def session_fs(daemon, row: dict) -> WorkspaceFS:
+def session_fs(daemon: Daemon, row: dict) -> WorkspaceFS:
     root = (daemon.cfg.workspaces_dir / row["workspace_id"] if row["workspace_id"]
             else daemon.runtime.paths(row["id"]).workspace)
     sec = daemon.cfg.security
@@ -31,8 +32,8 @@ def session_fs(daemon, row: dict) -> WorkspaceFS:
                        max_file_bytes=daemon.cfg.limits.max_file_bytes)
 
 
-def present_entry(e) -> dict:
-    return {"path": "/workspace/" + e.path if e.path else "/workspace", "name": e.name, "type": e.type,
+def present_entry(e: Entry) -> dict:
+    return {"path": shown_path(e.path), "name": e.name, "type": e.type,
             "size": e.size, "mode": oct(e.mode & 0o7777), "mtime": e.mtime}
 
 
@@ -83,30 +84,8 @@ def parse_uploads(request: Request, fs: WorkspaceFS) -> list[tuple[str, bytes]]:
     return [(path, f.body) for f, path in zip(files, paths, strict=True)]
 
 
-async def write_uploads(fs: WorkspaceFS, uploads: list[tuple[str, bytes]]) -> list[tuple[dict, bytes]]:
-    """Each upload written: (its entry, its content)."""
-    return [(present_entry(await asyncio.to_thread(fs.write, path, data)), data) for path, data in uploads]
-
-
-async def audited(request: Request, stream: str, changes: list[c.RecordFileChange]) -> None:
-    """Journal what the file API changed (the audit trail shows who wrote or deleted what, with the
-    content's sha256), after the change: the event records a fact. A session that ended in between
-    is logged, not failed: the change happened."""
-    if not changes:
-        return
-    d = request.app.ctx.daemon
-    try:
-        await d.journal.execute_all(stream, changes, actor=request.ctx.actor, request_id=request.ctx.request_id)
-    except IllegalTransition as e:
-        log.warning("file change in %s not journaled: %s", stream, e.message)
-
-
-def written(entry: dict, data: bytes) -> c.RecordFileChange:
-    return c.RecordFileChange(path=entry["path"], op="write", size=len(data), sha256=hashlib.sha256(data).hexdigest())
-
-
 async def _fs(request: Request, sid: str, verb: str) -> WorkspaceFS:
-    d = request.app.ctx.daemon
+    d = daemon_of(request)
     row = await session_row(d, sid)
     require_running(row, verb)
     return session_fs(d, row)
@@ -116,17 +95,15 @@ async def _fs(request: Request, sid: str, verb: str) -> WorkspaceFS:
 async def write_file(request: Request, sid: str):
     fs = await _fs(request, sid, "write a file")
     path, data = write_request(json_body(request), fs.max_file_bytes)
-    entry = present_entry(await asyncio.to_thread(fs.write, path, data))
-    await audited(request, sid, [written(entry, data)])
-    return json({"ok": True, **entry})
+    [entry] = await daemon_of(request).service.files.write(sid, fs, [(path, data)], caller(request))
+    return json({"ok": True, **present_entry(entry)})
 
 
 @bp.post("/sessions/<sid>/fs/upload")
 async def upload_files(request: Request, sid: str):
     fs = await _fs(request, sid, "upload files")
-    done = await write_uploads(fs, parse_uploads(request, fs))
-    await audited(request, sid, [written(entry, data) for entry, data in done])
-    return json({"ok": True, "entries": [entry for entry, _ in done]})
+    entries = await daemon_of(request).service.files.write(sid, fs, parse_uploads(request, fs), caller(request))
+    return json({"ok": True, "entries": [present_entry(e) for e in entries]})
 
 
 @bp.get("/sessions/<sid>/fs/read")
@@ -152,7 +129,5 @@ async def delete_file(request: Request, sid: str):
     fs = await _fs(request, sid, "delete a file")
     path = params.required(request, "path", "delete")
     recursive = params.flag(request, "recursive")
-    await asyncio.to_thread(fs.delete, path, recursive)
-    await audited(request, sid, [c.RecordFileChange(path="/workspace/" + fs.normalize(path, "delete"), op="delete",
-                                                    recursive=recursive)])
+    await daemon_of(request).service.files.delete(sid, fs, path, recursive, caller(request))
     return json({"ok": True})

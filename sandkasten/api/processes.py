@@ -12,14 +12,15 @@ import asyncio
 import base64
 import hashlib
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from sanic import Request, json
 
 from sandkasten import intake
 
 from sandkasten.files import exec_feed
-from sandkasten.api import blueprint, params
-from sandkasten.api.sessions import json_body, require_running, session_row, settle
+from sandkasten.api import blueprint, daemon_of, params
+from sandkasten.api.sessions import json_body, require_running, session_row
 from sandkasten.api.stream import event, resume_cursor, send_feed
 from sandkasten.domain import commands as c
 from sandkasten.domain.session import DuplicateIdempotencyKey
@@ -27,14 +28,18 @@ from sandkasten.errors import (IllegalTransition, InvalidRequest, ProcessExited,
                                SandboxGone, SandkastenError, SessionEnded, SessionNotFound)
 from sandkasten.runtime.spec import EXEC_ID
 from sandkasten.schema.vocabulary import PROCESS_ENDED as ENDED
+from sandkasten.service.waiting import settle
 from sandkasten.views import process_view
+
+if TYPE_CHECKING:
+    from sandkasten.daemon import Daemon
 
 bp = blueprint("processes", url_prefix="/v1")
 OUTPUT_DEFAULT_BYTES = 64 * 1024
 KILL_WAIT_S = 5.0
 
 
-async def process_row(d, sid: str, process_id: str) -> dict:
+async def process_row(d: Daemon, sid: str, process_id: str) -> dict:
     await session_row(d, sid)
     row = await d.journal.process(process_id) if EXEC_ID.match(process_id) else None
     if row is None or row["session_id"] != sid:
@@ -42,7 +47,7 @@ async def process_row(d, sid: str, process_id: str) -> dict:
     return row
 
 
-async def _live(d, sid: str, process_id: str) -> dict | None:
+async def _live(d: Daemon, sid: str, process_id: str) -> dict | None:
     """The runner's record of a running process (byte counts so far); None if unreachable."""
     try:
         return await d.runtime.aprocess(sid, {"op": "proc_status", "id": process_id}, timeout=2)
@@ -52,7 +57,7 @@ async def _live(d, sid: str, process_id: str) -> dict | None:
 
 @bp.post("/sessions/<sid>/processes")
 async def start_process(request: Request, sid: str):
-    d = request.app.ctx.daemon
+    d = daemon_of(request)
     row = await session_row(d, sid)
     body = json_body(request)
     key = request.headers.get("idempotency-key")
@@ -65,18 +70,25 @@ async def start_process(request: Request, sid: str):
     try:
         await d.journal.execute(sid, cmd, actor=request.ctx.actor, request_id=request.ctx.request_id)
     except DuplicateIdempotencyKey as e:   # a concurrent retry with the same key won the race
-        return json(process_view(_same_request(await d.journal.process(e.exec_id), cmd)), status=201)
+        return json(process_view(_same_request(await _journaled(d, sid, e.exec_id), cmd)), status=201)
     try:
-        await settle(d, d.processes.ensure_started(sid, cmd.process_id),
+        await settle(lambda: d.stopping, d.processes.ensure_started(sid, cmd.process_id),
                      f"process {cmd.process_id} is started once the daemon is back "
                      f"(GET /v1/sessions/{sid}/processes/{cmd.process_id})")
     except (SandboxGone, SandboxError):
         pass   # journaled as process.lost; the row says why
-    row = await d.journal.process(cmd.process_id)
+    row = await _journaled(d, sid, cmd.process_id)
     if row["status"] == "lost":
         raise SandboxGone(f"unable to start process {cmd.process_id} in session {sid}: {row['lost_reason']}",
                           process_id=cmd.process_id)
     return json(process_view(row), status=201)
+
+
+async def _journaled(d: Daemon, sid: str, process_id: str) -> dict:
+    row = await d.journal.process(process_id)
+    if row is None:   # (it was journaled: only a rebuilt journal could lose it)
+        raise ProcessNotFound(f"unable to find process {process_id!r} in session {sid}", process_id=process_id)
+    return row
 
 
 def _same_request(prior: dict, cmd: c.RequestProcess) -> dict:
@@ -90,7 +102,7 @@ def _same_request(prior: dict, cmd: c.RequestProcess) -> dict:
 
 @bp.get("/sessions/<sid>/processes")
 async def list_processes(request: Request, sid: str):
-    d = request.app.ctx.daemon
+    d = daemon_of(request)
     session = await session_row(d, sid)
     rows = await d.journal.processes(sid, include_ended=params.flag(request, "all"))
     live: dict[str, dict] = {}
@@ -105,13 +117,13 @@ async def list_processes(request: Request, sid: str):
 
 @bp.get("/sessions/<sid>/processes/<process_id>")
 async def get_process(request: Request, sid: str, process_id: str):
-    d = request.app.ctx.daemon
+    d = daemon_of(request)
     row = await process_row(d, sid, process_id)
     live = await _live(d, sid, process_id) if row["status"] == "running" else None
     return json(process_view(row, live))
 
 
-async def _running(d, sid: str, process_id: str, verb: str) -> dict:
+async def _running(d: Daemon, sid: str, process_id: str, verb: str) -> dict:
     """The process row, if the process can take input: its session runs and it has not ended."""
     require_running(await session_row(d, sid), verb)
     row = await process_row(d, sid, process_id)
@@ -120,8 +132,8 @@ async def _running(d, sid: str, process_id: str, verb: str) -> dict:
         raise ProcessExited(f"unable to {verb}: process {process_id} {how}", process_id=process_id,
                             status=row["status"], exit_code=row["exit_code"])
     if row["status"] != "running":
-        await settle(d, d.processes.ensure_started(sid, process_id), f"process {process_id} starts once the "
-                     "daemon is back")
+        await settle(lambda: d.stopping, d.processes.ensure_started(sid, process_id),
+                     f"process {process_id} starts once the daemon is back")
         row = await process_row(d, sid, process_id)
         if row["status"] != "running":
             raise ProcessExited(f"unable to {verb}: process {process_id} is {row['status']}", process_id=process_id)
@@ -136,7 +148,7 @@ async def _journal_input(request: Request, sid: str, process_id: str, verb: str,
     """Journal input to a process. `decide` checks that the session runs and the process has not
     ended, on the journal's cached state: no read on a keystroke's way. Only a refusal reads the
     rows, to say precisely why (no such session, session ended, process exited with …)."""
-    d = request.app.ctx.daemon
+    d = daemon_of(request)
 
     async def append():
         return await d.journal.execute_all(sid, list(commands), actor=request.ctx.actor,
@@ -152,7 +164,7 @@ async def _journal_input(request: Request, sid: str, process_id: str, verb: str,
 
 @bp.post("/sessions/<sid>/processes/<process_id>/stdin")
 async def write_stdin(request: Request, sid: str, process_id: str):
-    d = request.app.ctx.daemon
+    d = daemon_of(request)
     data, eof = intake.stdin_data(json_body(request))
     key = request.headers.get("idempotency-key")
     if key is not None and not intake.TOKEN.match(key):
@@ -180,7 +192,7 @@ async def write_stdin(request: Request, sid: str, process_id: str):
 
 @bp.post("/sessions/<sid>/processes/<process_id>/resize")
 async def resize(request: Request, sid: str, process_id: str):
-    d = request.app.ctx.daemon
+    d = daemon_of(request)
     rows, cols = intake.resize_request(json_body(request))
     await _journal_input(request, sid, process_id, "resize",
                          c.RecordProcessInput(process_id=process_id, kind="resize", rows=rows, cols=cols))
@@ -190,7 +202,7 @@ async def resize(request: Request, sid: str, process_id: str):
 
 @bp.post("/sessions/<sid>/processes/<process_id>/signal")
 async def send_signal(request: Request, sid: str, process_id: str):
-    d = request.app.ctx.daemon
+    d = daemon_of(request)
     number, name = intake.signal_number(json_body(request))
     await _journal_input(request, sid, process_id, f"send {name}",
                          c.RecordProcessInput(process_id=process_id, kind="signal", signal=name))
@@ -202,15 +214,16 @@ async def send_signal(request: Request, sid: str, process_id: str):
 async def kill_process(request: Request, sid: str, process_id: str):
     """SIGKILL to its process group; waits (briefly) for the exit to be journaled. Killing a
     process that has ended already is fine: the answer is its final state."""
-    d = request.app.ctx.daemon
+    d = daemon_of(request)
     row = await process_row(d, sid, process_id)
     if row["status"] not in ENDED:
         try:
             await _journal_input(request, sid, process_id, "kill",
                                  c.RecordProcessInput(process_id=process_id, kind="signal", signal="SIGKILL"))
             await d.processes.send(sid, process_id, {"op": "proc_signal", "signal": 9})
-            await asyncio.wait_for(settle(d, d.processes.ensure_watched(sid, process_id), "the process was "
-                                          "killed; its exit is journaled once the daemon is back"), KILL_WAIT_S)
+            watched = d.processes.ensure_watched(sid, process_id)
+            await asyncio.wait_for(settle(lambda: d.stopping, watched, "the process was killed; its exit is "
+                                          "journaled once the daemon is back"), KILL_WAIT_S)
         except (TimeoutError, ProcessExited, SessionEnded, SandboxGone):
             pass   # it ended meanwhile, or the session did: the row says how
         row = await process_row(d, sid, process_id)
@@ -219,7 +232,7 @@ async def kill_process(request: Request, sid: str, process_id: str):
 
 @bp.get("/sessions/<sid>/processes/<process_id>/stream")
 async def stream_process(request: Request, sid: str, process_id: str):
-    d = request.app.ctx.daemon
+    d = daemon_of(request)
     await process_row(d, sid, process_id)
     cursor = resume_cursor(request)
 
@@ -248,7 +261,7 @@ async def stream_process(request: Request, sid: str, process_id: str):
 async def process_output(request: Request, sid: str, process_id: str):
     """Output by offset, for clients that poll: whole frames from `offset` (a `next_offset` this
     route gave, or 0) up to about `max_bytes` of output."""
-    d = request.app.ctx.daemon
+    d = daemon_of(request)
     row = await process_row(d, sid, process_id)
     offset = params.count(request, "offset") or 0
     limit = params.count(request, "max_bytes") or OUTPUT_DEFAULT_BYTES

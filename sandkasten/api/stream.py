@@ -18,16 +18,20 @@ import asyncio
 import base64
 import json as jsonlib
 import logging
+from typing import TYPE_CHECKING
 
 from sanic import Request
 
 from sandkasten.files import exec_feed
-from sandkasten.api import blueprint, params
-from sandkasten.api.sessions import lost_exec, oom_kills, session_row, submit_exec
+from sandkasten.api import blueprint, caller, daemon_of, params
+from sandkasten.api.sessions import json_body, lost_exec, oom_kills, session_row
 from sandkasten.errors import ExecNotFound, InvalidRequest, SandboxError, SandkastenError
 from sandkasten.files.exec_feed import Cursor, FeedError, TextDecoder
-from sandkasten.runtime.spec import EXEC_ID, ExecRequest
+from sandkasten.runtime.spec import EXEC_ID
 from sandkasten.schema.vocabulary import EXEC_ENDED
+
+if TYPE_CHECKING:
+    from sandkasten.daemon import Daemon
 
 bp = blueprint("stream", url_prefix="/v1")
 log = logging.getLogger("sandkasten.api.stream")
@@ -48,20 +52,20 @@ def resume_cursor(request: Request) -> Cursor:
 
 @bp.post("/sessions/<sid>/exec/stream")
 async def exec_stream(request: Request, sid: str):
-    d = request.app.ctx.daemon
+    sessions = daemon_of(request).service.sessions
     cursor = resume_cursor(request)
-    exec_id, body, requested = await submit_exec(request, sid)
-    if requested is not None:
+    submitted = await sessions.submit_exec(sid, lambda: json_body(request), request.headers.get("idempotency-key"),
+                                           caller(request))
+    if submitted.requested is not None:
         cursor = Cursor()   # a Last-Event-ID cannot name a point in an exec that did not exist: send it all
-    req = None if requested is None else ExecRequest(exec_id=exec_id, cmd=requested.payload["cmd"],
-                                                     timeout_ms=requested.payload["timeout_ms"])
-    d.executor.ensure_exec(sid, exec_id, req)   # not awaited: the command must outlive this connection
-    await _stream(request, sid, exec_id, cursor, raw=bool(body.get("raw_output")))
+    sessions.begin_exec(sid, submitted)   # not awaited: the command must outlive this connection
+    body = submitted.body if isinstance(submitted.body, dict) else {}
+    await _stream(request, sid, submitted.exec_id, cursor, raw=bool(body.get("raw_output")))
 
 
 @bp.get("/sessions/<sid>/execs/<exec_id>/stream")
 async def exec_restream(request: Request, sid: str, exec_id: str):
-    d = request.app.ctx.daemon
+    d = daemon_of(request)
     await session_row(d, sid)
     row = await d.journal.exec(exec_id) if EXEC_ID.match(exec_id) else None
     if row is None or row["session_id"] != sid:
@@ -80,7 +84,7 @@ def event(kind: str, data: dict, event_id: str) -> str:
 
 
 async def _stream(request: Request, sid: str, exec_id: str, cursor: Cursor, raw: bool) -> None:
-    d = request.app.ctx.daemon
+    d = daemon_of(request)
 
     async def settled() -> bool:
         row = await d.journal.exec(exec_id)
@@ -96,7 +100,7 @@ async def send_feed(request: Request, path, cursor: Cursor, raw: bool, settled, 
     """Send a framed output log as SSE until `settled()` and everything before it was sent,
     then `await outcome(offset)` (the final event). Shared by exec and process streams; `key`
     (the exec or process id) subscribes to its end being committed (`endings`)."""
-    d = request.app.ctx.daemon
+    d = daemon_of(request)
     try:
         exec_feed.check_offset(path, cursor.offset)
     except FeedError as e:
@@ -118,7 +122,7 @@ async def send_feed(request: Request, path, cursor: Cursor, raw: bool, settled, 
             endings.unsubscribe(key, wake)
 
 
-async def _send_frames(request: Request, d, path, cursor: Cursor, raw: bool, done, outcome, headers: dict,
+async def _send_frames(request: Request, d: Daemon, path, cursor: Cursor, raw: bool, done, outcome, headers: dict,
                        started: dict, what: str, wake) -> None:
     response = await request.respond(content_type="text/event-stream; charset=utf-8", headers={
         "cache-control": "no-cache", "x-accel-buffering": "no", **headers})
@@ -158,7 +162,7 @@ async def _send_frames(request: Request, d, path, cursor: Cursor, raw: bool, don
     await response.eof()
 
 
-async def _outcome(d, sid: str, exec_id: str, offset: int) -> str:
+async def _outcome(d: Daemon, sid: str, exec_id: str, offset: int) -> str:
     row = await d.journal.exec(exec_id)
     final = Cursor(offset)
     if row is not None and row["status"] == "finished":

@@ -6,7 +6,7 @@ from sanic import Request, json, text
 
 from sandkasten import __version__
 from sandkasten.api.openapi import document
-from sandkasten.api import blueprint
+from sandkasten.api import blueprint, daemon_of
 
 bp = blueprint("system")
 
@@ -18,7 +18,7 @@ async def healthz(request: Request):
 
 @bp.get("/readyz")
 async def readyz(request: Request):
-    d = request.app.ctx.daemon
+    d = daemon_of(request)
     if not d.ready:
         return json({"status": "starting", "ready": False, "detail": d.readiness}, status=503)
     return json({"status": "ready", "ready": True, "detail": d.readiness})
@@ -31,7 +31,7 @@ async def openapi(request: Request):
 
 @bp.get("/metrics")
 async def metrics(request: Request):
-    d = request.app.ctx.daemon
+    d = daemon_of(request)
     live = await d.journal.sessions()
     counts: dict[str, int] = {}
     for s in live:

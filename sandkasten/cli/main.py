@@ -14,14 +14,12 @@ import asyncio
 import os
 import re
 import sys
-import time
 from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any, TypeVar
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable
 
 from sandkasten.cli import render
-from sandkasten.control import admission
 from sandkasten import config as config_mod
 from sandkasten.cli.admin import AdminCommands
 from sandkasten.cli.args import (
@@ -45,12 +43,14 @@ from sandkasten.cli.args import (
 from sandkasten.errors import ConfigError, SandkastenError, SessionNotFound
 from sandkasten.schema.vocabulary import EXEC_ENDED
 from sandkasten.schema.vocabulary import SESSION_ENDED as ENDED
+from sandkasten.service import Caller, Polling, Sessions
 from sandkasten.views import session_view
 
 T = TypeVar("T")
 NO_DAEMON_EXIT = 3
 POSITIONAL = {"ps": ("session",)}   # words a command takes beyond its required ones
 WAIT_S = 30.0
+CLI = Caller("cli")
 
 # ---------------------------------------------------------------- the commands
 
@@ -333,17 +333,13 @@ class Cli(AdminCommands):
         if workspace is not None:
             body["workspace_id"] = text(workspace, "--workspace")
         command = intake.session_command(cfg, ImageStore(cfg.images_dir), body)
-        sid = intake.new_session_id()
         pid = self.daemon_pid()
 
         async def work(journal) -> dict:
-            admission.check(cfg, await journal.sessions(), command)
-            await journal.execute(sid, command, actor="cli")
-            if pid is None:
-                return await journal.session(sid)
-            return await self._await_session(journal, sid, ("running", *ENDED))
+            return await self.sessions(journal).create(command, CLI)
 
         row = self.journal(work, create=True)
+        sid = row["id"]
         if json:
             render.print_json(session_view(row))
         else:
@@ -364,26 +360,31 @@ class Cli(AdminCommands):
         body: dict[str, Any] = {"cmd": cmd}
         if timeout is not None:
             body["timeout_ms"] = int(timeout) if re.fullmatch(r"[-+]?\d+", str(timeout)) else timeout
-        request = intake.exec_command(self.cfg, body)
+        intake.exec_command(self.cfg, body)   # a bad request is refused before the journal is opened
         pid = self.daemon_pid()
+        exec_id = ""
 
         async def work(journal) -> dict | None:
+            nonlocal exec_id
             row = await journal.session(session)
             if row is None:
                 raise SessionNotFound(f"unable to exec in session {session!r}: no such session")
             if row["status"] == "requested" and pid is None:
                 raise Failed(f"unable to exec in session {session}: its sandbox has not started yet, and no "
                              "daemon is running to start it (sandkasten daemon -d)")
-            await journal.execute(session, request, actor="cli")
             self._remote = await _owner_address(journal, self.cfg, session)
+            sessions = self.sessions(journal, remote=bool(self._remote))
+            submitted = await sessions.submit_exec(session, lambda: body, None, CLI)
+            exec_id = submitted.exec_id
             if pid is None and not self._remote:
                 return None
-            return await self._await_exec(journal, request.exec_id)
+            row, _ = await sessions.settled_exec(session, submitted)
+            return row
 
         row = self.journal(work)
-        if row is None or row["status"] not in ("finished", "lost"):
+        if row is None or row["status"] not in EXEC_ENDED:
             why = "no daemon is running" if row is None else "the daemon stopped"
-            print(f"sandkasten: {why}; exec {request.exec_id} is queued in session {session} and runs "
+            print(f"sandkasten: {why}; exec {exec_id} is queued in session {session} and runs "
                   "when the daemon starts", file=sys.stderr)
             return NO_DAEMON_EXIT
         if row["status"] == "lost":
@@ -407,29 +408,24 @@ class Cli(AdminCommands):
           sessions: one or more session ids
           json: print a JSON array of {id, status, error}
         """
-        from sandkasten.domain.commands import RequestDestroy
-
         if not sessions:
             raise Usage("rm needs one or more SESSION ids")
         sids = [text(s, "SESSION") for s in sessions]
         pid = self.daemon_pid()
 
         async def work(journal) -> list[dict]:
+            service = self.sessions(journal)
             results: list[dict[str, Any]] = []
-            for sid in sids:
+            for sid in sids:   # all requested first, then waited for: they are destroyed side by side
                 try:
-                    row = await journal.session(sid)
-                    if row is None:
-                        raise SessionNotFound(f"unable to remove session {sid!r}: no such session")
-                    if row["status"] not in ("destroyed", "destroying"):
-                        await journal.execute(sid, RequestDestroy(reason="cli"), actor="cli")
+                    await service.request_destroy(sid, "cli", CLI, verb="remove")
                     results.append({"id": sid, "status": "destroying", "error": None})
                 except SandkastenError as e:
                     results.append({"id": sid, "status": None, "error": e.message})
             for result in results:
                 if result["error"] is None:
-                    done = await self._await_session(journal, result["id"], ENDED) if pid else None
-                    result["status"] = (done or await journal.session(result["id"]))["status"]
+                    await service.waiter.destroyed(result["id"])
+                    result["status"] = (await journal.session(result["id"]))["status"]
             return results
 
         results = self.journal(work)
@@ -447,26 +443,10 @@ class Cli(AdminCommands):
         if any(r["error"] is not None for r in results):
             raise Exit(1)
 
-    async def _await_session(self, journal, sid: str, statuses: Collection[str]) -> dict:
-        deadline = time.monotonic() + WAIT_S
-        while True:
-            row = await journal.session(sid)
-            if row["status"] in statuses or time.monotonic() > deadline or self.daemon_pid() is None:
-                return row
-            await asyncio.sleep(0.1)
-
-    async def _await_exec(self, journal, exec_id: str) -> dict:
-        """Poll until the exec finished or was lost; give up only if the daemon goes away."""
-        checked = time.monotonic()
-        while True:
-            row = await journal.exec(exec_id)
-            if row["status"] in ("finished", "lost"):
-                return row
-            if time.monotonic() - checked > 1.0:
-                checked = time.monotonic()
-                if self.daemon_pid() is None and not self._remote:
-                    return row
-            await asyncio.sleep(0.05)
+    def sessions(self, journal, remote: bool = False) -> Sessions:
+        """The service, waiting by polling the journal while a daemon runs (or, in a cluster, the
+        host the session runs on): with none, an intent stays queued for the next daemon."""
+        return Sessions(self.cfg, journal, Polling(journal, lambda: remote or self.daemon_pid() is not None, WAIT_S))
 
     def fire_commands(self) -> dict[str, Any]:
         return {"ps": self.ps, "logs": self.logs, "attach": self.attach, "create": self.create, "rm": self.rm,

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from sanic import Request
 from sanic.response import raw
 
-from sandkasten.api import blueprint
+from sandkasten.api import blueprint, daemon_of
 from sandkasten.console.render import page
 from sandkasten.errors import InvalidRequest
 from sandkasten.store import audit as trail
@@ -44,7 +44,7 @@ def iso(value: datetime | None) -> str | None:
 
 @bp.get("/audit")
 async def audit_page(request: Request):
-    d = request.app.ctx.daemon
+    d = daemon_of(request)
     f = filters(request)
     rows = await trail.collect(d.journal, iso(f["since"]), f["session"], until_iso=iso(f["until"]),
                                actor=f["actor"])
@@ -60,7 +60,7 @@ async def audit_page(request: Request):
 
 @bp.get("/audit/export")
 async def audit_export(request: Request):
-    d = request.app.ctx.daemon
+    d = daemon_of(request)
     fmt = request.args.get("format", "jsonl")
     f = filters(request)
     out = io.StringIO()

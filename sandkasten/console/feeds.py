@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 
 from sanic import Request
 
-from sandkasten.api import blueprint, params
+from sandkasten.api import blueprint, daemon_of, params
 from sandkasten.api.sessions import session_row
 from sandkasten.console import timeline
 from sandkasten.console.pages import entry_context, outputs
@@ -73,7 +73,7 @@ async def snapshot(daemon, ended: bool) -> list[dict]:
 
 @bp.get("/feed/sessions")
 async def sessions_feed(request: Request):
-    d = request.app.ctx.daemon
+    d = daemon_of(request)
     ended = params.flag(request, "ended")
     response = await open_stream(request)
     seen_seq, sent_at = -1, 0.0
@@ -96,7 +96,7 @@ def resume_after(request: Request) -> int:
 
 @bp.get("/feed/sessions/<sid>")
 async def session_feed(request: Request, sid: str):
-    d = request.app.ctx.daemon
+    d = daemon_of(request)
     await session_row(d, sid)   # 404 before the stream opens
     after = resume_after(request)
     replay = timeline.Replay()

@@ -12,7 +12,7 @@ from urllib.parse import quote
 from sanic import Request
 from sanic.response import raw
 
-from sandkasten.api import blueprint
+from sandkasten.api import blueprint, daemon_of
 from sandkasten.api.files import present_entry, session_fs
 from sandkasten.api.sessions import require_running, session_row
 from sandkasten.api.workspaces import existing, workspace_fs
@@ -50,7 +50,7 @@ async def download(fs: WorkspaceFS, path: str | None):
 
 
 async def _session_fs(request: Request, sid: str, verb: str) -> tuple[dict, WorkspaceFS]:
-    d = request.app.ctx.daemon
+    d = daemon_of(request)
     row = await session_row(d, sid)
     require_running(row, verb)
     return row, session_fs(d, row)
@@ -72,7 +72,7 @@ async def session_download(request: Request, sid: str):
 
 @bp.get("/workspaces/<wid>/files")
 async def workspace_files(request: Request, wid: str):
-    d = request.app.ctx.daemon
+    d = daemon_of(request)
     fs = workspace_fs(d, await existing(d, wid, "list files of"))
     return await listing_page(request, fs, base=f"/console/workspaces/{wid}/files",
                               upload_url=f"/v1/workspaces/{wid}/fs/upload", section="workspaces",
@@ -81,6 +81,6 @@ async def workspace_files(request: Request, wid: str):
 
 @bp.get("/workspaces/<wid>/files/download")
 async def workspace_download(request: Request, wid: str):
-    d = request.app.ctx.daemon
+    d = daemon_of(request)
     fs = workspace_fs(d, await existing(d, wid, "download a file of"))
     return await download(fs, request.args.get("path"))

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from sanic import Request
 
-from sandkasten.api import blueprint
+from sandkasten.api import blueprint, daemon_of
 from sandkasten.console import charts
 from sandkasten.console.render import page, parse_time
 from sandkasten.store import audit as trail
@@ -17,7 +17,7 @@ bp = blueprint("console_metrics", url_prefix="/console")
 
 @bp.get("/metrics")
 async def metrics_page(request: Request):
-    d = request.app.ctx.daemon
+    d = daemon_of(request)
     now = datetime.now(UTC)
     execs = [r for r in await trail.collect(d.journal, None, None) if r.get("kind", "exec") == "exec"]
     finished = [r for r in execs if r["status"] == "finished"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from sanic import Request
 from sanic.response import raw
 
-from sandkasten.api import blueprint
+from sandkasten.api import blueprint, daemon_of
 from sandkasten.api.processes import process_row
 from sandkasten.api.sessions import session_row
 from sandkasten.api.workspaces import listing as workspace_listing
@@ -73,7 +73,7 @@ def entry_context(sid: str, entry, output: Output | None = None) -> dict:
 
 @bp.get("/sessions/<sid>")
 async def session_page(request: Request, sid: str):
-    d = request.app.ctx.daemon
+    d = daemon_of(request)
     row = await session_row(d, sid)
     events = await read_stream(d, sid)
     entries = timeline.fold(events)
@@ -89,7 +89,7 @@ async def session_page(request: Request, sid: str):
 @bp.get("/sessions/<sid>/execs/<exec_id>/output")
 async def exec_output(request: Request, sid: str, exec_id: str):
     """The output of one command as a text download (up to limits.max_file_bytes)."""
-    d = request.app.ctx.daemon
+    d = daemon_of(request)
     await session_row(d, sid)
     row = await d.journal.exec(exec_id) if EXEC_ID.match(exec_id) else None
     if row is None or row["session_id"] != sid:
@@ -101,7 +101,7 @@ async def exec_output(request: Request, sid: str, exec_id: str):
 
 @bp.get("/sessions/<sid>/processes/<process_id>")
 async def terminal_page(request: Request, sid: str, process_id: str):
-    d = request.app.ctx.daemon
+    d = daemon_of(request)
     row = await session_row(d, sid)
     await process_row(d, sid, process_id)   # 404 for a process this session never had
     return page(request, "terminal.html", section="sessions", s=session_view(row), process_id=process_id,
@@ -110,6 +110,6 @@ async def terminal_page(request: Request, sid: str, process_id: str):
 
 @bp.get("/workspaces")
 async def workspaces_page(request: Request):
-    d = request.app.ctx.daemon
+    d = daemon_of(request)
     return page(request, "workspaces.html", section="workspaces", workspaces=await workspace_listing(d),
                 enabled=d.cfg.workspace.enabled)

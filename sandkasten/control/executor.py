@@ -2,9 +2,10 @@
 
 Who runs this: the daemon, on its event loop. Every unit of work is keyed (a session to
 start, an exec to run, a session to tear down) and idempotent: `ensure_*` returns the one
-task in flight for that key or starts it. HTTP handlers call `ensure_*` right after
-appending their intent (so a request waits for its own work); `follow` finds intents other
-writers appended (the CLI) and the reconciler hands over what a crash left pending.
+task in flight for that key or starts it. The service (`sandkasten.service`, for the HTTP
+handlers) calls `ensure_*` right after appending an intent (so a request waits for its own
+work); `follow` finds intents other writers appended (the CLI) and the reconciler hands over
+what a crash left pending.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from sandkasten.config import Config
 from sandkasten.domain import commands as c
+from sandkasten.domain.events import workspace_stream
+from sandkasten.domain.workspace import DELETED
 from sandkasten.domain.session import DuplicateIdempotencyKey  # noqa: F401 - re-exported for the API
 from sandkasten.domain.session import INITIAL_CWD, POOL_CLAIMED, POOL_CLAIMING, RUNNING
 from sandkasten.errors import (IllegalTransition, SandboxError, SandkastenError)
+from sandkasten.files.workspace_dir import remove_dir
 from sandkasten.runtime.sandboxes import Runtime
 from sandkasten.runtime.spec import ExecRequest
 from sandkasten.store.journal import Journal
@@ -44,6 +48,7 @@ class Executor:
         self.tasks: dict[str, asyncio.Task] = {}
         self.stopped = False
         self.session_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.workspace_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._seen_seq = -1
         self.cluster: Any = None  # sandkasten.cluster.membership.Membership on a cluster host
 
@@ -138,7 +143,7 @@ class Executor:
         sec = self.cfg.security
         try:
             if state.workspace_id:
-                await self._ensure_workspace(state.workspace_id, sid)
+                await self.ensure_workspace(state.workspace_id)
             obs = await asyncio.to_thread(lambda: self.runtime.create(self.runtime.spec(   # (the image check too)
                 sid, state.image, workspace_dir=self.workspace_dir(state.workspace_id),
                 cpu_limit=state.cpu_limit, mem_limit_mb=state.mem_limit_mb, pids_limit=state.pids_limit,
@@ -183,7 +188,7 @@ class Executor:
                 await asyncio.to_thread(self.runtime.set_limits, sid, state.cpu_limit, state.mem_limit_mb,
                                         state.pids_limit)
                 if state.workspace_id:
-                    await self._ensure_workspace(state.workspace_id, sid)
+                    await self.ensure_workspace(state.workspace_id)
                     await asyncio.to_thread(self.runtime.bind_workspace, sid, self.workspace_path(state.workspace_id))
                 if state.env or state.workspace_id:
                     await self._setup_shell(sid, state.env)
@@ -214,16 +219,35 @@ class Executor:
                           timeout_ms=10_000)
         await self.runtime.aexec(sid, req)
 
-    async def _ensure_workspace(self, workspace_id: str, sid: str) -> None:
-        d = self.workspace_path(workspace_id)
-        if not d.exists():
-            d.mkdir(parents=True, mode=0o755)
-            os.chown(d, self.cfg.security.run_as_uid, self.cfg.security.run_as_gid)
-        try:
-            await self.journal.execute(f"ws:{workspace_id}", c.CreateWorkspace(workspace_id=workspace_id),
-                                       actor=ACTOR)
-        except IllegalTransition:
-            pass  # it exists already
+    async def ensure_workspace(self, workspace_id: str) -> None:
+        """The workspace's directory (owned by the sandbox user) and its `workspace.created`: the
+        one place that creates workspaces (a session's create or claim, a file API write)."""
+        async with self.workspace_locks[workspace_id]:
+            d = self.workspace_path(workspace_id)
+            if not d.exists():
+                d.mkdir(parents=True, mode=0o755)
+                os.chown(d, self.cfg.security.run_as_uid, self.cfg.security.run_as_gid)
+            try:
+                await self.journal.execute(workspace_stream(workspace_id), c.CreateWorkspace(workspace_id=workspace_id),
+                                           actor=ACTOR)
+            except IllegalTransition:
+                pass  # it exists already
+
+    def ensure_workspace_removed(self, workspace_id: str) -> asyncio.Future:
+        """Remove the directory of a workspace the journal says is deleted (nothing if it was
+        created again since)."""
+        return self._once(f"rmws:{workspace_id}", lambda: self._remove_workspace(workspace_id))
+
+    async def _remove_workspace(self, workspace_id: str) -> None:
+        async with self.workspace_locks[workspace_id]:
+            state = await self.journal.workspace_state(workspace_stream(workspace_id))
+            if state is None or state.status != DELETED:
+                return
+            try:
+                await asyncio.to_thread(remove_dir, self.cfg.workspaces_dir, workspace_id)
+            except SandkastenError as e:
+                log.warning("%s", e.message)
+                raise
 
     # ------------------------------------------------------------------ exec
     async def _exec(self, sid: str, exec_id: str, req: ExecRequest | None = None,

@@ -12,6 +12,7 @@ to repeat after a crash at any line: work is handed to the executor's keyed, ide
 | running    | alive               | after a restart: `sandbox.adopted` once                   |
 | running    | dead                | `sandbox.lost`, then recreate or fail, per policy         |
 | destroying | alive or partial    | executor tears it down                                    |
+| workspace deleted | its directory | executor removes it                                  |
 | (none)     | traces on the host  | tear down (orphan: cgroup, dirs, socket) — unless exec    |
 |            |                     | logs prove the journal lost it: keep it and say so        |
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from datetime import datetime, UTC
 from typing import Any
@@ -82,6 +84,9 @@ class Reconciler:
         for e in await self.journal.pending_execs():
             if e["session_id"] in observed:
                 self.executor.ensure_exec(e["session_id"], e["id"])
+        deleted = [w["id"] for w in await self.journal.workspaces() if w["deleted_at"] is not None]
+        for wid in await asyncio.to_thread(self.leftover_workspaces, deleted):   # a crash before their removal
+            self.executor.ensure_workspace_removed(wid)
         if self.processes is not None:   # still running in their sandboxes: follow them again
             await self.processes.resume_all(None if self.executor.cluster is None else set(observed))
         # /readyz is green once lost sandboxes run again (their failures are journaled by the executor)
@@ -104,6 +109,10 @@ class Reconciler:
                       "observe_s": round(t_observed - t0, 3), "adopt_s": round(t_adopted - t_observed, 3)}
         log.info("reconciled: %s", self.stats)
         return self.stats
+
+    def leftover_workspaces(self, deleted: list[str]) -> list[str]:
+        """Deleted workspaces whose directory is still there."""
+        return [wid for wid in deleted if os.path.lexists(self.cfg.workspaces_dir / wid)]
 
     def leftovers(self, known: set[str], live: set[str]) -> tuple[list[str], list[str]]:
         """Host traces of sessions that should not exist: (to tear down, to keep). A session the
