@@ -18,7 +18,7 @@ from sandkasten.images.store import ImageStore
 from sandkasten.schema import requests as rq
 from sandkasten.schema.vocabulary import (EXEC_ENDED, PROCESS_ENDED, SESSION_ENDED, ExecStatus, ProcessStatus,
                                           SessionStatus)
-from sandkasten.store.journal import _chain_hash_of, canonical_json, chain_hash
+from sandkasten.store.events import _chain_hash_of, canonical_json, chain_hash
 
 CFG = from_mapping({"api_key": ""})
 
