@@ -15,6 +15,7 @@ import yaml
 
 from sandkasten import install
 from sandkasten.runtime import cgroups as cgroups_mod
+from sandkasten.runtime.procfs import mounts_under
 from sandkasten.runtime.sandboxes import Runtime
 from tests.inprocess import run_cli
 
@@ -89,10 +90,13 @@ class DaemonProc:
         self.client.close()
         rt = Runtime.detect(self.data_dir, cgroup_parent=self.cgroup_parent)
         try:
+            rt.ready_disks.sweep()   # a SIGKILLed daemon's disks made ahead (its next start would sweep them)
             for sid in rt.host_sessions():
                 rt.destroy(sid)
         finally:
             rt.close()
+        left = mounts_under(self.data_dir)
+        assert not left, f"mounts left under {self.data_dir} after its daemon and sandboxes are gone: {left}"
         if self.own_parent:  # this install's own parent: nobody else's groups are in it
             cgroups_mod.detect(parent=self.cgroup_parent).destroy_parent()
 

@@ -153,6 +153,7 @@ class BenchDaemon:
         self.kill(signal.SIGTERM)
         rt = Runtime.detect(self.data, cgroup_parent=self.cgroup_parent)
         try:
+            rt.ready_disks.sweep()   # a SIGKILLed daemon's disks made ahead (its next start would sweep them)
             def destroy(sid: str) -> None:
                 try:
                     rt.destroy(sid)
