@@ -1,166 +1,71 @@
 """Configuration: `sandkasten.yaml` plus `SANDKASTEN_*` environment overrides.
 
-Unknown keys and bad values stop the start with a message that names the key
-(DESIGN.md §6). The result is a tree of frozen dataclasses; nothing here does I/O
-except `load`, which reads one file and the environment.
+One way to validate input shapes: the config goes through the same schema mechanism as the
+request bodies (sandkasten.schema). Its sections are `msgspec.Struct`s in
+`sandkasten.schema.config`; `Config` (the top level, with the paths and what derives from
+them) is one here. `load` reads the file and the environment, values spelled as people write
+them (`yes`, `" 256 "`, `a,b`, empty for null) are read into the type their key takes, and
+`msgspec.convert` builds the frozen tree, refusing unknown keys, wrong types and numbers out
+of bounds; its complaint is put in our words naming the key (`_refused`). What depends on
+several keys (ranges, choices, the loopback rule for an empty api_key, cgroup_parent, the
+network) is checked afterwards (`_validate`). Unknown keys and bad values stop the start with
+a message that names the key (DESIGN.md §6). Nothing here does I/O except `load`, which reads
+one file and the environment.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import ipaddress
 import math
 import os
 import re
-from dataclasses import dataclass, field
+import typing
 from pathlib import Path
 from typing import Any
 from collections.abc import Mapping
 
+import msgspec
 import yaml
 
 from sandkasten.errors import ConfigError
+from sandkasten.schema.config import (DURABILITIES, LOST_SANDBOX_POLICIES, MAX_INT, SECCOMP_PROFILES,
+                                      STARTUP_CHECKS, Audit, Cluster, Console, Defaults, Int, Journal,
+                                      Limits, Network, Pool, Processes, Reconcile, Section, Security,
+                                      Workspace)
 from sandkasten.schema.vocabulary import NETWORK_MODES
 
-SECCOMP_PROFILES = ("off", "mvp", "strict")
-DURABILITIES = ("normal", "full")
-LOST_SANDBOX_POLICIES = ("recreate", "fail")
-MAX_INT = 2**53                 # larger numbers do not survive JSON and overflow SQLite
+__all__ = ["DURABILITIES", "LOST_SANDBOX_POLICIES", "MAX_INT", "MAX_SECONDS", "NETWORK_MODES",
+           "SECCOMP_PROFILES", "Audit", "Cluster", "Config", "Console", "Defaults", "Journal", "Limits",
+           "Network", "Pool", "Processes", "Reconcile", "Security", "Workspace", "from_mapping", "load",
+           "yes_no"]
+
 MAX_SECONDS = 10 * 365 * 86_400  # ten years: an expiry further away overflows dates
 
 
-@dataclass(frozen=True)
-class Defaults:
-    cpu_limit: float = 1.0
-    mem_limit_mb: int = 512
-    pids_limit: int = 256
-    max_exec_timeout_ms: int = 600_000
-    exec_timeout_ms: int = 120_000
-    network_mode: str = "none"
-    readonly_rootfs: bool = False
-    max_output_bytes: int = 1_048_576
-    disk_limit_mb: int = 2048     # each sandbox's own disk (its writes to / and /workspace); 0: no quota
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The whole config: top-level keys and one `Section` per mapping (sandkasten.schema.config)."""
 
-
-@dataclass(frozen=True)
-class Limits:
-    """Upper bounds a client may ask for per session."""
-
-    max_cpu_limit: float = 4.0
-    max_mem_limit_mb: int = 8192
-    max_pids_limit: int = 4096
-    max_ttl_seconds: int = 86_400
-    max_body_bytes: int = 16 * 1024 * 1024
-    body_timeout_seconds: float = 60.0      # a request body must arrive within this (slow bodies hold memory)
-    max_sessions: int = 256                 # sessions not ended (pool members included) this daemon grants
-    max_total_mem_mb: int = 0               # their mem_limit_mb in all; 0: twice the host's memory
-    log_retention_seconds: int = 7 * 86_400  # exec logs of a session ended this long ago are removed
-    max_file_bytes: int = 64 * 1024 * 1024
-    max_archive_bytes: int = 1024 * 1024 * 1024   # a whole /workspace as one tar (fs/archive)
-
-
-@dataclass(frozen=True)
-class Workspace:
-    enabled: bool = True
-
-
-@dataclass(frozen=True)
-class Pool:
-    enabled: bool = False
-    images: Mapping[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Security:
-    seccomp: str = "mvp"
-    userns: bool = False
-    run_as_uid: int = 65534
-    run_as_gid: int = 65534
-
-
-@dataclass(frozen=True)
-class Network:
-    """Bridge mode (`network_mode: bridge`): host bridge, sandbox subnet, egress allow-list."""
-
-    bridge: str = "sk0"
-    subnet: str = "10.213.0.0/16"
-    egress_allow: tuple[str, ...] = ()      # CIDRs or host names (resolved at start) for every sandbox
-    session_egress_within: tuple[str, ...] = ("0.0.0.0/0",)  # what a session's own egress_allow may name
-    dns: tuple[str, ...] = ()               # resolver addresses sandboxes may query on port 53
-    enable_ip_forward: bool = False         # set net.ipv4.ip_forward=1 (host-wide) for egress past the host
-
-
-@dataclass(frozen=True)
-class Journal:
-    durability: str = "normal"
-    busy_timeout_s: float = 10.0   # how long a write waits for another writer's lock
-    startup_check: str = "full"    # full: PRAGMA integrity_check before serving; quick: quick_check
-    # "" (the SQLite file db_path), sqlite:///PATH, or postgresql+psycopg|asyncpg://… (a
-    # journal shared by several hosts; see docs/cluster.md)
-    url: str = ""
-
-
-@dataclass(frozen=True)
-class Cluster:
-    """Several hosts on one shared journal (journal.url = postgresql…; docs/cluster.md)."""
-
-    host_id: str = ""                 # default: the machine's hostname
-    advertise_address: str = ""       # what other nodes forward to; default http://<listen>
-    max_sessions: int = 100           # placement puts no more sessions on this host
-    heartbeat_seconds: float = 2.0
-    host_timeout_seconds: float = 15.0  # no heartbeat for this long: the host is lost
-    forward_timeout_seconds: float = 900.0
-
-
-@dataclass(frozen=True)
-class Processes:
-    """Background processes and terminals beside a session's shell."""
-
-    max_per_session: int = 16              # running at once
-    max_log_bytes: int = 64 * 1024 * 1024  # output kept per process (the oldest is dropped past it)
-
-
-@dataclass(frozen=True)
-class Audit:
-    record_input: bool = True   # process.input events carry the bytes typed (always: size and sha256)
-
-
-@dataclass(frozen=True)
-class Reconcile:
-    lost_sandbox_policy: str = "fail"
-
-
-@dataclass(frozen=True)
-class Console:
-    """The web console under /console (sandkasten.console): on by default, off with enabled: false.
-    `key` is a separate login key for the console; empty means log in with the API key."""
-
-    enabled: bool = True
-    key: str = ""
-
-
-@dataclass(frozen=True)
-class Config:
     listen: str = "127.0.0.1:8080"
     api_key: str = ""
     data_dir: Path = Path("/var/lib/sandkasten")
     db_path: Path | None = None
     default_image: str = "base"
     allowed_images: tuple[str, ...] = ()
-    session_ttl_seconds: int = 1800
-    idle_timeout_seconds: int = 0
-    defaults: Defaults = field(default_factory=Defaults)
-    limits: Limits = field(default_factory=Limits)
-    workspace: Workspace = field(default_factory=Workspace)
-    pool: Pool = field(default_factory=Pool)
-    security: Security = field(default_factory=Security)
-    network: Network = field(default_factory=Network)
-    journal: Journal = field(default_factory=Journal)
-    reconcile: Reconcile = field(default_factory=Reconcile)
-    cluster: Cluster = field(default_factory=Cluster)
-    processes: Processes = field(default_factory=Processes)
-    audit: Audit = field(default_factory=Audit)
-    console: Console = field(default_factory=Console)
+    session_ttl_seconds: Int = 1800
+    idle_timeout_seconds: Int = 0
+    defaults: Defaults = msgspec.field(default_factory=Defaults)
+    limits: Limits = msgspec.field(default_factory=Limits)
+    workspace: Workspace = msgspec.field(default_factory=Workspace)
+    pool: Pool = msgspec.field(default_factory=Pool)
+    security: Security = msgspec.field(default_factory=Security)
+    network: Network = msgspec.field(default_factory=Network)
+    journal: Journal = msgspec.field(default_factory=Journal)
+    reconcile: Reconcile = msgspec.field(default_factory=Reconcile)
+    cluster: Cluster = msgspec.field(default_factory=Cluster)
+    processes: Processes = msgspec.field(default_factory=Processes)
+    audit: Audit = msgspec.field(default_factory=Audit)
+    console: Console = msgspec.field(default_factory=Console)
     cgroup_parent: str = ""        # "": this install's own (`sandkasten-<id>`, see sandkasten.install)
     database_url: str = ""  # the same as journal.url (DESIGN.md's name for it)
 
@@ -224,20 +129,8 @@ class Config:
 
 # ---------------------------------------------------------------- loading
 
-_SECTIONS = {
-    "defaults": Defaults,
-    "limits": Limits,
-    "workspace": Workspace,
-    "pool": Pool,
-    "security": Security,
-    "network": Network,
-    "journal": Journal,
-    "reconcile": Reconcile,
-    "cluster": Cluster,
-    "processes": Processes,
-    "audit": Audit,
-    "console": Console,
-}
+_SECTIONS: dict[str, type[Section]] = {   # the mappings of the top level, by key
+    name: type(value) for name, value in msgspec.structs.asdict(Config()).items() if isinstance(value, Section)}
 
 
 def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> Config:
@@ -292,7 +185,7 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     """`SANDKASTEN_DATA_DIR=/x` sets `data_dir`; `SANDKASTEN_DEFAULTS__MEM_LIMIT_MB=256`
     (double underscore) or `SANDKASTEN_DEFAULTS_MEM_LIMIT_MB` sets a nested key."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
-    top = {f.name for f in dataclasses.fields(Config)}
+    top = set(Config.__struct_fields__)
     skip = {"SANDKASTEN_URL", "SANDKASTEN_API_KEY_FILE", "SANDKASTEN_CONFIG", "SANDKASTEN_MIGRATIONS_DIR"}
     for name, value in env.items():
         if not name.startswith("SANDKASTEN_") or name in skip:
@@ -309,7 +202,7 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
                 raise ConfigError(f"unknown config key from environment {name}")
             out[key] = parsed if key not in ("api_key", "listen") else value
         else:
-            if section not in _SECTIONS or sub not in {f.name for f in dataclasses.fields(_SECTIONS[section])}:
+            if section not in _SECTIONS or sub not in _SECTIONS[section].__struct_fields__:
                 _removed(f"{section}.{sub}")
                 raise ConfigError(f"unknown config key from environment {name}")
             sect = out.setdefault(section, {})
@@ -327,16 +220,12 @@ def _split_nested(key: str) -> tuple[str | None, str]:
 
 
 def from_mapping(raw: Mapping[str, Any]) -> Config:
-    values: dict[str, Any] = {}
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    for key, value in raw.items():
-        if key not in fields:
-            raise ConfigError(f"unknown config key {key!r}")
-        if key in _SECTIONS:
-            values[key] = _section(key, _SECTIONS[key], value)
-        else:
-            values[key] = _coerce(key, fields[key].type, value)
-    cfg = Config(**values)
+    """The config a mapping (the YAML file's, with the environment applied) describes, converted
+    through the schema and validated; ConfigError naming the first key that is wrong."""
+    try:
+        cfg = msgspec.convert(_spelled(Config, raw), Config, dec_hook=_path)
+    except msgspec.ValidationError as e:
+        raise _refused(raw, str(e)) from None
     _validate(cfg)
     return cfg
 
@@ -355,89 +244,123 @@ def _removed(key: str) -> None:
                           f"delete it from the config")
 
 
-def _section(name: str, cls: type, value: Any) -> Any:
-    if value is None:
-        return cls()
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"invalid config key {name}: must be a mapping")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for k, v in value.items():
-        if k not in fields:
-            _removed(f"{name}.{k}")
-            raise ConfigError(f"unknown config key '{name}.{k}'")
-        kwargs[k] = _coerce(f"{name}.{k}", fields[k].type, v)
-    return cls(**kwargs)
-
-
 def yes_no(text: str) -> bool | None:
     """A yes/no word as configs, query strings and command lines spell it: true/false, yes/no,
     1/0 (any case); None for anything else."""
     return {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
 
 
-def _coerce(key: str, typ: Any, value: Any) -> Any:
-    t = str(typ)
-    try:
-        if t == "bool":
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and (answer := yes_no(value)) is not None:
-                return answer
-            raise ValueError("expected true or false")
-        if t == "int":
-            if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
-                value = int(value)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError("expected an integer")
-            if abs(value) > MAX_INT:
-                raise ValueError(f"too large (at most {MAX_INT})")
-            return value
-        if t == "float":
-            if isinstance(value, str):
-                try:
-                    value = float(value)
-                except ValueError:
-                    raise ValueError("expected a number") from None
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError("expected a finite number")
-            if abs(value) > MAX_INT:
-                raise ValueError(f"too large (at most {MAX_INT})")
+# ------------------------------------------------------- values as written, msgspec's words as ours
+
+def _path(kind: type, value: Any) -> Any:
+    """msgspec's hook for the path keys: a non-empty string, made absolute (`~` expanded)."""
+    if kind is Path and isinstance(value, str) and value:
+        return Path(value).expanduser().absolute()
+    raise ValueError("expected a path")
+
+
+@functools.cache
+def _kinds(struct: type[msgspec.Struct]) -> dict[str, type]:
+    """What each key of `struct` takes, bare: bool, int, float, str, tuple, dict, Path or a Section."""
+    def bare(hint: Any) -> type:
+        if typing.get_origin(hint) is typing.Annotated:
+            return bare(typing.get_args(hint)[0])
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        origin = typing.get_origin(hint)
+        if origin is not None and origin not in (tuple, dict):
+            return bare(args[0])   # Path | None: a path
+        return origin or hint
+    return {f.name: bare(f.type) for f in msgspec.structs.fields(struct)}
+
+
+_WHOLE = re.compile(r"\s*[-+]?\d+\s*")
+
+
+def _spelled(struct: type[msgspec.Struct], raw: Mapping[Any, Any]) -> dict[Any, Any]:
+    """`raw` with the values spelled as configs and the environment spell them read into the
+    type their key takes: `yes`/`no` (any yes_no word), numbers in text, `a, b` for a list, null
+    for an empty string, list or mapping. Anything else is left as it is, for msgspec to judge."""
+    kinds = _kinds(struct)
+    return {key: _spell(kinds[key], value) if key in kinds else value for key, value in raw.items()}
+
+
+def _spell(kind: type, value: Any) -> Any:
+    if value is None:
+        empty: dict[type, Any] = {str: "", tuple: (), dict: {}}
+        return empty.get(kind, {} if issubclass(kind, Section) else None)
+    if issubclass(kind, Section) and isinstance(value, Mapping):
+        return _spelled(kind, value)
+    if kind is dict and isinstance(value, Mapping):
+        return {str(k): v for k, v in value.items()}
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        return value
+    if kind is bool:
+        answer = yes_no(value)
+        return value if answer is None else answer
+    if kind is int and _WHOLE.fullmatch(value):
+        return int(value)
+    if kind is float:
+        try:
             return float(value)
-        if t == "str":
-            if value is None:
-                return ""
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise ValueError("expected a string")
-            return str(value)
-        if t in ("Path", "Path | None"):
-            if value is None and "None" in t:
-                return None
-            if not isinstance(value, str) or not value:
-                raise ValueError("expected a path")
-            return Path(value).expanduser().absolute()
-        if t.startswith("tuple"):
-            if value is None:
-                return ()
-            if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
-            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-                raise ValueError("expected a list of strings")
-            return tuple(value)
-        if t.startswith("Mapping"):
-            if value is None:
-                return {}
-            if not isinstance(value, Mapping):
-                raise ValueError("expected a mapping of image name to count")
-            out = {}
-            for k, v in value.items():
-                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                    raise ValueError(f"count for {k!r} must be a non-negative integer")
-                out[str(k)] = v
-            return out
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"invalid config key {key}: {e} (got {value!r})") from None
-    raise ConfigError(f"invalid config key {key}: unsupported type {t}")
+        except ValueError:
+            return value
+    if kind is tuple:
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+_AT = re.compile(r" - at `(?:key` in `)?\$((?:\.\w+|\[[^\]]*\])*)`$")   # `$.pool.images[...]`, `key` in `$`
+_UNKNOWN = re.compile(r"Object contains unknown field `(.*?)`(?: - at `.*)?$")
+
+
+def _refused(raw: Mapping[Any, Any], error: str) -> ConfigError:
+    """msgspec's first complaint about the config `raw` in our words: the key and what it takes,
+    or that the key is unknown (or was removed)."""
+    where = _AT.search(error)
+    names: list[Any] = re.findall(r"\.(\w+)", where.group(1)) if where else []
+    unknown = _UNKNOWN.match(error)
+    if unknown:
+        names.append(unknown.group(1))
+    elif "`key` in" in error and len(names) < 2:   # a key that is no name (`1: x`)
+        within: Mapping[Any, Any] = raw.get(names[0]) or {} if names else raw
+        names.append(next((k for k in within if not isinstance(k, str)), "?"))
+    if not names:
+        return ConfigError(f"invalid config: {error}")
+    if unknown or not isinstance(names[-1], str):
+        if len(names) == 1:
+            return ConfigError(f"unknown config key {names[0]!r}")
+        _removed(f"{names[0]}.{names[1]}")
+        return ConfigError(f"unknown config key '{names[0]}.{names[1]}'")
+    key = ".".join(names[:2])
+    section = _SECTIONS.get(names[0])
+    if section is not None and len(names) == 1:
+        return ConfigError(f"invalid config key {key}: must be a mapping")
+    value = raw.get(names[0])
+    if section is not None:
+        value = value.get(names[1]) if isinstance(value, Mapping) else None
+    kind = _kinds(section or Config)[names[1] if section is not None else names[0]]
+    if kind in (int, float):
+        value = _spell(kind, value)   # a number as read from text
+    return ConfigError(f"invalid config key {key}: {_expected(kind, value, error)} (got {value!r})")
+
+
+def _expected(kind: type, value: Any, error: str) -> str:
+    """What a key of this kind takes, as the message says it (`value` is what was written)."""
+    bound = re.search(r"Expected `\w+` [<>]=", error)
+    if kind is int:
+        return f"too large (at most {MAX_INT})" if bound else "expected an integer"
+    if kind is float:
+        if bound and math.isfinite(value):
+            return f"too large (at most {MAX_INT})"
+        return "expected a number" if isinstance(value, str) else "expected a finite number"
+    if kind is dict and isinstance(value, Mapping):
+        bad = next((k for k, v in value.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0), None)
+        if bad is not None:
+            return f"count for {bad!r} must be a non-negative integer"
+    return {bool: "expected true or false", str: "expected a string", Path: "expected a path",
+            tuple: "expected a list of strings", dict: "expected a mapping of image name to count"}[kind]
 
 
 def _positive(key: str, value: float) -> None:
@@ -461,10 +384,10 @@ def _validate(cfg: Config) -> None:
     for key in ("cpu_limit", "mem_limit_mb", "pids_limit", "max_exec_timeout_ms", "exec_timeout_ms",
                 "max_output_bytes"):
         _positive(f"defaults.{key}", getattr(d, key))
-    for f in dataclasses.fields(Limits):
-        if f.name == "max_total_mem_mb" and cfg.limits.max_total_mem_mb == 0:
+    for name in Limits.__struct_fields__:
+        if name == "max_total_mem_mb" and cfg.limits.max_total_mem_mb == 0:
             continue  # 0: derived from the host's memory
-        _positive(f"limits.{f.name}", getattr(cfg.limits, f.name))
+        _positive(f"limits.{name}", getattr(cfg.limits, name))
     _positive("session_ttl_seconds", cfg.session_ttl_seconds)
     if cfg.idle_timeout_seconds < 0:
         raise ConfigError("invalid config key idle_timeout_seconds: must be zero (off) or positive")
@@ -481,7 +404,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("invalid config key security.userns: user namespaces are not supported yet "
                           "(sandboxes drop every capability and run as run_as_uid instead)")
     _one_of("journal.durability", cfg.journal.durability, DURABILITIES)
-    _one_of("journal.startup_check", cfg.journal.startup_check, ("quick", "full"))
+    _one_of("journal.startup_check", cfg.journal.startup_check, STARTUP_CHECKS)
     _one_of("reconcile.lost_sandbox_policy", cfg.reconcile.lost_sandbox_policy, LOST_SANDBOX_POLICIES)
     _positive("journal.busy_timeout_s", cfg.journal.busy_timeout_s)
     for key, url in (("journal.url", cfg.journal.url), ("database_url", cfg.database_url)):

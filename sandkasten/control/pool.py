@@ -40,6 +40,8 @@ import time
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta, UTC
 
+import msgspec
+
 from sandkasten import intake
 
 from sandkasten.control import admission
@@ -98,7 +100,7 @@ class Pool:
         """What makes a member besides its journaled fields: the sandbox's seccomp profile and
         user, its disk size, the bridge and its egress allow-list (changing any needs a restart)."""
         sec = self.cfg.security
-        network = dataclasses.asdict(self.cfg.network)
+        network = msgspec.structs.asdict(self.cfg.network)
         del network["session_egress_within"]  # bounds what clients ask for, not what a member is
         return json.dumps({"seccomp": sec.seccomp, "uid": sec.run_as_uid, "gid": sec.run_as_gid,
                            "disk_limit_mb": self.cfg.defaults.disk_limit_mb, "network": network}, sort_keys=True)

@@ -8,6 +8,9 @@ pure domain, the kernel-side runtime and the client SDK may all use it.
 - `requests`: one `msgspec.Struct` per JSON request body; the daemon's intake validates
   through them, `/openapi.json` describes its request bodies with them, the client builds its
   bodies with them.
+- `config`: the config's sections (`defaults:`, `limits:`, ...) as `msgspec.Struct`s;
+  `sandkasten.config` converts `sandkasten.yaml` and `SANDKASTEN_*` through them, so requests
+  and the config are validated the same way.
 
 Nothing is imported here, so `import sandkasten.schema.vocabulary` does not load msgspec.
 """
