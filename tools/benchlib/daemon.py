@@ -153,7 +153,8 @@ class BenchDaemon:
         self.kill(signal.SIGTERM)
         rt = Runtime.detect(self.data, cgroup_parent=self.cgroup_parent)
         try:
-            rt.ready_disks.sweep()   # a SIGKILLed daemon's disks made ahead (its next start would sweep them)
+            if hasattr(rt, "ready_disks"):   # a SIGKILLed daemon's disks made ahead (newer runtimes)
+                rt.ready_disks.sweep()
             def destroy(sid: str) -> None:
                 try:
                     rt.destroy(sid)
