@@ -519,3 +519,22 @@ async def test_lists_read_through_the_driver_equal_sqlalchemy_rows(journal):
     assert await journal.processes("s-1") == [] and await journal.processes("s-1", include_ended=True) == []
     assert await journal.pending_processes() == [] and await journal.workspaces() == []
     assert await journal.hosts() == []
+
+
+async def test_holdings_count_sessions_not_ended_and_their_memory(journal):
+    """What admission counts: every session not ended (requested, running, lost, destroying),
+    with the memory granted to it; failed and destroyed ones hold nothing."""
+    assert await journal.holdings() == (0, 0)
+    await journal.execute("s-req", RequestSession(image="busybox", mem_limit_mb=100, expires_at=EXPIRES), actor="api")
+    await start_session(journal, "s-run", mem_limit_mb=200)
+    await start_session(journal, "s-going", mem_limit_mb=400)
+    await journal.execute("s-going", RequestDestroy(), actor="api")
+    await journal.execute("s-failed", RequestSession(image="busybox", mem_limit_mb=800, expires_at=EXPIRES),
+                          actor="api")
+    await journal.execute("s-failed", RecordSandboxFailed(reason="no image"), actor="executor")
+    await start_session(journal, "s-gone", mem_limit_mb=1600)
+    await journal.execute("s-gone", RequestDestroy(), actor="api")
+    await journal.execute("s-gone", RecordSessionDestroyed(), actor="executor")
+    assert await journal.holdings() == (3, 700)
+    live = [s for s in await journal.sessions()]
+    assert (len(live), sum(s["mem_limit_mb"] for s in live)) == await journal.holdings()

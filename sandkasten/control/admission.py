@@ -10,6 +10,7 @@ A lock taken around check-and-append keeps concurrent creates in one daemon from
 from __future__ import annotations
 
 import asyncio
+import functools
 import weakref
 
 from sandkasten.config import Config
@@ -19,6 +20,7 @@ from sandkasten.errors import CapacityExceeded
 _locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
 
 
+@functools.cache
 def host_memory_mb() -> int:
     with open("/proc/meminfo") as f:
         for line in f:
@@ -32,13 +34,13 @@ def total_mem_limit_mb(cfg: Config) -> int:
     return cfg.limits.max_total_mem_mb or 2 * host_memory_mb()
 
 
-def check(cfg: Config, live: list[dict], cmd: c.RequestSession) -> None:
-    """Refuse `cmd` if granting it would pass max_sessions or the total memory limit."""
+def check(cfg: Config, held: int, granted: int, cmd: c.RequestSession) -> None:
+    """Refuse `cmd` if granting it would pass max_sessions or the total memory limit (`held`
+    sessions not ended, `granted` MB of memory to them)."""
     limit = cfg.limits.max_sessions
-    if len(live) + 1 > limit:
-        raise CapacityExceeded(f"unable to create session: this daemon already holds {len(live)} sessions "
-                               f"(limits.max_sessions is {limit}); end some first", limit=limit, in_use=len(live))
-    granted = sum(int(r["mem_limit_mb"] or 0) for r in live)
+    if held + 1 > limit:
+        raise CapacityExceeded(f"unable to create session: this daemon already holds {held} sessions "
+                               f"(limits.max_sessions is {limit}); end some first", limit=limit, in_use=held)
     mem_limit = total_mem_limit_mb(cfg)
     if mem_limit and granted + cmd.mem_limit_mb > mem_limit:
         raise CapacityExceeded(f"unable to create session: {cmd.mem_limit_mb} MB more memory would grant "
@@ -52,5 +54,6 @@ async def admitted(cfg: Config, journal, sid: str, cmd: c.RequestSession, *, act
     """Check and journal `cmd` as one step within this process (the events appended)."""
     lock = _locks.setdefault(asyncio.get_running_loop(), asyncio.Lock())
     async with lock:
-        check(cfg, await journal.sessions(), cmd)
+        held, granted = await journal.holdings()
+        check(cfg, held, granted, cmd)
         return await journal.execute(sid, cmd, actor=actor, request_id=request_id)

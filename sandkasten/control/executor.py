@@ -88,10 +88,12 @@ class Executor:
             if not isinstance(exc, SandkastenError):
                 log.error("work %s failed", key, exc_info=exc)
 
-    def ensure_session(self, sid: str) -> asyncio.Future:
+    def ensure_session(self, sid: str, fresh: bool = False) -> asyncio.Future:
+        """Have session `sid`'s sandbox created (`fresh`: its request was journaled by this
+        process just now under an id nobody used before, so no sandbox of it can exist yet)."""
         if self.cluster is not None:  # placed first; created here or by the host it lands on
             return self._once(f"create:{sid}", lambda: self.cluster.create(sid))
-        return self._once(f"create:{sid}", lambda: self._create(sid))
+        return self._once(f"create:{sid}", lambda: self._create(sid, fresh))
 
     def ensure_claimed(self, sid: str) -> asyncio.Future:
         return self._once(f"claim:{sid}", lambda: self._configure(sid))
@@ -126,20 +128,21 @@ class Executor:
     def workspace_path(self, workspace_id: str) -> Path:
         return self.cfg.workspaces_dir / workspace_id
 
-    async def _create(self, sid: str) -> None:
+    async def _create(self, sid: str, fresh: bool = False) -> None:
         state = await self.journal.session_state(sid)
         if state is None or state.status not in ("requested", "lost"):
             return
-        obs = await asyncio.to_thread(self.runtime.observe, sid)
         pooled = state.pool is not None
-        if obs.healthy:  # created before a crash, never journaled: adopt, don't duplicate
-            pid, start_time = obs.identity
-            await self.record(sid, c.RecordSandboxStarted(pid=pid, start_time=start_time,
-                                                          cgroup=self.runtime.cgroups.parent + "/" + sid,
-                                                          pooled=pooled))
-            return
-        if obs.alive or obs.cgroup or obs.session_dir:
-            await asyncio.to_thread(self.runtime.destroy, sid)
+        if not (fresh and state.status == "requested"):   # else nothing to look for (a thread hop less)
+            obs = await asyncio.to_thread(self.runtime.observe, sid)
+            if obs.healthy:  # created before a crash, never journaled: adopt, don't duplicate
+                pid, start_time = obs.identity
+                await self.record(sid, c.RecordSandboxStarted(pid=pid, start_time=start_time,
+                                                              cgroup=self.runtime.cgroups.parent + "/" + sid,
+                                                              pooled=pooled))
+                return
+            if obs.alive or obs.cgroup or obs.session_dir:
+                await asyncio.to_thread(self.runtime.destroy, sid)
         sec = self.cfg.security
         try:
             if state.workspace_id:

@@ -95,7 +95,7 @@ class Sessions:
         sid = (self.reserve_id(cmd) if self.reserve_id is not None else None) or intake.new_session_id()
         await admission.admitted(self.cfg, self.journal, sid, cmd, actor=caller.actor, request_id=caller.request_id)
         try:
-            await self.waiter.created(sid)
+            await self.waiter.created(sid, fresh=True)
         except (SandboxError, SandboxGone) as e:
             raise SandboxError(f"unable to create session {sid}: {e.message}", session_id=sid) from None
         return await self.row(sid)

@@ -28,8 +28,9 @@ from sandkasten.store.journal import Journal
 
 
 class Waiter(Protocol):
-    async def created(self, sid: str) -> None:
-        """Until session `sid` runs, or failed to start."""
+    async def created(self, sid: str, fresh: bool = False) -> None:
+        """Until session `sid` runs, or failed to start (`fresh`: the caller just journaled its
+        request under a new id)."""
 
     async def executed(self, sid: str, exec_id: str, req: ExecRequest | None = None,
                        answering: bool = False) -> Observed | None:
@@ -66,8 +67,8 @@ class Settling:
         self.executor = executor
         self.stopping = stopping
 
-    async def created(self, sid: str) -> None:
-        await settle(self.stopping, self.executor.ensure_session(sid),
+    async def created(self, sid: str, fresh: bool = False) -> None:
+        await settle(self.stopping, self.executor.ensure_session(sid, fresh),
                      f"session {sid} is created once the daemon is back (GET /v1/sessions/{sid})")
 
     async def executed(self, sid: str, exec_id: str, req: ExecRequest | None = None,
@@ -107,7 +108,7 @@ class Polling:
                 return
             await asyncio.sleep(0.1)
 
-    async def created(self, sid: str) -> None:
+    async def created(self, sid: str, fresh: bool = False) -> None:
         await self._session(sid, (SessionStatus.RUNNING, *SESSION_ENDED))
 
     async def executed(self, sid: str, exec_id: str, req: ExecRequest | None = None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from sandkasten.domain.session import DESTROYING, ENDED_STATUSES, POOL_IDLE, UNCLAIMED
-from sandkasten.schema.vocabulary import ExecStatus
+from sandkasten.schema.vocabulary import SESSION_ENDED, ExecStatus, SessionStatus
 from sandkasten.store.schema import READ_TABLES, execs, hosts, processes, sessions, workspaces
 
 _PENDING = (ExecStatus.REQUESTED, ExecStatus.RUNNING)   # and ProcessStatus's: the same two words
@@ -41,6 +41,11 @@ PENDING_PROCESSES = (sa.select(processes).where(processes.c.status.in_(_PENDING)
                      .order_by(processes.c.requested_at, processes.c.id))
 WORKSPACES = sa.select(workspaces).order_by(workspaces.c.created_at, workspaces.c.id)
 HOSTS = sa.select(hosts).order_by(hosts.c.id)
+# what admission counts: sessions not ended and the memory they were granted (through the status
+# index over the statuses not ended, so bounded by limits.max_sessions, not by the journal's age)
+_NOT_ENDED = tuple(s for s in SessionStatus if s not in SESSION_ENDED)
+HOLDINGS = sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(sessions.c.mem_limit_mb), 0)).where(
+    sessions.c.status.in_(_NOT_ENDED))
 
 # point reads: one row by its key
 SESSION_BY_ID = sa.select(sessions).where(sessions.c.id == sa.bindparam("id"))

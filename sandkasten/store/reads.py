@@ -51,6 +51,11 @@ class Reads:
         has claimed yet (what clients list)."""
         return await self._all(queries.SESSIONS[(include_ended, include_pool)])
 
+    async def holdings(self) -> tuple[int, int]:
+        """(sessions not ended, the MB of memory granted to them): what admission counts."""
+        [(count, mem_mb)] = await self._db.rows(queries.HOLDINGS, {}, inline=True)
+        return int(count), int(mem_mb)
+
     async def idle_pool(self) -> list[SessionRow]:
         """Unclaimed pool members not ended or being destroyed, oldest first."""
         return await self._all(queries.IDLE_POOL, inline=True)
