@@ -271,24 +271,12 @@ def process_command(cfg: Config, body: Any, idempotency_key: str | None = None) 
 
 def stdin_data(body: Any) -> tuple[bytes, bool]:
     """(bytes, eof) of a stdin request: `data` (text) or `data_base64`, and/or `eof: true`."""
-    import base64
-    import binascii
-
     req = parse(rq.Stdin, body)
     eof = bool(req.eof)
-    if req.data is not None and req.data_base64 is not None:
-        raise InvalidRequest("invalid stdin request: give 'data' or 'data_base64', not both")
-    if req.data is not None:
-        data = req.data.encode()
-    elif req.data_base64 is not None:
-        try:
-            data = base64.b64decode(req.data_base64, validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidRequest("invalid data_base64: expected base64 text", field="data_base64") from None
-    elif not eof:
+    data = _bytes(req.data, req.data_base64, "data", "stdin request")
+    if data is None and not eof:
         raise InvalidRequest("invalid stdin request: nothing to send (give 'data', 'data_base64' or 'eof': true)")
-    else:
-        data = b""
+    data = data or b""
     if len(data) > MAX_STDIN_BYTES:
         raise TooLarge(f"stdin write too large: {len(data)} bytes, at most {MAX_STDIN_BYTES} per request",
                        limit=MAX_STDIN_BYTES)
@@ -311,23 +299,32 @@ def signal_number(body: Any) -> tuple[int, str]:
     return int(sig), sig.name
 
 
-# ---------------------------------------------------------------- files
-def write_request(body: Any, limit: int) -> tuple[str, bytes]:
-    """(path, bytes) of a JSON write body: {path, text | content_base64}."""
+def _bytes(text: str | None, b64: str | None, text_field: str, what: str,
+           b64_field: str | None = None) -> bytes | None:
+    """The bytes a body gives as UTF-8 text or as base64 (`<text_field>_base64` unless named);
+    None when it gives neither."""
     import base64
     import binascii
 
+    b64_field = b64_field or text_field + "_base64"
+    if text is not None and b64 is not None:
+        raise InvalidRequest(f"invalid {what}: give '{text_field}' or '{b64_field}', not both")
+    if text is not None:
+        return text.encode()
+    if b64 is None:
+        return None
+    try:
+        return base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"invalid {b64_field}: expected base64 text", field=b64_field) from None
+
+
+# ---------------------------------------------------------------- files
+def write_request(body: Any, limit: int) -> tuple[str, bytes]:
+    """(path, bytes) of a JSON write body: {path, text | content_base64}."""
     req = parse(rq.WriteFile, body)
-    if req.text is not None and req.content_base64 is not None:
-        raise InvalidRequest("invalid write: give either 'text' or 'content_base64', not both")
-    if req.text is not None:
-        data = req.text.encode()
-    elif req.content_base64 is not None:
-        try:
-            data = base64.b64decode(req.content_base64, validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidRequest("invalid content_base64: not valid base64") from None
-    else:
+    data = _bytes(req.text, req.content_base64, "text", "write", b64_field="content_base64")
+    if data is None:
         raise InvalidRequest("invalid write: 'text' (string) or 'content_base64' is required")
     if len(data) > limit:
         raise TooLarge(f"unable to write file: {len(data)} bytes is above the limit of {limit}", limit=limit)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from sandkasten.errors import SandboxError
 from sandkasten.images.build import build
 from sandkasten.images.store import ImageStore
 from sandkasten.runtime import cgroups as cgroups_mod
@@ -96,6 +97,14 @@ def host_tools(privileged) -> Path:
 
 @pytest.fixture(scope="session")
 def cgroup_parent():
+    # a run killed before its finalizers (a SIGKILLed pytest) left its parents: remove those
+    # of runs whose process is gone (never a live run's; workers may race for the same one)
+    for prefix in ("sandkasten-test-", "sandkasten-cgtest-"):
+        for name in cgroups_mod.orphaned_run_parents(prefix):
+            try:
+                cgroups_mod.detect(parent=name).destroy_parent()
+            except SandboxError:
+                pass   # another worker removed it first, or it is stuck: the next run tries again
     yield CGROUP_PARENT
     cgroups_mod.detect(parent=CGROUP_PARENT).destroy_parent()
 

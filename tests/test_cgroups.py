@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sandkasten.errors import InvalidRequest, SandboxError
-from sandkasten.runtime.cgroups import Cgroups, Limits, check_name, detect, read_keyed, wait_until
+from sandkasten.runtime.cgroups import Cgroups, Limits, check_name, detect, orphaned_run_parents, read_keyed, wait_until
 
 MB = 1024 * 1024
 _names = itertools.count()
@@ -316,3 +316,18 @@ def test_release_parent_removes_only_an_empty_parent_and_create_brings_it_back(r
     cgroups.create("again", Limits(mem_bytes=64 << 20, pids=16, cpu=0.5))  # a daemon sharing the parent
     assert all(d.is_dir() for d in cgroups._dirs("again"))
     cgroups.remove("again")
+
+
+def test_orphaned_run_parents_are_only_dead_runs_of_that_shape(tmp_path):
+    """What a killed test or bench run left: `<prefix><pid>[-…]` of a process that is gone, in
+    any hierarchy; never a live process's, never another name."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    dead, live = child.pid, os.getpid()
+    for path in (f"unified/sandkasten-test-{dead}", f"memory/sandkasten-test-{dead}",
+                 f"sandkasten-bench-{dead}-main", f"sandkasten-test-{live}", "sandkasten-test-abc",
+                 f"sandkasten-testx-{dead}", f"unified/sandkasten-test-{dead}x", "sandkasten"):
+        (tmp_path / path).mkdir(parents=True)
+    (tmp_path / "memory" / f"sandkasten-test-{dead}0").touch()   # a file, not a group
+    assert orphaned_run_parents("sandkasten-test-", tmp_path) == [f"sandkasten-test-{dead}"]
+    assert orphaned_run_parents("sandkasten-bench-", tmp_path) == [f"sandkasten-bench-{dead}-main"]

@@ -97,6 +97,29 @@ class Cgroups(Protocol):
     def release_parent(self) -> bool: ...
 
 
+def orphaned_run_parents(prefix: str, root: Path = Path("/sys/fs/cgroup")) -> list[str]:
+    """Parents named `<prefix><pid>` or `<prefix><pid>-<anything>` (a test or bench run's own,
+    named by its process) whose process is gone: what a run killed before its cleanup left.
+    Never a live process's, never a name of another shape."""
+    shape = re.compile(re.escape(prefix) + r"(\d+)(?:-.*)?")
+    found = set()
+    for path in [*root.glob(prefix + "*"), *root.glob("*/" + prefix + "*")]:   # v2; hybrid hierarchies
+        match = shape.fullmatch(path.name)
+        if match and path.is_dir() and not _running(int(match.group(1))):
+            found.add(path.name)
+    return sorted(found)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def detect(root: Path = Path("/sys/fs/cgroup"), parent: str = "sandkasten") -> Cgroups:
     """Pick the backend for the cgroup layout under `root`. Decided by files only the kernel
     creates: `cgroup.controllers` exists only in a cgroup2 mount, `memory.limit_in_bytes` only

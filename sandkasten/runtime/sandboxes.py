@@ -93,8 +93,6 @@ class Runtime:
         """Create the sandbox and return once its runner answers. On failure nothing is
         left behind (cgroup, dirs) and SandboxError says which step failed."""
         spec.validate()
-        if spec.disk_limit_mb <= 0:
-            return self._create(spec)
         with self.ready_disks.creating():   # the next disk is made ahead after this create, not during it
             return self._create(spec)
 

@@ -97,7 +97,6 @@ AGENT_RUN_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"   # X-Agent-Run: part
 
 SESSION_ID = re.compile(SESSION_ID_PATTERN)
 EXEC_ID = re.compile(EXEC_ID_PATTERN)
-PROCESS_ID = EXEC_ID   # the runner names its log files by either
 WORKSPACE_ID = re.compile(WORKSPACE_ID_PATTERN)
 TOKEN = re.compile(TOKEN_PATTERN)
 AGENT_RUN = re.compile(AGENT_RUN_PATTERN)

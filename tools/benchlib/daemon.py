@@ -180,6 +180,8 @@ class Fleet:
 
     def __init__(self, images: Path):
         self.images = images
+        for name in cgroups_mod.orphaned_run_parents("sandkasten-bench-"):   # a killed earlier run's
+            cgroups_mod.detect(parent=name).destroy_parent()
         self.tmp = Path(tempfile.mkdtemp(prefix="sk-bench-"))
         os.chmod(self.tmp, 0o755)
         self.daemons: list[BenchDaemon] = []
