@@ -138,9 +138,10 @@ def data_dir(tmp_path, image_store) -> Path:
 def runtime(data_dir, cgroup_parent):
     rt = Runtime.detect(data_dir, cgroup_parent=cgroup_parent)
     yield rt
-    for sid in rt.host_sessions():
-        rt.destroy(sid)
-    rt.close()
+    try:
+        rt.remove_all()
+    finally:
+        rt.close()
 
 
 @pytest.fixture

@@ -90,9 +90,7 @@ class DaemonProc:
         self.client.close()
         rt = Runtime.detect(self.data_dir, cgroup_parent=self.cgroup_parent)
         try:
-            rt.ready_disks.sweep()   # a SIGKILLed daemon's disks made ahead (its next start would sweep them)
-            for sid in rt.host_sessions():
-                rt.destroy(sid)
+            rt.remove_all()
         finally:
             rt.close()
         left = mounts_under(self.data_dir)

@@ -221,3 +221,21 @@ def test_a_killed_daemons_disks_made_ahead_are_swept_by_the_next_and_its_sandbox
     assert not any(our_loop_devices(o) for o in owners) and not any(mounts_under(o) for o in owners)
     r = d.client.post(f"/v1/sessions/{sid}/exec", json={"cmd": "cat /workspace/f"}).json()
     assert r["exit_code"] == 0 and r["stdout"] == "kept\n", r   # adopted, its own disk still there
+
+
+def test_remove_all_leaves_nothing_of_a_killed_daemon(runtime):
+    """What a teardown after a SIGKILLed daemon calls: its sandboxes and the disks it had made
+    ahead are gone, with their loop devices and mounts."""
+    data = runtime.layout.data_dir
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    owner = runtime.layout.ready_disks / f"{gone.pid}-1"
+    owner.mkdir(parents=True)
+    disk.prepare(owner / "1.img", owner / "1", 32, runtime.layout.disk_templates)
+    runtime.create(runtime.spec("s-disk-all", "base", disk_limit_mb=32))
+    runtime.remove_all()
+    assert runtime.host_sessions() == set()
+    assert not owner.exists() and our_loop_devices(owner) == []
+    assert not mounts_under(data / "sessions") and our_loop_devices(data / "sessions") == []
+    runtime.close()   # and this runtime's own disks made ahead meanwhile
+    assert not mounts_under(data) and our_loop_devices(data) == []

@@ -92,9 +92,10 @@ def outside(tmp_path_factory):
 def netrt(data_dir, cgroup_parent, outside):
     rt = Runtime.detect(data_dir, cgroup_parent=cgroup_parent, network=SETTINGS)
     yield rt
-    for sid in rt.host_sessions():
-        rt.destroy(sid)
-    rt.close()
+    try:
+        rt.remove_all()
+    finally:
+        rt.close()
 
 
 def bridged(rt, sid, allow=(), **opts):

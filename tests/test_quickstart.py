@@ -425,7 +425,6 @@ def test_the_readme_commands_work_in_order(model, tmp_path, image_store, cgroup_
                        env=env, capture_output=True, timeout=60)
         rt = Runtime.detect(data, cgroup_parent=cgroup_parent)
         try:
-            for sid in rt.host_sessions():
-                rt.destroy(sid)
+            rt.remove_all()
         finally:
             rt.close()

@@ -84,9 +84,10 @@ class Node:
     def cleanup(self) -> list[str]:
         rt = Runtime.detect(self.data, cgroup_parent=self.cgroup_parent)
         left = [f"{self.name}: host traces of {s}" for s in rt.host_sessions()]
-        for sid in rt.host_sessions():
-            rt.destroy(sid)
-        rt.close()
+        try:
+            rt.remove_all()
+        finally:
+            rt.close()
         cgroups_mod.detect(parent=self.cgroup_parent).destroy_parent()
         return left
 

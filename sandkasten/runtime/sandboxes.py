@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -202,6 +203,24 @@ class Runtime:
             return self.observe(sid, ping=False)
         return Observed(session_id=sid, pid=pid, start_time=st, alive=True, answering=True, cgroup=True,
                         populated=True, session_dir=True)
+
+    def remove_all(self, workers: int = 1) -> None:
+        """Everything of this data_dir left on the host once its daemons are stopped or killed:
+        the disks gone daemons had made ahead, then every sandbox (`workers` at a time). For
+        test, bench and crash-test teardowns. Tries every sandbox; raises the first failure."""
+        self.ready_disks.sweep()
+        failures: list[SandboxError] = []
+
+        def destroy(sid: str) -> None:
+            try:
+                self.destroy(sid)
+            except SandboxError as e:
+                failures.append(e)
+
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            list(pool.map(destroy, sorted(self.host_sessions())))
+        if failures:
+            raise failures[0]
 
     def host_sessions(self) -> set[str]:
         """Every session id of this data_dir that has any trace on the host: dirs, sockets,

@@ -19,7 +19,6 @@ import socket
 import subprocess
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -153,15 +152,13 @@ class BenchDaemon:
         self.kill(signal.SIGTERM)
         rt = Runtime.detect(self.data, cgroup_parent=self.cgroup_parent)
         try:
-            if hasattr(rt, "ready_disks"):   # a SIGKILLed daemon's disks made ahead (newer runtimes)
-                rt.ready_disks.sweep()
-            def destroy(sid: str) -> None:
-                try:
+            if hasattr(rt, "remove_all"):
+                rt.remove_all(workers=4)
+            else:   # an older checkout, measured by the same tools
+                for sid in rt.host_sessions():
                     rt.destroy(sid)
-                except Exception as e:  # noqa: BLE001 - keep tearing the rest down
-                    problems.append(f"destroy {sid}: {e}")
-            with ThreadPoolExecutor(4) as pool:
-                list(pool.map(destroy, sorted(rt.host_sessions())))
+        except Exception as e:  # noqa: BLE001 - keep tearing the rest down
+            problems.append(f"destroy the sandboxes of {self.data}: {e}")
         finally:
             rt.close()
         try:
@@ -212,9 +209,10 @@ class Fleet:
             problems += d.teardown()
         for rt, parent in self.runtimes:
             try:
-                for sid in rt.host_sessions():
-                    rt.destroy(sid)
-                rt.close()
+                try:
+                    rt.remove_all()
+                finally:
+                    rt.close()
                 cgroups_mod.detect(parent=parent).destroy_parent()
             except Exception as e:  # noqa: BLE001
                 problems.append(f"runtime {parent}: {e}")
